@@ -1,0 +1,23 @@
+"""automl: fine-tune the best image or text classifier for your labelled data in one call.
+
+    from automl import auto_finetune, load
+    model = auto_finetune(df, label="label", time_budget_s=300)
+    model.predict(new_df); model.export_dir
+    same = load(model.export_dir)
+"""
+from . import runtime as _runtime  # noqa: F401  (offline-hub defaults before any hub library loads)
+from .api import auto_finetune
+from .backbones import BackboneSpec, list_backbones, register_backbone
+from .augment import register_image_policy, register_text_policy
+from .data import DataReport, prepare
+from .errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
+from .predictor import FinetunedModel, load
+from .schedules import register_schedule
+from .space import SearchSpace, load_space
+
+__version__ = "0.1.0"
+__all__ = [
+    "auto_finetune", "load", "FinetunedModel", "prepare", "DataReport", "load_space", "SearchSpace",
+    "BackboneSpec", "register_backbone", "register_schedule", "register_image_policy", "register_text_policy",
+    "list_backbones", "AutoMLError", "DataError", "ModelLoadError", "SearchSpaceError",
+]

@@ -1,0 +1,468 @@
+"""Data intake: turn what the user has into a clean, split, labelled task.
+
+Everything a user can get wrong is rejected here, before Ray starts and
+before any compute is spent. Nothing is dropped without being counted in the
+DataReport.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import DataError
+from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, looks_like_image_path
+
+LABEL_NAMES = ("label", "labels", "target", "class", "y")
+TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+               "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
+MIN_PER_CLASS = 3  # one example each for train, validation and test
+
+
+@dataclass
+class DataReport:
+    """What intake did to the data; written to data_report.json and the model card."""
+
+    rows_received: int = 0
+    rows_used: int = 0
+    dropped_missing_label: int = 0
+    dropped_missing_input: int = 0
+    dropped_unreadable_images: list[dict] = field(default_factory=list)
+    dropped_duplicates: int = 0
+    dropped_conflicting_duplicates: int = 0
+    dropped_rare_classes: dict = field(default_factory=dict)
+    ignored_columns: list[str] = field(default_factory=list)
+    class_counts: dict = field(default_factory=dict)
+    imbalance_ratio: float = 1.0
+    split_sizes: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["class_counts"] = {str(k): int(v) for k, v in self.class_counts.items()}
+        return d
+
+
+@dataclass
+class TaskData:
+    """A cleaned classification task with fixed train/validation/test splits."""
+
+    modality: str                     # "image" or "text"
+    task: str                         # "binary" or "multiclass"
+    classes: list                     # original label values; position = class code
+    y: np.ndarray                     # int64 class codes
+    input_columns: list[str]
+    label_column: str
+    splits: dict[str, np.ndarray]     # "train" / "validation" / "test" -> row positions
+    report: DataReport
+    images: list[np.ndarray] | None = None   # HxWx3 uint8, original size (capped)
+    texts: list[list[str]] | None = None     # one string per text column, per row
+    base_dir: str | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def inputs(self, idx: np.ndarray) -> list:
+        source = self.images if self.modality == "image" else self.texts
+        return [source[i] for i in idx]
+
+    def fingerprint(self) -> str:
+        """Content hash of inputs+labels+splits: pins the test split across runs."""
+        h = hashlib.sha256()
+        h.update(self.modality.encode())
+        for i in range(len(self.y)):
+            if self.images is not None:
+                h.update(self.images[i].tobytes()[:4096])
+            else:
+                h.update("\x1f".join(self.texts[i]).encode("utf-8", "replace"))
+            h.update(str(self.y[i]).encode())
+        for name in ("train", "validation", "test"):
+            h.update(self.splits[name].tobytes())
+        return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- reading
+
+def _read_table(path: Path) -> pd.DataFrame:
+    kind = TABLE_EXTENSIONS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"Unsupported file extension {path.suffix!r} for {str(path)!r}; expected one of "
+            f"{sorted(TABLE_EXTENSIONS)} or a folder of images in class subfolders. "
+            "Fix: convert the file to CSV/Parquet/JSON Lines, or pass a pandas DataFrame.")
+    try:
+        if kind == "csv":
+            return pd.read_csv(path, encoding="utf-8")
+        if kind == "tsv":
+            return pd.read_csv(path, sep="\t", encoding="utf-8")
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=True, encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{str(path)!r} is not valid UTF-8 text ({exc.reason} at byte {exc.start}); expected a UTF-8 "
+            "encoded file. Fix: re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), or read it with "
+            "pandas using the right encoding and pass the DataFrame.") from exc
+    except (ValueError, OSError) as exc:
+        raise DataError(f"Could not read {str(path)!r} as {kind}: {exc}. Fix: check the file is a valid {kind} file.") from exc
+
+
+def _read_image_folder(root: Path) -> pd.DataFrame:
+    """root/<class>/<file>, or root/{train,val,test}/<class>/<file>."""
+    split_dirs = {SPLIT_NAMES[p.name.lower()]: p for p in root.iterdir()
+                  if p.is_dir() and p.name.lower() in SPLIT_NAMES}
+    rows = []
+    sources = split_dirs.items() if split_dirs else [(None, root)]
+    for split, base in sources:
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for f in sorted(class_dir.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    row = {"image": str(f), "label": class_dir.name}
+                    if split:
+                        row["split"] = split
+                    rows.append(row)
+    if not rows:
+        raise DataError(
+            f"Folder {str(root)!r} holds no images in class subfolders; expected root/<class>/<image file> "
+            f"with extensions {IMAGE_EXTENSIONS}. Fix: arrange images as root/cat/1.png, root/dog/2.png, ...")
+    return pd.DataFrame(rows)
+
+
+def to_dataframe(data: Any) -> tuple[pd.DataFrame, str | None]:
+    """Normalise every accepted input form to (DataFrame, base dir for relative paths)."""
+    if isinstance(data, pd.DataFrame):
+        return data, None
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"Dataset path {str(path)!r} does not exist. Fix: pass an existing file or folder.")
+        if path.is_dir():
+            return _read_image_folder(path), None
+        return _read_table(path), str(path.parent)
+    if isinstance(data, tuple) and len(data) == 2:
+        X, y = data
+        X = np.asarray(X) if not isinstance(X, list) else X
+        if len(X) != len(y):
+            raise DataError(f"(X, y) have different lengths: {len(X)} inputs and {len(y)} labels. Fix: pass one label per input.")
+        if isinstance(X, np.ndarray) and X.ndim == 2 and int(np.sqrt(X.shape[1])) ** 2 == X.shape[1]:
+            side = int(np.sqrt(X.shape[1]))
+            X = X.reshape(len(X), side, side)  # flattened square images, e.g. sklearn digits
+        col = "image" if isinstance(X, np.ndarray) and X.ndim >= 3 else "text"
+        return pd.DataFrame({col: list(X), "label": list(y)}), None
+    if hasattr(data, "to_pandas") and hasattr(data, "features"):  # datasets.Dataset
+        return data.to_pandas(), None
+    if hasattr(data, "keys") and all(hasattr(data[k], "to_pandas") for k in data.keys()):  # DatasetDict
+        frames = []
+        for k in data.keys():
+            part = data[k].to_pandas()
+            part["split"] = SPLIT_NAMES.get(k.lower(), k)
+            frames.append(part)
+        return pd.concat(frames, ignore_index=True), None
+    raise DataError(
+        f"Unsupported dataset type {type(data).__name__}; expected a pandas DataFrame, a path to a "
+        "CSV/TSV/Parquet/JSONL file or an image folder, an (X, y) tuple, or a Hugging Face Dataset. "
+        "Fix: convert your data to one of these (pandas.DataFrame is simplest).")
+
+
+# ---------------------------------------------------------------------------- columns
+
+def find_label_column(df: pd.DataFrame, label: str | None) -> str:
+    if label is not None:
+        if label not in df.columns:
+            raise DataError(
+                f"Label column {label!r} not found; the columns are {list(map(str, df.columns))}. "
+                "Fix: pass label= one of these columns.")
+        return label
+    lower = {str(c).lower(): c for c in df.columns}
+    for name in LABEL_NAMES:
+        if name in lower:
+            return lower[name]
+    raise DataError(
+        f"No label column given and none is named one of {LABEL_NAMES}; the columns are "
+        f"{list(map(str, df.columns))}. Fix: pass label='<column with the classes>'.")
+
+
+def _column_kind(series: pd.Series) -> str | None:
+    """'image', 'text' or None (not usable as model input)."""
+    values = series.dropna()
+    if values.empty:
+        return "empty"
+    sample = values.iloc[: min(len(values), 50)]
+    first = sample.iloc[0]
+    from PIL import Image
+
+    if isinstance(first, (Image.Image, bytes, bytearray, np.ndarray)) or (isinstance(first, dict) and "bytes" in first):
+        if isinstance(first, np.ndarray) and first.ndim < 2:
+            return None
+        return "image"
+    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+        return None
+    strings = sample[sample.map(lambda v: isinstance(v, str))]
+    if len(strings) == 0:
+        return None
+    if strings.map(looks_like_image_path).mean() >= 0.8:
+        return "image"
+    return "text"
+
+
+def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None) -> tuple[str, list[str], list[str]]:
+    """Return (modality, input columns, ignored columns)."""
+    candidates = [c for c in df.columns if c != label_col and str(c).lower() != "split"]
+    if inputs is not None:
+        missing = [c for c in inputs if c not in df.columns]
+        if missing:
+            raise DataError(f"Input columns {missing} not found; the columns are {list(map(str, df.columns))}. "
+                            "Fix: pass inputs= existing column names.")
+        candidates = list(inputs)
+    kinds = {c: _column_kind(df[c]) for c in candidates}
+    images = [c for c, k in kinds.items() if k == "image"]
+    texts = [c for c, k in kinds.items() if k == "text"]
+    empty = [c for c, k in kinds.items() if k == "empty"]
+    if images:
+        if texts and inputs is not None:
+            raise DataError(
+                f"Inputs mix image columns {images} and text columns {texts}; one modality per model is supported. "
+                "Fix: pass inputs= with only image or only text columns.")
+        chosen, modality = images[:1], "image"
+    elif texts:
+        chosen, modality = texts, "text"
+    else:
+        detail = f" (all values empty in {empty})" if empty else ""
+        raise DataError(
+            f"No usable input column{detail}: columns {[str(c) for c in candidates]} hold neither text nor "
+            "images; expected a text column or an image column (file paths, bytes, PIL images or arrays). "
+            "Fix: add such a column, or pass inputs=[...] naming it.")
+    ignored = [str(c) for c in candidates if c not in chosen]
+    return modality, list(chosen), ignored
+
+
+# ---------------------------------------------------------------------------- cleaning
+
+def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.DataFrame:
+    missing = df[label_col].isna() | df[label_col].map(lambda v: isinstance(v, str) and not v.strip())
+    report.dropped_missing_label = int(missing.sum())
+    if missing.all():
+        raise DataError(f"All {len(df)} labels in column {label_col!r} are missing. Fix: fill in the labels.")
+    df = df[~missing]
+    types = set(df[label_col].map(lambda v: "number" if isinstance(v, (int, float, np.number, bool)) else type(v).__name__))
+    if len(types) > 1:
+        examples = {t: str(df[label_col][df[label_col].map(
+            lambda v: ("number" if isinstance(v, (int, float, np.number, bool)) else type(v).__name__) == t)].iloc[0])
+            for t in types}
+        raise DataError(
+            f"Label column {label_col!r} mixes value types {sorted(types)} (e.g. {examples}); expected one type. "
+            f"Fix: convert the labels to one type, e.g. df[{label_col!r}] = df[{label_col!r}].astype(str).")
+    return df
+
+
+def _decode_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool):
+    images, keep = [], []
+    for pos, value in enumerate(df[col].tolist()):
+        try:
+            images.append(decode_image(value, base_dir))
+            keep.append(pos)
+        except ImageDecodeError as exc:
+            report.dropped_unreadable_images.append({"row": int(df.index[pos]), "file": str(value)[:200], "reason": str(exc)})
+    if strict and report.dropped_unreadable_images:
+        bad = report.dropped_unreadable_images
+        raise DataError(
+            f"{len(bad)} of {len(df)} images in column {col!r} cannot be read, e.g. {bad[0]['file']!r}: "
+            f"{bad[0]['reason']}. Expected readable image files. Fix: correct or remove these rows, or pass "
+            "drop_bad_images=True to drop them (they are listed in the data report).")
+    return images, keep
+
+
+def _dedupe(keys: list, y: pd.Series, report: DataReport) -> np.ndarray:
+    """Keep the first of exact duplicates; drop every copy of inputs with conflicting labels."""
+    frame = pd.DataFrame({"k": keys, "y": y.astype(str).to_numpy()})
+    n_labels = frame.groupby("k")["y"].transform("nunique")
+    conflicting = n_labels > 1
+    report.dropped_conflicting_duplicates = int(conflicting.sum())
+    dup = frame.duplicated(["k"]) & ~conflicting
+    report.dropped_duplicates = int(dup.sum())
+    return (~(conflicting | dup)).to_numpy()
+
+
+def _split(y: np.ndarray, seed: int, val_frac: float, test_frac: float) -> dict[str, np.ndarray]:
+    """Stratified per-class split that puts every class in every split.
+
+    sklearn's stratified splitters can leave a class with 3-5 examples out of
+    a split; allocating per class keeps rare classes visible everywhere.
+    """
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        n = len(idx)
+        n_test = max(1, int(round(n * test_frac)))
+        n_val = max(1, int(round(n * val_frac)))
+        parts["test"] += idx[:n_test].tolist()
+        parts["validation"] += idx[n_test:n_test + n_val].tolist()
+        parts["train"] += idx[n_test + n_val:].tolist()
+    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in parts.items()}
+
+
+def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = None, seed: int = 0,
+            val_frac: float | None = None, test_frac: float | None = None, drop_bad_images: bool = True,
+            drop_rare_classes: bool = False) -> TaskData:
+    """Read, check, clean and split a classification dataset."""
+    df, base_dir = to_dataframe(data)
+    if df.columns.duplicated().any():
+        dups = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
+        raise DataError(f"The table has duplicated column names {dups}; expected unique names. "
+                        "Fix: rename the columns, e.g. df.columns = [...].")
+    if len(df) == 0:
+        raise DataError("The dataset is empty (0 rows); expected labelled examples. Fix: pass a non-empty dataset.")
+    report = DataReport(rows_received=int(len(df)))
+    label_col = find_label_column(df, label)
+    modality, in_cols, ignored = infer_inputs(df, label_col, inputs)
+    report.ignored_columns = ignored
+    df = _clean_labels(df, label_col, report)
+
+    # missing / empty inputs
+    if modality == "text":
+        filled = df[in_cols].apply(lambda col: col.map(lambda v: isinstance(v, str) and bool(v.strip())))
+        ok = filled.any(axis=1)
+        if not ok.any():
+            raise DataError(f"Text column(s) {in_cols} are empty in every labelled row; expected text. "
+                            "Fix: check the column holds the text you want to classify.")
+    else:
+        ok = df[in_cols[0]].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))
+    report.dropped_missing_input = int((~ok).sum())
+    df = df[ok.to_numpy()]
+
+    images = texts = None
+    if modality == "image":
+        images, keep = _decode_images(df, in_cols[0], base_dir, report, strict=not drop_bad_images)
+        df = df.iloc[keep]
+        if not images:
+            raise DataError(f"None of the images in column {in_cols[0]!r} could be read "
+                            f"(e.g. {report.dropped_unreadable_images[0]}). Fix: check the paths/files.")
+        keys = [hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest() for a in images]
+    else:
+        texts = [[("" if not isinstance(v, str) else v.strip()) for v in row] for row in df[in_cols].itertuples(index=False)]
+        keys = ["\x1f".join(t) for t in texts]
+
+    keep_mask = _dedupe(keys, df[label_col], report)
+    df = df[keep_mask]
+    if images is not None:
+        images = [a for a, k in zip(images, keep_mask) if k]
+    else:
+        texts = [t for t, k in zip(texts, keep_mask) if k]
+
+    labels = df[label_col]
+    counts = labels.value_counts()
+    rare = counts[counts < MIN_PER_CLASS]
+    has_split_col = any(str(c).lower() == "split" for c in df.columns)
+    if len(rare) and not has_split_col:
+        if not drop_rare_classes:
+            raise DataError(
+                f"Class(es) {dict((str(k), int(v)) for k, v in rare.items())} in column {label_col!r} have fewer than "
+                f"{MIN_PER_CLASS} examples, too few to put one in each of train/validation/test. "
+                "Fix: add examples of these classes, remove them, or pass drop_rare_classes=True to drop them "
+                "(they are listed in the data report).")
+        report.dropped_rare_classes = {str(k): int(v) for k, v in rare.items()}
+        keep = ~labels.isin(rare.index).to_numpy()
+        df, labels = df[keep], labels[keep]
+        if images is not None:
+            images = [a for a, k in zip(images, keep) if k]
+        else:
+            texts = [t for t, k in zip(texts, keep) if k]
+        counts = labels.value_counts()
+    if len(counts) == 0:
+        r = report
+        raise DataError(
+            f"No rows are left after cleaning ({r.rows_received} received: {r.dropped_missing_label} missing labels, "
+            f"{r.dropped_missing_input} missing inputs, {len(r.dropped_unreadable_images)} unreadable images, "
+            f"{r.dropped_duplicates} duplicates, {r.dropped_conflicting_duplicates} identical inputs with different "
+            "labels). Fix: check the inputs differ and are readable, and the labels are filled in.")
+    if len(counts) < 2:
+        raise DataError(
+            f"Label column {label_col!r} has only one class ({list(map(str, counts.index))}) after cleaning; "
+            "classification needs at least two. Fix: check the label column, or add examples of other classes.")
+
+    classes = sorted(counts.index.tolist(), key=lambda v: (str(type(v)), v))
+    code = {c: i for i, c in enumerate(classes)}
+    y = labels.map(code).to_numpy(dtype=np.int64)
+
+    if has_split_col:
+        split_col = next(c for c in df.columns if str(c).lower() == "split")
+        names = df[split_col].astype(str).str.lower().map(SPLIT_NAMES)
+        if names.isna().any():
+            bad = sorted(set(df[split_col][names.isna()].astype(str)))
+            raise DataError(f"Split column {split_col!r} has values {bad}; expected train/validation/test. "
+                            "Fix: rename those values or drop the column to split automatically.")
+        splits = {k: np.flatnonzero(names.to_numpy() == k) for k in ("train", "validation", "test")}
+        if len(splits["train"]) == 0:
+            raise DataError(f"Split column {split_col!r} marks no rows as 'train'. Fix: mark training rows.")
+        if len(splits["validation"]) == 0 or len(splits["test"]) == 0:
+            auto = _split(y[splits["train"]], seed, 0.15, 0.15 if len(splits["test"]) == 0 else 0.0)
+            tr = splits["train"]
+            if len(splits["validation"]) == 0:
+                splits["validation"] = tr[auto["validation"]]
+            if len(splits["test"]) == 0:
+                splits["test"] = tr[auto["test"]]
+            splits["train"] = tr[auto["train"]]
+            report.notes.append("missing validation/test splits were carved out of train (stratified)")
+    else:
+        n = len(y)
+        if n < MIN_PER_CLASS * len(classes):
+            raise DataError(f"Only {n} usable rows for {len(classes)} classes; need at least {MIN_PER_CLASS} per class to split. "
+                            "Fix: add more labelled rows.")
+        # Small data needs proportionally bigger held-out sets for a stable score.
+        default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1
+        splits = _split(y, seed, val_frac or default, test_frac or default)
+
+    report.rows_used = int(len(y))
+    report.class_counts = {str(c): int(counts[c]) for c in classes}
+    report.imbalance_ratio = float(counts.max() / counts.min())
+    report.split_sizes = {k: int(len(v)) for k, v in splits.items()}
+    return TaskData(
+        modality=modality, task="binary" if len(classes) == 2 else "multiclass", classes=classes, y=y,
+        input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
+        images=images, texts=texts, base_dir=base_dir,
+    )
+
+
+def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: str | None = None) -> list:
+    """Inputs for prediction (no labels needed), with a clear error for the wrong kind of data."""
+    df, file_dir = to_dataframe(data)
+    base_dir = file_dir or base_dir
+    missing = [c for c in input_columns if c not in df.columns]
+    if missing:
+        if modality == "image" and len(missing) == 1 and "image" in df.columns:
+            df = df.rename(columns={"image": missing[0]})
+        else:
+            raise DataError(f"Input column(s) {missing} that the model was trained on are missing; the columns are "
+                            f"{list(map(str, df.columns))}. Fix: rename your columns to {input_columns}.")
+    if modality == "image":
+        out = []
+        for i, v in enumerate(df[input_columns[0]].tolist()):
+            try:
+                out.append(decode_image(v, base_dir))
+            except ImageDecodeError as exc:
+                raise DataError(f"Row {i} of column {input_columns[0]!r}: {exc}. This model expects images. "
+                                "Fix: pass readable images (paths, bytes, PIL images or arrays).") from exc
+        return out
+    kind = _column_kind(df[input_columns[0]])
+    if kind == "image":
+        raise DataError(f"Column {input_columns[0]!r} holds images but this model classifies text. "
+                        "Fix: pass the text column the model was trained on.")
+    return [[("" if not isinstance(v, str) else v) for v in row] for row in df[input_columns].itertuples(index=False)]
+
+
+def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
+    """Inverse-frequency ('balanced') weights, as sklearn computes them."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(y)
+    w = np.ones(num_classes, dtype=np.float32)
+    w[present] = compute_class_weight("balanced", classes=present, y=y)
+    return w

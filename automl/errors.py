@@ -1,0 +1,26 @@
+"""One exception family for everything a user can get wrong.
+
+Each message says what was received, what was expected, and how to fix it.
+"""
+from __future__ import annotations
+
+
+class AutoMLError(Exception):
+    """Base class of every error automl raises on purpose."""
+
+
+class DataError(AutoMLError, ValueError):
+    """The dataset cannot be used as given."""
+
+
+class SearchSpaceError(AutoMLError, ValueError):
+    """A search-space file or override is invalid."""
+
+
+class ModelLoadError(AutoMLError, OSError):
+    """A backbone or an exported model cannot be loaded."""
+
+
+def problem(what: str, got: object, expected: str, fix: str) -> str:
+    """Format an error message in the house style."""
+    return f"{what}: got {got!r}; expected {expected}. Fix: {fix}"

@@ -1,0 +1,107 @@
+"""The fine-tuned model a user gets back: predict, predict_proba, evaluate."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import read_inputs
+from .errors import DataError
+from .images import stack_resized
+from .metrics import classification_metrics
+from .preprocess import ImageEncoder, predict_logits
+
+
+class FinetunedModel:
+    """A fine-tuned classifier with its preprocessing and label map.
+
+    Attributes: export_dir, classes, trials (DataFrame, after a search),
+    data_report (dict), metrics (test metrics), meta (config.json contents).
+    """
+
+    def __init__(self, model, encoder, meta: dict, export_dir: str | Path | None = None,
+                 trials: pd.DataFrame | None = None, search=None):
+        self.model = model
+        self.encoder = encoder
+        self.meta = meta
+        self.export_dir = str(export_dir) if export_dir else None
+        self.trials = trials
+        self.search = search
+        self.classes = list(meta["classes"])
+        self.data_report = meta.get("data_report", {})
+        self.metrics = meta.get("test_metrics", {})
+        self._device = torch.device("cpu")
+
+    def __repr__(self) -> str:
+        return (f"FinetunedModel(backbone={self.meta['backbone']['model']!r}, classes={len(self.classes)}, "
+                f"test_{self.meta.get('metric', 'accuracy')}={self.metrics.get(self.meta.get('metric', 'accuracy'))}, "
+                f"export_dir={self.export_dir!r})")
+
+    # ------------------------------------------------------------------ inputs
+    def _inputs(self, data: Any):
+        meta = self.meta
+        if isinstance(data, (list, np.ndarray)) and not isinstance(data, tuple):
+            col = meta["input_columns"][0]
+            if meta["modality"] == "text":
+                data = pd.DataFrame({col: list(data)})
+            else:
+                data = pd.DataFrame({col: list(data) if not isinstance(data, np.ndarray) or data.ndim > 2 else [data]})
+        raw = read_inputs(data, meta["modality"], meta["input_columns"])
+        if meta["modality"] == "image":
+            return stack_resized(raw, meta["preprocessing"]["storage_size"])
+        return self.encoder.encode(raw)
+
+    def _proba(self, data: Any) -> np.ndarray:
+        x = self._inputs(data)
+        if len(x) == 0:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        logits = predict_logits(self.model, self.encoder, x, self._device)
+        return torch.softmax(logits, 1).numpy()
+
+    # ------------------------------------------------------------------ API
+    def predict_proba(self, data: Any) -> pd.DataFrame:
+        """Class probabilities: one row per input, one column per label value."""
+        return pd.DataFrame(self._proba(data), columns=self.classes)
+
+    def predict(self, data: Any) -> np.ndarray:
+        """Predicted labels, as the original label values."""
+        proba = self._proba(data)
+        return np.asarray(self.classes, dtype=object)[proba.argmax(1)] if len(proba) else np.asarray([], dtype=object)
+
+    def evaluate(self, data: Any, label: str | None = None) -> dict:
+        """Accuracy, macro-F1, balanced accuracy, log loss, ECE on labelled data."""
+        from .data import find_label_column, to_dataframe
+
+        df, _ = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
+        label_col = find_label_column(df, label or (self.meta["label_column"] if self.meta["label_column"] in df.columns else None))
+        known = {str(c): i for i, c in enumerate(self.classes)}
+        labels = df[label_col].map(lambda v: known.get(str(v), -1)).to_numpy()
+        if (labels < 0).any():
+            unknown = sorted({str(v) for v, k in zip(df[label_col], labels) if k < 0})[:10]
+            raise DataError(f"Labels {unknown} in column {label_col!r} were not seen in training; the model knows "
+                            f"{self.classes}. Fix: evaluate on data with known labels.")
+        proba = self._proba(data if not isinstance(data, pd.DataFrame) else df)
+        return classification_metrics(labels, proba, len(self.classes))
+
+    def to(self, device: str | torch.device) -> "FinetunedModel":
+        self._device = torch.device(device)
+        self.model.to(self._device)
+        return self
+
+
+def load(path: str | Path) -> FinetunedModel:
+    """Load an exported model from its directory (safetensors + JSON; no pickle)."""
+    from .export import load_model
+
+    model, encoder, meta = load_model(path)
+    trials = None
+    if (Path(path) / "trials.csv").exists():
+        trials = pd.read_csv(Path(path) / "trials.csv")
+    return FinetunedModel(model, encoder, meta, export_dir=Path(path).resolve(), trials=trials)
+
+
+def is_image_encoder(enc) -> bool:
+    return isinstance(enc, ImageEncoder)

@@ -1,0 +1,85 @@
+"""Turn stored inputs into model batches, identically in training and prediction.
+
+Images are held as uint8 N x 3 x S x S arrays (decoded once, shared through
+Ray's object store) and converted per batch: resize to the trial's size,
+scale, normalise with the backbone's own mean/std (timm data config). Text is
+tokenised once per (tokenizer, max_length) and padded per batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ImageEncoder:
+    size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+    def to_dict(self) -> dict:
+        return {"kind": "image", "size": self.size, "mean": list(self.mean), "std": list(self.std)}
+
+    def batch(self, x: np.ndarray, idx: np.ndarray, augment: Callable | None = None) -> torch.Tensor:
+        u8 = torch.from_numpy(np.ascontiguousarray(x[idx]))
+        if augment is not None:
+            u8 = torch.stack([augment(img) for img in u8])
+        out = u8.float().div_(255.0)
+        if out.shape[-1] != self.size or out.shape[-2] != self.size:
+            out = F.interpolate(out, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (out - mean) / std
+
+
+@dataclass
+class TextEncoder:
+    tokenizer: object
+    max_length: int
+
+    def to_dict(self) -> dict:
+        return {"kind": "text", "max_length": self.max_length}
+
+    def encode(self, texts: list[list[str]]) -> list[list[int]]:
+        tok = self.tokenizer
+        n_cols = len(texts[0]) if texts else 1
+        if n_cols == 2:
+            enc = tok([t[0] for t in texts], [t[1] for t in texts], truncation=True, max_length=self.max_length)
+        else:
+            sep = f" {tok.sep_token} " if getattr(tok, "sep_token", None) else " | "
+            enc = tok([sep.join(t) for t in texts], truncation=True, max_length=self.max_length)
+        return enc["input_ids"]
+
+    def batch(self, ids: list[list[int]], idx: np.ndarray, augment: Callable | None = None):
+        rows = [ids[i] for i in idx]
+        if augment is not None:
+            rows = [augment(r) if len(r) > 2 else r for r in rows]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        return input_ids, mask
+
+
+def forward(model, encoder, inputs, idx: np.ndarray, device, augment=None) -> torch.Tensor:
+    """Run one batch through the model, whatever the modality."""
+    if isinstance(encoder, TextEncoder):
+        ids, mask = encoder.batch(inputs, idx, augment)
+        return model(ids.to(device), mask.to(device))
+    return model(encoder.batch(inputs, idx, augment).to(device))
+
+
+@torch.no_grad()
+def predict_logits(model, encoder, inputs, device, batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    n = len(inputs)
+    outs = [forward(model, encoder, inputs, np.arange(s, min(s + batch_size, n)), device).float().cpu()
+            for s in range(0, n, batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)

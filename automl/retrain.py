@@ -1,0 +1,78 @@
+"""Retrain the winning config on train+validation with Ray Train (DDP across workers)."""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from .runtime import quiet_libraries, set_threads
+from .train import TrialData, fit
+
+WEIGHTS = "model.safetensors"
+
+
+def _train_loop(cfg: dict) -> None:
+    """Runs on every Ray Train worker: the same plain `fit`, wrapped in DDP when world size > 1."""
+    import ray
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+    from safetensors.torch import save_model
+
+    quiet_libraries()
+    set_threads(cfg["threads"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    data: TrialData = ray.get(cfg["data_ref"])
+    initial = ray.get(cfg["initial_ref"]) if cfg.get("initial_ref") is not None else None
+    epochs = cfg["epochs"]
+    holder = {}
+
+    def report(metrics, state_fn):
+        if rank == 0 and metrics["epoch"] == epochs:
+            with tempfile.TemporaryDirectory() as d:
+                save_model(holder["model"], os.path.join(d, WEIGHTS))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            # Every worker must report each epoch; only rank 0 attaches the checkpoint.
+            ray.train.report(metrics)
+
+    def wrap(model):
+        holder["model"] = model
+        return prepare_model(model, move_to_device=False) if world > 1 else model
+
+    fit(cfg["config"], data, epochs=epochs, schedule_epochs=cfg["schedule_epochs"], report=report,
+        wrap_model=wrap, rank=rank, world_size=world, device=get_device(), initial_state=initial)
+
+
+def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int, storage_path: str,
+            num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int = 1,
+            initial_state: dict | None = None):
+    """Train `config` on all of `data` with TorchTrainer; returns the trained model (on CPU)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from safetensors.torch import load_model
+
+    from .train import build_model, full_config
+
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"config": config, "data_ref": ray.put(data), "epochs": int(epochs),
+                           "schedule_epochs": int(schedule_epochs), "threads": int(cpus_per_worker),
+                           "initial_ref": ray.put(initial_state) if initial_state else None},
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        # A reused run name silently resumes the old run: always use a fresh one.
+        run_config=RunConfig(name=f"retrain_{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage_path).resolve())),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"Retraining the winning config failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise RuntimeError("Retraining finished without a checkpoint from rank 0.")
+    model, spec = build_model(full_config(config), data.num_classes, pretrained=False)
+    with result.checkpoint.as_directory() as d:
+        load_model(model, os.path.join(d, WEIGHTS))
+    model.eval()
+    return model, spec

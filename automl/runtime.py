@@ -1,0 +1,66 @@
+"""Process-level settings: offline hubs, devices, CPU threads, quiet logs."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def configure_offline_hubs() -> None:
+    """Make hub look-ups fail fast when no hub is reachable.
+
+    transformers/timm retry unreachable hubs for about a minute unless
+    HF_HUB_OFFLINE is set before they are imported. We only set it when the
+    user has not said otherwise (AUTOML_ONLINE=1 keeps hub access on).
+    """
+    if os.environ.get("AUTOML_ONLINE") == "1":
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def quiet_libraries() -> None:
+    """Silence chatty third-party logs; users see our progress view instead."""
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "transformers", "timm", "optuna"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:  # pragma: no cover - optuna is a hard dependency
+        pass
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TypedStorage.*")
+
+
+def device() -> "torch.device":  # noqa: F821
+    """The best available device: CUDA, then Apple MPS, else CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def set_threads(n: int) -> None:
+    """Cap torch's intra-op threads so concurrent trials don't oversubscribe cores."""
+    import torch
+
+    n = max(1, int(n))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+configure_offline_hubs()

@@ -1,0 +1,161 @@
+"""The search controller: Ray Tune with Optuna proposing configs and ASHA stopping bad trials."""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .runtime import set_threads, quiet_libraries
+from .space import SearchSpace
+from .train import TrialData, fit
+
+STATE_FILE = "state.pt"
+
+
+def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
+                   checkpoint: bool = True) -> None:
+    """Ray Tune function trainable: `fit` with per-epoch report + checkpoint, resumable."""
+    from ray import tune
+
+    quiet_libraries()
+    set_threads(threads)
+    resume = None
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
+
+    def report(metrics, state_fn):
+        if not checkpoint:
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state_fn(), os.path.join(d, STATE_FILE))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    fit(config, data, epochs=max_epochs, report=report, resume=resume)
+
+
+def trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+@dataclass
+class SearchResult:
+    trials: pd.DataFrame        # one row per trial
+    best_config: dict
+    best_epoch: int
+    best_score: float
+    metric: str
+    experiment_path: str
+    history: dict               # trial_id -> list of per-epoch metric dicts
+
+
+def _searchable_point(space: SearchSpace, point: dict) -> dict:
+    return {k: v for k, v in space.active_config(point).items() if k in space.searchable()}
+
+
+def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path: str, name: str,
+               time_budget_s: float | None, max_trials: int | None, seed: int = 0, resources: dict,
+               concurrency: int, resume: bool = False, progress: bool = True, checkpoint: bool = True,
+               start_points: list[dict] | None = None) -> SearchResult:
+    """Run the search; returns the trial table and the winner (config + epoch of its peak)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from .progress import SearchProgress
+
+    if time_budget_s is None and not max_trials:
+        raise ValueError("Give time_budget_s or max_trials: without either the search never ends.")
+    val_metric = f"val_{metric}"
+    threads = max(1, int(resources.get("cpu", 1)))
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
+                             checkpoint=checkpoint),
+        resources)
+    exp_path = str(Path(storage_path).resolve() / name)
+    progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress)
+    try:
+        if resume and tune.Tuner.can_restore(exp_path):
+            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
+        else:
+            points = [_searchable_point(space, p) for p in (start_points if start_points is not None else space.start_points)]
+            searcher = OptunaSearch(space, metric=val_metric, mode="max", seed=seed,
+                                    points_to_evaluate=points or None)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs,
+                                      grace_period=min(space.grace_period, space.max_epochs),
+                                      reduction_factor=space.reduction_factor)
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=val_metric, mode="max", search_alg=searcher, scheduler=scheduler,
+                    num_samples=max_trials or -1, time_budget_s=time_budget_s,
+                    max_concurrent_trials=concurrency, reuse_actors=True, trial_dirname_creator=trial_dirname),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(Path(storage_path).resolve()), verbose=0,
+                    callbacks=[progress_cb],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=1)),
+            )
+        grid = tuner.fit()
+    finally:
+        progress_cb.close()
+    return summarize(grid, space, metric, exp_path)
+
+
+def summarize(grid, space: SearchSpace, metric: str, exp_path: str) -> SearchResult:
+    val_metric = f"val_{metric}"
+    rows, history = [], {}
+    for res in grid:
+        df = res.metrics_dataframe
+        trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.replace("trial_", "")
+        cfg = space.active_config(res.config or {})
+        row = {"trial_id": trial_id, **{f"config/{k}": v for k, v in cfg.items()}}
+        if df is not None and len(df) and val_metric in df:
+            best_i = int(df[val_metric].to_numpy().argmax())
+            epochs = int(df["training_iteration"].max())
+            row.update({f"best_{val_metric}": float(df[val_metric].iloc[best_i]),
+                        "best_epoch": int(df["training_iteration"].iloc[best_i]),
+                        "best_val_loss": float(df["val_loss"].iloc[best_i]) if "val_loss" in df else math.nan,
+                        "epochs_run": epochs,
+                        "time_s": float(df["time_total_s"].max()) if "time_total_s" in df else math.nan})
+            history[trial_id] = df.filter(regex="^(training_iteration|val_|train_loss|lr)").to_dict("records")
+        else:
+            row.update({f"best_{val_metric}": math.nan, "best_epoch": 0, "best_val_loss": math.nan,
+                        "epochs_run": 0, "time_s": math.nan})
+        if res.error is not None:
+            row["status"] = "ERROR"
+            row["error"] = str(res.error).strip().splitlines()[-1][:300] if str(res.error).strip() else type(res.error).__name__
+        elif row["epochs_run"] < space.max_epochs:
+            row["status"] = "STOPPED_EARLY"
+        else:
+            row["status"] = "COMPLETED"
+        rows.append(row)
+    trials = pd.DataFrame(rows)
+    ok = trials[trials[f"best_{val_metric}"].notna()] if len(trials) else trials
+    if not len(ok):
+        errors = "; ".join(sorted(set(trials.get("error", pd.Series(dtype=str)).dropna().astype(str))))[:1000]
+        raise RuntimeError(f"No trial produced a validation score ({len(trials)} trials). Errors: {errors or 'none'}. "
+                           "Fix: check the backbones can be loaded, or give the search more time.")
+    # Best score first; among ties, lower validation loss, then fewer epochs (cheaper retrain).
+    ranked = ok.sort_values([f"best_{val_metric}", "best_val_loss", "best_epoch"], ascending=[False, True, True])
+    best = ranked.iloc[0]
+    trials = trials.sort_values(f"best_{val_metric}", ascending=False, na_position="last").reset_index(drop=True)
+    best_cfg = {k[len("config/"):]: _plain(v) for k, v in best.items()
+                if k.startswith("config/") and not (isinstance(v, float) and math.isnan(v))}
+    return SearchResult(trials=trials, best_config=best_cfg, best_epoch=int(best["best_epoch"]),
+                        best_score=float(best[f"best_{val_metric}"]), metric=metric,
+                        experiment_path=exp_path, history=history)
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

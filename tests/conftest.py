@@ -1,0 +1,69 @@
+"""Shared fixtures: one Ray instance per test session, tiny real data."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+TINY_IMAGE_SPACE = {  # cpu_small, shrunk so a search takes seconds
+    "max_epochs": 3,
+    "image_size": 16,
+    "batch_size": 32,
+}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from automl.cluster import ensure_ray
+
+    started = ensure_ray(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_df() -> pd.DataFrame:
+    """A real image dataset: sklearn's 8x8 digits, 4 classes, 60 per class."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target == c)[:60] for c in range(4)])
+    return pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
+
+
+@pytest.fixture(scope="session")
+def text_df() -> pd.DataFrame:
+    """Short texts with a clear signal: 3 topics."""
+    rng = np.random.default_rng(0)
+    topics = {
+        "sport": ["match", "goal", "team", "coach", "league", "score", "player"],
+        "food": ["pizza", "recipe", "bake", "dinner", "spicy", "salad", "soup"],
+        "tech": ["laptop", "software", "code", "chip", "phone", "server", "app"],
+    }
+    filler = ["the", "a", "was", "really", "today", "my", "new", "great", "about"]
+    rows = []
+    for label, words in topics.items():
+        for i in range(30):
+            toks = list(rng.choice(words, 3)) + list(rng.choice(filler, 3))
+            rng.shuffle(toks)
+            rows.append({"text": " ".join(toks) + f" {i}", "label": label})
+    return pd.DataFrame(rows).sample(frac=1.0, random_state=0).reset_index(drop=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> str:
+    from automl.backbones import minilm_dir
+
+    return minilm_dir()
+
+
+@pytest.fixture(params=[0, 1])
+def global_random_seed(request) -> int:
+    return request.param

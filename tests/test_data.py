@@ -1,0 +1,123 @@
+"""Data intake: input forms, cleaning report, and clear errors for bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automl import DataError, prepare
+
+
+def _images(tmp_path, n_per_class=4, classes=("cat", "dog"), mode="RGB"):
+    rows = []
+    rng = np.random.default_rng(0)
+    for c in classes:
+        for i in range(n_per_class):
+            arr = rng.integers(0, 255, (12 + i, 10, 4 if mode == "RGBA" else 3), dtype=np.uint8)
+            p = tmp_path / f"{c}_{i}.png"
+            Image.fromarray(arr, mode=mode).save(p)
+            rows.append({"file": p.name, "label": c})
+    return rows
+
+
+def test_dataframe_of_arrays_is_image_task_with_stratified_splits(digits_df):
+    t = prepare(digits_df, "label")
+    assert t.modality == "image" and t.task == "multiclass" and t.classes == [0, 1, 2, 3]
+    sizes = {k: len(v) for k, v in t.splits.items()}
+    assert sum(sizes.values()) == len(digits_df)
+    for idx in t.splits.values():  # every class in every split
+        assert set(t.y[idx]) == {0, 1, 2, 3}
+    assert not set(t.splits["train"]) & set(t.splits["test"])
+    assert t.images[0].shape[2] == 3 and t.images[0].dtype == np.uint8
+
+
+def test_split_is_fixed_by_seed(digits_df):
+    a, b, c = prepare(digits_df, seed=0), prepare(digits_df, seed=0), prepare(digits_df, seed=1)
+    assert (a.splits["test"] == b.splits["test"]).all()
+    assert not np.array_equal(a.splits["test"], c.splits["test"])
+
+
+def test_csv_with_relative_rgba_paths(tmp_path):
+    df = pd.DataFrame(_images(tmp_path, mode="RGBA"))
+    df.to_csv(tmp_path / "data.csv", index=False)
+    t = prepare(str(tmp_path / "data.csv"))
+    assert t.modality == "image" and t.label_column == "label" and t.input_columns == ["file"]
+    assert all(a.shape[2] == 3 for a in t.images)
+
+
+def test_text_task_and_report_counts_drops():
+    df = pd.DataFrame({
+        "text": ["good", "bad", "fine", "awful", "nice", "poor", "good", "ok", None, "meh", "great", "worse"],
+        "label": ["p", "n", "p", "n", "p", "n", "p", None, "n", "p", "p", "n"],
+    })
+    t = prepare(df)
+    r = t.report
+    assert t.modality == "text"
+    assert r.dropped_missing_label == 1 and r.dropped_missing_input == 1 and r.dropped_duplicates == 1
+    assert r.rows_used == len(df) - 3 == len(t.y)
+
+
+def test_conflicting_duplicates_are_dropped_and_counted():
+    df = pd.DataFrame({"text": ["same", "same", "a", "b", "c", "d", "e", "f"], "label": [1, 2, 1, 2, 1, 2, 1, 2]})
+    t = prepare(df)
+    assert t.report.dropped_conflicting_duplicates == 2 and len(t.y) == 6
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda: pd.DataFrame({"text": [], "label": []}), "empty"),
+    (lambda: pd.DataFrame({"text": ["a", "b"], "cls": [1, 2]}), "columns are ['text', 'cls']"),
+    (lambda: pd.DataFrame({"text": list("abcdef"), "label": [1] * 6}), "only one class"),
+    (lambda: pd.DataFrame({"text": list("abcdef"), "label": [None] * 6}), "labels in column 'label' are missing"),
+    (lambda: pd.DataFrame({"x": [1.0, 2.0, 3.0], "label": [1, 2, 1]}), "No usable input column"),
+    (lambda: pd.DataFrame({"text": ["", " ", ""], "label": [1, 2, 1]}), "empty"),
+    (lambda: pd.DataFrame({"text": list("abcdef"), "label": [1, "x", 1, "x", 1, "x"]}), "mixes value types"),
+    (lambda: pd.DataFrame({"text": list("abcd"), "label": [1, 2, 1, 2]}), "fewer than 3 examples"),
+    (lambda: pd.DataFrame({"text": list("abcdefgh"), "label": [1, 1, 1, 2, 2, 2, 2, 3]}), "'3': 1"),
+    (lambda: pd.DataFrame([["a", "b", 1]], columns=["text", "text", "label"]), "duplicated column names ['text']"),
+])
+def test_bad_input_raises_clear_data_error(make, needle):
+    with pytest.raises(DataError) as err:
+        prepare(make(), label="label" if "cls" not in make().columns else None)
+    assert needle in str(err.value)
+    assert "Fix:" in str(err.value)
+
+
+def test_missing_image_file_is_named(tmp_path):
+    rows = _images(tmp_path)
+    rows.append({"file": "nope.png", "label": "cat"})
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    t = prepare(str(tmp_path / "d.csv"))  # default: dropped and reported
+    assert t.report.dropped_unreadable_images[0]["file"] == "nope.png"
+    with pytest.raises(DataError, match="nope.png"):
+        prepare(str(tmp_path / "d.csv"), drop_bad_images=False)
+
+
+def test_corrupt_image_and_bad_extension_and_encoding(tmp_path):
+    rows = _images(tmp_path)
+    (tmp_path / "bad.png").write_bytes(b"not a png at all")
+    rows.append({"file": "bad.png", "label": "dog"})
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match="bad.png"):
+        prepare(str(tmp_path / "d.csv"), drop_bad_images=False)
+    (tmp_path / "d.xlsx").write_bytes(b"x")
+    with pytest.raises(DataError, match="Unsupported file extension '.xlsx'"):
+        prepare(str(tmp_path / "d.xlsx"))
+    (tmp_path / "latin.csv").write_bytes("text,label\ncaf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        prepare(str(tmp_path / "latin.csv"))
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    for k, c in enumerate(("a", "b")):
+        (tmp_path / c).mkdir()
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 40 * i + k, np.uint8), mode="L").save(tmp_path / c / f"{i}.png")
+    t = prepare(str(tmp_path))
+    assert t.classes == ["a", "b"] and t.modality == "image" and len(t.y) == 8
+
+
+def test_identical_inputs_with_different_labels_explain_empty_result(tmp_path):
+    df = pd.DataFrame({"text": ["x", "x", "y", "y"], "label": [1, 2, 1, 2]})
+    with pytest.raises(DataError, match="identical inputs with different labels"):
+        prepare(df)

@@ -1,0 +1,131 @@
+"""auto_finetune end to end: search -> Ray Train retrain -> test -> export -> load, and the CLI."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automl import auto_finetune, load
+from automl.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+TINY = {"image_size": 16, "max_epochs": 3}
+
+
+@pytest.fixture(scope="module")
+def image_model(ray_session, digits_df, tmp_path_factory):
+    out = tmp_path_factory.mktemp("img")
+    return auto_finetune(digits_df, label="label", time_budget_s=150, max_trials=4, search_space=TINY,
+                         output_dir=out, progress=False)
+
+
+def test_image_model_is_exported_and_reloads_identically(image_model, digits_df):
+    m = image_model
+    files = set(os.listdir(m.export_dir))
+    assert {"model.safetensors", "config.json", "trials.csv", "metrics.json", "data_report.json", "MODEL_CARD.md",
+            "model.onnx", "model.pt"} <= files
+    meta = json.loads(open(os.path.join(m.export_dir, "config.json")).read())
+    assert meta["classes"] == [0, 1, 2, 3] and meta["preprocessing"]["kind"] == "image"
+    assert meta["test_metrics"]["accuracy"] > 0.5  # chance is 0.25
+    same = load(m.export_dir)
+    a, b = m.predict_proba(digits_df.head(25)), same.predict_proba(digits_df.head(25))
+    assert list(a.columns) == [0, 1, 2, 3]
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), atol=1e-6)
+    assert (m.predict(digits_df.head(25)) == same.predict(digits_df.head(25))).all()
+    ev = same.evaluate(digits_df)
+    assert set(ev) >= {"accuracy", "f1_macro"} and ev["accuracy"] > 0.5
+    assert len(m.trials) == 4 and {"status", "epochs_run", "best_val_accuracy"} <= set(m.trials.columns)
+
+
+def test_onnx_and_torchscript_match_pytorch(image_model, digits_df):
+    import onnxruntime as ort
+    import torch
+
+    m = image_model
+    x = m.encoder.batch(m._inputs(digits_df.head(6)), np.arange(6))
+    ref = m.model(x).detach().numpy()
+    sess = ort.InferenceSession(os.path.join(m.export_dir, "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"pixel_values": x.numpy()})[0], ref, atol=1e-4)
+    ts = torch.jit.load(os.path.join(m.export_dir, "model.pt"))
+    np.testing.assert_allclose(ts(x).detach().numpy(), ref, atol=1e-4)
+
+
+def test_cli_predict_and_evaluate_on_an_export(image_model, digits_df, tmp_path):
+    df = digits_df.head(30).copy()
+    df["image"] = [np.asarray(a) for a in df["image"]]
+    paths = []
+    for i, arr in enumerate(df["image"]):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray((arr * 16).clip(0, 255).astype(np.uint8)).save(p)
+        paths.append(p.name)
+    pd.DataFrame({"image": paths, "label": df["label"]}).to_csv(tmp_path / "new.csv", index=False)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "automl.cli", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    r = run("predict", image_model.export_dir, str(tmp_path / "new.csv"), "--output", str(tmp_path / "p.csv"))
+    assert r.returncode == 0, r.stderr
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert len(preds) == 30 and {"prediction", "proba_0", "proba_3"} <= set(preds.columns)
+    r = run("evaluate", image_model.export_dir, str(tmp_path / "new.csv"))
+    assert r.returncode == 0, r.stderr
+    assert 0.0 <= json.loads(r.stdout)["accuracy"] <= 1.0
+
+
+def test_text_classification_with_real_minilm(ray_session, text_df, tmp_path):
+    m = auto_finetune(text_df, time_budget_s=200, max_trials=2, output_dir=tmp_path, progress=False,
+                      search_space={"max_epochs": 2, "max_length": 16, "unfreeze": 2, "lr": {"low": 1e-4, "high": 5e-4}})
+    assert m.meta["modality"] == "text" and m.meta["backbone"]["library"] == "hf"
+    assert m.metrics["accuracy"] > 0.5  # 3 topics: chance is 1/3
+    same = load(m.export_dir)
+    texts = ["the coach said the team played a great match", "my laptop runs new software"]
+    np.testing.assert_allclose(m.predict_proba(texts).to_numpy(), same.predict_proba(texts).to_numpy(), atol=1e-5)
+    assert set(same.predict(texts)) <= {"sport", "food", "tech"}
+    assert os.path.exists(os.path.join(m.export_dir, "hf", "tokenizer_config.json"))
+
+
+def test_cli_finetune_end_to_end_on_rgba_files(ray_session, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    rows = []
+    for label, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        for i in range(12):
+            arr = np.zeros((20, 20, 4), np.uint8)
+            arr[..., :3] = np.clip(np.array(colour) + rng.normal(0, 25, (20, 20, 3)), 0, 255)
+            arr[..., 3] = 255 if i % 2 else 128  # some translucent icons
+            Image.fromarray(arr, "RGBA").save(tmp_path / f"{label}{i}.png")
+            rows.append({"path": f"{label}{i}.png", "colour": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "icons.csv", index=False)
+    code = cli_main(["finetune", str(tmp_path / "icons.csv"), "--label", "colour", "--time-budget", "120",
+                     "--max-trials", "2", "--output", str(tmp_path / "out"), "--quiet",
+                     "--set", json.dumps(TINY)])
+    out = capsys.readouterr().out
+    assert code == 0 and "export:" in out and "test accuracy" in out
+    assert load(tmp_path / "out" / "model").predict(str(tmp_path / "icons.csv")).tolist()[:1][0] in ("red", "blue")
+
+
+def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path):
+    pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "x", "x"]}).to_csv(tmp_path / "one.csv", index=False)
+    r = subprocess.run([sys.executable, "-m", "automl.cli", "finetune", str(tmp_path / "one.csv")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "only one class" in r.stderr and "Fix:" in r.stderr
+
+
+def test_retrain_with_two_ray_train_workers(ray_session, digits_df, tmp_path):
+    from automl.data import prepare
+    from automl.images import stack_resized
+    from automl.retrain import retrain
+    from automl.train import TrialData, build_encoder, evaluate, full_config
+
+    t = prepare(digits_df)
+    X = stack_resized(t.images, 16)
+    tr, te = np.concatenate([t.splits["train"], t.splits["validation"]]), t.splits["test"]
+    cfg = full_config({"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "batch_size": 16})
+    model, spec = retrain(cfg, TrialData("image", 4, X[tr], t.y[tr]), epochs=3, schedule_epochs=3,
+                          storage_path=str(tmp_path), num_workers=2)
+    enc = build_encoder(cfg, model, spec)
+    import torch
+
+    assert evaluate(model, enc, X[te], t.y[te], 4, torch.device("cpu"))["accuracy"] > 0.5

@@ -1,0 +1,37 @@
+"""The Ray Tune controller: OptunaSearch proposes, ASHA stops, the trial table tells the story."""
+from __future__ import annotations
+
+import pytest
+
+from automl.data import prepare
+from automl.images import stack_resized
+from automl.search import run_search
+from automl.space import load_space
+from automl.train import TrialData
+
+
+@pytest.fixture(scope="module")
+def search_data(digits_df):
+    t = prepare(digits_df)
+    X = stack_resized(t.images, 16)
+    tr, va = t.splits["train"], t.splits["validation"]
+    return TrialData("image", t.num_classes, X[tr], t.y[tr], X[va], t.y[va])
+
+
+def test_search_runs_trials_and_asha_stops_some_early(ray_session, search_data, tmp_path):
+    space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2})
+    result = run_search(search_data, space, metric="accuracy", storage_path=str(tmp_path), name="s",
+                        time_budget_s=240, max_trials=8, seed=0, resources={"cpu": 1}, concurrency=2,
+                        progress=False)
+    t = result.trials
+    assert len(t) == 8
+    assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY", "ERROR"}
+    assert (t["status"] == "STOPPED_EARLY").sum() >= 1, t[["status", "epochs_run"]]
+    assert (t["epochs_run"] <= 4).all() and (t["status"] != "ERROR").all()
+    assert {"config/backbone", "config/lr", "config/schedule", "best_val_accuracy", "epochs_run"} <= set(t.columns)
+    assert t["config/backbone"].nunique() >= 1 and t["config/lr"].nunique() == 8  # Optuna proposes distinct configs
+    assert result.best_score == pytest.approx(t["best_val_accuracy"].max())
+    assert 1 <= result.best_epoch <= 4
+    assert result.best_config["image_size"] == 16
+    # The space's start point (a sensible fixed config) is the first trial proposed.
+    assert (t["config/lr"] == 3e-3).any()

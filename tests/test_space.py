@@ -1,0 +1,81 @@
+"""Search spaces: YAML files load, validate, round-trip, and sample conditionally."""
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+
+from automl import SearchSpaceError, load_space
+from automl.space import SearchSpace, spaces_dir
+
+
+@pytest.mark.parametrize("name", ["cpu_small", "image_classification", "text_classification"])
+def test_bundled_spaces_load_and_round_trip(name):
+    for modality in ("image", "text"):
+        try:
+            s = load_space(name, modality)
+        except SearchSpaceError as exc:  # a single-modality file refuses the other modality, clearly
+            assert "this space is for" in str(exc)
+            continue
+        again = SearchSpace.from_yaml(s.to_yaml())
+        assert again.to_dict() == s.to_dict()
+        assert {"backbone", "unfreeze", "schedule", "lr", "weight_decay", "batch_size"} <= set(s.parameters)
+
+
+def test_cpu_small_covers_required_choices():
+    img, txt = load_space("cpu_small", "image"), load_space("cpu_small", "text")
+    assert len(img.parameters["backbone"]["values"]) >= 2
+    assert txt.parameters["backbone"]["values"] == ["minilm-l6"]
+    assert len(img.parameters["schedule"]["values"]) >= 3 and "warmup_frac" in img.parameters
+    assert len(img.parameters["augment"]["values"]) >= 2 and len(txt.parameters["text_augment"]["values"]) >= 2
+    assert {0, "all"} <= set(img.parameters["unfreeze"]["values"])
+
+
+def test_conditional_parameters_are_sampled_only_when_active():
+    space = load_space("cpu_small", "image")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_mix = seen_none = False
+    for _ in range(40):
+        trial = study.ask()
+        fixed = space(trial)
+        assert fixed["image_size"] == 32
+        if trial.params["mix"] == "none":
+            assert "mix_alpha" not in trial.params
+            seen_none = True
+        else:
+            assert 0.1 <= trial.params["mix_alpha"] <= 1.0
+            seen_mix = True
+        study.tell(trial, 0.0)
+    assert seen_mix and seen_none
+
+
+def test_overrides_change_ranges_pin_values_and_keep_start_points():
+    s = load_space("cpu_small", "image", {"lr": {"low": 1e-5, "high": 1e-3}, "backbone": "timm/resnet10t:scratch"})
+    assert s.parameters["lr"]["low"] == 1e-5 and s.parameters["backbone"] == {"type": "fixed", "value": "timm/resnet10t:scratch"}
+    point = s.start_points[0]
+    assert point["backbone"] == "timm/resnet10t:scratch"
+    assert "lr" not in point  # 3e-3 is outside the new range, so the searcher samples it
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({"parameters": {"backbone": {"type": "choice", "values": []}}}, "non-empty list"),
+    ({"parameters": {"backbone": "x", "lr": {"type": "float", "low": "1e-4", "high": 1.0}}}, "numeric low/high"),
+    ({"parameters": {"backbone": "x", "lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "low must be > 0"),
+    ({"parameters": {"backbone": "x", "a": {"type": "int", "low": 5, "high": 1}}}, "low=5 > high=1"),
+    ({"parameters": {"backbone": "x", "a": {"type": "weird"}}}, "has type 'weird'"),
+    ({"parameters": {"backbone": "x", "a": {"values": [1], "when": {"later": [1]}}, "later": 1}}, "not defined before it"),
+    ({"parameters": {"backbone": "x"}, "colour": 1}, "unknown top-level keys ['colour']"),
+    ({"parameters": {"lr": 0.1}}, "no 'backbone' parameter"),
+])
+def test_invalid_spaces_name_the_file_key_and_problem(tmp_path, bad, needle):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(bad, sort_keys=False))
+    with pytest.raises(SearchSpaceError) as err:
+        load_space(str(path), "image")
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_unknown_space_name_lists_the_available_ones():
+    with pytest.raises(SearchSpaceError, match="cpu_small"):
+        load_space("nope", "image")
+    assert (spaces_dir() / "cpu_small.yaml").exists()
