@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from . import backbones
 from . import data as data_mod
 from .errors import AutoMLError
 from .images import stack_resized
-from .metrics import choose_metric
+from .metrics import CLASSIFICATION_METRICS, choose_metric
 from .predictor import FinetunedModel
 from .space import SearchSpace, load_space
 from .train import TrialData
@@ -31,9 +32,11 @@ def _storage_size(space: SearchSpace) -> int:
     return int(max(values))
 
 
-def _default_space(modality: str) -> str:
+def _default_space(modality: str, task: str) -> str:
     import ray
 
+    if task == "regression":
+        return "regression"
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     return f"{modality}_classification" if has_gpu else "cpu_small"
 
@@ -54,7 +57,9 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                   output_dir: str | Path | None = None, seed: int = 0, ray_address: str | None = None,
                   resources_per_trial: dict | None = None, retrain_workers: int = 1, resume: bool = False,
                   progress: bool = True, verbose: bool = False, drop_bad_images: bool = True,
-                  drop_rare_classes: bool = False, export_formats: bool = True) -> FinetunedModel:
+                  drop_rare_classes: bool = False, export_formats: bool = True,
+                  task: str | None = None, find_label_errors: bool | str = "auto",
+                  base_model: str | Path | None = None, promote_tolerance: float = 0.01) -> FinetunedModel:
     """Fine-tune the best model for `dataset` within `time_budget_s` seconds and export it.
 
     dataset: DataFrame, CSV/TSV/Parquet/JSONL path, image folder, (X, y), or HF Dataset.
@@ -63,7 +68,15 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     max_trials: stop after this many trials (whichever of budget/trials comes first).
     search_space: name in search_spaces/ ('cpu_small', 'image_classification', …), a YAML path,
         or a dict of overrides ({"lr": {"low": 1e-5, "high": 1e-3}, "backbone": "timm/resnet18"}).
-    metric: 'accuracy', 'f1_macro', 'balanced_accuracy', or 'auto' (macro-F1 for imbalanced data).
+    metric: 'accuracy', 'f1_macro', 'balanced_accuracy', or 'auto' (macro-F1 for imbalanced data;
+        R² for regression).
+    task: 'classification' or 'regression' to override the inferred task.
+    base_model: an earlier export to update: the search fine-tunes from its weights (new classes are
+        appended to its head), and the result is compared with it on the new and the old test split.
+    promote_tolerance: an update is promoted to champion only if it beats the base on the new test
+        split and loses at most this much on the base's test split (see model.meta["update"]).
+    find_label_errors: cross-fit the winner to list suspected label errors
+        (suspected_label_errors.csv); 'auto' does it for classification with ≤ 20,000 rows.
     output_dir: where the run and the export go (default ./automl_runs/<dataset fingerprint>).
     ray_address: connect to a cluster ('auto', 'ray://host:10001'); default RAY_ADDRESS or a local Ray.
     resources_per_trial: e.g. {"cpu": 2, "gpu": 0.5}; default 1 CPU (or 1 GPU when present).
@@ -74,26 +87,45 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .runtime import quiet_libraries
 
     t_start = time.monotonic()
+    task_type = task
     quiet_libraries()
-    if metric not in ("auto", "accuracy", "f1_macro", "balanced_accuracy"):
-        raise AutoMLError(f"metric={metric!r} is not supported; expected 'auto', 'accuracy', 'f1_macro' or "
-                          "'balanced_accuracy'.")
+    base_meta = None
+    if base_model is not None:
+        from .export import read_meta
+
+        base_model = Path(base_model).resolve()
+        base_meta = read_meta(base_model)
+        if inputs is None:
+            inputs = None  # inferred; the base's input columns are used at prediction time
     # All input checks happen before Ray starts: bad data costs no compute.
     task = data_mod.prepare(dataset, label, inputs=inputs, seed=seed, drop_bad_images=drop_bad_images,
-                            drop_rare_classes=drop_rare_classes)
+                            drop_rare_classes=drop_rare_classes, task=task_type,
+                            known_classes=(base_meta or {}).get("classes") or None)
+    if base_meta is not None and (base_meta["modality"] != task.modality or
+                                  (base_meta["task"] == "regression") != (task.task == "regression")):
+        raise AutoMLError(f"base_model {str(base_model)!r} is a {base_meta['modality']} {base_meta['task']} model, but the "
+                          f"new data is a {task.modality} {task.task} task. Fix: update it with data of the same kind.")
+    allowed = ("auto", "r2") if task.task == "regression" else ("auto", *CLASSIFICATION_METRICS)
+    if metric not in allowed:
+        raise AutoMLError(f"metric={metric!r} is not supported for {task.task} tasks; expected one of {allowed}.")
     if search_space is not None and not isinstance(search_space, (dict, SearchSpace)):
         load_space(search_space, task.modality)  # validate early
-    metric = choose_metric(task.report.imbalance_ratio) if metric == "auto" else metric
+    metric = choose_metric(task.report.imbalance_ratio, task.task) if metric == "auto" else metric
     fingerprint = task.fingerprint()
     out = Path(output_dir or Path("automl_runs") / f"{task.modality}-{fingerprint[:10]}").resolve()
 
     cluster.ensure_ray(ray_address, verbose=verbose)
     if search_space is None or (isinstance(search_space, dict) and "parameters" not in search_space):
-        space = load_space(_default_space(task.modality), task.modality,
+        space = load_space(_default_space(task.modality, task.task), task.modality,
                            search_space if isinstance(search_space, dict) else None)
     else:
         space = load_space(search_space, task.modality)
     space = space.with_overrides({"seed": seed}) if "seed" not in space.parameters else space
+    if base_meta is not None:
+        pins = {"backbone": f"automl:{base_model}"}
+        if task.modality == "image":
+            pins["image_size"] = base_meta["preprocessing"]["size"]
+        space = space.with_overrides(pins)
 
     tr, va, te = (task.splits[k] for k in ("train", "validation", "test"))
     if task.modality == "image":
@@ -103,8 +135,14 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     else:
         storage = None
         pick = lambda idx: [task.texts[i] for i in idx]  # noqa: E731
-    weights = data_mod.class_weights(task.y[tr], task.num_classes)
-    search_data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va], weights)
+    regression = task.task == "regression"
+    kind = "regression" if regression else "classification"
+    full_idx = np.concatenate([tr, va])
+    # Regression targets are standardised with train+validation statistics, fixed for search and retrain.
+    scale = (float(task.y[full_idx].mean()), float(task.y[full_idx].std() or 1.0)) if regression else None
+    weights = None if regression else data_mod.class_weights(task.y[tr], task.num_classes)
+    search_data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va], weights,
+                            task=kind, target_scale=scale)
 
     res = cluster.resources(**{f"{k}s_per_trial": v for k, v in (resources_per_trial or {}).items()
                                if k in ("cpu", "gpu")})
@@ -122,9 +160,9 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .retrain import retrain
     from .train import build_encoder, evaluate, full_config
 
-    full_idx = np.concatenate([tr, va])
     retrain_data = TrialData(task.modality, task.num_classes, pick(full_idx), task.y[full_idx], None, None,
-                             data_mod.class_weights(task.y[full_idx], task.num_classes))
+                             None if regression else data_mod.class_weights(task.y[full_idx], task.num_classes),
+                             task=kind, target_scale=scale)
     best_cfg = full_config(result.best_config)
     use_gpu = bool(res.get("gpu"))
     t_retrain = time.monotonic()
@@ -137,8 +175,21 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .runtime import device as default_device
 
     test_metrics = evaluate(model, encoder, encode_inputs(encoder, pick(te)), task.y[te], task.num_classes,
-                            default_device() if not use_gpu else default_device(), detailed=True)
+                            default_device(), detailed=True, target_scale=scale)
     model.cpu()
+
+    label_errors = None
+    if find_label_errors is True or (find_label_errors == "auto" and not regression and len(full_idx) <= 20000):
+        from .labelnoise import out_of_fold_proba, suspects
+
+        proba = out_of_fold_proba(best_cfg, pick(full_idx), task.y[full_idx], task.num_classes,
+                                  epochs=result.best_epoch, schedule_epochs=space.max_epochs, seed=seed)
+        label_errors = suspects(proba, task.y[full_idx], [_plain(c) for c in task.classes],
+                                task.row_index[full_idx] if task.row_index is not None else full_idx)
+
+    update = None
+    if base_meta is not None:
+        update = _compare_with_base(base_model, base_meta, model, encoder, task, pick(te), metric, promote_tolerance)
 
     preprocessing = encoder.to_dict()
     if storage is not None:
@@ -147,7 +198,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     meta = {
         "task": task.task, "modality": task.modality, "classes": [_plain(c) for c in task.classes],
         "num_classes": task.num_classes, "label_column": task.label_column, "input_columns": task.input_columns,
-        "backbone": spec.to_dict(), "preprocessing": preprocessing, "metric": metric,
+        "backbone": backbones.underlying(spec).to_dict(), "base_model": str(base_model) if base_model else None,
+        "update": update, "preprocessing": preprocessing, "metric": metric, "target_scale": scale,
         "hyperparameters": {k: _plain(v) for k, v in best_cfg.items()},
         "search": {"best_score": result.best_score, "best_epoch": result.best_epoch, "n_trials": int(len(trials)),
                    "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
@@ -156,16 +208,56 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                    "trial_epochs": int(trials["epochs_run"].sum())},
         "retrain": {"epochs": result.best_epoch, "schedule_epochs": space.max_epochs, "workers": retrain_workers,
                     "time_s": retrain_s, "rows": int(len(full_idx))},
-        "test_metrics": test_metrics, "data_report": task.report.to_dict(), "fingerprint": fingerprint, "seed": seed,
+        "test_metrics": test_metrics, "data_report": task.report.to_dict(),
+        "suspected_label_errors": None if label_errors is None else int(len(label_errors)), "fingerprint": fingerprint, "seed": seed,
         "wall_time_s": time.monotonic() - t_start,
     }
-    from .card import model_card
     from .export import write_export
 
     export_dir = out / "model"
     tokenizer = getattr(encoder, "tokenizer", None)
+    import sys
+
+    from .card import write_card
+
+    meta["command"] = " ".join(sys.argv) if sys.argv and sys.argv[0] else "python"
+    from .update import save_test_split
+
+    test_x = pick(te)
     write_export(export_dir, model, meta, tokenizer=tokenizer, formats=export_formats,
-                 tables={"trials.csv": trials, "metrics.json": test_metrics, "data_report.json": task.report.to_dict()},
-                 extra_files={"MODEL_CARD.md": model_card(meta, trials)})
+                 writers=[lambda d, m: m.update(test_split=save_test_split(d, task.modality, test_x, task.y[te],
+                                                                           [_plain(c) for c in task.classes])),
+                          lambda d, m: write_card(d, m, trials, result.history)],
+                 tables={"trials.csv": trials, "metrics.json": test_metrics, "data_report.json": task.report.to_dict(),
+                         **({"suspected_label_errors.csv": label_errors} if label_errors is not None else {})},
+                 )
     meta = json.loads((export_dir / "config.json").read_text())
-    return FinetunedModel(model, encoder, meta, export_dir=export_dir, trials=trials, search=result)
+    fm = FinetunedModel(model, encoder, meta, export_dir=export_dir, trials=trials, search=result)
+    fm.label_errors = label_errors
+    return fm
+
+
+def _compare_with_base(base_dir: Path, base_meta: dict, model, encoder, task, test_x, metric: str,
+                       tolerance: float) -> dict:
+    """Score the update and its base on the new test split and on the base's own test split."""
+    from .export import load_model
+    from .update import decide, l2_distance, load_test_split, score
+
+    base, base_encoder, _ = load_model(base_dir)
+    is_image = task.modality == "image"
+    new_classes = [_plain(c) for c in task.classes]
+    labels = [new_classes[i] for i in task.y[task.splits["test"]]]
+    new_on_new = score(model, encoder, new_classes, test_x, labels, metric, is_image)
+    base_on_new = score(base, base_encoder, base_meta["classes"], test_x, labels, metric, is_image)
+    old = load_test_split(base_dir)
+    if old is None:
+        raise AutoMLError(f"base_model {str(base_dir)!r} has no stored test split, so forgetting cannot be measured. "
+                          "Fix: re-export the base model with this version of automl.")
+    old_x, old_labels = old
+    new_on_old = score(model, encoder, new_classes, old_x, old_labels, metric, is_image)
+    base_on_old = score(base, base_encoder, base_meta["classes"], old_x, old_labels, metric, is_image)
+    decision, reason = decide(new_on_new, base_on_new, new_on_old, base_on_old, tolerance)
+    return {"base_model": str(base_dir), "metric": metric, "tolerance": tolerance,
+            "new_test": {"new": new_on_new, "old": base_on_new}, "old_test": {"new": new_on_old, "old": base_on_old},
+            "forgetting": base_on_old - new_on_old, "l2_from_base": l2_distance(model, base),
+            "decision": decision, "reason": reason}

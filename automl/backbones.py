@@ -24,7 +24,7 @@ from .errors import ModelLoadError
 class BackboneSpec:
     """How to build a backbone: library, model id, and where weights come from."""
 
-    library: str                 # "timm" or "hf"
+    library: str                 # "timm", "hf", or "automl" (an earlier export reused as the backbone)
     model: str                   # timm model name, or hub id / local dir for transformers
     pretrained: bool = True
     weights: str | None = None   # timm: local .safetensors/.pth file used as the pretrained source
@@ -73,6 +73,8 @@ def resolve(name: str | dict | BackboneSpec) -> BackboneSpec:
         return BackboneSpec(**name)
     if name in _BACKBONES:
         return _BACKBONES[name]()
+    if str(name).startswith("automl:"):
+        return BackboneSpec("automl", os.path.abspath(str(name)[len("automl:"):]))
     lib, sep, rest = str(name).partition("/")
     if sep and lib in ("timm", "hf"):
         pretrained = True
@@ -80,6 +82,8 @@ def resolve(name: str | dict | BackboneSpec) -> BackboneSpec:
             rest, pretrained = rest[: -len(":scratch")], False
         return BackboneSpec(lib, rest, pretrained=pretrained)
     if os.path.isdir(str(name)) and os.path.exists(os.path.join(str(name), "config.json")):
+        if os.path.exists(os.path.join(str(name), "model.safetensors")) and os.path.exists(os.path.join(str(name), "trials.csv")):
+            return BackboneSpec("automl", os.path.abspath(str(name)))
         return BackboneSpec("hf", str(name))
     raise ModelLoadError(
         f"Unknown backbone {name!r}; expected a registered name {list_backbones()}, 'timm/<model name>' "
@@ -154,7 +158,64 @@ def build(spec: BackboneSpec, num_classes: int, *, dropout: float = 0.0, drop_pa
         except OSError as exc:
             raise _offline_hint(spec, exc) from exc
         return Classifier(body, "hf")
-    raise ModelLoadError(f"Unknown backbone library {spec.library!r}; expected 'timm' or 'hf'.")
+    if spec.library == "automl":
+        return _from_export(spec.model, num_classes)
+    raise ModelLoadError(f"Unknown backbone library {spec.library!r}; expected 'timm', 'hf' or 'automl'.")
+
+
+def _from_export(path: str, num_classes: int) -> Classifier:
+    """An earlier export as the starting point: its weights, with the head grown to `num_classes`.
+
+    Classes keep their positions (new classes are appended), so the old head's
+    rows are copied and the model starts out predicting the old classes as before.
+    """
+    from .export import load_model
+
+    model, _, meta = load_model(path)
+    old_n = int(meta["num_classes"])
+    if old_n == num_classes:
+        return model
+    if num_classes < old_n:
+        raise ModelLoadError(f"Base model {path!r} has {old_n} outputs but the new task has {num_classes}; "
+                             "an update keeps every class of the base model.")
+    body = model.body
+    if model.library == "timm":
+        old = body.get_classifier()
+        w, b = old.weight.detach().clone(), (old.bias.detach().clone() if old.bias is not None else None)
+        body.reset_classifier(num_classes)
+        new = body.get_classifier()
+    else:
+        old = body.classifier if isinstance(body.classifier, nn.Linear) else body.classifier.out_proj
+        w, b = old.weight.detach().clone(), (old.bias.detach().clone() if old.bias is not None else None)
+        new = nn.Linear(old.in_features, num_classes)
+        if isinstance(body.classifier, nn.Linear):
+            body.classifier = new
+        else:
+            body.classifier.out_proj = new
+        body.config.num_labels = num_classes
+        body.num_labels = num_classes
+    with torch.no_grad():
+        new.weight[:old_n] = w
+        if b is not None and new.bias is not None:
+            new.bias[:old_n] = b
+    return model
+
+
+def underlying(spec: BackboneSpec) -> BackboneSpec:
+    """The timm/hf architecture behind a spec (an export's own backbone for 'automl' specs)."""
+    if spec.library != "automl":
+        return spec
+    import json
+
+    meta = json.loads(open(os.path.join(spec.model, "config.json")).read())
+    inner = BackboneSpec(**meta["backbone"])
+    if inner.library == "hf":
+        return BackboneSpec("hf", os.path.join(spec.model, "hf"), pretrained=False)
+    return inner
+
+
+def tokenizer_source(spec: BackboneSpec) -> str:
+    return os.path.join(spec.model, "hf") if spec.library == "automl" else spec.model
 
 
 def layer_groups(model: Classifier) -> list[list[str]]:

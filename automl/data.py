@@ -64,10 +64,12 @@ class TaskData:
     images: list[np.ndarray] | None = None   # HxWx3 uint8, original size (capped)
     texts: list[list[str]] | None = None     # one string per text column, per row
     base_dir: str | None = None
+    row_index: np.ndarray | None = None      # each kept row's index in the user's table
 
     @property
     def num_classes(self) -> int:
-        return len(self.classes)
+        """Model outputs: one per class, or 1 for regression."""
+        return len(self.classes) if self.task != "regression" else 1
 
     def inputs(self, idx: np.ndarray) -> list:
         source = self.images if self.modality == "image" else self.texts
@@ -311,8 +313,15 @@ def _split(y: np.ndarray, seed: int, val_frac: float, test_frac: float) -> dict[
 
 def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = None, seed: int = 0,
             val_frac: float | None = None, test_frac: float | None = None, drop_bad_images: bool = True,
-            drop_rare_classes: bool = False) -> TaskData:
-    """Read, check, clean and split a classification dataset."""
+            drop_rare_classes: bool = False, task: str | None = None,
+            known_classes: list | None = None) -> TaskData:
+    """Read, check, clean and split a dataset for classification or regression.
+
+    task: None/"auto" infers it (regression for a float label with many distinct values),
+    or "classification" / "regression" to override.
+    known_classes: label values that keep their positions (a base model's classes);
+    new label values are appended after them.
+    """
     df, base_dir = to_dataframe(data)
     if df.columns.duplicated().any():
         dups = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
@@ -358,8 +367,9 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         texts = [t for t, k in zip(texts, keep_mask) if k]
 
     labels = df[label_col]
+    task = infer_task(labels, task, label_col)
     counts = labels.value_counts()
-    rare = counts[counts < MIN_PER_CLASS]
+    rare = counts[counts < MIN_PER_CLASS] if task != "regression" else counts.iloc[:0]
     has_split_col = any(str(c).lower() == "split" for c in df.columns)
     if len(rare) and not has_split_col:
         if not drop_rare_classes:
@@ -383,14 +393,29 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
             f"{r.dropped_missing_input} missing inputs, {len(r.dropped_unreadable_images)} unreadable images, "
             f"{r.dropped_duplicates} duplicates, {r.dropped_conflicting_duplicates} identical inputs with different "
             "labels). Fix: check the inputs differ and are readable, and the labels are filled in.")
-    if len(counts) < 2:
+    if len(counts) < 2 and not known_classes:
+        if task == "regression":
+            raise DataError(f"Label column {label_col!r} has a single value after cleaning; regression needs varying "
+                            "targets. Fix: check the label column.")
         raise DataError(
             f"Label column {label_col!r} has only one class ({list(map(str, counts.index))}) after cleaning; "
             "classification needs at least two. Fix: check the label column, or add examples of other classes.")
 
-    classes = sorted(counts.index.tolist(), key=lambda v: (str(type(v)), v))
-    code = {c: i for i, c in enumerate(classes)}
-    y = labels.map(code).to_numpy(dtype=np.int64)
+    if task == "regression":
+        classes = []
+        y = labels.astype(float).to_numpy(dtype=np.float32)
+        # Stratify on target quantiles so every split spans the range.
+        n_bins = int(max(1, min(5, len(y) // (3 * MIN_PER_CLASS))))
+        strata = pd.qcut(pd.Series(y), q=n_bins, labels=False, duplicates="drop").to_numpy(dtype=np.int64)
+    else:
+        classes = sorted(counts.index.tolist(), key=lambda v: (str(type(v)), v))
+        if known_classes is not None:
+            known = {str(c): c for c in known_classes}
+            classes = list(known_classes) + [c for c in classes if str(c) not in known]
+            labels = labels.map(lambda v: known.get(str(v), v))  # "3" in a CSV matches 3 in the base model
+        code = {c: i for i, c in enumerate(classes)}
+        y = labels.map(code).to_numpy(dtype=np.int64)
+        strata = y
 
     if has_split_col:
         split_col = next(c for c in df.columns if str(c).lower() == "split")
@@ -403,7 +428,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         if len(splits["train"]) == 0:
             raise DataError(f"Split column {split_col!r} marks no rows as 'train'. Fix: mark training rows.")
         if len(splits["validation"]) == 0 or len(splits["test"]) == 0:
-            auto = _split(y[splits["train"]], seed, 0.15, 0.15 if len(splits["test"]) == 0 else 0.0)
+            auto = _split(strata[splits["train"]], seed, 0.15, 0.15 if len(splits["test"]) == 0 else 0.0)
             tr = splits["train"]
             if len(splits["validation"]) == 0:
                 splits["validation"] = tr[auto["validation"]]
@@ -413,22 +438,50 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
             report.notes.append("missing validation/test splits were carved out of train (stratified)")
     else:
         n = len(y)
-        if n < MIN_PER_CLASS * len(classes):
-            raise DataError(f"Only {n} usable rows for {len(classes)} classes; need at least {MIN_PER_CLASS} per class to split. "
+        if n < MIN_PER_CLASS * max(len(counts), 2):
+            raise DataError(f"Only {n} usable rows for {len(counts)} classes; need at least {MIN_PER_CLASS} per class to split. "
                             "Fix: add more labelled rows.")
         # Small data needs proportionally bigger held-out sets for a stable score.
         default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1
-        splits = _split(y, seed, val_frac or default, test_frac or default)
+        splits = _split(strata, seed, val_frac or default, test_frac or default)
 
     report.rows_used = int(len(y))
-    report.class_counts = {str(c): int(counts[c]) for c in classes}
-    report.imbalance_ratio = float(counts.max() / counts.min())
+    if task == "regression":
+        report.notes.append(f"regression target: mean {y.mean():.4g}, std {y.std():.4g}, range [{y.min():.4g}, {y.max():.4g}]")
+    else:
+        report.class_counts = {str(c): int(counts.get(c, 0)) for c in classes}
+        report.imbalance_ratio = float(counts.max() / counts.min())
+        task = "binary" if len(classes) == 2 else "multiclass"
     report.split_sizes = {k: int(len(v)) for k, v in splits.items()}
     return TaskData(
-        modality=modality, task="binary" if len(classes) == 2 else "multiclass", classes=classes, y=y,
+        modality=modality, task=task, classes=classes, y=y,
         input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
-        images=images, texts=texts, base_dir=base_dir,
+        images=images, texts=texts, base_dir=base_dir, row_index=df.index.to_numpy(),
     )
+
+
+def infer_task(labels: pd.Series, task: str | None, label_col: str) -> str:
+    """'classification' or 'regression' (a float label with many distinct values)."""
+    if task in (None, "auto"):
+        numeric = pd.api.types.is_float_dtype(labels)
+        if numeric:
+            values = labels.astype(float)
+            non_integer = bool((values != np.round(values)).any())
+            if non_integer and values.nunique() > max(10, 0.05 * len(values)):
+                return "regression"
+        return "classification"
+    if task in ("classification", "binary", "multiclass"):
+        return "classification"
+    if task == "regression":
+        if not pd.api.types.is_numeric_dtype(labels):
+            try:
+                labels.astype(float)
+            except (TypeError, ValueError) as exc:
+                raise DataError(f"task='regression' needs a numeric label column; {label_col!r} holds e.g. "
+                                f"{labels.iloc[0]!r}. Fix: use task='classification' or convert the labels to "
+                                "numbers.") from exc
+        return "regression"
+    raise DataError(f"task={task!r} is not supported; expected 'auto', 'classification' or 'regression'.")
 
 
 def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: str | None = None) -> list:

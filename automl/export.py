@@ -85,7 +85,8 @@ def _script_and_onnx(model, meta: dict, out: Path) -> dict:
 
 
 def write_export(target: str | Path, model, meta: dict, tables: dict[str, object] | None = None,
-                 tokenizer=None, extra_files: dict[str, str] | None = None, formats: bool = True) -> Path:
+                 tokenizer=None, extra_files: dict[str, str] | None = None, formats: bool = True,
+                 writers: list | None = None) -> Path:
     """Write everything to a temp dir next to `target`, then rename it into place.
 
     A crash at any point leaves either the previous export or none at `target`,
@@ -102,7 +103,11 @@ def write_export(target: str | Path, model, meta: dict, tables: dict[str, object
         save_model(model, str(tmp / WEIGHTS))
         if tokenizer is not None or model.library == "hf":
             (tmp / "hf").mkdir()
-            model.body.config.save_pretrained(str(tmp / "hf"))
+            if meta.get("classes"):
+                model.body.config.id2label = {i: str(c) for i, c in enumerate(meta["classes"])}
+                model.body.config.label2id = {str(c): i for i, c in enumerate(meta["classes"])}
+            # A complete transformers folder: AutoModelForSequenceClassification.from_pretrained(dir/"hf") works.
+            model.body.save_pretrained(str(tmp / "hf"))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "hf"))
         meta = dict(meta)
@@ -113,6 +118,8 @@ def write_export(target: str | Path, model, meta: dict, tables: dict[str, object
                 table.to_csv(tmp / name, index=False)
             else:
                 (tmp / name).write_text(json.dumps(table, indent=2, default=str))
+        for write in writers or []:
+            write(tmp, meta)  # e.g. the model card and its figures, which may use the export results
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         meta["format_version"] = FORMAT_VERSION

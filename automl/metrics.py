@@ -36,6 +36,20 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, bins: int 
     return float(ece)
 
 
-def choose_metric(imbalance_ratio: float) -> str:
-    """Macro-F1 when classes are imbalanced (accuracy would reward ignoring rare classes)."""
+def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict:
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    mse = float(mean_squared_error(y_true, pred))
+    return {"r2": float(r2_score(y_true, pred)), "rmse": mse ** 0.5, "mse": mse,
+            "mae": float(mean_absolute_error(y_true, pred))}
+
+
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
+REGRESSION_METRICS = ("r2", "neg_rmse", "neg_mae")
+
+
+def choose_metric(imbalance_ratio: float, task: str = "multiclass") -> str:
+    """R² for regression; macro-F1 when classes are imbalanced (accuracy would reward ignoring rare classes)."""
+    if task == "regression":
+        return "r2"
     return "f1_macro" if imbalance_ratio >= 3.0 else "accuracy"

@@ -30,10 +30,12 @@ class FinetunedModel:
         self.export_dir = str(export_dir) if export_dir else None
         self.trials = trials
         self.search = search
-        self.classes = list(meta["classes"])
+        self.classes = list(meta.get("classes") or [])
         self.data_report = meta.get("data_report", {})
         self.metrics = meta.get("test_metrics", {})
         self._device = torch.device("cpu")
+        self.label_errors: pd.DataFrame | None = None
+        self.promoted = (meta.get("update") or {}).get("decision", "champion") == "champion"
 
     def __repr__(self) -> str:
         return (f"FinetunedModel(backbone={self.meta['backbone']['model']!r}, classes={len(self.classes)}, "
@@ -54,7 +56,20 @@ class FinetunedModel:
             return stack_resized(raw, meta["preprocessing"]["storage_size"])
         return self.encoder.encode(raw)
 
+    @property
+    def is_regression(self) -> bool:
+        return self.meta.get("task") == "regression"
+
+    def _outputs(self, data: Any) -> torch.Tensor:
+        x = self._inputs(data)
+        if len(x) == 0:
+            return torch.zeros((0, max(1, len(self.classes))))
+        return predict_logits(self.model, self.encoder, x, self._device)
+
     def _proba(self, data: Any) -> np.ndarray:
+        if self.is_regression:
+            raise DataError("This model predicts numbers (regression), so there are no class probabilities. "
+                            "Fix: use predict().")
         x = self._inputs(data)
         if len(x) == 0:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
@@ -67,7 +82,10 @@ class FinetunedModel:
         return pd.DataFrame(self._proba(data), columns=self.classes)
 
     def predict(self, data: Any) -> np.ndarray:
-        """Predicted labels, as the original label values."""
+        """Predicted labels, as the original label values (numbers, for regression)."""
+        if self.is_regression:
+            mean, std = self.meta["target_scale"]
+            return self._outputs(data)[:, 0].numpy() * std + mean
         proba = self._proba(data)
         return np.asarray(self.classes, dtype=object)[proba.argmax(1)] if len(proba) else np.asarray([], dtype=object)
 
@@ -77,6 +95,10 @@ class FinetunedModel:
 
         df, _ = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
         label_col = find_label_column(df, label or (self.meta["label_column"] if self.meta["label_column"] in df.columns else None))
+        if self.is_regression:
+            from .metrics import regression_metrics
+
+            return regression_metrics(df[label_col].astype(float).to_numpy(), self.predict(df))
         known = {str(c): i for i, c in enumerate(self.classes)}
         labels = df[label_col].map(lambda v: known.get(str(v), -1)).to_numpy()
         if (labels < 0).any():
@@ -97,10 +119,11 @@ def load(path: str | Path) -> FinetunedModel:
     from .export import load_model
 
     model, encoder, meta = load_model(path)
-    trials = None
-    if (Path(path) / "trials.csv").exists():
-        trials = pd.read_csv(Path(path) / "trials.csv")
-    return FinetunedModel(model, encoder, meta, export_dir=Path(path).resolve(), trials=trials)
+    trials = pd.read_csv(Path(path) / "trials.csv") if (Path(path) / "trials.csv").exists() else None
+    fm = FinetunedModel(model, encoder, meta, export_dir=Path(path).resolve(), trials=trials)
+    if (Path(path) / "suspected_label_errors.csv").exists():
+        fm.label_errors = pd.read_csv(Path(path) / "suspected_label_errors.csv")
+    return fm
 
 
 def is_image_encoder(enc) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .runtime import set_threads, quiet_libraries
 from .space import SearchSpace
@@ -46,6 +47,25 @@ def trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
+ASHA_LOG = "asha_stopped.txt"
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that appends the trials it stops to a file, so the trial table can tell
+    "stopped by ASHA" from "cut by the time budget" (also across a resume)."""
+
+    def __init__(self, log_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self.log_path = log_path
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
+            with open(self.log_path, "a") as f:
+                f.write(trial.trial_id + "\n")
+        return decision
+
+
 @dataclass
 class SearchResult:
     trials: pd.DataFrame        # one row per trial
@@ -67,7 +87,6 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                start_points: list[dict] | None = None) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + epoch of its peak)."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from .progress import SearchProgress
@@ -89,7 +108,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
             points = [_searchable_point(space, p) for p in (start_points if start_points is not None else space.start_points)]
             searcher = OptunaSearch(space, metric=val_metric, mode="max", seed=seed,
                                     points_to_evaluate=points or None)
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=space.max_epochs,
+            Path(exp_path).mkdir(parents=True, exist_ok=True)
+            scheduler = RecordingASHA(str(Path(exp_path) / ASHA_LOG), time_attr="training_iteration", max_t=space.max_epochs,
                                       grace_period=min(space.grace_period, space.max_epochs),
                                       reduction_factor=space.reduction_factor)
             tuner = tune.Tuner(
@@ -113,6 +133,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
 def summarize(grid, space: SearchSpace, metric: str, exp_path: str) -> SearchResult:
     val_metric = f"val_{metric}"
     rows, history = [], {}
+    log = Path(exp_path) / ASHA_LOG
+    asha_stopped = set(log.read_text().split()) if log.exists() else set()
     for res in grid:
         df = res.metrics_dataframe
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.replace("trial_", "")
@@ -133,8 +155,12 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str) -> SearchRes
         if res.error is not None:
             row["status"] = "ERROR"
             row["error"] = str(res.error).strip().splitlines()[-1][:300] if str(res.error).strip() else type(res.error).__name__
-        elif row["epochs_run"] < space.max_epochs:
+        elif trial_id in asha_stopped:
             row["status"] = "STOPPED_EARLY"
+        elif row["epochs_run"] == 0:
+            row["status"] = "NOT_STARTED"  # the time budget ended before its first epoch
+        elif row["epochs_run"] < space.max_epochs:
+            row["status"] = "CUT_BY_BUDGET"
         else:
             row["status"] = "COMPLETED"
         rows.append(row)

@@ -43,6 +43,8 @@ class TrialData:
     x_val: Any = None
     y_val: np.ndarray | None = None
     class_weights: np.ndarray | None = None
+    task: str = "classification"          # or "regression" (num_classes == 1 output)
+    target_scale: tuple[float, float] | None = None   # regression: (mean, std) the model's output is in units of
 
 
 @dataclass
@@ -66,7 +68,7 @@ def build_model(config: dict, num_classes: int, pretrained: bool | None = None):
 
 def build_encoder(config: dict, model, spec) -> ImageEncoder | TextEncoder:
     if model.library == "hf":
-        return TextEncoder(_tokenizer(spec.model), int(config["max_length"]))
+        return TextEncoder(_tokenizer(backbones.tokenizer_source(spec)), int(config["max_length"]))
     dcfg = backbones.data_config(model, int(config["image_size"]))
     return ImageEncoder(int(config["image_size"]), dcfg["mean"], dcfg["std"])
 
@@ -172,8 +174,17 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = False) -> dict:
+def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = False,
+             target_scale: tuple[float, float] | None = None) -> dict:
     logits = predict_logits(model, encoder, x, device)
+    if target_scale is not None:
+        from .metrics import regression_metrics
+
+        mean, std = target_scale
+        pred = logits[:, 0].numpy() * std + mean
+        out = regression_metrics(np.asarray(y, dtype=float), pred)
+        out["loss"] = float(np.mean(((pred - np.asarray(y)) / std) ** 2))
+        return out
     proba = torch.softmax(logits, 1).numpy()
     out = classification_metrics(np.asarray(y), proba, num_classes, detailed=detailed)
     out["loss"] = float(nn.functional.cross_entropy(logits, torch.as_tensor(np.asarray(y))).item())
@@ -214,7 +225,8 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     n = len(data.y_train)
     shard = np.arange(rank, n, world_size)
     bs = int(config["batch_size"])
-    use_mix = data.modality == "image" and config["mix"] != "none"
+    regression = data.task == "regression"
+    use_mix = data.modality == "image" and config["mix"] != "none" and not regression
     steps_per_epoch = max(1, (len(shard) // bs) if use_mix and len(shard) >= bs else math.ceil(len(shard) / bs))
     total_steps = steps_per_epoch * int(schedule_epochs or epochs)
     scheduler = schedules.create(config["schedule"], optimizer, total_steps, float(config["warmup_frac"]), config)
@@ -235,7 +247,12 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     weights = None
     if config["class_weighted"] and data.class_weights is not None:
         weights = torch.as_tensor(data.class_weights, dtype=torch.float32, device=device)
-    ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=float(config["label_smoothing"]))
+    if regression:
+        mean, std = data.target_scale or (0.0, 1.0)
+        mse = nn.MSELoss()
+        ce = lambda out, target: mse(out[:, 0], (target - mean) / std)  # noqa: E731
+    else:
+        ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=float(config["label_smoothing"]))
     l2sp = float(config["l2sp"])
     head = set(groups[-1])
     anchor = {nme: p.detach().clone() for nme, p in model.named_parameters() if nme not in head} if l2sp > 0 else {}
@@ -248,7 +265,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         scheduler.load_state_dict(resume["scheduler"])
         start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
 
-    y_train = torch.as_tensor(data.y_train, dtype=torch.long)
+    y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
     fwd_model = model
     current_k = -1
     for epoch in range(start_epoch, epochs):
@@ -294,7 +311,8 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
                    "epoch_time_s": time.perf_counter() - t0}
         recalibrate_bn(model, encoder, x_train, order, device, bs)
         if x_val is not None and data.y_val is not None and len(data.y_val):
-            val = evaluate(model, encoder, x_val, data.y_val, data.num_classes, device)
+            val = evaluate(model, encoder, x_val, data.y_val, data.num_classes, device,
+                           target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)
             metrics.update({f"val_{kk}": v for kk, v in val.items()})
         history.append(metrics)
         if report is not None:

@@ -121,3 +121,46 @@ def test_identical_inputs_with_different_labels_explain_empty_result(tmp_path):
     df = pd.DataFrame({"text": ["x", "x", "y", "y"], "label": [1, 2, 1, 2]})
     with pytest.raises(DataError, match="identical inputs with different labels"):
         prepare(df)
+
+
+def test_float_label_with_many_values_is_regression():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"text": [f"item {i}" for i in range(60)], "price": rng.normal(10, 3, 60)})
+    t = prepare(df, "price")
+    assert t.task == "regression" and t.num_classes == 1 and t.y.dtype == np.float32
+    assert sum(len(v) for v in t.splits.values()) == 60
+    assert prepare(df.assign(price=(df.price > 10).astype(int)), "price").task == "binary"
+    with pytest.raises(DataError, match="task='regression' needs a numeric label"):
+        prepare(pd.DataFrame({"text": list("abcdef"), "label": list("xyxyxy")}), task="regression")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "parquet", "jsonl"])
+def test_table_files_of_text(tmp_path, text_df, fmt):
+    path = tmp_path / f"d.{fmt}"
+    {"csv": lambda: text_df.to_csv(path, index=False), "tsv": lambda: text_df.to_csv(path, sep="\t", index=False),
+     "parquet": lambda: text_df.to_parquet(path), "jsonl": lambda: text_df.to_json(path, orient="records", lines=True)}[fmt]()
+    t = prepare(str(path))
+    assert t.modality == "text" and len(t.y) == len(text_df) and t.classes == ["food", "sport", "tech"]
+
+
+def test_xy_arrays_and_flat_square_images():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    t = prepare((d.data[:200], d.target[:200]))  # 64 features per row -> 8x8 images
+    assert t.modality == "image" and t.images[0].shape == (8, 8, 3)
+    t2 = prepare((["good movie", "bad movie", "great", "awful", "nice", "poor"] * 2, [1, 0, 1, 0, 1, 0] * 2))
+    assert t2.modality == "text"
+
+
+def test_split_column_is_respected():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(12)], "label": [0, 1] * 6,
+                       "split": ["train"] * 6 + ["validation"] * 3 + ["test"] * 3})
+    t = prepare(df)
+    assert list(t.splits["test"]) == [9, 10, 11] and list(t.splits["validation"]) == [6, 7, 8]
+
+
+def test_two_text_columns_are_kept_as_pairs():
+    df = pd.DataFrame({"question": [f"q{i}" for i in range(9)], "answer": [f"a{i}" for i in range(9)], "label": [0, 1, 2] * 3})
+    t = prepare(df)
+    assert t.input_columns == ["question", "answer"] and t.texts[0] == ["q0", "a0"]

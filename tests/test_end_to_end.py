@@ -129,3 +129,58 @@ def test_retrain_with_two_ray_train_workers(ray_session, digits_df, tmp_path):
     import torch
 
     assert evaluate(model, enc, X[te], t.y[te], 4, torch.device("cpu"))["accuracy"] > 0.5
+
+
+def test_image_regression_end_to_end(ray_session, digits_df, tmp_path):
+    rng = np.random.default_rng(0)
+    df = digits_df.assign(value=digits_df["label"].astype(float) * 2.5 + rng.normal(0, 0.1, len(digits_df)))
+    df = df.drop(columns=["label"])
+    m = auto_finetune(df, label="value", time_budget_s=150, max_trials=2, output_dir=tmp_path, progress=False,
+                      search_space={"image_size": 16, "max_epochs": 4, "unfreeze": "all", "lr": {"low": 1e-3, "high": 5e-3}})
+    assert m.meta["task"] == "regression" and m.meta["metric"] == "r2"
+    assert m.metrics["r2"] > 0.3 and "rmse" in m.metrics
+    preds = load(m.export_dir).predict(df.head(10))
+    assert preds.dtype.kind == "f" and np.allclose(preds, m.predict(df.head(10)), atol=1e-5)
+    with pytest.raises(Exception, match="regression"):
+        m.predict_proba(df.head(2))
+
+
+def test_model_updates_promote_improvements_and_refuse_forgetting(ray_session, digits_df, tmp_path):
+    from sklearn.datasets import load_digits
+
+    common = dict(time_budget_s=120, max_trials=1, progress=False, find_label_errors=False, export_formats=False)
+    small = digits_df.groupby("label").head(12).reset_index(drop=True)
+    base = auto_finetune(small, output_dir=tmp_path / "base", **common,
+                         search_space={"image_size": 16, "max_epochs": 1, "unfreeze": "all", "lr": 2e-4,
+                                       "schedule": "constant", "augment": "none"})
+    strong = {"image_size": 16, "max_epochs": 4, "unfreeze": "all", "lr": 3e-3, "schedule": "cosine", "augment": "none"}
+    better = auto_finetune(digits_df, base_model=base.export_dir, output_dir=tmp_path / "better", **common,
+                           search_space=strong)
+    upd = better.meta["update"]
+    assert upd["decision"] == "champion", upd
+    assert upd["new_test"]["new"] > upd["new_test"]["old"] and upd["l2_from_base"] > 0
+    assert "Update of an earlier model" in open(os.path.join(better.export_dir, "MODEL_CARD.md")).read()
+
+    # New data that reuses the labels for other digits (4-7 labelled 0-3) overwrites the old meaning.
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target == c)[:40] for c in range(4, 8)])
+    relabelled = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep] - 4})
+    forgets = auto_finetune(relabelled, base_model=base.export_dir, output_dir=tmp_path / "forgets", **common,
+                            search_space=strong)
+    upd = forgets.meta["update"]
+    assert upd["decision"] == "challenger" and "forgets" in upd["reason"], upd
+    assert upd["forgetting"] > 0.01 and not forgets.promoted
+
+
+def test_update_adds_new_classes_to_the_head(ray_session, digits_df, tmp_path):
+    from sklearn.datasets import load_digits
+
+    common = dict(time_budget_s=120, max_trials=1, progress=False, find_label_errors=False, export_formats=False,
+                  search_space={"image_size": 16, "max_epochs": 2, "unfreeze": "all", "lr": 3e-3})
+    base = auto_finetune(digits_df, output_dir=tmp_path / "base", **common)
+    d = load_digits()
+    keep = np.concatenate([np.flatnonzero(d.target == c)[:30] for c in range(2, 6)])
+    new = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
+    upd = auto_finetune(new, base_model=base.export_dir, output_dir=tmp_path / "upd", **common)
+    assert upd.classes == [0, 1, 2, 3, 4, 5]  # old classes keep their positions, new ones appended
+    assert load(upd.export_dir).predict_proba(new.head(3)).shape == (3, 6)

@@ -25,8 +25,8 @@ def test_search_runs_trials_and_asha_stops_some_early(ray_session, search_data, 
                         progress=False)
     t = result.trials
     assert len(t) == 8
-    assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY", "ERROR"}
-    assert (t["status"] == "STOPPED_EARLY").sum() >= 1, t[["status", "epochs_run"]]
+    assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY"}  # budget is ample: nothing cut
+    assert (t["status"] == "STOPPED_EARLY").sum() >= 1, t[["status", "epochs_run"]]  # stopped by ASHA, not the budget
     assert (t["epochs_run"] <= 4).all() and (t["status"] != "ERROR").all()
     assert {"config/backbone", "config/lr", "config/schedule", "best_val_accuracy", "epochs_run"} <= set(t.columns)
     assert t["config/backbone"].nunique() >= 1 and t["config/lr"].nunique() == 8  # Optuna proposes distinct configs

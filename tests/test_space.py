@@ -9,7 +9,7 @@ from automl import SearchSpaceError, load_space
 from automl.space import SearchSpace, spaces_dir
 
 
-@pytest.mark.parametrize("name", ["cpu_small", "image_classification", "text_classification"])
+@pytest.mark.parametrize("name", ["cpu_small", "image_classification", "text_classification", "regression"])
 def test_bundled_spaces_load_and_round_trip(name):
     for modality in ("image", "text"):
         try:

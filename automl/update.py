@@ -1,0 +1,96 @@
+"""Model updates: compare a fine-tuned update with its base, and decide whether to promote it.
+
+The base export stores its test split (test_split.npz / test_split.jsonl), so an
+update can be scored on the old data as well as the new: forgetting is the drop
+on the old test split.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEST_IMAGES = "test_split.npz"
+TEST_TEXTS = "test_split.jsonl"
+MAX_STORED = 5000  # rows of the test split kept in an export for later forgetting checks
+
+
+def save_test_split(out: Path, modality: str, x, y: np.ndarray, classes: list) -> str:
+    """Write (a capped sample of) the test split into an export being written."""
+    n = len(y)
+    keep = np.arange(n) if n <= MAX_STORED else np.random.default_rng(0).choice(n, MAX_STORED, replace=False)
+    labels = [classes[i] for i in y[keep]] if classes else [float(v) for v in y[keep]]
+    if modality == "image":
+        # Labels as JSON strings inside the npz: no object arrays, so no pickle on load.
+        np.savez_compressed(out / TEST_IMAGES, x=np.asarray(x)[keep], labels=np.asarray([json.dumps(v) for v in labels]))
+        return TEST_IMAGES
+    with open(out / TEST_TEXTS, "w") as f:
+        for i, lab in zip(keep, labels):
+            f.write(json.dumps({"inputs": list(x[i]), "label": lab}) + "\n")
+    return TEST_TEXTS
+
+
+def load_test_split(export_dir: str | Path):
+    """(inputs, label values) of an export's stored test split, or None."""
+    export_dir = Path(export_dir)
+    if (export_dir / TEST_IMAGES).exists():
+        with np.load(export_dir / TEST_IMAGES, allow_pickle=False) as z:
+            return z["x"], [json.loads(v) for v in z["labels"]]
+    if (export_dir / TEST_TEXTS).exists():
+        rows = [json.loads(line) for line in (export_dir / TEST_TEXTS).read_text().splitlines() if line]
+        return [r["inputs"] for r in rows], [r["label"] for r in rows]
+    return None
+
+
+def score(model, encoder, classes: list, x, labels: list, metric: str, is_image: bool) -> float:
+    """`metric` of a model on stored inputs (already decoded/resized images, or raw text tuples)."""
+    from .metrics import classification_metrics
+    from .preprocess import predict_logits
+
+    inputs = x if is_image else encoder.encode(x)
+    proba = torch.softmax(predict_logits(model, encoder, inputs, torch.device("cpu")), 1).numpy()
+    index = {str(c): i for i, c in enumerate(classes)}
+    y = np.array([index.get(str(v), -1) for v in labels])
+    # A label the model does not know counts as a miss for that model.
+    known = y >= 0
+    pred = proba.argmax(1)
+    if metric == "accuracy":
+        return float(np.mean(known & (pred == np.where(known, y, -2))))
+    y_safe = np.where(known, y, 0)
+    full = np.zeros((len(y), len(classes) + 1), dtype=np.float32)
+    full[:, : len(classes)] = proba
+    full[~known] = 0.0
+    full[~known, -1] = 1.0  # unknown labels go to an extra "unknown" class the model never predicts
+    y_ext = np.where(known, y_safe, len(classes))
+    return float(classification_metrics(y_ext, full, len(classes) + 1)[metric])
+
+
+def l2_distance(new_model, base_model) -> float:
+    """L2 distance between weights (the shared rows of a grown head included)."""
+    base = dict(base_model.named_parameters())
+    total = 0.0
+    for name, p in new_model.named_parameters():
+        q = base.get(name)
+        if q is None:
+            continue
+        if p.shape != q.shape:
+            p = p[: q.shape[0]]
+            if p.shape != q.shape:
+                continue
+        total += float(((p.detach().cpu() - q.detach().cpu()) ** 2).sum())
+    return total ** 0.5
+
+
+def decide(new_on_new: float, base_on_new: float, new_on_old: float, base_on_old: float,
+           tolerance: float) -> tuple[str, str]:
+    """champion only if better on the new data and not worse than `tolerance` on the old."""
+    forgetting = base_on_old - new_on_old
+    if new_on_new <= base_on_new:
+        return "challenger", (f"not better on the new test split ({new_on_new:.4f} vs base {base_on_new:.4f})")
+    if forgetting > tolerance:
+        return "challenger", (f"forgets: {forgetting:.4f} drop on the base model's test split "
+                              f"({new_on_old:.4f} vs {base_on_old:.4f}) exceeds the tolerance {tolerance}")
+    return "champion", (f"better on the new test split ({new_on_new:.4f} vs {base_on_new:.4f}) and within "
+                        f"tolerance on the old one (change {-forgetting:+.4f}, tolerance {tolerance})")
