@@ -59,7 +59,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                   progress: bool = True, verbose: bool = False, drop_bad_images: bool = True,
                   drop_rare_classes: bool = False, export_formats: bool = True,
                   task: str | None = None, find_label_errors: bool | str = "auto",
-                  base_model: str | Path | None = None, promote_tolerance: float = 0.01) -> FinetunedModel:
+                  base_model: str | Path | None = None, promote_tolerance: float = 0.01,
+                  cv_folds: int | None = None, storage_path: str | None = None) -> FinetunedModel:
     """Fine-tune the best model for `dataset` within `time_budget_s` seconds and export it.
 
     dataset: DataFrame, CSV/TSV/Parquet/JSONL path, image folder, (X, y), or HF Dataset.
@@ -75,6 +76,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
         appended to its head), and the result is compared with it on the new and the old test split.
     promote_tolerance: an update is promoted to champion only if it beats the base on the new test
         split and loses at most this much on the base's test split (see model.meta["update"]).
+    cv_folds: k-fold cross-validate the winning config on train+validation (mean ± std in the card);
+        useful for small data, where one validation split is noisy.
     find_label_errors: cross-fit the winner to list suspected label errors
         (suspected_label_errors.csv); 'auto' does it for classification with ≤ 20,000 rows.
     output_dir: where the run and the export go (default ./automl_runs/<dataset fingerprint>).
@@ -82,6 +85,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     resources_per_trial: e.g. {"cpu": 2, "gpu": 0.5}; default 1 CPU (or 1 GPU when present).
     retrain_workers: Ray Train workers (DDP) for the final retrain.
     resume: continue an interrupted search in output_dir.
+    storage_path: where Ray keeps trial results and checkpoints: default <output_dir>/ray_results; on a
+        cluster a shared filesystem path or a URI such as s3://bucket/automl (any pyarrow filesystem).
     """
     from . import cluster
     from .runtime import quiet_libraries
@@ -152,7 +157,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .search import run_search
 
     name = _experiment_name(out, resume)
-    result = run_search(search_data, space, metric=metric, storage_path=str(out / "ray_results"), name=name,
+    storage = storage_path or str(out / "ray_results")
+    result = run_search(search_data, space, metric=metric, storage_path=storage, name=name, local_dir=str(out),
                         time_budget_s=search_budget, max_trials=max_trials, seed=seed, resources=res,
                         concurrency=concurrency, resume=resume, progress=progress)
 
@@ -167,7 +173,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     use_gpu = bool(res.get("gpu"))
     t_retrain = time.monotonic()
     model, spec = retrain(best_cfg, retrain_data, epochs=result.best_epoch, schedule_epochs=space.max_epochs,
-                          storage_path=str(out / "ray_results"), num_workers=retrain_workers, use_gpu=use_gpu,
+                          storage_path=storage, num_workers=retrain_workers, use_gpu=use_gpu,
                           cpus_per_worker=max(1, int(res["cpu"])))
     retrain_s = time.monotonic() - t_retrain
     encoder = build_encoder(best_cfg, model, spec)
@@ -178,14 +184,19 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                             default_device(), detailed=True, target_scale=scale)
     model.cpu()
 
-    label_errors = None
-    if find_label_errors is True or (find_label_errors == "auto" and not regression and len(full_idx) <= 20000):
-        from .labelnoise import out_of_fold_proba, suspects
+    label_errors = cv = None
+    want_errors = find_label_errors is True or (find_label_errors == "auto" and len(full_idx) <= 20000)
+    if not regression and (want_errors or cv_folds):
+        from .labelnoise import cv_summary, out_of_fold_proba, suspects
 
-        proba = out_of_fold_proba(best_cfg, pick(full_idx), task.y[full_idx], task.num_classes,
-                                  epochs=result.best_epoch, schedule_epochs=space.max_epochs, seed=seed)
-        label_errors = suspects(proba, task.y[full_idx], [_plain(c) for c in task.classes],
-                                task.row_index[full_idx] if task.row_index is not None else full_idx)
+        proba, fold_of = out_of_fold_proba(best_cfg, pick(full_idx), task.y[full_idx], task.num_classes,
+                                           epochs=result.best_epoch, schedule_epochs=space.max_epochs, seed=seed,
+                                           folds=cv_folds or 2, return_folds=True)
+        if want_errors:
+            label_errors = suspects(proba, task.y[full_idx], [_plain(c) for c in task.classes],
+                                    task.row_index[full_idx] if task.row_index is not None else full_idx)
+        if cv_folds:
+            cv = cv_summary(proba, task.y[full_idx], fold_of, task.num_classes)
 
     update = None
     if base_meta is not None:
@@ -205,11 +216,12 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                    "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
                    "errors": int((trials["status"] == "ERROR").sum()), "space": space.to_dict(),
                    "experiment_path": result.experiment_path,
-                   "trial_epochs": int(trials["epochs_run"].sum())},
+                   "trial_epochs": int(trials["epochs_run"].sum()), "peak_disk_mb": result.peak_disk_mb},
         "retrain": {"epochs": result.best_epoch, "schedule_epochs": space.max_epochs, "workers": retrain_workers,
                     "time_s": retrain_s, "rows": int(len(full_idx))},
         "test_metrics": test_metrics, "data_report": task.report.to_dict(),
-        "suspected_label_errors": None if label_errors is None else int(len(label_errors)), "fingerprint": fingerprint, "seed": seed,
+        "suspected_label_errors": None if label_errors is None else int(len(label_errors)),
+        "cross_validation": cv, "fingerprint": fingerprint, "seed": seed,
         "wall_time_s": time.monotonic() - t_start,
     }
     from .export import write_export

@@ -21,11 +21,18 @@ def _finetune(args) -> int:
         metric=args.metric, output_dir=args.output, seed=args.seed, ray_address=args.address,
         resources_per_trial={"cpu": args.cpus_per_trial, **({"gpu": args.gpus_per_trial} if args.gpus_per_trial else {})},
         retrain_workers=args.retrain_workers, resume=args.resume, progress=not args.quiet, verbose=args.verbose,
+        task=args.task, cv_folds=args.cv_folds, base_model=args.base_model, storage_path=args.storage_path,
     )
     metric = model.meta["metric"]
     print(f"export: {model.export_dir}")
-    print(f"test {metric}: {model.metrics[metric]:.4f}  (accuracy {model.metrics['accuracy']:.4f}, "
-          f"macro-F1 {model.metrics['f1_macro']:.4f})")
+    if model.is_regression:
+        print(f"test r2: {model.metrics['r2']:.4f}  (rmse {model.metrics['rmse']:.4g}, mae {model.metrics['mae']:.4g})")
+    else:
+        print(f"test {metric}: {model.metrics[metric]:.4f}  (accuracy {model.metrics['accuracy']:.4f}, "
+              f"macro-F1 {model.metrics['f1_macro']:.4f})")
+    upd = model.meta.get("update")
+    if upd:
+        print(f"update: {upd['decision']} ({upd['reason']})")
     print(f"trials: {len(model.trials)} ({model.meta['search']['stopped_early']} stopped early by ASHA)")
     return 0
 
@@ -70,6 +77,46 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    from rich.console import Console
+
+    from . import jobs
+
+    batch, submitted = jobs.submit_batch(args.manifest, args.address, ship_package=not args.no_ship)
+    console = Console()
+    console.print(f"batch {batch}: submitted {len(submitted)} job(s)")
+    for s in submitted:
+        console.print(f"  {s['name']:20s} {s['submission_id']}  -> {s['output']}")
+    if args.wait:
+        status = jobs.wait([s["submission_id"] for s in submitted], args.address, timeout_s=args.timeout)
+        console.print(jobs.summary_table(jobs.list_jobs(args.address, batch=batch)))
+        return 0 if all(v == "SUCCEEDED" for v in status.values()) else 1
+    console.print(f"follow with: automl jobs list --batch {batch}" + (f" --address {args.address}" if args.address else ""))
+    return 0
+
+
+def _jobs(args) -> int:
+    from rich.console import Console
+
+    from . import jobs
+
+    console = Console()
+    if args.action == "list":
+        console.print(jobs.summary_table(jobs.list_jobs(args.address, batch=args.batch)))
+        return 0
+    if not args.id:
+        raise SystemExit(f"automl jobs {args.action} needs a submission id (see `automl jobs list`)")
+    c = jobs.client(args.address)
+    if args.action == "status":
+        info = c.get_job_info(args.id)
+        print(f"{args.id}: {str(info.status).split('.')[-1]}" + (f" ({info.message})" if info.message else ""))
+    elif args.action == "logs":
+        sys.stdout.write(c.get_job_logs(args.id))
+    elif args.action == "stop":
+        print(f"{args.id}: {'stopping' if c.stop_job(args.id) else 'already finished'}")
+    return 0
+
+
 def _spaces(args) -> int:
     from .space import spaces_dir
 
@@ -97,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gpus-per-trial", type=float, default=None)
     f.add_argument("--retrain-workers", type=int, default=1)
     f.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
+    f.add_argument("--storage-path", help="Ray results/checkpoints: a shared path or URI (s3://...) on a cluster")
+    f.add_argument("--task", choices=["classification", "regression"], help="override the inferred task")
+    f.add_argument("--cv-folds", type=int, help="k-fold cross-validate the winning config")
+    f.add_argument("--base-model", help="an earlier export to update (fine-tune from it, check forgetting)")
     f.add_argument("--quiet", action="store_true", help="no progress lines")
     f.add_argument("--verbose", action="store_true", help="show Ray's logs")
     f.set_defaults(func=_finetune)
@@ -111,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data")
     ev.add_argument("--label")
     ev.set_defaults(func=_evaluate)
+    sb = sub.add_parser("submit", help="submit a batch manifest as Ray Jobs (one per dataset)")
+    sb.add_argument("manifest", help="batch YAML (see automl/jobs.py or README)")
+    sb.add_argument("--address", help="Ray job server, e.g. http://127.0.0.1:8265 (default: RAY_JOBS_ADDRESS or that)")
+    sb.add_argument("--wait", action="store_true", help="wait for all jobs and print the summary table")
+    sb.add_argument("--timeout", type=float, default=24 * 3600)
+    sb.add_argument("--no-ship", action="store_true", help="do not ship this automl package (cluster has it installed)")
+    sb.set_defaults(func=_submit)
+    jb = sub.add_parser("jobs", help="follow submitted jobs")
+    jb.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jb.add_argument("id", nargs="?", help="submission id (status/logs/stop)")
+    jb.add_argument("--address")
+    jb.add_argument("--batch", help="only this batch (list)")
+    jb.set_defaults(func=_jobs)
     sp = sub.add_parser("spaces", help="list the bundled search spaces")
     sp.set_defaults(func=_spaces)
     return p

@@ -25,8 +25,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     # Ray's own progress tables are replaced by ours (see progress.py).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
-                  runtime_env={"env_vars": worker_env()})
+    kwargs = dict(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR)
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+        # Inside a Ray Job the job's runtime env already carries these (automl submit sets them),
+        # and Ray refuses a driver runtime env that repeats them.
+        kwargs["runtime_env"] = {"env_vars": worker_env()}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)

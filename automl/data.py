@@ -438,8 +438,9 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
             report.notes.append("missing validation/test splits were carved out of train (stratified)")
     else:
         n = len(y)
-        if n < MIN_PER_CLASS * max(len(counts), 2):
-            raise DataError(f"Only {n} usable rows for {len(counts)} classes; need at least {MIN_PER_CLASS} per class to split. "
+        groups = 2 if task == "regression" else max(len(counts), 2)
+        if n < MIN_PER_CLASS * groups:
+            raise DataError(f"Only {n} usable rows for {groups} classes; need at least {MIN_PER_CLASS} per class to split. "
                             "Fix: add more labelled rows.")
         # Small data needs proportionally bigger held-out sets for a stable score.
         default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1

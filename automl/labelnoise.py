@@ -25,8 +25,8 @@ def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads:
 
 
 def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epochs: int, schedule_epochs: int,
-                      folds: int = 2, seed: int = 0, use_ray: bool = True) -> np.ndarray:
-    """Probabilities for every row from a model that never saw that row."""
+                      folds: int = 2, seed: int = 0, use_ray: bool = True, return_folds: bool = False):
+    """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold)."""
     from sklearn.model_selection import StratifiedKFold
 
     from .train import TrialData
@@ -49,9 +49,23 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
         results = ray.get(refs)
     else:
         results = [_fold(config, d, xo, epochs, schedule_epochs, 1) for _, d, xo in jobs]
-    for (out_idx, _, _), p in zip(jobs, results):
+    fold_of = np.zeros(n, dtype=np.int64)
+    for f, ((out_idx, _, _), p) in enumerate(zip(jobs, results)):
         proba[out_idx] = p
-    return proba
+        fold_of[out_idx] = f
+    return (proba, fold_of) if return_folds else proba
+
+
+def cv_summary(proba: np.ndarray, y: np.ndarray, fold_of: np.ndarray, num_classes: int) -> dict:
+    """Mean ± std over folds of the held-out metrics."""
+    from .metrics import classification_metrics
+
+    per_fold = [classification_metrics(y[fold_of == f], proba[fold_of == f], num_classes)
+                for f in np.unique(fold_of)]
+    keys = ("accuracy", "f1_macro", "balanced_accuracy")
+    return {"folds": len(per_fold), "per_fold": per_fold,
+            "metrics": {k: {"mean": float(np.mean([m[k] for m in per_fold])),
+                            "std": float(np.std([m[k] for m in per_fold]))} for k in keys}}
 
 
 def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndarray | None = None) -> pd.DataFrame:

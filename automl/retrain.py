@@ -64,7 +64,8 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         # A reused run name silently resumes the old run: always use a fresh one.
-        run_config=RunConfig(name=f"retrain_{uuid.uuid4().hex[:8]}", storage_path=str(Path(storage_path).resolve())),
+        run_config=RunConfig(name=f"retrain_{uuid.uuid4().hex[:8]}",
+                             storage_path=storage_path if "://" in storage_path else str(Path(storage_path).resolve())),
     )
     result = trainer.fit()
     if result.error is not None:

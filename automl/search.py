@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from .runtime import set_threads, quiet_libraries
@@ -32,15 +34,93 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
         with ckpt.as_directory() as d:
             resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
 
+    crash = str(config.get("_crash_once_after_epoch") or "")
+
     def report(metrics, state_fn):
         if not checkpoint:
             tune.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state_fn(), os.path.join(d, STATE_FILE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        else:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(state_fn(), os.path.join(d, STATE_FILE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        if crash:
+            # Fault injection for tests: the worker process dies once, right after this epoch's checkpoint.
+            epoch, marker = crash.split(":", 1)
+            if metrics["epoch"] == int(epoch) and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
 
     fit(config, data, epochs=max_epochs, report=report, resume=resume)
+
+
+class CheckpointJanitor(Callback):
+    """Keeps checkpoint disk bounded and tracks the experiment directory's peak size.
+
+    A finished trial's checkpoints are deleted (the winner is retrained from
+    scratch, so only running trials need theirs), but only once Tune's
+    experiment state on disk records the trial as finished: a driver killed
+    before that would otherwise resume the trial with its checkpoint gone.
+    """
+
+    def __init__(self, exp_path: str):
+        self.exp_path = exp_path
+        self.peak_bytes = 0
+        self.pending: dict[str, tuple[float, str]] = {}
+
+    def _measure(self) -> None:
+        total = 0
+        for root, _, files in os.walk(self.exp_path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+        self.peak_bytes = max(self.peak_bytes, total)
+
+    @staticmethod
+    def _prune_dir(path: str | Path) -> None:
+        import shutil
+
+        for ckpt in Path(path).glob("checkpoint_*"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+    def _prune_recorded(self) -> None:
+        import shutil
+
+        states = list(Path(self.exp_path).glob("experiment_state-*.json"))
+        if not states:
+            return
+        saved_at = max(p.stat().st_mtime for p in states)
+        for tid, (finished_at, path) in list(self.pending.items()):
+            if saved_at > finished_at + 1.0:
+                self._prune_dir(path)
+                del self.pending[tid]
+        # Running trials: the saved state references at most the newest checkpoint written before it;
+        # every older one can go. (Ray's own num_to_keep deletes before the state moves on.)
+        for trial_dir in Path(self.exp_path).glob("trial_*"):
+            ckpts = sorted(trial_dir.glob("checkpoint_*"))
+            covered = [c for c in ckpts if c.stat().st_mtime < saved_at - 1.0]
+            for old in covered[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def prune_all(self) -> None:
+        """After the search every trial is finished: no checkpoint is needed any more."""
+        for trial_dir in Path(self.exp_path).glob("trial_*"):
+            self._prune_dir(trial_dir)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._measure()
+        self._prune_recorded()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._measure()
+        path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
+        if path:
+            self.pending[trial.trial_id] = (time.time(), path)
+        self._prune_recorded()
+
+    def __getstate__(self):
+        return dict(self.__dict__)
 
 
 def trial_dirname(trial) -> str:
@@ -75,6 +155,7 @@ class SearchResult:
     metric: str
     experiment_path: str
     history: dict               # trial_id -> list of per-epoch metric dicts
+    peak_disk_mb: float = 0.0   # largest size of the experiment directory during the search
 
 
 def _searchable_point(space: SearchSpace, point: dict) -> dict:
@@ -84,7 +165,7 @@ def _searchable_point(space: SearchSpace, point: dict) -> dict:
 def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path: str, name: str,
                time_budget_s: float | None, max_trials: int | None, seed: int = 0, resources: dict,
                concurrency: int, resume: bool = False, progress: bool = True, checkpoint: bool = True,
-               start_points: list[dict] | None = None) -> SearchResult:
+               start_points: list[dict] | None = None, local_dir: str | None = None) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + epoch of its peak)."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -94,13 +175,23 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     if time_budget_s is None and not max_trials:
         raise ValueError("Give time_budget_s or max_trials: without either the search never ends.")
     val_metric = f"val_{metric}"
+    # Persist Tune's experiment state often: it is what a resume after a killed driver starts from.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
     threads = max(1, int(resources.get("cpu", 1)))
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
                              checkpoint=checkpoint),
         resources)
-    exp_path = str(Path(storage_path).resolve() / name)
+    remote = is_uri(storage_path)
+    storage = storage_path.rstrip("/") if remote else str(Path(storage_path).resolve())
+    exp_path = f"{storage}/{name}"
+    # Driver-side bookkeeping (ASHA's decisions) stays on local disk even when results go to a URI.
+    local = Path(local_dir or (exp_path if not remote else tempfile.mkdtemp()))
+    local.mkdir(parents=True, exist_ok=True)
+    asha_log = str(local / (ASHA_LOG if not local_dir else f"{name}_{ASHA_LOG}"))
     progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress)
+    # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
+    janitor = CheckpointJanitor(exp_path) if not remote else None
     try:
         if resume and tune.Tuner.can_restore(exp_path):
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -108,8 +199,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
             points = [_searchable_point(space, p) for p in (start_points if start_points is not None else space.start_points)]
             searcher = OptunaSearch(space, metric=val_metric, mode="max", seed=seed,
                                     points_to_evaluate=points or None)
-            Path(exp_path).mkdir(parents=True, exist_ok=True)
-            scheduler = RecordingASHA(str(Path(exp_path) / ASHA_LOG), time_attr="training_iteration", max_t=space.max_epochs,
+            scheduler = RecordingASHA(asha_log, time_attr="training_iteration", max_t=space.max_epochs,
                                       grace_period=min(space.grace_period, space.max_epochs),
                                       reduction_factor=space.reduction_factor)
             tuner = tune.Tuner(
@@ -119,26 +209,37 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                     num_samples=max_trials or -1, time_budget_s=time_budget_s,
                     max_concurrent_trials=concurrency, reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=str(Path(storage_path).resolve()), verbose=0,
-                    callbacks=[progress_cb],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    name=name, storage_path=storage, verbose=0,
+                    callbacks=[progress_cb] + ([janitor] if janitor else []),
+                    # Locally Ray keeps every checkpoint and CheckpointJanitor deletes them once it is safe;
+                    # on remote storage Ray keeps the last two (the saved state may lag one behind).
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None if janitor else 2),
                     failure_config=tune.FailureConfig(max_failures=1)),
             )
         grid = tuner.fit()
     finally:
         progress_cb.close()
-    return summarize(grid, space, metric, exp_path)
+    result = summarize(grid, space, metric, exp_path, asha_log)
+    if janitor:
+        janitor._measure()
+        janitor.prune_all()
+        result.peak_disk_mb = janitor.peak_bytes / 2**20
+    return result
 
 
-def summarize(grid, space: SearchSpace, metric: str, exp_path: str) -> SearchResult:
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: str | None = None) -> SearchResult:
     val_metric = f"val_{metric}"
     rows, history = [], {}
-    log = Path(exp_path) / ASHA_LOG
+    log = Path(asha_log) if asha_log else Path(exp_path) / ASHA_LOG
     asha_stopped = set(log.read_text().split()) if log.exists() else set()
     for res in grid:
         df = res.metrics_dataframe
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.replace("trial_", "")
-        cfg = space.active_config(res.config or {})
+        cfg = {k: v for k, v in space.active_config(res.config or {}).items() if not k.startswith("_")}
         row = {"trial_id": trial_id, **{f"config/{k}": v for k, v in cfg.items()}}
         if df is not None and len(df) and val_metric in df:
             best_i = int(df[val_metric].to_numpy().argmax())

@@ -22,7 +22,7 @@ TINY = {"image_size": 16, "max_epochs": 3}
 def image_model(ray_session, digits_df, tmp_path_factory):
     out = tmp_path_factory.mktemp("img")
     return auto_finetune(digits_df, label="label", time_budget_s=150, max_trials=4, search_space=TINY,
-                         output_dir=out, progress=False)
+                         output_dir=out, progress=False, cv_folds=2)
 
 
 def test_image_model_is_exported_and_reloads_identically(image_model, digits_df):
@@ -41,6 +41,10 @@ def test_image_model_is_exported_and_reloads_identically(image_model, digits_df)
     ev = same.evaluate(digits_df)
     assert set(ev) >= {"accuracy", "f1_macro"} and ev["accuracy"] > 0.5
     assert len(m.trials) == 4 and {"status", "epochs_run", "best_val_accuracy"} <= set(m.trials.columns)
+    cv = m.meta["cross_validation"]
+    assert cv["folds"] == 2 and 0.0 <= cv["metrics"]["accuracy"]["mean"] <= 1.0
+    assert {"MODEL_CARD.html", "learning_curves.png", "confusion_matrix.png", "test_split.npz"} <= files
+    assert "Cross-validation" in open(os.path.join(m.export_dir, "MODEL_CARD.md")).read()
 
 
 def test_onnx_and_torchscript_match_pytorch(image_model, digits_df):

@@ -1,0 +1,114 @@
+"""Batch submission against a real, token-protected Ray head started by the test (not a mock)."""
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from automl import AutoMLError
+from automl import jobs
+from automl.cli import main as cli_main
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def token_head():
+    import requests
+
+    token = secrets.token_hex(32)
+    ports = {k: _free_port() for k in ("gcs", "dash", "client", "agent", "metrics")}
+    temp = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # Job drivers run `python`: on a cluster node that is the environment automl is installed in.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={ports['dash']}", "--num-cpus=2", f"--ray-client-server-port={ports['client']}",
+         f"--dashboard-agent-listen-port={ports['agent']}", f"--metrics-export-port={ports['metrics']}",
+         f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{ports['dash']}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/api/version", timeout=2).status_code in (200, 401, 403):
+                break
+        except requests.RequestException:
+            time.sleep(1)
+    else:
+        proc.terminate()
+        pytest.fail("the Ray head did not come up")
+    yield url, token
+    proc.terminate()  # `ray start --block` stops its processes on SIGTERM
+    proc.wait(timeout=60)
+
+
+def test_submission_without_the_token_is_refused(token_head, monkeypatch):
+    url, _ = token_head
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/nonexistent")
+    monkeypatch.setenv("HOME", tempfile.mkdtemp())  # no ~/.ray/auth_token either
+    with pytest.raises(AutoMLError, match="auth token"):
+        jobs.client(url)
+    with pytest.raises(AutoMLError, match="rejected"):
+        jobs.client(url, token="not-the-token")
+
+
+def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digits_df, capsys):
+    url, token = token_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    rows = []
+    for i, (arr, y) in enumerate(zip(digits_df["image"], digits_df["label"])):
+        if i % 4:
+            continue
+        Image.fromarray((np.asarray(arr) * 16).clip(0, 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "label": int(y)})
+    pd.DataFrame(rows).to_csv(tmp_path / "good.csv", index=False)
+    pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["x"] * 4}).to_csv(tmp_path / "bad.csv", index=False)
+    manifest = {
+        "defaults": {"time_budget": 90, "max_trials": 1, "output_root": str(tmp_path / "out"),
+                     "set": {"image_size": 16, "max_epochs": 1}},
+        "jobs": [{"name": "digits", "data": str(tmp_path / "good.csv"), "label": "label"},
+                 {"name": "broken", "data": str(tmp_path / "bad.csv")}],
+    }
+    (tmp_path / "batch.yaml").write_text(yaml.safe_dump(manifest))
+    code = cli_main(["submit", str(tmp_path / "batch.yaml"), "--address", url, "--wait", "--timeout", "600"])
+    assert code == 1  # one job failed
+    listed = {r["name"]: r for r in jobs.list_jobs(url)}
+    assert listed["digits"]["status"] == "SUCCEEDED", jobs.client(url).get_job_logs(listed["digits"]["submission_id"])
+    assert listed["digits"]["export"].endswith(os.path.join("out", "digits", "model"))
+    assert 0.0 <= listed["digits"]["score"] <= 1.0
+    assert (tmp_path / "out" / "digits" / "model" / "config.json").exists()
+    assert listed["broken"]["status"] == "FAILED" and "only one class" in listed["broken"]["error"]
+    out = capsys.readouterr().out
+    assert "SUCCEEDED" in out and "FAILED" in out
+    assert cli_main(["jobs", "logs", listed["broken"]["submission_id"], "--address", url]) == 0
+    assert "only one class" in capsys.readouterr().out
+
+
+def test_manifest_errors_name_the_job_and_key(tmp_path):
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"jobs": [{"name": "a", "data": "x.csv", "colour": 1}]}))
+    with pytest.raises(AutoMLError, match="job #1 has unknown keys"):
+        jobs.load_manifest(tmp_path / "m.yaml")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"jobs": [{"data": "x.csv"}, {"data": "x.csv"}]}))
+    with pytest.raises(AutoMLError, match="appears twice"):
+        jobs.load_manifest(tmp_path / "m.yaml")
