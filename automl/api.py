@@ -147,7 +147,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     scale = (float(task.y[full_idx].mean()), float(task.y[full_idx].std() or 1.0)) if regression else None
     weights = None if regression else data_mod.class_weights(task.y[tr], task.num_classes)
     search_data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va], weights,
-                            task=kind, target_scale=scale)
+                            task=kind, target_scale=scale, cache_dir=str(out / "feature_cache"))
 
     res = cluster.resources(**{f"{k}s_per_trial": v for k, v in (resources_per_trial or {}).items()
                                if k in ("cpu", "gpu")})

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import augment as aug
-from . import backbones, schedules
+from . import backbones, featcache, schedules
 from .metrics import classification_metrics
 from .preprocess import ImageEncoder, TextEncoder, forward, predict_logits
 from .runtime import device as default_device
@@ -43,7 +43,8 @@ class TrialData:
     x_val: Any = None
     y_val: np.ndarray | None = None
     class_weights: np.ndarray | None = None
-    task: str = "classification"          # or "regression" (num_classes == 1 output)
+    task: str = "classification"
+    cache_dir: str | None = None          # frozen-feature cache shared by trials (None: caching off)          # or "regression" (num_classes == 1 output)
     target_scale: tuple[float, float] | None = None   # regression: (mean, std) the model's output is in units of
 
 
@@ -113,9 +114,12 @@ def set_trainable(model: nn.Module, groups: list[list[str]], k: int) -> None:
         p.requires_grad_(n in train_names)
 
 
-def _freeze_frozen_norms(model: nn.Module) -> None:
+def eval_frozen(model: nn.Module) -> None:
+    """Put every fully frozen submodule in eval mode: a frozen part is a fixed feature extractor
+    (BatchNorm statistics and dropout inside it stay off), which also makes its outputs cacheable."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
             m.eval()
 
 
@@ -266,6 +270,16 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
 
     y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
+    # Frozen-feature caching: the head trains on body features computed once (see featcache.py).
+    run_model, run_encoder = model, encoder
+    first_k = n_trainable_groups(config, n_body, start_epoch)
+    if data.cache_dir is not None and featcache.eligible(config, model, data.modality, first_k):
+        run_model, run_encoder = featcache.CachedHead(model), featcache.FeatureInputs()
+        x_train = featcache.cached_features(model, encoder, x_train, device, data.cache_dir,
+                                            featcache.cache_key(config, spec, data.x_train))
+        if x_val is not None:
+            x_val = featcache.cached_features(model, encoder, x_val, device, data.cache_dir,
+                                              featcache.cache_key(config, spec, data.x_val))
     fwd_model = model
     current_k = -1
     for epoch in range(start_epoch, epochs):
@@ -279,9 +293,9 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             set_trainable(model, groups, k)
             current_k = k
             # DDP registers the parameters that need gradients when it wraps, so re-wrap on change.
-            fwd_model = wrap_model(model) if wrap_model else model
+            fwd_model = wrap_model(run_model) if wrap_model else run_model
         fwd_model.train()
-        _freeze_frozen_norms(model)
+        eval_frozen(model)
         order = shard[rng.permutation(len(shard))]
         total_loss, seen = 0.0, 0
         for step in range(steps_per_epoch):
@@ -290,11 +304,11 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
                 continue
             target = y_train[idx].to(device)
             if mixup is not None and len(idx) % 2 == 0:
-                xb = encoder.batch(x_train, idx, augment_fn).to(device)
+                xb = run_encoder.batch(x_train, idx, augment_fn).to(device)
                 xb, soft = mixup(xb, target)
                 loss = torch.sum(-soft * torch.log_softmax(fwd_model(xb), dim=-1), dim=-1).mean()
             else:
-                loss = ce(forward(fwd_model, encoder, x_train, idx, device, augment_fn), target)
+                loss = ce(forward(fwd_model, run_encoder, x_train, idx, device, augment_fn), target)
             if anchor:
                 loss = loss + l2sp * sum(((p - anchor[nme]) ** 2).sum() for nme, p in model.named_parameters()
                                          if p.requires_grad and nme in anchor)
@@ -309,9 +323,10 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1),
                    "lr": optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
                    "epoch_time_s": time.perf_counter() - t0}
-        recalibrate_bn(model, encoder, x_train, order, device, bs)
+        if run_model is model:
+            recalibrate_bn(model, encoder, x_train, order, device, bs)
         if x_val is not None and data.y_val is not None and len(data.y_val):
-            val = evaluate(model, encoder, x_val, data.y_val, data.num_classes, device,
+            val = evaluate(run_model, run_encoder, x_val, data.y_val, data.num_classes, device,
                            target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)
             metrics.update({f"val_{kk}": v for kk, v in val.items()})
         history.append(metrics)
