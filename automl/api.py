@@ -60,7 +60,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                   drop_rare_classes: bool = False, export_formats: bool = True,
                   task: str | None = None, find_label_errors: bool | str = "auto",
                   base_model: str | Path | None = None, promote_tolerance: float = 0.01,
-                  cv_folds: int | None = None, storage_path: str | None = None) -> FinetunedModel:
+                  cv_folds: int | None = None, storage_path: str | None = None,
+                  prerank: bool | str = "auto") -> FinetunedModel:
     """Fine-tune the best model for `dataset` within `time_budget_s` seconds and export it.
 
     dataset: DataFrame, CSV/TSV/Parquet/JSONL path, image folder, (X, y), or HF Dataset.
@@ -78,6 +79,9 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
         split and loses at most this much on the base's test split (see model.meta["update"]).
     cv_folds: k-fold cross-validate the winning config on train+validation (mean ± std in the card);
         useful for small data, where one validation split is noisy.
+    prerank: score candidate backbones with LogME before the search, drop the poorly ranked half
+        (and any whose weights cannot be loaded), and try the best first; 'auto' does it when the
+        space offers two or more pretrained backbones.
     find_label_errors: cross-fit the winner to list suspected label errors
         (suspected_label_errors.csv); 'auto' does it for classification with ≤ 20,000 rows.
     output_dir: where the run and the export go (default ./automl_runs/<dataset fingerprint>).
@@ -149,6 +153,10 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     search_data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va], weights,
                             task=kind, target_scale=scale, cache_dir=str(out / "feature_cache"))
 
+    transfer = None
+    if prerank and base_meta is None:
+        space, transfer = _prerank(space, search_data, prerank, seed)
+
     res = cluster.resources(**{f"{k}s_per_trial": v for k, v in (resources_per_trial or {}).items()
                                if k in ("cpu", "gpu")})
     concurrency = cluster.max_concurrency(res)
@@ -157,8 +165,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .search import run_search
 
     name = _experiment_name(out, resume)
-    storage = storage_path or str(out / "ray_results")
-    result = run_search(search_data, space, metric=metric, storage_path=storage, name=name, local_dir=str(out),
+    ray_storage = storage_path or str(out / "ray_results")
+    result = run_search(search_data, space, metric=metric, storage_path=ray_storage, name=name, local_dir=str(out),
                         time_budget_s=search_budget, max_trials=max_trials, seed=seed, resources=res,
                         concurrency=concurrency, resume=resume, progress=progress)
 
@@ -172,8 +180,11 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     best_cfg = full_config(result.best_config)
     use_gpu = bool(res.get("gpu"))
     t_retrain = time.monotonic()
+    say = _say if progress else (lambda *_: None)
+    say(f"best trial: val {metric} {result.best_score:.4f} at epoch {result.best_epoch}; "
+        f"retraining it on {len(full_idx)} rows with Ray Train ({retrain_workers} worker(s))")
     model, spec = retrain(best_cfg, retrain_data, epochs=result.best_epoch, schedule_epochs=space.max_epochs,
-                          storage_path=storage, num_workers=retrain_workers, use_gpu=use_gpu,
+                          storage_path=ray_storage, num_workers=retrain_workers, use_gpu=use_gpu,
                           cpus_per_worker=max(1, int(res["cpu"])))
     retrain_s = time.monotonic() - t_retrain
     encoder = build_encoder(best_cfg, model, spec)
@@ -189,6 +200,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     if not regression and (want_errors or cv_folds):
         from .labelnoise import cv_summary, out_of_fold_proba, suspects
 
+        say(f"test {metric}: {test_metrics.get(metric, float('nan')):.4f}; cross-fitting "
+            f"{cv_folds or 2} folds to {'cross-validate and ' if cv_folds else ''}find suspected label errors")
         proba, fold_of = out_of_fold_proba(best_cfg, pick(full_idx), task.y[full_idx], task.num_classes,
                                            epochs=result.best_epoch, schedule_epochs=space.max_epochs, seed=seed,
                                            folds=cv_folds or 2, return_folds=True)
@@ -221,12 +234,13 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                     "time_s": retrain_s, "rows": int(len(full_idx))},
         "test_metrics": test_metrics, "data_report": task.report.to_dict(),
         "suspected_label_errors": None if label_errors is None else int(len(label_errors)),
-        "cross_validation": cv, "fingerprint": fingerprint, "seed": seed,
+        "cross_validation": cv, "transferability": _agreement(transfer, trials, metric), "fingerprint": fingerprint, "seed": seed,
         "wall_time_s": time.monotonic() - t_start,
     }
     from .export import write_export
 
     export_dir = out / "model"
+    say(f"exporting to {export_dir}")
     tokenizer = getattr(encoder, "tokenizer", None)
     import sys
 
@@ -247,6 +261,53 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     fm = FinetunedModel(model, encoder, meta, export_dir=export_dir, trials=trials, search=result)
     fm.label_errors = label_errors
     return fm
+
+
+def _say(msg: str) -> None:
+    import sys
+
+    print(f"automl: {msg}", file=sys.stderr, flush=True)
+
+
+def _prerank(space: SearchSpace, data: TrialData, mode, seed: int):
+    """LogME pre-ranking of the space's pretrained backbones (see transfer.py)."""
+    spec = space.parameters.get("backbone", {})
+    values = list(spec.get("values") or [])
+    pretrained = [v for v in values if backbones.resolve(v).pretrained]
+    if spec.get("type") != "choice" or (len(pretrained) < 2 and mode != True):  # noqa: E712
+        return space, None
+    from .errors import ModelLoadError
+    from .transfer import rank_backbones
+
+    ranking, failed = [], []
+    for v in values:
+        try:
+            ranking += rank_backbones([v], data, space.default_config(), seed=seed)
+        except ModelLoadError as exc:  # unreachable weights: better dropped now than failing every trial
+            failed.append({"backbone": v, "error": str(exc)[:300]})
+    ranking.sort(key=lambda r: r["logme"], reverse=True)
+    if not ranking:
+        return space, {"ranking": [], "failed": failed}
+    keep = [r["backbone"] for r in ranking[: max(1, -(-len(ranking) // 2))]] if len(ranking) >= 3 else \
+        [r["backbone"] for r in ranking]
+    new = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
+    new.start_points = [{**p, "backbone": keep[0]} for p in new.start_points] or new.start_points
+    return new, {"ranking": ranking, "kept": keep, "failed": failed}
+
+
+def _agreement(transfer: dict | None, trials, metric: str) -> dict | None:
+    """How well LogME's order matched the search's (best validation score per backbone)."""
+    if not transfer or not transfer.get("ranking"):
+        return transfer
+    from .transfer import spearman
+
+    col = f"best_val_{metric}"
+    best = trials.groupby("config/backbone")[col].max().to_dict() if "config/backbone" in trials else {}
+    pairs = [(r["logme"], best[r["backbone"]]) for r in transfer["ranking"] if r["backbone"] in best]
+    transfer = dict(transfer)
+    transfer["search_best"] = {k: float(v) for k, v in best.items()}
+    transfer["spearman_vs_search"] = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 2 else None
+    return transfer
 
 
 def _compare_with_base(base_dir: Path, base_meta: dict, model, encoder, task, test_x, metric: str,

@@ -80,6 +80,9 @@ def resolve(name: str | dict | BackboneSpec) -> BackboneSpec:
         pretrained = True
         if lib == "timm" and rest.endswith(":scratch"):
             rest, pretrained = rest[: -len(":scratch")], False
+        if lib == "timm" and "@" in rest:  # timm/<model>@<local weights file>: YAML-friendly local weights
+            rest, weights = rest.split("@", 1)
+            return BackboneSpec(lib, rest, pretrained=True, weights=weights)
         return BackboneSpec(lib, rest, pretrained=pretrained)
     if os.path.isdir(str(name)) and os.path.exists(os.path.join(str(name), "config.json")):
         if os.path.exists(os.path.join(str(name), "model.safetensors")) and os.path.exists(os.path.join(str(name), "trials.csv")):
@@ -87,7 +90,7 @@ def resolve(name: str | dict | BackboneSpec) -> BackboneSpec:
         return BackboneSpec("hf", str(name))
     raise ModelLoadError(
         f"Unknown backbone {name!r}; expected a registered name {list_backbones()}, 'timm/<model name>' "
-        "(append ':scratch' for random init), 'hf/<hub id or local dir>', or a local transformers model dir. "
+        "(append ':scratch' for random init, or '@path/to/weights.safetensors' for local weights), 'hf/<hub id or local dir>', or a local transformers model dir. "
         "Fix: use one of these forms, e.g. 'timm/resnet18' or 'hf/path/to/bert'.")
 
 

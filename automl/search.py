@@ -165,7 +165,8 @@ def _searchable_point(space: SearchSpace, point: dict) -> dict:
 def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path: str, name: str,
                time_budget_s: float | None, max_trials: int | None, seed: int = 0, resources: dict,
                concurrency: int, resume: bool = False, progress: bool = True, checkpoint: bool = True,
-               start_points: list[dict] | None = None, local_dir: str | None = None) -> SearchResult:
+               start_points: list[dict] | None = None, local_dir: str | None = None,
+               sampler: str = "tpe", early_stopping: bool = True) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + epoch of its peak)."""
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
@@ -197,11 +198,16 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
             points = [_searchable_point(space, p) for p in (start_points if start_points is not None else space.start_points)]
+            import optuna
+            from ray.tune.schedulers import FIFOScheduler
+
+            # sampler="random" and early_stopping=False give the baselines the benchmarks compare against.
             searcher = OptunaSearch(space, metric=val_metric, mode="max", seed=seed,
-                                    points_to_evaluate=points or None)
+                                    points_to_evaluate=points or None,
+                                    sampler=optuna.samplers.RandomSampler(seed=seed) if sampler == "random" else None)
             scheduler = RecordingASHA(asha_log, time_attr="training_iteration", max_t=space.max_epochs,
                                       grace_period=min(space.grace_period, space.max_epochs),
-                                      reduction_factor=space.reduction_factor)
+                                      reduction_factor=space.reduction_factor) if early_stopping else FIFOScheduler()
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -249,7 +255,7 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
                         "best_val_loss": float(df["val_loss"].iloc[best_i]) if "val_loss" in df else math.nan,
                         "epochs_run": epochs,
                         "time_s": float(df["time_total_s"].max()) if "time_total_s" in df else math.nan})
-            history[trial_id] = df.filter(regex="^(training_iteration|val_|train_loss|lr)").to_dict("records")
+            history[trial_id] = df.filter(regex="^(training_iteration|val_|train_loss|lr|timestamp|epoch_time_s)").to_dict("records")
         else:
             row.update({f"best_{val_metric}": math.nan, "best_epoch": 0, "best_val_loss": math.nan,
                         "epochs_run": 0, "time_s": math.nan})

@@ -45,7 +45,8 @@ def token_head():
         [ray_bin, "start", "--head", "--block", f"--port={ports['gcs']}", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={ports['dash']}", "--num-cpus=2", f"--ray-client-server-port={ports['client']}",
          f"--dashboard-agent-listen-port={ports['agent']}", f"--metrics-export-port={ports['metrics']}",
-         f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         f"--temp-dir={temp}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
     url = f"http://127.0.0.1:{ports['dash']}"
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -58,8 +59,16 @@ def token_head():
         proc.terminate()
         pytest.fail("the Ray head did not come up")
     yield url, token
-    proc.terminate()  # `ray start --block` stops its processes on SIGTERM
-    proc.wait(timeout=60)
+    proc.terminate()  # `ray start --block` stops its processes on SIGTERM...
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    try:  # ...and whatever of the head is still up goes with its process group
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 def test_submission_without_the_token_is_refused(token_head, monkeypatch):

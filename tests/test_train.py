@@ -144,6 +144,8 @@ def test_local_weight_file_is_used_as_pretrained_source(tmp_path):
     body = model.body.state_dict()
     assert torch.equal(body["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
     assert body["fc.weight"].shape == (3, 512)
+    same = backbones.build(backbones.resolve(f"timm/resnet10t@{tmp_path / 'w.safetensors'}"), 3)  # the YAML form
+    assert torch.equal(same.body.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
 
 
 def test_unreachable_hub_fails_fast_with_a_fix():

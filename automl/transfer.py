@@ -1,0 +1,73 @@
+"""Transferability pre-ranking: score candidate backbones with LogME before spending trials.
+
+LogME (You et al., ICML 2021) is the log marginal evidence of a Bayesian linear
+model on a backbone's frozen features: one forward pass per backbone, no
+training. Higher means the features separate the labels better.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _evidence(y: np.ndarray, f: np.ndarray, v: np.ndarray, s: np.ndarray, n: int, d: int) -> float:
+    alpha, beta, eps = 1.0, 1.0, 1e-5
+    lam = alpha / beta
+    proj = v.T @ (f.T @ y)
+    for _ in range(11):
+        gamma = float((beta * s / (alpha + beta * s)).sum())
+        m = v @ (proj * beta / (alpha + beta * s))
+        alpha_de = float((m * m).sum())
+        alpha = gamma / (alpha_de + eps)
+        beta_de = float(((y - f @ m) ** 2).sum())
+        beta = (n - gamma) / (beta_de + eps)
+        new_lam = alpha / beta
+        if abs(new_lam - lam) / lam < 0.01:
+            break
+        lam = new_lam
+    ev = (d / 2.0 * np.log(alpha) + n / 2.0 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * s))
+          - beta / 2.0 * (beta_de + eps) - alpha / 2.0 * (alpha_de + eps) - n / 2.0 * np.log(2 * np.pi))
+    return float(ev / n)
+
+
+def logme(features: np.ndarray, y: np.ndarray) -> float:
+    """LogME of (n x d) features for integer labels y (classification) or float targets (regression)."""
+    f = np.asarray(features, dtype=np.float64)
+    n, d = f.shape
+    # Eigen-decomposition of F^T F (d x d): cheap when d is a few hundred.
+    s, v = np.linalg.eigh(f.T @ f)
+    s = np.clip(s, 0.0, None)
+    if np.issubdtype(np.asarray(y).dtype, np.floating):
+        t = (y - y.mean()) / (y.std() + 1e-12)
+        return _evidence(t, f, v, s, n, d)
+    return float(np.mean([_evidence((y == c).astype(np.float64), f, v, s, n, d) for c in np.unique(y)]))
+
+
+def rank_backbones(candidates: list[str], data, config: dict, max_rows: int = 1000, seed: int = 0) -> list[dict]:
+    """LogME of each candidate on (a sample of) the training data, best first."""
+    import torch
+
+    from .featcache import body_features
+    from .train import build_encoder, build_model, encode_inputs, full_config
+
+    rng = np.random.default_rng(seed)
+    n = len(data.y_train)
+    idx = np.sort(rng.choice(n, min(n, max_rows), replace=False))
+    x = data.x_train[idx] if isinstance(data.x_train, np.ndarray) else [data.x_train[i] for i in idx]
+    y = data.y_train[idx]
+    out = []
+    for name in candidates:
+        cfg = full_config({**config, "backbone": name})
+        torch.manual_seed(seed)
+        model, spec = build_model(cfg, data.num_classes)
+        enc = build_encoder(cfg, model, spec)
+        feats = body_features(model, enc, encode_inputs(enc, x), torch.device("cpu")).numpy()
+        out.append({"backbone": name, "logme": logme(feats, y)})
+    return sorted(out, key=lambda r: r["logme"], reverse=True)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(a) < 2:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
