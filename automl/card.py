@@ -40,7 +40,9 @@ def model_card(meta: dict, trials: pd.DataFrame | None) -> str:
             f"- Dropped: missing label {rep.get('dropped_missing_label', 0)}, missing input "
             f"{rep.get('dropped_missing_input', 0)}, unreadable images {len(rep.get('dropped_unreadable_images', []))}, "
             f"duplicates {rep.get('dropped_duplicates', 0)}, conflicting duplicates "
-            f"{rep.get('dropped_conflicting_duplicates', 0)}, rare classes {rep.get('dropped_rare_classes', {})}", ""]
+            f"{rep.get('dropped_conflicting_duplicates', 0)}, rare classes {rep.get('dropped_rare_classes', {})}",
+            *[f"- Note: {n}" for n in rep.get("notes", [])],
+            *([f"- Ignored columns: {rep['ignored_columns']}"] if rep.get("ignored_columns") else []), ""]
     out += ["## Winning hyperparameters", "", "```", *[f"{k}: {v}" for k, v in meta["hyperparameters"].items()], "```", ""]
     if trials is not None and len(trials):
         keep = [c for c in trials.columns if c.startswith("best_val") or c in ("status", "epochs_run", "best_epoch")]
@@ -71,6 +73,12 @@ def model_card(meta: dict, trials: pd.DataFrame | None) -> str:
                 f"(forgetting = {upd['forgetting']:+.4f})",
                 f"- L2 distance of weights from the base: {upd['l2_from_base']:.4f}",
                 f"- Decision: **{upd['decision']}** — {upd['reason']}", ""]
+    tr = meta.get("transferability")
+    if tr and tr.get("ranking"):
+        rows = ", ".join(f"`{r['backbone']}` {r['logme']:.3f}" for r in tr["ranking"])
+        out += ["## Backbone pre-ranking (LogME)", "", f"Ranking before the search: {rows}. Kept: {tr.get('kept')}."
+                + (f" Spearman agreement with the search's results: {tr['spearman_vs_search']:.2f}."
+                   if tr.get("spearman_vs_search") is not None else ""), ""]
     if meta.get("suspected_label_errors"):
         out += ["## Suspected label errors", "",
                 f"{meta['suspected_label_errors']} training rows have labels the model finds unlikely "
@@ -83,7 +91,8 @@ def model_card(meta: dict, trials: pd.DataFrame | None) -> str:
     out += ["", "## Provenance", "", f"- Versions: {meta.get('versions', {})}", f"- Seed: {meta.get('seed')}",
             f"- Dataset fingerprint: {meta.get('fingerprint')}", f"- Wall time: {meta.get('wall_time_s', 0):.0f} s "
             f"(search {meta.get('search', {}).get('trial_epochs', '?')} trial-epochs; retrain "
-            f"{meta.get('retrain', {}).get('time_s', 0):.0f} s on {meta.get('retrain', {}).get('workers', 1)} worker(s))",
+            f"{meta.get('retrain', {}).get('time_s', 0):.0f} s on {meta.get('retrain', {}).get('workers', 1)} worker(s); "
+            f"peak checkpoint disk {meta.get('search', {}).get('peak_disk_mb', 0):.0f} MB)",
             f"- Command: `{meta.get('command', '')}`", "",
             "## Intended use", "",
             "Predicts the classes above for inputs like the training data. Scores hold for data from the same "

@@ -44,27 +44,37 @@ def _predict(args) -> int:
     from .predictor import load
 
     model = load(args.model_dir)
-    df, base = to_dataframe(args.data)
     out = Path(args.output) if args.output else None
     header = True
-    # Batches keep memory flat on large inputs.
-    for start in range(0, len(df), args.batch_size):
-        chunk = df.iloc[start:start + args.batch_size]
+    path = Path(args.data)
+    if path.suffix.lower() in (".csv", ".tsv"):
+        # Stream the table: memory stays flat however large the input file is.
+        base = str(path.parent)
+        chunks = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", chunksize=args.batch_size)
+    else:
+        df, base = to_dataframe(args.data)
+        chunks = (df.iloc[s:s + args.batch_size] for s in range(0, len(df), args.batch_size))
+    n = 0
+    for chunk in chunks:
+        n += len(chunk)
         if base and model.meta["modality"] == "image":
             col = model.meta["input_columns"][0]
             if col in chunk:
                 chunk = chunk.assign(**{col: [str(Path(base) / p) if isinstance(p, str) and not Path(p).is_absolute()
                                               else p for p in chunk[col]]})
-        proba = model.predict_proba(chunk)
-        res = pd.DataFrame({"prediction": [model.classes[i] for i in proba.to_numpy().argmax(1)]}, index=chunk.index)
-        res = pd.concat([res, proba.add_prefix("proba_").set_index(chunk.index)], axis=1)
+        if model.is_regression:
+            res = pd.DataFrame({"prediction": model.predict(chunk)}, index=chunk.index)
+        else:
+            proba = model.predict_proba(chunk)
+            res = pd.DataFrame({"prediction": [model.classes[i] for i in proba.to_numpy().argmax(1)]}, index=chunk.index)
+            res = pd.concat([res, proba.add_prefix("proba_").set_index(chunk.index)], axis=1)
         if out is None:
             sys.stdout.write(res.to_csv(index=True, header=header))
         else:
             res.to_csv(out, mode="w" if header else "a", header=header, index=True)
         header = False
     if out is not None:
-        print(f"wrote {len(df)} predictions to {out}")
+        print(f"wrote {n} predictions to {out}")
     return 0
 
 

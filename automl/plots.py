@@ -29,16 +29,21 @@ def learning_curves(history: dict, trials, metric: str, max_epochs: int, out: Pa
             continue
         is_best = str(tid) == best_id
         ax.plot(xs, ys, color="tab:blue" if is_best else "0.6", lw=2.5 if is_best else 1.0, alpha=1 if is_best else 0.7,
-                zorder=3 if is_best else 1, label="winner" if is_best else None)
-        if status.get(str(tid)) == "STOPPED_EARLY":
-            ax.scatter([xs[-1]], [ys[-1]], marker="x", color="tab:red", zorder=4, s=30)
+                marker="o", ms=4 if is_best else 2.5, zorder=3 if is_best else 1, label="winner" if is_best else None)
+        st = status.get(str(tid))
+        if st == "STOPPED_EARLY":
+            ax.scatter([xs[-1]], [ys[-1]], marker="x", color="tab:red", zorder=4, s=36)
+        elif st == "CUT_BY_BUDGET":
+            ax.scatter([xs[-1]], [ys[-1]], marker="|", color="tab:orange", zorder=4, s=80)
     ax.scatter([], [], marker="x", color="tab:red", label="stopped early by ASHA")
+    if "CUT_BY_BUDGET" in set(status.values()):
+        ax.scatter([], [], marker="|", color="tab:orange", s=80, label="cut by the time budget")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {metric}")
     ax.set_xlim(0.8, max_epochs + 0.2)
     ax.set_title(f"Learning curves of {len(history)} trials")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
     fig.tight_layout()
     fig.savefig(out / "learning_curves.png")
     plt.close(fig)
