@@ -61,7 +61,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                   task: str | None = None, find_label_errors: bool | str = "auto",
                   base_model: str | Path | None = None, promote_tolerance: float = 0.01,
                   cv_folds: int | None = None, storage_path: str | None = None,
-                  prerank: bool | str = "auto") -> FinetunedModel:
+                  prerank: bool | str = "auto", start_points: list[dict] | None = None) -> FinetunedModel:
     """Fine-tune the best model for `dataset` within `time_budget_s` seconds and export it.
 
     dataset: DataFrame, CSV/TSV/Parquet/JSONL path, image folder, (X, y), or HF Dataset.
@@ -79,6 +79,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
         split and loses at most this much on the base's test split (see model.meta["update"]).
     cv_folds: k-fold cross-validate the winning config on train+validation (mean ± std in the card);
         useful for small data, where one validation split is noisy.
+    start_points: configs to try first (e.g. the best ones found for this dataset before: a warm start);
+        values outside the space are dropped and re-sampled.
     prerank: score candidate backbones with LogME before the search, drop the poorly ranked half
         (and any whose weights cannot be loaded), and try the best first; 'auto' does it when the
         space offers two or more pretrained backbones.
@@ -156,6 +158,9 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     transfer = None
     if prerank and base_meta is None:
         space, transfer = _prerank(space, search_data, prerank, seed)
+    if start_points:
+        # Warm start: earlier winners first, then the space's own sensible default.
+        space.start_points = [space.fit_point(p) for p in start_points] + space.start_points
 
     res = cluster.resources(**{f"{k}s_per_trial": v for k, v in (resources_per_trial or {}).items()
                                if k in ("cpu", "gpu")})
@@ -233,6 +238,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
         "backbone": backbones.underlying(spec).to_dict(), "base_model": str(base_model) if base_model else None,
         "update": update, "preprocessing": preprocessing, "metric": metric, "target_scale": scale,
         "hyperparameters": {k: _plain(v) for k, v in best_cfg.items()},
+        "searched_hyperparameters": {k: _plain(v) for k, v in result.best_config.items()},
         "search": {"best_score": result.best_score, "best_epoch": result.best_epoch, "n_trials": int(len(trials)),
                    "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
                    "errors": int((trials["status"] == "ERROR").sum()), "space": space.to_dict(),

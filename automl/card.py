@@ -43,7 +43,9 @@ def model_card(meta: dict, trials: pd.DataFrame | None) -> str:
             f"{rep.get('dropped_conflicting_duplicates', 0)}, rare classes {rep.get('dropped_rare_classes', {})}",
             *[f"- Note: {n}" for n in rep.get("notes", [])],
             *([f"- Ignored columns: {rep['ignored_columns']}"] if rep.get("ignored_columns") else []), ""]
-    out += ["## Winning hyperparameters", "", "```", *[f"{k}: {v}" for k, v in meta["hyperparameters"].items()], "```", ""]
+    shown = meta.get("searched_hyperparameters") or meta["hyperparameters"]  # only what applies to this model
+    out += ["## Winning hyperparameters", "", "```", *[f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
+                                                       for k, v in shown.items()], "```", ""]
     if trials is not None and len(trials):
         keep = [c for c in trials.columns if c.startswith("best_val") or c in ("status", "epochs_run", "best_epoch")]
         cfg_cols = [c for c in ("config/backbone", "config/unfreeze", "config/schedule", "config/augment",

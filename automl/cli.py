@@ -127,6 +127,42 @@ def _jobs(args) -> int:
     return 0
 
 
+def _leaderboard(args) -> int:
+    import os
+
+    from rich.console import Console
+
+    from . import leaderboard
+    from .store import Store
+
+    store = Store(args.db or os.environ.get("AUTOML_LEADERBOARD_DB") or "sqlite:///automl_leaderboard.db")
+    console = Console()
+    if args.action == "refresh":
+        if not args.target:
+            raise SystemExit("automl leaderboard refresh needs a suite file")
+        if args.address and args.address.startswith(("http://", "https://")):
+            # A job server address: one Ray Job per dataset, all writing to the shared --db.
+            db = args.db or os.environ.get("AUTOML_LEADERBOARD_DB") or f"sqlite:///{os.path.abspath('automl_leaderboard.db')}"
+            submitted = leaderboard.submit_refresh(args.target, db, args.address, force=args.force,
+                                                   only=args.only.split(",") if args.only else None)
+            for r in submitted:
+                console.print(f"{r['dataset']:20s} {r.get('status', 'SUBMITTED'):10s} {r['submission_id']}")
+            console.print(leaderboard.show(Store(db)))
+            return 1 if any(r.get("status") not in ("SUCCEEDED", None) for r in submitted) else 0
+        results = leaderboard.refresh(args.target, store, address=args.address, force=args.force,
+                                      only=args.only.split(",") if args.only else None, progress=not args.quiet)
+        for r in results:
+            console.print(f"{r['dataset']:20s} {r['status']:10s} {r.get('reason', '')}")
+        console.print(leaderboard.show(store))
+        return 1 if any(r["status"] == "failed" for r in results) else 0
+    if args.action == "show":
+        console.print(leaderboard.show(store, args.dataset))
+        return 0
+    page = leaderboard.write_html(store, args.target or "leaderboard_html")
+    print(f"wrote {page}")
+    return 0
+
+
 def _spaces(args) -> int:
     from .space import spaces_dir
 
@@ -185,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     jb.add_argument("--address")
     jb.add_argument("--batch", help="only this batch (list)")
     jb.set_defaults(func=_jobs)
+    lb = sub.add_parser("leaderboard", help="nightly refresh of a suite of datasets, and its leaderboard")
+    lb.add_argument("action", choices=["refresh", "show", "html"])
+    lb.add_argument("target", nargs="?", help="refresh: suite.yaml; html: output dir")
+    lb.add_argument("--db", help="SQLAlchemy URL (default: AUTOML_LEADERBOARD_DB or sqlite:///automl_leaderboard.db)")
+    lb.add_argument("--address", help="Ray cluster address for the searches (ray://... or auto), or a job server "
+                                      "(http://HEAD:8265) to run one Ray Job per dataset")
+    lb.add_argument("--dataset", help="show: only this dataset")
+    lb.add_argument("--only", help="refresh: comma-separated dataset names")
+    lb.add_argument("--force", action="store_true", help="refresh: re-run datasets that finished recently too")
+    lb.add_argument("--quiet", action="store_true")
+    lb.set_defaults(func=_leaderboard)
     sp = sub.add_parser("spaces", help="list the bundled search spaces")
     sp.set_defaults(func=_spaces)
     return p

@@ -67,6 +67,7 @@ def test_hugging_face_datasets():
     ds = datasets.Dataset.from_dict({"text": [f"good {i}" for i in range(6)] + [f"bad {i}" for i in range(6)],
                                      "label": [1] * 6 + [0] * 6})
     assert prepare(ds).modality == "text"
-    dd = datasets.DatasetDict({"train": ds, "test": ds.select(range(0, 12, 3))})
-    t = prepare(dd)
-    assert len(t.splits["test"]) == 4 and len(t.splits["validation"]) > 0
+    test = datasets.Dataset.from_dict({"text": ["good day", "bad day", "good time", "bad time"], "label": [1, 0, 1, 0]})
+    t = prepare(datasets.DatasetDict({"train": ds, "test": test}))
+    assert len(t.splits["test"]) == 4 and len(t.splits["validation"]) > 0  # validation carved from train
+    assert sorted(t.texts[i][0] for i in t.splits["test"]) == ["bad day", "bad time", "good day", "good time"]

@@ -121,3 +121,24 @@ def test_manifest_errors_name_the_job_and_key(tmp_path):
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"jobs": [{"data": "x.csv"}, {"data": "x.csv"}]}))
     with pytest.raises(AutoMLError, match="appears twice"):
         jobs.load_manifest(tmp_path / "m.yaml")
+
+
+def test_leaderboard_refresh_as_ray_jobs(token_head, tmp_path, monkeypatch, digits_df):
+    from automl.store import Store
+
+    url, token = token_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    rows = []
+    for i, (arr, y) in enumerate(zip(digits_df["image"], digits_df["label"])):
+        if i % 4 == 0:
+            Image.fromarray((np.asarray(arr) * 16).clip(0, 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+            rows.append({"image": f"{i}.png", "label": int(y)})
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    suite = {"defaults": {"time_budget": 90, "max_trials": 1, "output_root": str(tmp_path / "out"),
+                          "set": {"image_size": 16, "max_epochs": 1}},
+             "datasets": [{"name": "digits", "data": str(tmp_path / "d.csv"), "label": "label"}]}
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
+    db = f"sqlite:///{tmp_path / 'lb.db'}"
+    assert cli_main(["leaderboard", "refresh", str(tmp_path / "suite.yaml"), "--address", url, "--db", db]) == 0
+    board = Store(db).leaderboard()
+    assert list(board["dataset"]) == ["digits"] and board["is_champion"].all()

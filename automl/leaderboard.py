@@ -1,0 +1,239 @@
+"""Nightly leaderboard refresh: re-run the searches of a suite of datasets and keep a champion each.
+
+suite.yaml:
+
+    defaults: {time_budget: 1800, output_root: /shared/automl/nightly}
+    datasets:
+      - {name: digits, data: /shared/data/digits.csv, label: label}
+      - {name: reviews, data: /shared/data/reviews.parquet, max_trials: 30}
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+from .errors import AutoMLError
+from .store import Store, now
+
+SUITE_KEYS = {"name", "data", "label", "time_budget", "max_trials", "search_space", "set", "metric", "seed", "output"}
+
+
+def load_suite(path: str | Path) -> list[dict]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise AutoMLError(f"Suite file {str(path)!r} does not exist.") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), list) or not raw["datasets"]:
+        raise AutoMLError(f"{path}: expected a mapping with a non-empty 'datasets:' list (and optional 'defaults:').")
+    defaults = dict(raw.get("defaults") or {})
+    root = defaults.pop("output_root", "automl_runs/nightly")
+    out, names = [], set()
+    for i, entry in enumerate(raw["datasets"]):
+        d = {**defaults, **entry}
+        unknown = set(d) - SUITE_KEYS
+        if unknown or not d.get("name") or not d.get("data"):
+            raise AutoMLError(f"{path}: dataset #{i + 1} needs 'name' and 'data'"
+                              + (f" and has unknown keys {sorted(unknown)}" if unknown else "") + ".")
+        if d["name"] in names:
+            raise AutoMLError(f"{path}: dataset name {d['name']!r} appears twice.")
+        names.add(d["name"])
+        d.setdefault("output", str(Path(root) / d["name"]))
+        out.append(d)
+    return out
+
+
+def _code_version() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _rescore_champion(champion: dict, export_dir: Path) -> float | None:
+    """The champion's score on the new model's stored test split (used when the data changed)."""
+    from .export import load_model
+    from .update import load_test_split, score
+
+    split = load_test_split(export_dir)
+    if split is None or not Path(champion["export_path"]).exists():
+        return None
+    model, encoder, meta = load_model(champion["export_path"])
+    x, labels = split
+    return score(model, encoder, meta["classes"], x, labels, champion["metric"], meta["modality"] == "image")
+
+
+def refresh(suite: str | Path, store: Store, *, address: str | None = None, force: bool = False,
+            since_hours: float = 20.0, progress: bool = True, only: list[str] | None = None,
+            stale_after_s: float | None = None) -> list[dict]:
+    """Run every dataset of the suite that has no finished run in the last `since_hours` (all with force)."""
+    from .api import auto_finetune
+
+    entries = load_suite(suite)
+    if only:
+        entries = [e for e in entries if e["name"] in only]
+    refresh_id = time.strftime("%Y%m%d-%H%M%S")
+    # A refresh killed midway leaves 'running' rows: close them so the store tells the truth.
+    if stale_after_s is None:  # a run is stale long after its own time budget would have ended it
+        stale_after_s = max(3600.0, 3 * max(float(e.get("time_budget", 600)) for e in entries))
+    store.mark_interrupted(dt.timedelta(seconds=stale_after_s))
+    done = set() if force else store.finished_since(now() - dt.timedelta(hours=since_hours))
+    results = []
+    for e in entries:
+        if e["name"] in done:
+            results.append({"dataset": e["name"], "status": "skipped", "reason": "finished recently"})
+            continue
+        run_id = store.start_run(e["name"], refresh_id=refresh_id, time_budget_s=e.get("time_budget", 600),
+                                 search_space=e.get("search_space") or e.get("set"), code_version=_code_version())
+        t0 = time.monotonic()
+        try:
+            space = e.get("set") or e.get("search_space")
+            model = auto_finetune(e["data"], label=e.get("label"), time_budget_s=e.get("time_budget", 600),
+                                  max_trials=e.get("max_trials"), search_space=space, metric=e.get("metric", "auto"),
+                                  output_dir=Path(e["output"]) / refresh_id, seed=e.get("seed", 0),
+                                  ray_address=address, progress=progress,
+                                  start_points=store.best_configs(e["name"]))
+            store.ensure_dataset(e["name"], model.meta["fingerprint"])
+            store.add_trials(run_id, model.trials, model.meta["metric"])
+            model_id = store.add_model(run_id, e["name"], model.meta["fingerprint"], str(model.export_dir), model.meta)
+            champ = store.champion(e["name"])
+            rescored = None
+            if champ is not None and champ["fingerprint"] != model.meta["fingerprint"]:
+                rescored = _rescore_champion(champ, Path(model.export_dir))
+            decision, reason = store.decide(model_id, rescored)
+            store.finish_run(run_id, "finished", compute_s=time.monotonic() - t0,
+                             trial_epochs=model.meta["search"]["trial_epochs"])
+            results.append({"dataset": e["name"], "status": decision, "reason": reason,
+                            "score": model.metrics[model.meta["metric"]], "export": str(model.export_dir)})
+        except Exception as exc:  # one bad dataset must not stop the night's refresh
+            store.finish_run(run_id, "failed", compute_s=time.monotonic() - t0,
+                             error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")
+            results.append({"dataset": e["name"], "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+    return results
+
+
+def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool = False, wait: bool = True,
+                   only: list[str] | None = None, timeout_s: float = 24 * 3600) -> list[dict]:
+    """Refresh on a cluster: one Ray Job per dataset, each writing to the shared database `db_url`.
+
+    The suite file, the data and the database must be reachable from the cluster (shared
+    filesystem, URIs, or a database server).
+    """
+    from . import jobs
+
+    if db_url.startswith("sqlite") and ":memory:" in db_url or db_url == "sqlite://":
+        raise AutoMLError("A refresh on a cluster needs a database the jobs can reach: a SQLite file on a shared "
+                          "filesystem or a database server URL, not an in-memory SQLite.")
+    entries = [e for e in load_suite(suite) if not only or e["name"] in only]
+    c = jobs.client(address)
+    batch = time.strftime("%Y%m%d-%H%M%S")
+    from .cluster import worker_env
+
+    runtime_env = {"env_vars": worker_env(), "py_modules": [str(Path(__file__).resolve().parent)]}
+    submitted = []
+    for e in entries:
+        args = ["python", "-m", "automl.cli", "leaderboard", "refresh", str(Path(suite).resolve()), "--db", db_url,
+                "--only", e["name"], "--quiet"] + (["--force"] if force else [])
+        sid = f"automl-refresh-{batch}-{e['name']}"
+        c.submit_job(entrypoint=" ".join(__import__("shlex").quote(a) for a in args), submission_id=sid,
+                     runtime_env=runtime_env, entrypoint_num_cpus=0,
+                     metadata={"automl_batch": f"refresh-{batch}", "name": e["name"], "output": e["output"]})
+        submitted.append({"dataset": e["name"], "submission_id": sid})
+    if wait:
+        status = jobs.wait([s["submission_id"] for s in submitted], address, timeout_s=timeout_s)
+        for s_ in submitted:
+            s_["status"] = status.get(s_["submission_id"], "UNKNOWN")
+    return submitted
+
+
+KEY_HPS = ("unfreeze", "lr", "schedule", "augment", "text_augment")
+
+
+def _hps(h: dict) -> str:
+    parts = []
+    for k in KEY_HPS:
+        if k in (h or {}) and not (k.endswith("augment") and h[k] == "none"):
+            v = h[k]
+            parts.append(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(parts)
+
+
+def show(store: Store, dataset: str | None = None):
+    from rich.table import Table
+
+    df = store.leaderboard(dataset)
+    t = Table(title="automl leaderboard" + (f": {dataset}" if dataset else ""))
+    for col in ("dataset", "rank", "backbone", "key hyperparameters", "test score", "compute", "date", "champion"):
+        t.add_column(col)
+    for _, r in df.iterrows():
+        t.add_row(r["dataset"], str(r["rank"]), str(r["backbone"]).split("/")[-1][:40], _hps(r["hyperparameters"]),
+                  f"{r['metric']} {r['score']:.4f}", f"{(r['compute_s'] or 0):.0f} s",
+                  str(r["created_at"])[:16], "★" if r["is_champion"] else "")
+    return t
+
+
+def _history_png(store: Store, dataset: str) -> str | None:
+    hist = store.champion_history(dataset)
+    if not hist:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 2.6), dpi=100)
+    ax.step([h[0] for h in hist] + [now()], [h[1] for h in hist] + [hist[-1][1]], where="post", color="tab:blue")
+    ax.plot([h[0] for h in hist], [h[1] for h in hist], "o", color="tab:blue")
+    ax.set_ylabel("champion's test score")
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_html(store: Store, out_dir: str | Path) -> Path:
+    """A static page (no server): per-dataset tables, the champion's history, links to model cards."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = store.leaderboard()
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>automl leaderboard</title><style>",
+             "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+             "th,td{border:1px solid #ccc;padding:4px 10px;text-align:left}th{background:#f2f2f2}"
+             "tr.champion{background:#fff6d6;font-weight:600}h2{margin-top:1.5em}",
+             "</style></head><body><h1>automl leaderboard</h1>",
+             f"<p>Updated {now():%Y-%m-%d %H:%M} UTC · {df['dataset'].nunique() if len(df) else 0} datasets · "
+             f"{len(df)} models</p>"]
+    for name, g in (df.groupby("dataset") if len(df) else []):
+        parts.append(f"<h2 id='{html.escape(name)}'>{html.escape(name)}</h2>")
+        png = _history_png(store, name)
+        if png:
+            parts.append(f"<img alt='champion score over time for {html.escape(name)}' src='data:image/png;base64,{png}'>")
+        parts.append("<table class='leaderboard' data-dataset='" + html.escape(name) + "'><tr><th>rank</th><th>backbone</th>"
+                     "<th>key hyperparameters</th><th>test score</th><th>compute</th><th>date</th><th>champion</th>"
+                     "<th>model card</th></tr>")
+        for _, r in g.iterrows():
+            card = Path(str(r["export_path"])) / "MODEL_CARD.html"
+            link = f"<a href='{card.resolve().as_uri()}'>card</a>" if card.exists() else ""
+            parts.append(f"<tr class='{'champion' if r['is_champion'] else 'challenger'}'><td>{r['rank']}</td>"
+                         f"<td>{html.escape(str(r['backbone']).split('/')[-1])}</td><td>{html.escape(_hps(r['hyperparameters']))}</td>"
+                         f"<td>{html.escape(str(r['metric']))} {r['score']:.4f}</td><td>{(r['compute_s'] or 0):.0f} s</td>"
+                         f"<td>{str(r['created_at'])[:16]}</td><td>{'★ champion' if r['is_champion'] else ''}</td>"
+                         f"<td>{link}</td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    page = out / "index.html"
+    page.write_text("\n".join(parts))
+    return page
