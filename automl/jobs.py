@@ -65,18 +65,25 @@ def client(address: str | None = None, token: str | None = None):
                           "(the dashboard URL, e.g. http://127.0.0.1:8265) and that the head is running.") from exc
 
 
-def load_manifest(path: str | Path) -> list[dict]:
-    """Read and check a batch manifest; errors name the file, the job and the key."""
+def read_listing(path: str | Path, key: str, what: str) -> dict:
+    """A YAML file with a non-empty `key:` list and optional `defaults:` (batch manifests, suites)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
-        raise AutoMLError(f"Batch manifest {str(path)!r} does not exist.") from exc
+        raise AutoMLError(f"{what} {str(path)!r} does not exist.") from exc
     except yaml.YAMLError as exc:
         raise AutoMLError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("jobs"), list) or not raw["jobs"]:
-        raise AutoMLError(f"{path}: expected a mapping with a non-empty 'jobs:' list (and optional 'defaults:').")
-    defaults = raw.get("defaults") or {}
+    if not isinstance(raw, dict) or not isinstance(raw.get(key), list) or not raw[key]:
+        raise AutoMLError(f"{path}: expected a mapping with a non-empty '{key}:' list (and optional 'defaults:').")
+    return raw
+
+
+def load_manifest(path: str | Path) -> list[dict]:
+    """Read and check a batch manifest; errors name the file, the job and the key."""
+    path = Path(path)
+    raw = read_listing(path, "jobs", "Batch manifest")
+    defaults = dict(raw.get("defaults") or {})
     output_root = defaults.pop("output_root", None)
     jobs, names = [], set()
     for i, entry in enumerate(raw["jobs"]):

@@ -17,8 +17,6 @@ import time
 import traceback
 from pathlib import Path
 
-import yaml
-
 from .errors import AutoMLError
 from .store import Store, now
 
@@ -26,13 +24,10 @@ SUITE_KEYS = {"name", "data", "label", "time_budget", "max_trials", "search_spac
 
 
 def load_suite(path: str | Path) -> list[dict]:
+    from .jobs import read_listing
+
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise AutoMLError(f"Suite file {str(path)!r} does not exist.") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("datasets"), list) or not raw["datasets"]:
-        raise AutoMLError(f"{path}: expected a mapping with a non-empty 'datasets:' list (and optional 'defaults:').")
+    raw = read_listing(path, "datasets", "Suite file")
     defaults = dict(raw.get("defaults") or {})
     root = defaults.pop("output_root", "automl_runs/nightly")
     out, names = [], set()

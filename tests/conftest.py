@@ -58,6 +58,19 @@ def text_df() -> pd.DataFrame:
 
 
 @pytest.fixture(scope="session")
+def digits_trial_data(digits_df):
+    """digits_df prepared and split, as 16x16 images: the input of one search or trial."""
+    from automl.data import prepare
+    from automl.images import stack_resized
+    from automl.train import TrialData
+
+    t = prepare(digits_df)
+    X = stack_resized(t.images, 16)
+    tr, va = t.splits["train"], t.splits["validation"]
+    return TrialData("image", t.num_classes, X[tr], t.y[tr], X[va], t.y[va])
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> str:
     from automl.backbones import minilm_dir
 

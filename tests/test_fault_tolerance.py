@@ -21,19 +21,11 @@ from automl.train import TrialData
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def search_data(digits_df):
-    t = prepare(digits_df)
-    X = stack_resized(t.images, 16)
-    tr, va = t.splits["train"], t.splits["validation"]
-    return TrialData("image", t.num_classes, X[tr], t.y[tr], X[va], t.y[va])
-
-
-def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, search_data, tmp_path):
+def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, digits_trial_data, tmp_path):
     marker = tmp_path / "crashed"
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "backbone": "timm/resnet10t:scratch",
                                               "_crash_once_after_epoch": f"2:{marker}"})
-    result = run_search(search_data, space, metric="accuracy", storage_path=str(tmp_path), name="crash",
+    result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="crash",
                         time_budget_s=180, max_trials=1, resources={"cpu": 1}, concurrency=1, progress=False)
     assert marker.exists()  # the worker process really died once
     row = result.trials.iloc[0]

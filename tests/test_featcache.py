@@ -16,19 +16,11 @@ def _same_params(a, b, atol=1e-5):
         assert torch.allclose(p, pa[n], atol=atol), n
 
 
-@pytest.fixture(scope="module")
-def image_data(digits_df):
-    t = prepare(digits_df)
-    X = stack_resized(t.images, 16)
-    tr, va = t.splits["train"], t.splits["validation"]
-    return TrialData("image", t.num_classes, X[tr], t.y[tr], X[va], t.y[va])
-
-
 @pytest.mark.parametrize("backbone", ["timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch"])
-def test_cached_and_uncached_head_training_agree(image_data, tmp_path, backbone):
+def test_cached_and_uncached_head_training_agree(digits_trial_data, tmp_path, backbone):
     cfg = {"backbone": backbone, "image_size": 16, "unfreeze": 0, "lr": 1e-2, "batch_size": 16}
-    plain = fit(cfg, image_data, epochs=2)
-    data = TrialData(**{**image_data.__dict__, "cache_dir": str(tmp_path)})
+    plain = fit(cfg, digits_trial_data, epochs=2)
+    data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
     cached = fit(cfg, data, epochs=2)
     _same_params(plain.model, cached.model)
     assert plain.history[-1]["val_accuracy"] == pytest.approx(cached.history[-1]["val_accuracy"])
@@ -37,8 +29,8 @@ def test_cached_and_uncached_head_training_agree(image_data, tmp_path, backbone)
     _same_params(plain.model, again.model)
 
 
-def test_not_cached_when_inputs_change_between_epochs(image_data, tmp_path):
-    data = TrialData(**{**image_data.__dict__, "cache_dir": str(tmp_path)})
+def test_not_cached_when_inputs_change_between_epochs(digits_trial_data, tmp_path):
+    data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
     for extra in ({"augment": "crop"}, {"unfreeze": 1}, {"gradual_unfreeze_every": 1}):
         fit({"backbone": "timm/resnet10t:scratch", "image_size": 16, "unfreeze": 0, **extra}, data, epochs=1)
     assert not list(tmp_path.glob("*.npy"))

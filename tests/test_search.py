@@ -10,17 +10,9 @@ from automl.space import load_space
 from automl.train import TrialData
 
 
-@pytest.fixture(scope="module")
-def search_data(digits_df):
-    t = prepare(digits_df)
-    X = stack_resized(t.images, 16)
-    tr, va = t.splits["train"], t.splits["validation"]
-    return TrialData("image", t.num_classes, X[tr], t.y[tr], X[va], t.y[va])
-
-
-def test_search_runs_trials_and_asha_stops_some_early(ray_session, search_data, tmp_path):
+def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_data, tmp_path):
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2})
-    result = run_search(search_data, space, metric="accuracy", storage_path=str(tmp_path), name="s",
+    result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="s",
                         time_budget_s=240, max_trials=8, seed=0, resources={"cpu": 1}, concurrency=2,
                         progress=False)
     t = result.trials

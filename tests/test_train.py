@@ -12,18 +12,10 @@ from automl.images import stack_resized
 from automl.train import TrialData, fit, full_config, make_optimizer, n_trainable_groups, set_trainable
 
 
-@pytest.fixture(scope="module")
-def digits_data(digits_df):
-    t = prepare(digits_df)
-    X = stack_resized(t.images, 16)
-    tr, va = t.splits["train"], t.splits["validation"]
-    return TrialData("image", t.num_classes, X[tr], t.y[tr], X[va], t.y[va])
-
-
-def test_fit_runs_without_ray_and_learns(digits_data):
+def test_fit_runs_without_ray_and_learns(digits_trial_data):
     seen = []
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "schedule": "cosine", "augment": "crop"}
-    res = fit(cfg, digits_data, epochs=4, report=lambda m, state: seen.append((m, state())))
+    res = fit(cfg, digits_trial_data, epochs=4, report=lambda m, state: seen.append((m, state())))
     assert [m["epoch"] for m, _ in seen] == [1, 2, 3, 4]
     assert seen[-1][0]["val_accuracy"] > 0.5  # 4 balanced classes: chance is 0.25
     assert seen[-1][0]["train_loss"] < seen[0][0]["train_loss"]
@@ -31,11 +23,11 @@ def test_fit_runs_without_ray_and_learns(digits_data):
     assert not res.model.training
 
 
-def test_resume_from_state_continues_identically(digits_data):
+def test_resume_from_state_continues_identically(digits_trial_data):
     cfg = {"backbone": "timm/mobilenetv3_small_050:scratch", "image_size": 16, "lr": 1e-2, "batch_size": 64}
     states = []
-    full = fit(cfg, digits_data, epochs=2, report=lambda m, s: states.append(s()))
-    resumed = fit(cfg, digits_data, epochs=2, resume=states[0])
+    full = fit(cfg, digits_trial_data, epochs=2, report=lambda m, s: states.append(s()))
+    resumed = fit(cfg, digits_trial_data, epochs=2, resume=states[0])
     a = dict(full.model.named_parameters())
     for n, p in resumed.model.named_parameters():
         assert torch.allclose(p, a[n], atol=1e-5), n
