@@ -87,10 +87,12 @@ class CheckpointJanitor(Callback):
     def _prune_recorded(self) -> None:
         import shutil
 
-        states = list(Path(self.exp_path).glob("experiment_state-*.json"))
+        states = sorted(Path(self.exp_path).glob("experiment_state-*.json"))
         if not states:
             return
-        saved_at = max(p.stat().st_mtime for p in states)
+        # The current session's state is the one with the latest session time in its name (after a resume,
+        # Tune re-syncs the old session's file, which bumps its mtime).
+        saved_at = states[-1].stat().st_mtime
         for tid, (finished_at, path) in list(self.pending.items()):
             if saved_at > finished_at + 1.0:
                 self._prune_dir(path)
@@ -220,7 +222,10 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                     # Locally Ray keeps every checkpoint and CheckpointJanitor deletes them once it is safe;
                     # on remote storage Ray keeps the last two (the saved state may lag one behind).
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None if janitor else 2),
-                    failure_config=tune.FailureConfig(max_failures=1)),
+                    failure_config=tune.FailureConfig(max_failures=1),
+                    # Copy the experiment state to storage_path every few seconds: it is what a resume after
+                    # a killed driver starts from (Ray's default is every 5 minutes).
+                    sync_config=tune.SyncConfig(sync_period=5)),
             )
         grid = tuner.fit()
     finally:

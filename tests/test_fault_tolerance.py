@@ -53,7 +53,8 @@ auto_finetune(df, time_budget_s=600, max_trials=8, output_dir=sys.argv[1], find_
 
 def _terminated(exp: Path) -> dict[str, dict]:
     """trial id -> last result, for trials Tune's newest saved experiment state records as finished."""
-    states = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    # Newest session by the time in the file name: a resume re-syncs (and re-stamps) the old session's file.
+    states = sorted(exp.glob("experiment_state-*.json"))
     if not states:
         return {}
     out = {}
