@@ -165,8 +165,10 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     res = cluster.resources(**{f"{k}s_per_trial": v for k, v in (resources_per_trial or {}).items()
                                if k in ("cpu", "gpu")})
     concurrency = cluster.max_concurrency(res)
+    # Reserve Ray Train's start-up and the export (tracing a transformer to ONNX/TorchScript takes ~10 s).
+    export_s = (12.0 if task.modality == "text" else 3.0) if export_formats else 1.0
     search_budget = None if time_budget_s is None else max(10.0, SEARCH_FRACTION * time_budget_s - RETRAIN_STARTUP_S
-                                                     - (time.monotonic() - t_start))
+                                                     - export_s - (time.monotonic() - t_start))
     from .search import run_search
 
     name = _experiment_name(out, resume)

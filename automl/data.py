@@ -18,7 +18,7 @@ import pandas as pd
 from .errors import DataError
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, looks_like_image_path
 
-LABEL_NAMES = ("label", "labels", "target", "class", "y")
+LABEL_NAMES = ("label", "labels", "target", "class", "y", "category", "sentiment", "intent", "topic", "emotion")
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
                "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
