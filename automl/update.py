@@ -52,19 +52,12 @@ def score(model, encoder, classes: list, x, labels: list, metric: str, is_image:
     inputs = x if is_image else encoder.encode(x)
     proba = torch.softmax(predict_logits(model, encoder, inputs, torch.device("cpu")), 1).numpy()
     index = {str(c): i for i, c in enumerate(classes)}
-    y = np.array([index.get(str(v), -1) for v in labels])
-    # A label the model does not know counts as a miss for that model.
-    known = y >= 0
-    pred = proba.argmax(1)
-    if metric == "accuracy":
-        return float(np.mean(known & (pred == np.where(known, y, -2))))
-    y_safe = np.where(known, y, 0)
-    full = np.zeros((len(y), len(classes) + 1), dtype=np.float32)
-    full[:, : len(classes)] = proba
-    full[~known] = 0.0
-    full[~known, -1] = 1.0  # unknown labels go to an extra "unknown" class the model never predicts
-    y_ext = np.where(known, y_safe, len(classes))
-    return float(classification_metrics(y_ext, full, len(classes) + 1)[metric])
+    n = len(classes)
+    # A label the model does not know becomes an extra class the model never predicts: a miss for every metric.
+    y = np.array([index.get(str(v), n) for v in labels])
+    full = np.zeros((len(y), n + 1), dtype=np.float32)
+    full[:, :n] = proba
+    return float(classification_metrics(y, full, n + 1)[metric])
 
 
 def l2_distance(new_model, base_model) -> float:

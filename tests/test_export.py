@@ -78,3 +78,21 @@ def test_export_as_backbone_keeps_old_head_rows_and_appends_classes(tmp_path):
 def test_promotion_policy(new_new, base_new, new_old, base_old, expected):
     decision, reason = decide(new_new, base_new, new_old, base_old, tolerance=0.01)
     assert decision == expected and reason
+
+
+def test_update_scores_count_labels_the_model_does_not_know_as_misses():
+    import numpy as np
+
+    from automl.preprocess import ImageEncoder
+    from automl.update import score
+
+    class AlwaysFirst(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[5.0, 0.0]]).repeat(len(x), 1)
+
+    x = np.zeros((4, 3, 8, 8), dtype=np.uint8)
+    enc = ImageEncoder(8, [0.5] * 3, [0.5] * 3)
+    labels = ["a", "a", "z", "z"]  # "z" is a class this model was never trained on
+    assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "accuracy", True) == pytest.approx(0.5)
+    # macro-F1 over a, b and the unknown class: a = 2/3, b = 0, unknown = 0 (never predicted)
+    assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "f1_macro", True) == pytest.approx(2 / 9)
