@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,6 @@ from .train import TrialData
 
 SEARCH_FRACTION = 0.75  # share of time_budget_s given to the search; retrain + export use the rest
 RETRAIN_STARTUP_S = 15.0  # Ray Train's fixed start-up cost on CPU (workers import torch, set up gloo)
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _storage_size(space: SearchSpace) -> int:
@@ -106,8 +101,6 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
 
         base_model = Path(base_model).resolve()
         base_meta = read_meta(base_model)
-        if inputs is None:
-            inputs = None  # inferred; the base's input columns are used at prediction time
     # All input checks happen before Ray starts: bad data costs no compute.
     task = data_mod.prepare(dataset, label, inputs=inputs, seed=seed, drop_bad_images=drop_bad_images,
                             drop_rare_classes=drop_rare_classes, task=task_type,
@@ -152,6 +145,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     # Regression targets are standardised with train+validation statistics, fixed for search and retrain.
     scale = (float(task.y[full_idx].mean()), float(task.y[full_idx].std() or 1.0)) if regression else None
     weights = None if regression else data_mod.class_weights(task.y[tr], task.num_classes)
+    classes = [data_mod.plain(c) for c in task.classes]
+    test_x = pick(te)
     search_data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va], weights,
                             task=kind, target_scale=scale, cache_dir=str(out / "feature_cache"))
 
@@ -181,7 +176,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .retrain import retrain
     from .train import build_encoder, evaluate, full_config
 
-    retrain_data = TrialData(task.modality, task.num_classes, pick(full_idx), task.y[full_idx], None, None,
+    full_x = pick(full_idx)
+    retrain_data = TrialData(task.modality, task.num_classes, full_x, task.y[full_idx], None, None,
                              None if regression else data_mod.class_weights(task.y[full_idx], task.num_classes),
                              task=kind, target_scale=scale)
     best_cfg = full_config(result.best_config)
@@ -198,7 +194,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     from .train import encode_inputs
     from .runtime import device as default_device
 
-    test_metrics = evaluate(model, encoder, encode_inputs(encoder, pick(te)), task.y[te], task.num_classes,
+    test_metrics = evaluate(model, encoder, encode_inputs(encoder, test_x), task.y[te], task.num_classes,
                             default_device(), detailed=True, target_scale=scale)
     model.cpu()
 
@@ -217,30 +213,31 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
 
         say(f"test {metric}: {test_metrics.get(metric, float('nan')):.4f}; cross-fitting "
             f"{cv_folds or 2} folds to {'cross-validate and ' if cv_folds else ''}find suspected label errors")
-        proba, fold_of = out_of_fold_proba(best_cfg, pick(full_idx), task.y[full_idx], task.num_classes,
+        proba, fold_of = out_of_fold_proba(best_cfg, full_x, task.y[full_idx], task.num_classes,
                                            epochs=result.best_epoch, schedule_epochs=space.max_epochs, seed=seed,
                                            folds=cv_folds or 2, return_folds=True)
         if want_errors:
-            label_errors = suspects(proba, task.y[full_idx], [_plain(c) for c in task.classes],
+            label_errors = suspects(proba, task.y[full_idx], classes,
                                     task.row_index[full_idx] if task.row_index is not None else full_idx)
         if cv_folds:
             cv = cv_summary(proba, task.y[full_idx], fold_of, task.num_classes)
 
     update = None
     if base_meta is not None:
-        update = _compare_with_base(base_model, base_meta, model, encoder, task, pick(te), metric, promote_tolerance)
+        update = _compare_with_base(base_model, base_meta, model, encoder, task, classes, test_x, metric,
+                                    promote_tolerance)
 
     preprocessing = encoder.to_dict()
     if storage is not None:
         preprocessing["storage_size"] = storage
     trials = result.trials
     meta = {
-        "task": task.task, "modality": task.modality, "classes": [_plain(c) for c in task.classes],
+        "task": task.task, "modality": task.modality, "classes": classes,
         "num_classes": task.num_classes, "label_column": task.label_column, "input_columns": task.input_columns,
         "backbone": backbones.underlying(spec).to_dict(), "base_model": str(base_model) if base_model else None,
         "update": update, "preprocessing": preprocessing, "metric": metric, "target_scale": scale,
-        "hyperparameters": {k: _plain(v) for k, v in best_cfg.items()},
-        "searched_hyperparameters": {k: _plain(v) for k, v in result.best_config.items()},
+        "hyperparameters": {k: data_mod.plain(v) for k, v in best_cfg.items()},
+        "searched_hyperparameters": {k: data_mod.plain(v) for k, v in result.best_config.items()},
         "search": {"best_score": result.best_score, "best_epoch": result.best_epoch, "n_trials": int(len(trials)),
                    "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
                    "errors": int((trials["status"] == "ERROR").sum()), "space": space.to_dict(),
@@ -265,10 +262,9 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     meta["command"] = " ".join(sys.argv) if sys.argv and sys.argv[0] else "python"
     from .update import save_test_split
 
-    test_x = pick(te)
     write_export(export_dir, model, meta, tokenizer=tokenizer, formats=export_formats,
                  writers=[lambda d, m: m.update(test_split=save_test_split(d, task.modality, test_x, task.y[te],
-                                                                           [_plain(c) for c in task.classes])),
+                                                                           classes)),
                           lambda d, m: write_card(d, m, trials, result.history)],
                  tables={"trials.csv": trials, "metrics.json": test_metrics, "data_report.json": task.report.to_dict(),
                          **({"suspected_label_errors.csv": label_errors} if label_errors is not None else {})},
@@ -334,15 +330,14 @@ def _agreement(transfer: dict | None, trials, metric: str) -> dict | None:
     return transfer
 
 
-def _compare_with_base(base_dir: Path, base_meta: dict, model, encoder, task, test_x, metric: str,
-                       tolerance: float) -> dict:
+def _compare_with_base(base_dir: Path, base_meta: dict, model, encoder, task, new_classes: list, test_x,
+                       metric: str, tolerance: float) -> dict:
     """Score the update and its base on the new test split and on the base's own test split."""
     from .export import load_model
     from .update import decide, l2_distance, load_test_split, score
 
     base, base_encoder, _ = load_model(base_dir)
     is_image = task.modality == "image"
-    new_classes = [_plain(c) for c in task.classes]
     labels = [new_classes[i] for i in task.y[task.splits["test"]]]
     new_on_new = score(model, encoder, new_classes, test_x, labels, metric, is_image)
     base_on_new = score(base, base_encoder, base_meta["classes"], test_x, labels, metric, is_image)

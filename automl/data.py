@@ -512,6 +512,11 @@ def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: st
     return [[("" if not isinstance(v, str) else v) for v in row] for row in df[input_columns].itertuples(index=False)]
 
 
+def plain(v):
+    """numpy scalars as plain Python values (JSON, YAML and Optuna want those)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def class_weights(y: np.ndarray, num_classes: int) -> np.ndarray:
     """Inverse-frequency ('balanced') weights, as sklearn computes them."""
     from sklearn.utils.class_weight import compute_class_weight

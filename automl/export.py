@@ -85,7 +85,7 @@ def _script_and_onnx(model, meta: dict, out: Path) -> dict:
 
 
 def write_export(target: str | Path, model, meta: dict, tables: dict[str, object] | None = None,
-                 tokenizer=None, extra_files: dict[str, str] | None = None, formats: bool = True,
+                 tokenizer=None, formats: bool = True,
                  writers: list | None = None) -> Path:
     """Write everything to a temp dir next to `target`, then rename it into place.
 
@@ -120,8 +120,6 @@ def write_export(target: str | Path, model, meta: dict, tables: dict[str, object
                 (tmp / name).write_text(json.dumps(table, indent=2, default=str))
         for write in writers or []:
             write(tmp, meta)  # e.g. the model card and its figures, which may use the export results
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
         meta["format_version"] = FORMAT_VERSION
         meta["versions"] = versions()
         meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}

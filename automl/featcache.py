@@ -20,8 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .preprocess import TextEncoder, forward
-
 
 def _hf_parts(body):
     base = getattr(body, "base_model", None)
@@ -120,9 +118,3 @@ def cached_features(model, encoder, x, device, cache_dir: str | None, key: str) 
         os.replace(tmp, path)  # atomic: concurrent trials never read half a file
     return feats
 
-
-def is_text(encoder) -> bool:
-    return isinstance(encoder, TextEncoder)
-
-
-__all__ = ["eligible", "CachedHead", "FeatureInputs", "cached_features", "cache_key", "forward"]

@@ -123,25 +123,36 @@ def entrypoint(job: dict) -> str:
         args += ["--gpus-per-trial", str(res["gpu"])]
     if job.get("set"):
         args += ["--set", json.dumps(job["set"])]
+    return command(args)
+
+
+def command(args: list[str]) -> str:
+    """A shell-safe job entrypoint."""
     return " ".join(shlex.quote(a) for a in args)
+
+
+def runtime_env(ship_package: bool = True) -> dict:
+    """What every job needs: the workers' environment and, unless the cluster has it, this package."""
+    from .cluster import worker_env
+
+    env: dict = {"env_vars": worker_env()}
+    if ship_package:
+        # Ship this automl package to the cluster; its dependencies come from the cluster's setup.
+        env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    return env
 
 
 def submit_batch(manifest: str | Path, address: str | None = None, token: str | None = None,
                  ship_package: bool = True) -> tuple[str, list[dict]]:
     """Submit one Ray Job per manifest entry. Returns (batch id, [{name, submission_id, output}])."""
-    from .cluster import worker_env
-
     jobs = load_manifest(manifest)
     c = client(address, token)
     batch = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
-    runtime_env: dict = {"env_vars": worker_env()}
-    if ship_package:
-        # Ship this automl package to the cluster; its dependencies come from the cluster's setup.
-        runtime_env["py_modules"] = [str(Path(__file__).resolve().parent)]
+    env = runtime_env(ship_package)
     submitted = []
     for job in jobs:
         sid = f"automl-{batch}-{job['name']}"
-        c.submit_job(entrypoint=entrypoint(job), submission_id=sid, runtime_env=runtime_env,
+        c.submit_job(entrypoint=entrypoint(job), submission_id=sid, runtime_env=env,
                      metadata={"automl_batch": batch, "name": job["name"], "output": str(job["output"])},
                      entrypoint_num_cpus=0)
         submitted.append({"name": job["name"], "submission_id": sid, "output": str(job["output"])})

@@ -126,22 +126,19 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
     """
     from . import jobs
 
-    if db_url.startswith("sqlite") and ":memory:" in db_url or db_url == "sqlite://":
+    if db_url == "sqlite://" or (db_url.startswith("sqlite") and ":memory:" in db_url):
         raise AutoMLError("A refresh on a cluster needs a database the jobs can reach: a SQLite file on a shared "
                           "filesystem or a database server URL, not an in-memory SQLite.")
     entries = [e for e in load_suite(suite) if not only or e["name"] in only]
     c = jobs.client(address)
     batch = time.strftime("%Y%m%d-%H%M%S")
-    from .cluster import worker_env
-
-    runtime_env = {"env_vars": worker_env(), "py_modules": [str(Path(__file__).resolve().parent)]}
+    env = jobs.runtime_env()
     submitted = []
     for e in entries:
         args = ["python", "-m", "automl.cli", "leaderboard", "refresh", str(Path(suite).resolve()), "--db", db_url,
                 "--only", e["name"], "--quiet"] + (["--force"] if force else [])
         sid = f"automl-refresh-{batch}-{e['name']}"
-        c.submit_job(entrypoint=" ".join(__import__("shlex").quote(a) for a in args), submission_id=sid,
-                     runtime_env=runtime_env, entrypoint_num_cpus=0,
+        c.submit_job(entrypoint=jobs.command(args), submission_id=sid, runtime_env=env, entrypoint_num_cpus=0,
                      metadata={"automl_batch": f"refresh-{batch}", "name": e["name"], "output": e["output"]})
         submitted.append({"dataset": e["name"], "submission_id": sid})
     if wait:

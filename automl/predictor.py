@@ -70,11 +70,7 @@ class FinetunedModel:
         if self.is_regression:
             raise DataError("This model predicts numbers (regression), so there are no class probabilities. "
                             "Fix: use predict().")
-        x = self._inputs(data)
-        if len(x) == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        logits = predict_logits(self.model, self.encoder, x, self._device)
-        return torch.softmax(logits, 1).numpy()
+        return torch.softmax(self._outputs(data), 1).numpy()
 
     # ------------------------------------------------------------------ API
     def predict_proba(self, data: Any) -> pd.DataFrame:

@@ -3,18 +3,19 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from .runtime import set_threads, quiet_libraries
+from .data import plain
+from .runtime import quiet_libraries, set_threads
 from .space import SearchSpace
 from .train import TrialData, fit
 
@@ -79,14 +80,10 @@ class CheckpointJanitor(Callback):
 
     @staticmethod
     def _prune_dir(path: str | Path) -> None:
-        import shutil
-
         for ckpt in Path(path).glob("checkpoint_*"):
             shutil.rmtree(ckpt, ignore_errors=True)
 
     def _prune_recorded(self) -> None:
-        import shutil
-
         states = sorted(Path(self.exp_path).glob("experiment_state-*.json"))
         if not states:
             return
@@ -120,9 +117,6 @@ class CheckpointJanitor(Callback):
         if path:
             self.pending[trial.trial_id] = (time.time(), path)
         self._prune_recorded()
-
-    def __getstate__(self):
-        return dict(self.__dict__)
 
 
 def trial_dirname(trial) -> str:
@@ -242,10 +236,10 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
-def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: str | None = None) -> SearchResult:
+def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: str) -> SearchResult:
     val_metric = f"val_{metric}"
     rows, history = [], {}
-    log = Path(asha_log) if asha_log else Path(exp_path) / ASHA_LOG
+    log = Path(asha_log)
     asha_stopped = set(log.read_text().split()) if log.exists() else set()
     for res in grid:
         df = res.metrics_dataframe
@@ -286,14 +280,8 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
     ranked = ok.sort_values([f"best_{val_metric}", "best_val_loss", "best_epoch"], ascending=[False, True, True])
     best = ranked.iloc[0]
     trials = trials.sort_values(f"best_{val_metric}", ascending=False, na_position="last").reset_index(drop=True)
-    best_cfg = {k[len("config/"):]: _plain(v) for k, v in best.items()
+    best_cfg = {k[len("config/"):]: plain(v) for k, v in best.items()
                 if k.startswith("config/") and not (isinstance(v, float) and math.isnan(v))}
     return SearchResult(trials=trials, best_config=best_cfg, best_epoch=int(best["best_epoch"]),
                         best_score=float(best[f"best_{val_metric}"]), metric=metric,
                         experiment_path=exp_path, history=history)
-
-
-def _plain(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    return v

@@ -43,8 +43,8 @@ class TrialData:
     x_val: Any = None
     y_val: np.ndarray | None = None
     class_weights: np.ndarray | None = None
-    task: str = "classification"
-    cache_dir: str | None = None          # frozen-feature cache shared by trials (None: caching off)          # or "regression" (num_classes == 1 output)
+    task: str = "classification"          # or "regression" (num_classes == 1 output)
+    cache_dir: str | None = None          # frozen-feature cache shared by trials (None: caching off)
     target_scale: tuple[float, float] | None = None   # regression: (mean, std) the model's output is in units of
 
 

@@ -12,11 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from automl.data import prepare
-from automl.images import stack_resized
 from automl.search import run_search
 from automl.space import load_space
-from automl.train import TrialData
 
 pytestmark = pytest.mark.slow
 

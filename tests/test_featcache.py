@@ -1,12 +1,10 @@
 """Frozen-feature caching: same weights as recomputing the frozen body, and shared through disk."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from automl.data import prepare
-from automl.images import stack_resized
 from automl.train import TrialData, fit
 
 

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from automl.data import prepare
-from automl.images import stack_resized
 from automl.search import run_search
 from automl.space import load_space
-from automl.train import TrialData
 
 
 def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_data, tmp_path):

@@ -8,7 +8,6 @@ import torch
 from automl import backbones, schedules
 from automl import augment as aug
 from automl.data import prepare
-from automl.images import stack_resized
 from automl.train import TrialData, fit, full_config, make_optimizer, n_trainable_groups, set_trainable
 
 
