@@ -108,7 +108,7 @@ def test_two_concurrent_refreshes_on_sqlite(tmp_path):
 def postgres_url():
     """A real PostgreSQL server on 127.0.0.1, started for these tests (Debian's postgresql package)."""
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-    assert bins, "PostgreSQL is not installed: tests/run.sh installs Debian's postgresql package"
+    assert bins, "PostgreSQL is not installed: tests/system_deps.sh installs Debian's postgresql package"
     bindir = bins[-1]
     data = tempfile.mkdtemp(prefix="pg-")
     with socket.socket() as s:
