@@ -69,11 +69,11 @@ class TextEncoder:
 
 
 def forward(model, encoder, inputs, idx: np.ndarray, device, augment=None) -> torch.Tensor:
-    """Run one batch through the model, whatever the modality."""
-    if isinstance(encoder, TextEncoder):
-        ids, mask = encoder.batch(inputs, idx, augment)
-        return model(ids.to(device), mask.to(device))
-    return model(encoder.batch(inputs, idx, augment).to(device))
+    """Run one batch through the model, whatever the modality (a batch may be (ids, mask)-like pairs)."""
+    batch = encoder.batch(inputs, idx, augment)
+    if isinstance(batch, tuple):
+        return model(*(t.to(device) for t in batch))
+    return model(batch.to(device))
 
 
 @torch.no_grad()

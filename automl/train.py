@@ -270,16 +270,19 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
 
     y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
-    # Frozen-feature caching: the head trains on body features computed once (see featcache.py).
+    # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
     run_model, run_encoder = model, encoder
     first_k = n_trainable_groups(config, n_body, start_epoch)
-    if data.cache_dir is not None and featcache.eligible(config, model, data.modality, first_k):
-        run_model, run_encoder = featcache.CachedHead(model), featcache.FeatureInputs()
-        x_train = featcache.cached_features(model, encoder, x_train, device, data.cache_dir,
-                                            featcache.cache_key(config, spec, data.x_train))
-        if x_val is not None:
-            x_val = featcache.cached_features(model, encoder, x_val, device, data.cache_dir,
-                                              featcache.cache_key(config, spec, data.x_val))
+    if data.cache_dir is not None:
+        set_trainable(model, groups, first_k)
+        split = featcache.plan(config, model, encoder, data.modality, first_k, x_train, device)
+        if split is not None:
+            run_model, run_encoder = split.top(), featcache.FeatureInputs()
+            x_train = featcache.cached_features(split, encoder, x_train, device, data.cache_dir,
+                                                featcache.cache_key(config, spec, data.x_train, split))
+            if x_val is not None:
+                x_val = featcache.cached_features(split, encoder, x_val, device, data.cache_dir,
+                                                  featcache.cache_key(config, spec, data.x_val, split))
     fwd_model = model
     current_k = -1
     for epoch in range(start_epoch, epochs):
@@ -323,8 +326,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1),
                    "lr": optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
                    "epoch_time_s": time.perf_counter() - t0}
-        if run_model is model:
-            recalibrate_bn(model, encoder, x_train, order, device, bs)
+        recalibrate_bn(run_model, run_encoder, x_train, order, device, bs)
         if x_val is not None and data.y_val is not None and len(data.y_val):
             val = evaluate(run_model, run_encoder, x_val, data.y_val, data.num_classes, device,
                            target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)

@@ -27,11 +27,32 @@ def test_cached_and_uncached_head_training_agree(digits_trial_data, tmp_path, ba
     _same_params(plain.model, again.model)
 
 
+@pytest.mark.parametrize("backbone,k,size", [("timm/resnet10t:scratch", 1, 16),
+                                             ("timm/mobilenetv3_small_050:scratch", 2, 16),
+                                             ("timm/test_convnext:scratch", 2, 32)])
+def test_frozen_prefix_cached_and_uncached_agree(digits_trial_data, tmp_path, backbone, k, size):
+    # The trainable top holds BatchNorm/LayerNorm and drop-path: precise-BN and train mode must match too.
+    cfg = {"backbone": backbone, "image_size": size, "unfreeze": k, "lr": 1e-2, "batch_size": 16, "drop_path": 0.1}
+    plain = fit(cfg, digits_trial_data, epochs=2)
+    cached = fit(cfg, TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)}), epochs=2)
+    _same_params(plain.model, cached.model, atol=1e-4)
+    assert plain.history[-1]["val_accuracy"] == pytest.approx(cached.history[-1]["val_accuracy"])
+    assert len(list(tmp_path.glob("*.npy"))) == 2
+
+
 def test_not_cached_when_inputs_change_between_epochs(digits_trial_data, tmp_path):
     data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
-    for extra in ({"augment": "crop"}, {"unfreeze": 1}, {"gradual_unfreeze_every": 1}):
+    for extra in ({"augment": "crop"}, {"mix": "mixup"}, {"gradual_unfreeze_every": 1}, {"unfreeze": "all"}):
         fit({"backbone": "timm/resnet10t:scratch", "image_size": 16, "unfreeze": 0, **extra}, data, epochs=1)
     assert not list(tmp_path.glob("*.npy"))
+
+
+def test_no_cut_where_forward_features_is_not_a_chain(digits_trial_data, tmp_path):
+    # A ViT adds position embeddings between its children: the probe check must refuse the cut.
+    cfg = {"backbone": "timm/test_vit:scratch", "image_size": 16, "unfreeze": 1, "batch_size": 16}
+    data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
+    r = fit({**cfg, "backbone": "timm/test_vit:scratch"}, data, epochs=1)
+    assert r.history and not list(tmp_path.glob("*.npy"))
 
 
 def test_cached_text_head_matches_with_real_minilm(text_df, tmp_path):
@@ -42,3 +63,11 @@ def test_cached_text_head_matches_with_real_minilm(text_df, tmp_path):
     plain = fit(cfg, data, epochs=1)
     cached = fit(cfg, TrialData(**{**data.__dict__, "cache_dir": str(tmp_path)}), epochs=1)
     _same_params(plain.model, cached.model, atol=1e-4)
+    # Frozen prefix: the top two encoder layers train on cached hidden states of the first four.
+    cfg2 = {**cfg, "unfreeze": 2}
+    plain2 = fit(cfg2, data, epochs=1)
+    cache2 = tmp_path / "prefix"
+    cached2 = fit(cfg2, TrialData(**{**data.__dict__, "cache_dir": str(cache2)}), epochs=1)
+    _same_params(plain2.model, cached2.model, atol=1e-4)
+    assert plain2.history[-1]["val_accuracy"] == pytest.approx(cached2.history[-1]["val_accuracy"])
+    assert len(list(cache2.glob("*.offsets.npy"))) == 2
