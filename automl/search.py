@@ -22,9 +22,14 @@ from .train import TrialData, fit
 STATE_FILE = "state.pt"
 
 
+# A trial checkpoints when this long has passed since its last checkpoint, and at least 20x the time the last
+# one took: a crash loses at most that much of one trial, and writing checkpoints costs at most ~5% of training.
+CHECKPOINT_EVERY_S = 10.0
+
+
 def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
-                   checkpoint: bool = True) -> None:
-    """Ray Tune function trainable: `fit` with per-epoch report + checkpoint, resumable."""
+                   checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
+    """Ray Tune function trainable: `fit` with a report per epoch and periodic checkpoints, resumable."""
     from ray import tune
 
     quiet_libraries()
@@ -36,14 +41,20 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
             resume = torch.load(os.path.join(d, STATE_FILE), weights_only=True)
 
     crash = str(config.get("_crash_once_after_epoch") or "")
+    clock = {"last": time.monotonic(), "cost": 0.0}
 
     def report(metrics, state_fn):
-        if not checkpoint:
+        now = time.monotonic()
+        due = checkpoint_every_s <= 0 or now - clock["last"] >= max(checkpoint_every_s, 20 * clock["cost"])
+        # The last epoch needs none: a finished trial is not resumed.
+        if not checkpoint or not due or metrics["epoch"] >= max_epochs:
             tune.report(metrics)
         else:
             with tempfile.TemporaryDirectory() as d:
                 torch.save(state_fn(), os.path.join(d, STATE_FILE))
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+            clock["last"] = time.monotonic()
+            clock["cost"] = clock["last"] - now
         if crash:
             # Fault injection for tests: the worker process dies once, right after this epoch's checkpoint.
             epoch, marker = crash.split(":", 1)
@@ -172,8 +183,12 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                time_budget_s: float | None, max_trials: int | None, seed: int = 0, resources: dict,
                concurrency: int, resume: bool = False, progress: bool = True, checkpoint: bool = True,
                start_points: list[dict] | None = None, local_dir: str | None = None,
-               sampler: str = "tpe", early_stopping: bool = True) -> SearchResult:
-    """Run the search; returns the trial table and the winner (config + epoch of its peak)."""
+               sampler: str = "tpe", early_stopping: bool = True,
+               checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> SearchResult:
+    """Run the search; returns the trial table and the winner (config + epoch of its peak).
+
+    checkpoint_every_s: least time between a trial's checkpoints (0: after every epoch).
+    """
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -187,7 +202,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     threads = max(1, int(resources.get("cpu", 1)))
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
-                             checkpoint=checkpoint),
+                             checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s),
         resources)
     remote = is_uri(storage_path)
     storage = storage_path.rstrip("/") if remote else str(Path(storage_path).resolve())

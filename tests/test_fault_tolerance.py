@@ -23,7 +23,8 @@ def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, digits_tr
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "backbone": "timm/resnet10t:scratch",
                                               "_crash_once_after_epoch": f"2:{marker}"})
     result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="crash",
-                        time_budget_s=180, max_trials=1, resources={"cpu": 1}, concurrency=1, progress=False)
+                        time_budget_s=180, max_trials=1, resources={"cpu": 1}, concurrency=1, progress=False,
+                        checkpoint_every_s=0)
     assert marker.exists()  # the worker process really died once
     row = result.trials.iloc[0]
     assert row["status"] == "COMPLETED" and row["epochs_run"] == 4
