@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     result = run_search(search_data, space, metric=metric, storage_path=ray_storage, name=name, local_dir=str(out),
                         time_budget_s=search_budget, max_trials=max_trials, seed=seed, resources=res,
                         concurrency=concurrency, resume=resume, progress=progress)
+    # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
+    shutil.rmtree(search_data.cache_dir, ignore_errors=True)
 
     # Retrain the winner on train+validation, stopping its planned schedule at its best epoch.
     from .retrain import retrain

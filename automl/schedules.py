@@ -69,8 +69,10 @@ def _step(opt, total, warmup, cfg):
 
 @register_schedule("onecycle")
 def _onecycle(opt, total, warmup, cfg):
-    from torch.optim.lr_scheduler import OneCycleLR
-    # One-cycle has its own warm-up phase: the warmup fraction sets its length.
-    pct = min(max(warmup / total, 0.05), 0.5)
+    from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
+    if total < 4:  # too few steps for a cycle (torch divides by zero when a phase has no length)
+        return LambdaLR(opt, lambda _: 1.0)
+    # One-cycle has its own warm-up phase: the warmup fraction sets its length (at least two steps).
+    pct = min(max(warmup / total, 0.05, 2.0 / total), 0.5)
     return OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct,
                       anneal_strategy="cos", cycle_momentum=False)

@@ -45,6 +45,7 @@ def test_image_model_is_exported_and_reloads_identically(image_model, digits_df)
     assert cv["folds"] == 2 and 0.0 <= cv["metrics"]["accuracy"]["mean"] <= 1.0
     assert {"MODEL_CARD.html", "learning_curves.png", "confusion_matrix.png", "test_split.npz"} <= files
     assert "Cross-validation" in open(os.path.join(m.export_dir, "MODEL_CARD.md")).read()
+    assert not os.path.exists(os.path.join(os.path.dirname(m.export_dir), "feature_cache"))  # the cache is gone
 
 
 def test_onnx_and_torchscript_match_pytorch(image_model, digits_df):

@@ -152,3 +152,19 @@ def test_unreachable_hub_fails_fast_with_a_fix():
     assert time.time() - t0 < 30
     with pytest.raises(ModelLoadError, match="Unknown backbone"):
         backbones.resolve("resnet18")
+
+
+@pytest.mark.parametrize("name", schedules.list_schedules())
+@pytest.mark.parametrize("warmup_frac", [0.0, 0.2])
+def test_every_schedule_survives_a_handful_of_steps(name, warmup_frac):
+    # Few-shot data: 50 images at batch 64 is one step per epoch, so a 6-epoch trial has 6 steps in all.
+    for total in range(1, 9):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=1.0)
+        sched = schedules.create(name, opt, total, warmup_frac, {})
+        lrs = []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert all(np.isfinite(lrs)) and max(lrs) > 0, (name, total, lrs)
