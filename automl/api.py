@@ -15,7 +15,7 @@ from .errors import AutoMLError
 from .images import stack_resized
 from .metrics import CLASSIFICATION_METRICS, choose_metric
 from .predictor import FinetunedModel
-from .space import SearchSpace, load_space
+from .space import SearchSpace, for_data_size, load_space
 from .train import TrialData
 
 SEARCH_FRACTION = 0.75  # share of time_budget_s given to the search; retrain + export use the rest
@@ -133,6 +133,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
         space = space.with_overrides(pins)
 
     tr, va, te = (task.splits[k] for k in ("train", "validation", "test"))
+    space = for_data_size(space, len(tr))
     if task.modality == "image":
         storage = _storage_size(space)
         X = stack_resized(task.images, storage)

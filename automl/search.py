@@ -219,13 +219,11 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
             points = [_searchable_point(space, p) for p in (start_points if start_points is not None else space.start_points)]
-            import optuna
             from ray.tune.schedulers import FIFOScheduler
 
             # sampler="random" and early_stopping=False give the baselines the benchmarks compare against.
-            searcher = OptunaSearch(space, metric=val_metric, mode="max", seed=seed,
-                                    points_to_evaluate=points or None,
-                                    sampler=optuna.samplers.RandomSampler(seed=seed) if sampler == "random" else None)
+            searcher = OptunaSearch(space, metric=val_metric, mode="max", points_to_evaluate=points or None,
+                                    sampler=_sampler(sampler, seed))
             scheduler = RecordingASHA(asha_log, time_attr="training_iteration", max_t=space.max_epochs,
                                       grace_period=min(space.grace_period, space.max_epochs),
                                       reduction_factor=space.reduction_factor) if early_stopping else FIFOScheduler()
@@ -255,6 +253,25 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
         janitor.prune_all()
         result.peak_disk_mb = janitor.peak_bytes / 2**20
     return result
+
+
+# Random proposals before TPE takes over (Optuna's default is 10): CPU budgets often allow only 10-30 trials.
+TPE_STARTUP_TRIALS = 6
+
+
+def _sampler(kind: str, seed: int):
+    """Optuna sampler: multivariate TPE (models how parameters interact; `group` handles the conditional ones)
+    with a constant liar so concurrent trials do not all get the same proposal; or random, as a baseline."""
+    import warnings
+
+    import optuna
+
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True,
+                                          group=True, constant_liar=True)
 
 
 def is_uri(path: str) -> bool:

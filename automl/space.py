@@ -221,6 +221,27 @@ class SearchSpace:
         return out
 
 
+# Optimizer steps an epoch should give at least: on 50 images at batch 32 an epoch is 2 steps, so a
+# 6-epoch trial (and the retrain) would stop after 12 steps, far from trained.
+MIN_STEPS_PER_EPOCH = 16
+
+
+def epoch_passes(space: SearchSpace, n_train: int) -> int:
+    """Passes over the training data per reported epoch, so that small data sets still train enough."""
+    spec = space.parameters.get("batch_size", {"type": "fixed", "value": 32})
+    sizes = spec.get("values") or [spec.get("value", spec.get("low", 32))]
+    steps = max(1, math.ceil(n_train / max(1, int(min(sizes)))))
+    return max(1, math.ceil(MIN_STEPS_PER_EPOCH / steps))
+
+
+def for_data_size(space: SearchSpace, n_train: int) -> SearchSpace:
+    """The space with `epoch_passes` pinned for a training set of n_train rows (unless the space sets it)."""
+    passes = epoch_passes(space, n_train)
+    if passes == 1 or "epoch_passes" in space.parameters:
+        return space
+    return space.with_overrides({"epoch_passes": passes})
+
+
 def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
                overrides: dict | None = None) -> SearchSpace:
     """Load a space by name ('cpu_small'), path, or dict, for one modality."""

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "augment": "none", "mix": "none", "mix_alpha": 0.2, "text_augment": "none", "text_aug_rate": 0.1,
     "batch_size": 32, "dropout": 0.0, "drop_path": 0.0, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
     "schedule": "cosine", "warmup_frac": 0.0, "label_smoothing": 0.0, "class_weighted": False, "grad_clip": 0.0,
-    "l2sp": 0.0, "momentum": 0.9, "seed": 0,
+    "l2sp": 0.0, "momentum": 0.9, "seed": 0, "epoch_passes": 1,
 }
 
 
@@ -229,9 +229,12 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     n = len(data.y_train)
     shard = np.arange(rank, n, world_size)
     bs = int(config["batch_size"])
+    # Small data: an "epoch" (one report, one ASHA step) is several passes over it (space.epoch_passes).
+    passes = max(1, int(config["epoch_passes"]))
     regression = data.task == "regression"
     use_mix = data.modality == "image" and config["mix"] != "none" and not regression
-    steps_per_epoch = max(1, (len(shard) // bs) if use_mix and len(shard) >= bs else math.ceil(len(shard) / bs))
+    per_epoch = len(shard) * passes
+    steps_per_epoch = max(1, (per_epoch // bs) if use_mix and per_epoch >= bs else math.ceil(per_epoch / bs))
     total_steps = steps_per_epoch * int(schedule_epochs or epochs)
     scheduler = schedules.create(config["schedule"], optimizer, total_steps, float(config["warmup_frac"]), config)
 
@@ -299,7 +302,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             fwd_model = wrap_model(run_model) if wrap_model else run_model
         fwd_model.train()
         eval_frozen(model)
-        order = shard[rng.permutation(len(shard))]
+        order = np.concatenate([shard[rng.permutation(len(shard))] for _ in range(passes)])
         total_loss, seen = 0.0, 0
         for step in range(steps_per_epoch):
             idx = order[step * bs:(step + 1) * bs]
@@ -323,7 +326,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             scheduler.step()
             total_loss += float(loss.detach()) * len(idx)
             seen += len(idx)
-        metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1),
+        metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "steps": steps_per_epoch * (epoch + 1),
                    "lr": optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
                    "epoch_time_s": time.perf_counter() - t0}
         recalibrate_bn(run_model, run_encoder, x_train, order, device, bs)

@@ -79,3 +79,15 @@ def test_unknown_space_name_lists_the_available_ones():
     with pytest.raises(SearchSpaceError, match="cpu_small"):
         load_space("nope", "image")
     assert (spaces_dir() / "cpu_small.yaml").exists()
+
+
+def test_small_training_sets_get_several_passes_per_epoch():
+    from automl.space import MIN_STEPS_PER_EPOCH, for_data_size
+
+    space = load_space("cpu_small", "image")  # smallest batch size 32
+    few = for_data_size(space, 50)  # 2 steps per pass
+    assert few.parameters["epoch_passes"] == {"type": "fixed", "value": MIN_STEPS_PER_EPOCH // 2}
+    assert few.start_points and few.max_epochs == space.max_epochs
+    assert "epoch_passes" not in for_data_size(space, 5000).parameters  # large data: one pass is an epoch
+    pinned = space.with_overrides({"epoch_passes": 2})
+    assert for_data_size(pinned, 50).parameters["epoch_passes"]["value"] == 2  # the user's choice wins

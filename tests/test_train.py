@@ -1,6 +1,8 @@
 """The plain training function, without Ray: unfreezing, schedules, augmentations, weights."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -168,3 +170,12 @@ def test_every_schedule_survives_a_handful_of_steps(name, warmup_frac):
             opt.step()
             sched.step()
         assert all(np.isfinite(lrs)) and max(lrs) > 0, (name, total, lrs)
+
+
+def test_epoch_passes_multiply_the_steps_of_an_epoch(digits_trial_data):
+    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 32, "unfreeze": 0}
+    n = len(digits_trial_data.y_train)
+    one = fit(cfg, digits_trial_data, epochs=2).history
+    three = fit({**cfg, "epoch_passes": 3}, digits_trial_data, epochs=2).history
+    assert [h["steps"] for h in one] == [math.ceil(n / 32), 2 * math.ceil(n / 32)]
+    assert [h["steps"] for h in three] == [math.ceil(3 * n / 32), 2 * math.ceil(3 * n / 32)]
