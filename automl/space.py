@@ -80,6 +80,17 @@ def _check_param(where: str, name: str, spec: Any, earlier: list[str]) -> dict:
     return spec
 
 
+# How much of a pretrained body to train: meaningless for a randomly initialised one, which trains whole
+# (training the top of random features, or decaying lr towards random layers, only wastes trials).
+TRANSFER_PARAMS = ("unfreeze", "gradual_unfreeze_every", "layer_decay")
+
+
+def _scratch(backbone: Any) -> bool:
+    if isinstance(backbone, dict):
+        return backbone.get("pretrained") is False
+    return isinstance(backbone, str) and backbone.endswith(":scratch")
+
+
 @dataclass
 class SearchSpace:
     """A validated search space for one modality."""
@@ -98,7 +109,7 @@ class SearchSpace:
         config: dict[str, Any] = {}
         fixed: dict[str, Any] = {}
         for name, spec in self.parameters.items():
-            if not self._active(spec, {**config, **fixed}):
+            if not self._on(name, spec, {**config, **fixed}):
                 continue
             kind = spec["type"]
             if kind == "fixed":
@@ -117,11 +128,17 @@ class SearchSpace:
     def _active(spec: dict, values: dict) -> bool:
         return all(values.get(dep) in allowed for dep, allowed in (spec.get("when") or {}).items())
 
+    def _on(self, name: str, spec: dict, values: dict) -> bool:
+        """Active: its `when` holds, and it is not a transfer setting of a randomly initialised backbone."""
+        if name in TRANSFER_PARAMS and _scratch(values.get("backbone")):
+            return False
+        return self._active(spec, values)
+
     def active_config(self, config: dict) -> dict:
         """Drop parameters a config holds that its own conditions switch off."""
         out = {}
         for name, spec in self.parameters.items():
-            if name in config and self._active(spec, out):
+            if name in config and self._on(name, spec, out):
                 out[name] = config[name]
         return {**out, **{k: v for k, v in config.items() if k not in self.parameters}}
 
@@ -131,7 +148,7 @@ class SearchSpace:
             return self.active_config(self.start_points[0])
         cfg: dict[str, Any] = {}
         for name, spec in self.parameters.items():
-            if not self._active(spec, cfg):
+            if not self._on(name, spec, cfg):
                 continue
             kind = spec["type"]
             if kind == "fixed":

@@ -143,7 +143,7 @@ def search_vs_replay(target, space, tmp: Path, name: str) -> tuple[float, float,
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=2)
     args = ap.parse_args()
     import ray
 

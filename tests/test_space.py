@@ -91,3 +91,19 @@ def test_small_training_sets_get_several_passes_per_epoch():
     assert "epoch_passes" not in for_data_size(space, 5000).parameters  # large data: one pass is an epoch
     pinned = space.with_overrides({"epoch_passes": 2})
     assert for_data_size(pinned, 50).parameters["epoch_passes"]["value"] == 2  # the user's choice wins
+
+
+def test_transfer_settings_are_not_sampled_for_scratch_backbones():
+    space = load_space("cpu_small", "image", {"backbone": {"values": ["timm/resnet10t:scratch", "timm/resnet10t"]}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {True: set(), False: set()}
+    for _ in range(40):
+        trial = study.ask()
+        space(trial)
+        scratch = trial.params["backbone"].endswith(":scratch")
+        seen[scratch] |= set(trial.params)
+        study.tell(trial, 0.0)
+    assert not {"unfreeze", "gradual_unfreeze_every", "layer_decay"} & seen[True]  # a random body trains whole
+    assert {"unfreeze", "layer_decay"} <= seen[False]
+    cfg = space.active_config({"backbone": "timm/resnet10t:scratch", "unfreeze": 1, "lr": 0.01})
+    assert "unfreeze" not in cfg and cfg["lr"] == 0.01
