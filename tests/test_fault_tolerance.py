@@ -28,8 +28,11 @@ def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, digits_tr
     assert marker.exists()  # the worker process really died once
     row = result.trials.iloc[0]
     assert row["status"] == "COMPLETED" and row["epochs_run"] == 4
-    epochs = [r["training_iteration"] for r in next(iter(result.history.values()))]
-    assert epochs == [1, 2, 3, 4]  # continued at epoch 3 from the epoch-2 checkpoint, not from scratch
+    history = next(iter(result.history.values()))
+    # Continued at epoch 3 from the epoch-2 checkpoint, not from scratch. (Ray restores the trial's result
+    # file from storage on restart, so lines written after its last sync may be gone: judge by time.)
+    after_crash = [r["training_iteration"] for r in history if r["timestamp"] > marker.stat().st_mtime]
+    assert after_crash == [3, 4]
     assert "_crash_once_after_epoch" not in result.best_config
     assert result.peak_disk_mb > 0
     trial_dir = next(Path(result.experiment_path).glob("trial_*"))
