@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def _hf_parts(body):
     if pooler is None or not isinstance(clf, nn.Linear) or drop is None:
         return None
     return base, pooler, drop, clf
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    """Run a block in eval mode (no dropout, fixed BN statistics), then restore each submodule's mode."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _hf_layers(base) -> nn.ModuleList | None:
@@ -97,12 +110,9 @@ class FeatureInputs:
     def batch(self, x, idx: np.ndarray, augment=None):
         if isinstance(x, Ragged):
             rows = [x.flat[x.offsets[i]:x.offsets[i + 1]] for i in idx]
-            width = max(len(r) for r in rows)
-            h = torch.zeros(len(rows), width, x.flat.shape[1], dtype=x.flat.dtype)
-            mask = torch.zeros(len(rows), width, dtype=torch.long)
-            for i, r in enumerate(rows):
-                h[i, :len(r)] = r
-                mask[i, :len(r)] = 1
+            h = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            lengths = torch.tensor([len(r) for r in rows])
+            mask = (torch.arange(h.shape[1])[None, :] < lengths[:, None]).long()
             return h, mask
         return x[torch.as_tensor(idx)]
 
@@ -225,12 +235,8 @@ def _batched(fn, n: int, batch_size: int) -> torch.Tensor:
 
 def body_features(model, encoder, x, device, batch_size: int = 128) -> torch.Tensor:
     """Pooled body features (the input of the classifier) for every row of x."""
-    was = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         return Split(model).features(encoder, x, device, batch_size)
-    finally:
-        model.train(was)
 
 
 def _fits(n_rows: int, per_row: int) -> bool:
@@ -245,17 +251,13 @@ def _verified(split: Split, encoder, x, device) -> bool:
     model = split.model
     idx = np.arange(min(4, len(x)))
     part = x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with _eval_mode(model), torch.no_grad():
             want = forward(model, encoder, part, idx, device).float().cpu()
             got = forward(split.top(), FeatureInputs(), split.features(encoder, part, device), idx, device).float().cpu()
         return got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
     except Exception:
         return False
-    finally:
-        model.train(was)
 
 
 def plan(config: dict, model, encoder, modality: str, k: int, x, device) -> Split | None:
@@ -273,26 +275,19 @@ def plan(config: dict, model, encoder, modality: str, k: int, x, device) -> Spli
     if k == 0:
         return Split(model)
     if modality == "image":
-        body = model.body
-        was = body.training
-        body.eval()
-        try:
-            probe = encoder.batch(x, np.arange(min(2, len(x)))).to(device)
+        probe = encoder.batch(x, np.arange(min(2, len(x)))).to(device)
+        with _eval_mode(model.body) as body:
             chain = _timm_chain(body, probe)
-        finally:
-            body.train(was)
         if chain is None:
             return None
         cut = next((i for i, m in enumerate(chain) if any(p.requires_grad for p in m.parameters())), len(chain))
         if cut == 0:
             return None
-        with torch.no_grad():
-            h = probe
-            for m in chain[:cut]:
-                h = m.eval()(h)
-        if not _fits(len(x), int(np.prod(h.shape[1:]))):
-            return None
         split = TimmPrefix(model, chain, cut)
+        with _eval_mode(model), torch.no_grad():
+            per_row = int(np.prod(split._prefix(encoder, x, np.arange(1), device).shape[1:]))
+        if not _fits(len(x), per_row):
+            return None
     else:
         base = _hf_parts(model.body)[0]
         layers = _hf_layers(base)
@@ -344,13 +339,8 @@ def cached_features(split: Split, encoder, x, device, cache_dir: str | None, key
             return flat
         except (OSError, ValueError):
             pass  # a torn or foreign file: recompute
-    model = split.model
-    was = model.training
-    model.eval()
-    try:
+    with _eval_mode(split.model):
         feats = split.features(encoder, x, device)
-    finally:
-        model.train(was)
     if path is not None:
         if isinstance(feats, Ragged):
             _save(offsets_path, feats.offsets.numpy())  # before the data file, whose presence means "complete"
