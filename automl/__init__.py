@@ -5,15 +5,15 @@
     model.predict(new_df); model.export_dir
     same = load(model.export_dir)
 """
-from . import runtime as _runtime  # noqa: F401  (offline-hub defaults before any hub library loads)
-from .api import auto_finetune
-from .backbones import BackboneSpec, list_backbones, register_backbone
-from .augment import register_image_policy, register_text_policy
-from .data import DataReport, prepare
-from .errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
-from .predictor import FinetunedModel, load
-from .schedules import register_schedule
-from .space import SearchSpace, load_space
+from automl import runtime as _runtime  # noqa: F401  (offline-hub defaults before any hub library loads)
+from automl.api import auto_finetune
+from automl.models.registry import BackboneSpec, list_backbones, register_backbone
+from automl.training.augment import register_image_policy, register_text_policy
+from automl.data.intake import DataReport, prepare
+from automl.errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
+from automl.export.predictor import FinetunedModel, load
+from automl.training.schedules import register_schedule
+from automl.search.space import SearchSpace, load_space
 
 __version__ = "0.1.0"
 __all__ = [

@@ -9,14 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from . import backbones
-from . import data as data_mod
-from .errors import AutoMLError
-from .images import stack_resized
-from .metrics import CLASSIFICATION_METRICS, choose_metric
-from .predictor import FinetunedModel
-from .space import SearchSpace, for_data_size, load_space
-from .train import TrialData
+from automl.models import registry as backbones
+from automl.data import intake as data_mod
+from automl.errors import AutoMLError
+from automl.data.images import stack_resized
+from automl.metrics import CLASSIFICATION_METRICS, choose_metric
+from automl.export.predictor import FinetunedModel
+from automl.search.space import SearchSpace, for_data_size, load_space
+from automl.training.loop import TrialData
 
 SEARCH_FRACTION = 0.75  # share of time_budget_s given to the search; retrain + export use the rest
 RETRAIN_STARTUP_S = 15.0  # Ray Train's fixed start-up cost on CPU (workers import torch, set up gloo)
@@ -90,15 +90,15 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     storage_path: where Ray keeps trial results and checkpoints: default <output_dir>/ray_results; on a
         cluster a shared filesystem path or a URI such as s3://bucket/automl (any pyarrow filesystem).
     """
-    from . import cluster
-    from .runtime import quiet_libraries
+    from automl import cluster
+    from automl.runtime import quiet_libraries
 
     t_start = time.monotonic()
     task_type = task
     quiet_libraries()
     base_meta = None
     if base_model is not None:
-        from .export import read_meta
+        from automl.export.writer import read_meta
 
         base_model = Path(base_model).resolve()
         base_meta = read_meta(base_model)
@@ -166,7 +166,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     export_s = (12.0 if task.modality == "text" else 3.0) if export_formats else 1.0
     search_budget = None if time_budget_s is None else max(10.0, SEARCH_FRACTION * time_budget_s - RETRAIN_STARTUP_S
                                                      - export_s - (time.monotonic() - t_start))
-    from .search import run_search
+    from automl.search.tune import run_search
 
     name = _experiment_name(out, resume)
     ray_storage = storage_path or str(out / "ray_results")
@@ -177,8 +177,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
     shutil.rmtree(search_data.cache_dir, ignore_errors=True)
 
     # Retrain the winner on train+validation, stopping its planned schedule at its best epoch.
-    from .retrain import retrain
-    from .train import build_encoder, evaluate, full_config
+    from automl.training.retrain import retrain
+    from automl.training.loop import build_encoder, evaluate, full_config
 
     full_x = pick(full_idx)
     retrain_data = TrialData(task.modality, task.num_classes, full_x, task.y[full_idx], None, None,
@@ -195,8 +195,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
                           cpus_per_worker=_retrain_cpus(res, retrain_workers))
     retrain_s = time.monotonic() - t_retrain
     encoder = build_encoder(best_cfg, model, spec)
-    from .train import encode_inputs
-    from .runtime import device as default_device
+    from automl.training.loop import encode_inputs
+    from automl.runtime import device as default_device
 
     test_metrics = evaluate(model, encoder, encode_inputs(encoder, test_x), task.y[te], task.num_classes,
                             default_device(), detailed=True, target_scale=scale)
@@ -213,7 +213,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
             task.report.notes.append(f"suspected-label-error search skipped: ~{retrain_s:.0f} s needed, "
                                      f"{max(left, 0):.0f} s of the time budget left (pass find_label_errors=True to force)")
     if not regression and (want_errors or cv_folds):
-        from .labelnoise import cv_summary, out_of_fold_proba, suspects
+        from automl.diagnostics.labelnoise import cv_summary, out_of_fold_proba, suspects
 
         say(f"test {metric}: {test_metrics.get(metric, float('nan')):.4f}; cross-fitting "
             f"{cv_folds or 2} folds to {'cross-validate and ' if cv_folds else ''}find suspected label errors")
@@ -254,17 +254,17 @@ def auto_finetune(dataset: Any, label: str | None = None, *, inputs: list[str] |
         "cross_validation": cv, "transferability": _agreement(transfer, trials, metric), "fingerprint": fingerprint, "seed": seed,
         "wall_time_s": time.monotonic() - t_start,
     }
-    from .export import write_export
+    from automl.export.writer import write_export
 
     export_dir = out / "model"
     say(f"exporting to {export_dir}")
     tokenizer = getattr(encoder, "tokenizer", None)
     import sys
 
-    from .card import write_card
+    from automl.export.card import write_card
 
     meta["command"] = " ".join(sys.argv) if sys.argv and sys.argv[0] else "python"
-    from .update import save_test_split
+    from automl.diagnostics.update import save_test_split
 
     write_export(export_dir, model, meta, tokenizer=tokenizer, formats=export_formats,
                  writers=[lambda d, m: m.update(test_split=save_test_split(d, task.modality, test_x, task.y[te],
@@ -300,8 +300,8 @@ def _prerank(space: SearchSpace, data: TrialData, mode, seed: int):
     pretrained = [v for v in values if backbones.resolve(v).pretrained]
     if spec.get("type") != "choice" or (len(pretrained) < 2 and mode != True):  # noqa: E712
         return space, None
-    from .errors import ModelLoadError
-    from .transfer import rank_backbones
+    from automl.errors import ModelLoadError
+    from automl.search.prerank import rank_backbones
 
     ranking, failed = [], []
     for v in values:
@@ -323,7 +323,7 @@ def _agreement(transfer: dict | None, trials, metric: str) -> dict | None:
     """How well LogME's order matched the search's (best validation score per backbone)."""
     if not transfer or not transfer.get("ranking"):
         return transfer
-    from .transfer import spearman
+    from automl.search.prerank import spearman
 
     col = f"best_val_{metric}"
     best = trials.groupby("config/backbone")[col].max().to_dict() if "config/backbone" in trials else {}
@@ -337,8 +337,8 @@ def _agreement(transfer: dict | None, trials, metric: str) -> dict | None:
 def _compare_with_base(base_dir: Path, base_meta: dict, model, encoder, task, new_classes: list, test_x,
                        metric: str, tolerance: float) -> dict:
     """Score the update and its base on the new test split and on the base's own test split."""
-    from .export import load_model
-    from .update import decide, l2_distance, load_test_split, score
+    from automl.export.writer import load_model
+    from automl.diagnostics.update import decide, l2_distance, load_test_split, score
 
     base, base_encoder, _ = load_model(base_dir)
     is_image = task.modality == "image"

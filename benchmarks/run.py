@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from automl.data import prepare
-from automl.images import stack_resized
+from automl.data.intake import prepare
+from automl.data.images import stack_resized
 from automl.runtime import quiet_libraries, set_threads
-from automl.space import for_data_size, load_space
-from automl.train import TrialData, fit
+from automl.search.space import for_data_size, load_space
+from automl.training.loop import TrialData, fit
 
 SIZE = 32
 OUT = Path(__file__).resolve().parent
@@ -121,7 +121,7 @@ def _start_times(exp_path: str) -> dict[str, float]:
 
 def search_vs_replay(target, space, tmp: Path, name: str) -> tuple[float, float, int, int]:
     """(search wall, raw replay wall, trials, trial-epochs) for one 8-trial search."""
-    from automl.search import run_search
+    from automl.search.tune import run_search
 
     t = time.perf_counter()
     res = run_search(target, space, metric="accuracy", storage_path=str(tmp / "ray"), name=name,
@@ -148,7 +148,7 @@ def main() -> None:
     import ray
 
     from automl.cluster import ensure_ray
-    from automl.search import run_search
+    from automl.search.tune import run_search
 
     quiet_libraries()
     started = time.perf_counter()
@@ -296,8 +296,8 @@ def main() -> None:
 
     # 5. Retrain --------------------------------------------------------------------------------
     say("## 5. Retrain with Ray Train vs a raw loop (target ≤ 1.10×)")
-    from automl.retrain import retrain
-    from automl.train import full_config
+    from automl.training.retrain import retrain
+    from automl.training.loop import full_config
 
     cfg = full_config(space.default_config())
     full = TrialData("image", target.num_classes, np.concatenate([target.x_train, target.x_val]),
@@ -321,7 +321,7 @@ def main() -> None:
 
     # LogME pre-ranking ---------------------------------------------------------------------------
     say("## Transferability pre-ranking (LogME)")
-    from automl.transfer import rank_backbones, spearman
+    from automl.search.prerank import rank_backbones, spearman
 
     cands = pre + ["timm/resnet10t:scratch"]
     t = time.perf_counter()

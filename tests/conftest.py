@@ -60,9 +60,9 @@ def text_df() -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def digits_trial_data(digits_df):
     """digits_df prepared and split, as 16x16 images: the input of one search or trial."""
-    from automl.data import prepare
-    from automl.images import stack_resized
-    from automl.train import TrialData
+    from automl.data.intake import prepare
+    from automl.data.images import stack_resized
+    from automl.training.loop import TrialData
 
     t = prepare(digits_df)
     X = stack_resized(t.images, 16)
@@ -72,7 +72,7 @@ def digits_trial_data(digits_df):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
-    from automl.backbones import minilm_dir
+    from automl.models.registry import minilm_dir
 
     return minilm_dir()
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from automl import auto_finetune, load
-from automl.cli import main as cli_main
+from automl.ops.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
 TINY = {"image_size": 16, "max_epochs": 3, "epoch_passes": 1}  # one pass per epoch: tiny data on purpose
@@ -70,7 +70,7 @@ def test_cli_predict_and_evaluate_on_an_export(image_model, digits_df, tmp_path)
         Image.fromarray((arr * 16).clip(0, 255).astype(np.uint8)).save(p)
         paths.append(p.name)
     pd.DataFrame({"image": paths, "label": df["label"]}).to_csv(tmp_path / "new.csv", index=False)
-    run = lambda *a: subprocess.run([sys.executable, "-m", "automl.cli", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "automl", *a], capture_output=True, text=True, timeout=300)  # noqa: E731
     r = run("predict", image_model.export_dir, str(tmp_path / "new.csv"), "--output", str(tmp_path / "p.csv"))
     assert r.returncode == 0, r.stderr
     preds = pd.read_csv(tmp_path / "p.csv")
@@ -113,16 +113,16 @@ def test_cli_finetune_end_to_end_on_rgba_files(ray_session, tmp_path, capsys):
 
 def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path):
     pd.DataFrame({"text": ["a", "b", "c"], "label": ["x", "x", "x"]}).to_csv(tmp_path / "one.csv", index=False)
-    r = subprocess.run([sys.executable, "-m", "automl.cli", "finetune", str(tmp_path / "one.csv")],
+    r = subprocess.run([sys.executable, "-m", "automl", "finetune", str(tmp_path / "one.csv")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "only one class" in r.stderr and "Fix:" in r.stderr
 
 
 def test_retrain_with_two_ray_train_workers(ray_session, digits_df, tmp_path):
-    from automl.data import prepare
-    from automl.images import stack_resized
-    from automl.retrain import retrain
-    from automl.train import TrialData, build_encoder, evaluate, full_config
+    from automl.data.intake import prepare
+    from automl.data.images import stack_resized
+    from automl.training.retrain import retrain
+    from automl.training.loop import TrialData, build_encoder, evaluate, full_config
 
     t = prepare(digits_df)
     X = stack_resized(t.images, 16)

@@ -7,9 +7,11 @@ import os
 import pytest
 import torch
 
-from automl import ModelLoadError, backbones, load
-from automl.export import write_export
-from automl.update import decide
+from automl import ModelLoadError, load
+
+from automl.models import registry as backbones
+from automl.export.writer import write_export
+from automl.diagnostics.update import decide
 
 
 def _meta():
@@ -83,8 +85,8 @@ def test_promotion_policy(new_new, base_new, new_old, base_old, expected):
 def test_update_scores_count_labels_the_model_does_not_know_as_misses():
     import numpy as np
 
-    from automl.preprocess import ImageEncoder
-    from automl.update import score
+    from automl.data.encoders import ImageEncoder
+    from automl.diagnostics.update import score
 
     class AlwaysFirst(torch.nn.Module):
         def forward(self, x):

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from automl.search import run_search
-from automl.space import load_space
+from automl.search.tune import run_search
+from automl.search.space import load_space
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from automl.data import prepare
-from automl.train import TrialData, fit
+from automl.data.intake import prepare
+from automl.training.loop import TrialData, fit
 
 
 def _same_params(a, b, atol=1e-5):

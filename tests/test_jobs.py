@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 
 from automl import AutoMLError
-from automl import jobs
-from automl.cli import main as cli_main
+from automl.ops import jobs
+from automl.ops.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
 
@@ -124,7 +124,7 @@ def test_manifest_errors_name_the_job_and_key(tmp_path):
 
 
 def test_leaderboard_refresh_as_ray_jobs(token_head, tmp_path, monkeypatch, digits_df):
-    from automl.store import Store
+    from automl.ops.store import Store
 
     url, token = token_head
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from automl.data import prepare
-from automl.images import stack_resized
-from automl.labelnoise import out_of_fold_proba, suspects
+from automl.data.intake import prepare
+from automl.data.images import stack_resized
+from automl.diagnostics.labelnoise import out_of_fold_proba, suspects
 
 
 def test_planted_label_flips_are_found(digits_df):

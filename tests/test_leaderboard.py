@@ -15,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from automl import leaderboard
-from automl.cli import main as cli_main
-from automl.store import Store
+from automl.ops import leaderboard
+from automl.ops.cli import main as cli_main
+from automl.ops.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_killed_refresh_is_completed_by_the_next(ray_session, suite, tmp_path):
 
     url = f"sqlite:///{tmp_path / 'lb.db'}"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "automl.cli", "leaderboard", "refresh", str(suite), "--db", url,
+    proc = subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(suite), "--db", url,
                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = Store(url)
     deadline = time.time() + 240

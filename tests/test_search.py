@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from automl.search import run_search
-from automl.space import load_space
+from automl.search.tune import run_search
+from automl.search.space import load_space
 
 
 def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_data, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from automl import SearchSpaceError, load_space
-from automl.space import SearchSpace, spaces_dir
+from automl.search.space import SearchSpace, spaces_dir
 
 
 @pytest.mark.parametrize("name", ["cpu_small", "image_classification", "text_classification", "regression"])
@@ -82,7 +82,7 @@ def test_unknown_space_name_lists_the_available_ones():
 
 
 def test_small_training_sets_get_several_passes_per_epoch():
-    from automl.space import MIN_STEPS_PER_EPOCH, for_data_size
+    from automl.search.space import MIN_STEPS_PER_EPOCH, for_data_size
 
     space = load_space("cpu_small", "image")  # smallest batch size 32
     few = for_data_size(space, 50)  # 2 steps per pass

@@ -13,7 +13,7 @@ import tempfile
 import pandas as pd
 import pytest
 
-from automl.store import Store
+from automl.ops.store import Store
 
 
 def _meta(score: float, lr: float = 1e-3) -> dict:

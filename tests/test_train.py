@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from automl import backbones, schedules
-from automl import augment as aug
-from automl.data import prepare
-from automl.train import TrialData, fit, full_config, make_optimizer, n_trainable_groups, set_trainable
+from automl.models import registry as backbones
+
+from automl.training import schedules
+from automl.training import augment as aug
+from automl.data.intake import prepare
+from automl.training.loop import TrialData, fit, full_config, make_optimizer, n_trainable_groups, set_trainable
 
 
 def test_fit_runs_without_ray_and_learns(digits_trial_data):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from automl.transfer import logme, rank_backbones, spearman
+from automl.search.prerank import logme, rank_backbones, spearman
 
 
 def test_logme_prefers_features_that_separate_the_labels(global_random_seed):
@@ -21,9 +21,9 @@ def test_logme_prefers_features_that_separate_the_labels(global_random_seed):
 
 
 def test_rank_backbones_runs_one_forward_pass_per_candidate(digits_df):
-    from automl.data import prepare
-    from automl.images import stack_resized
-    from automl.train import TrialData, full_config
+    from automl.data.intake import prepare
+    from automl.data.images import stack_resized
+    from automl.training.loop import TrialData, full_config
 
     t = prepare(digits_df)
     X = stack_resized(t.images, 16)

@@ -14,10 +14,10 @@ import torch
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from .data import plain
-from .runtime import quiet_libraries, set_threads
-from .space import SearchSpace
-from .train import TrialData, fit
+from automl.data.intake import plain
+from automl.runtime import quiet_libraries, set_threads
+from automl.search.space import SearchSpace
+from automl.training.loop import TrialData, fit
 
 STATE_FILE = "state.pt"
 
@@ -192,7 +192,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from .progress import SearchProgress
+    from automl.search.progress import SearchProgress
 
     if time_budget_s is None and not max_trials:
         raise ValueError("Give time_budget_s or max_trials: without either the search never ends.")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _finetune(args) -> int:
-    from .api import auto_finetune
+    from automl.api import auto_finetune
 
     overrides = json.loads(args.set) if args.set else None
     space = args.search_space
@@ -40,8 +40,8 @@ def _finetune(args) -> int:
 def _predict(args) -> int:
     import pandas as pd
 
-    from .data import to_dataframe
-    from .predictor import load
+    from automl.data.intake import to_dataframe
+    from automl.export.predictor import load
 
     model = load(args.model_dir)
     out = Path(args.output) if args.output else None
@@ -79,7 +79,7 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .predictor import load
+    from automl.export.predictor import load
 
     model = load(args.model_dir)
     metrics = model.evaluate(args.data, label=args.label)
@@ -90,7 +90,7 @@ def _evaluate(args) -> int:
 def _submit(args) -> int:
     from rich.console import Console
 
-    from . import jobs
+    from automl.ops import jobs
 
     batch, submitted = jobs.submit_batch(args.manifest, args.address, ship_package=not args.no_ship)
     console = Console()
@@ -108,7 +108,7 @@ def _submit(args) -> int:
 def _jobs(args) -> int:
     from rich.console import Console
 
-    from . import jobs
+    from automl.ops import jobs
 
     console = Console()
     if args.action == "list":
@@ -132,8 +132,8 @@ def _leaderboard(args) -> int:
 
     from rich.console import Console
 
-    from . import leaderboard
-    from .store import Store
+    from automl.ops import leaderboard
+    from automl.ops.store import Store
 
     store = Store(args.db or os.environ.get("AUTOML_LEADERBOARD_DB") or "sqlite:///automl_leaderboard.db")
     console = Console()
@@ -164,7 +164,7 @@ def _leaderboard(args) -> int:
 
 
 def _spaces(args) -> int:
-    from .space import spaces_dir
+    from automl.search.space import spaces_dir
 
     for p in sorted(spaces_dir().glob("*.yaml")):
         print(f"{p.stem:24s} {p}")
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import AutoMLError
+    from automl.errors import AutoMLError
 
     args = build_parser().parse_args(argv)
     try:

@@ -6,8 +6,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from .runtime import quiet_libraries, set_threads
-from .train import TrialData, fit
+from automl.runtime import quiet_libraries, set_threads
+from automl.training.loop import TrialData, fit
 
 WEIGHTS = "model.safetensors"
 
@@ -54,7 +54,7 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_model
 
-    from .train import build_model, full_config
+    from automl.training.loop import build_model, full_config
 
     # Ray Train's controller polls its workers every 2 s by default, so a finished run idled ~2-4 s
     # before returning; polling 4x as often costs nothing measurable here.

@@ -14,9 +14,9 @@ import pandas as pd
 def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads: int) -> np.ndarray:
     import torch
 
-    from .preprocess import predict_logits
-    from .runtime import set_threads
-    from .train import encode_inputs, fit
+    from automl.data.encoders import predict_logits
+    from automl.runtime import set_threads
+    from automl.training.loop import encode_inputs, fit
 
     set_threads(threads)
     res = fit(config, data, epochs=epochs, schedule_epochs=schedule_epochs, device=torch.device("cpu"))
@@ -29,7 +29,7 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
     """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from .train import TrialData
+    from automl.training.loop import TrialData
 
     n = len(y)
     proba = np.zeros((n, num_classes), dtype=np.float32)
@@ -58,7 +58,7 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
 
 def cv_summary(proba: np.ndarray, y: np.ndarray, fold_of: np.ndarray, num_classes: int) -> dict:
     """Mean ± std over folds of the held-out metrics."""
-    from .metrics import classification_metrics
+    from automl.metrics import classification_metrics
 
     per_fold = [classification_metrics(y[fold_of == f], proba[fold_of == f], num_classes)
                 for f in np.unique(fold_of)]

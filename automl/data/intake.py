@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, looks_like_image_path
+from automl.errors import DataError
+from automl.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, looks_like_image_path
 
 LABEL_NAMES = ("label", "labels", "target", "class", "y", "category", "sentiment", "intent", "topic", "emotion")
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import AutoMLError
+from automl.errors import AutoMLError
 
 JOB_KEYS = {"name", "data", "label", "time_budget", "max_trials", "search_space", "set", "output", "resources",
             "metric", "seed", "retrain_workers", "storage_path"}
@@ -109,7 +109,7 @@ def load_manifest(path: str | Path) -> list[dict]:
 
 
 def entrypoint(job: dict) -> str:
-    args = ["python", "-m", "automl.cli", "finetune", str(job["data"]), "--output", str(job["output"]), "--quiet",
+    args = ["python", "-m", "automl", "finetune", str(job["data"]), "--output", str(job["output"]), "--quiet",
             "--time-budget", str(job.get("time_budget", 600))]
     for key, flag in (("label", "--label"), ("max_trials", "--max-trials"), ("search_space", "--search-space"),
                       ("metric", "--metric"), ("seed", "--seed"), ("retrain_workers", "--retrain-workers"),
@@ -133,12 +133,12 @@ def command(args: list[str]) -> str:
 
 def runtime_env(ship_package: bool = True) -> dict:
     """What every job needs: the workers' environment and, unless the cluster has it, this package."""
-    from .cluster import worker_env
+    from automl.cluster import worker_env
 
     env: dict = {"env_vars": worker_env()}
     if ship_package:
         # Ship this automl package to the cluster; its dependencies come from the cluster's setup.
-        env["py_modules"] = [str(Path(__file__).resolve().parent)]
+        env["py_modules"] = [str(Path(__file__).resolve().parents[1])]  # the automl package
     return env
 
 

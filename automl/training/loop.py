@@ -16,11 +16,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import augment as aug
-from . import backbones, featcache, schedules
-from .metrics import classification_metrics
-from .preprocess import ImageEncoder, TextEncoder, forward, predict_logits
-from .runtime import device as default_device
+from automl.training import augment as aug
+from automl.models import registry as backbones
+from automl.training import featcache
+from automl.training import schedules
+from automl.metrics import classification_metrics
+from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
+from automl.runtime import device as default_device
 
 # Values used for parameters a space leaves out or switches off.
 DEFAULTS: dict[str, Any] = {
@@ -182,7 +184,7 @@ def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = Fa
              target_scale: tuple[float, float] | None = None) -> dict:
     logits = predict_logits(model, encoder, x, device)
     if target_scale is not None:
-        from .metrics import regression_metrics
+        from automl.metrics import regression_metrics
 
         mean, std = target_scale
         pred = logits[:, 0].numpy() * std + mean

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from .errors import SearchSpaceError
+from automl.errors import SearchSpaceError
 
 TYPES = {"choice": {"values"}, "float": {"low", "high"}, "int": {"low", "high"}, "fixed": {"value"}}
 OPTIONAL = {"log", "step", "when", "help"}
@@ -33,7 +33,7 @@ def spaces_dir() -> Path:
     """search_spaces/ next to the package (source checkout) or under sys.prefix (wheel)."""
     import sys
 
-    here = Path(__file__).resolve().parent.parent / "search_spaces"
+    here = Path(__file__).resolve().parents[2] / "search_spaces"
     if here.is_dir():
         return here
     return Path(sys.prefix) / "share" / "automl" / "search_spaces"

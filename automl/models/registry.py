@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import runtime  # noqa: F401  (sets HF_HUB_OFFLINE before timm/transformers import)
-from .errors import ModelLoadError
+from automl import runtime  # noqa: F401  (sets HF_HUB_OFFLINE before timm/transformers import)
+from automl.errors import ModelLoadError
 
 
 @dataclass
@@ -172,7 +172,7 @@ def _from_export(path: str, num_classes: int) -> Classifier:
     Classes keep their positions (new classes are appended), so the old head's
     rows are copied and the model starts out predicting the old classes as before.
     """
-    from .export import load_model
+    from automl.export.writer import load_model
 
     model, _, meta = load_model(path)
     old_n = int(meta["num_classes"])

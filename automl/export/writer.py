@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ModelLoadError
+from automl.errors import ModelLoadError
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -160,8 +160,8 @@ def load_model(path: str | Path):
     """Rebuild (model, encoder, meta) from the files alone: no pickle."""
     from safetensors.torch import load_model as st_load
 
-    from . import backbones
-    from .preprocess import ImageEncoder, TextEncoder
+    from automl.models import registry as backbones
+    from automl.data.encoders import ImageEncoder, TextEncoder
 
     path = Path(path).resolve()
     meta = read_meta(path)

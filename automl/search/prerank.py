@@ -46,8 +46,8 @@ def rank_backbones(candidates: list[str], data, config: dict, max_rows: int = 10
     """LogME of each candidate on (a sample of) the training data, best first."""
     import torch
 
-    from .featcache import body_features
-    from .train import build_encoder, build_model, encode_inputs, full_config
+    from automl.training.featcache import body_features
+    from automl.training.loop import build_encoder, build_model, encode_inputs, full_config
 
     rng = np.random.default_rng(seed)
     n = len(data.y_train)

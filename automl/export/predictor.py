@@ -8,11 +8,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import read_inputs
-from .errors import DataError
-from .images import stack_resized
-from .metrics import classification_metrics
-from .preprocess import ImageEncoder, predict_logits
+from automl.data.intake import read_inputs
+from automl.errors import DataError
+from automl.data.images import stack_resized
+from automl.metrics import classification_metrics
+from automl.data.encoders import ImageEncoder, predict_logits
 
 
 class FinetunedModel:
@@ -87,12 +87,12 @@ class FinetunedModel:
 
     def evaluate(self, data: Any, label: str | None = None) -> dict:
         """Accuracy, macro-F1, balanced accuracy, log loss, ECE on labelled data."""
-        from .data import find_label_column, to_dataframe
+        from automl.data.intake import find_label_column, to_dataframe
 
         df, _ = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
         label_col = find_label_column(df, label or (self.meta["label_column"] if self.meta["label_column"] in df.columns else None))
         if self.is_regression:
-            from .metrics import regression_metrics
+            from automl.metrics import regression_metrics
 
             return regression_metrics(df[label_col].astype(float).to_numpy(), self.predict(df))
         known = {str(c): i for i, c in enumerate(self.classes)}
@@ -112,7 +112,7 @@ class FinetunedModel:
 
 def load(path: str | Path) -> FinetunedModel:
     """Load an exported model from its directory (safetensors + JSON; no pickle)."""
-    from .export import load_model
+    from automl.export.writer import load_model
 
     model, encoder, meta = load_model(path)
     trials = pd.read_csv(Path(path) / "trials.csv") if (Path(path) / "trials.csv").exists() else None

@@ -246,7 +246,7 @@ def _fits(n_rows: int, per_row: int) -> bool:
 
 def _verified(split: Split, encoder, x, device) -> bool:
     """The split reproduces the model's own output on a few real rows (eval mode)."""
-    from .preprocess import forward
+    from automl.data.encoders import forward
 
     model = split.model
     idx = np.arange(min(4, len(x)))

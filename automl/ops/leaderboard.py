@@ -17,14 +17,14 @@ import time
 import traceback
 from pathlib import Path
 
-from .errors import AutoMLError
-from .store import Store, now
+from automl.errors import AutoMLError
+from automl.ops.store import Store, now
 
 SUITE_KEYS = {"name", "data", "label", "time_budget", "max_trials", "search_space", "set", "metric", "seed", "output"}
 
 
 def load_suite(path: str | Path) -> list[dict]:
-    from .jobs import read_listing
+    from automl.ops.jobs import read_listing
 
     path = Path(path)
     raw = read_listing(path, "datasets", "Suite file")
@@ -57,8 +57,8 @@ def _code_version() -> str:
 
 def _rescore_champion(champion: dict, export_dir: Path) -> float | None:
     """The champion's score on the new model's stored test split (used when the data changed)."""
-    from .export import load_model
-    from .update import load_test_split, score
+    from automl.export.writer import load_model
+    from automl.diagnostics.update import load_test_split, score
 
     split = load_test_split(export_dir)
     if split is None or not Path(champion["export_path"]).exists():
@@ -72,7 +72,7 @@ def refresh(suite: str | Path, store: Store, *, address: str | None = None, forc
             since_hours: float = 20.0, progress: bool = True, only: list[str] | None = None,
             stale_after_s: float | None = None) -> list[dict]:
     """Run every dataset of the suite that has no finished run in the last `since_hours` (all with force)."""
-    from .api import auto_finetune
+    from automl.api import auto_finetune
 
     entries = load_suite(suite)
     if only:
@@ -124,7 +124,7 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
     The suite file, the data and the database must be reachable from the cluster (shared
     filesystem, URIs, or a database server).
     """
-    from . import jobs
+    from automl.ops import jobs
 
     if db_url == "sqlite://" or (db_url.startswith("sqlite") and ":memory:" in db_url):
         raise AutoMLError("A refresh on a cluster needs a database the jobs can reach: a SQLite file on a shared "
@@ -135,7 +135,7 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
     env = jobs.runtime_env()
     submitted = []
     for e in entries:
-        args = ["python", "-m", "automl.cli", "leaderboard", "refresh", str(Path(suite).resolve()), "--db", db_url,
+        args = ["python", "-m", "automl", "leaderboard", "refresh", str(Path(suite).resolve()), "--db", db_url,
                 "--only", e["name"], "--quiet"] + (["--force"] if force else [])
         sid = f"automl-refresh-{batch}-{e['name']}"
         c.submit_job(entrypoint=jobs.command(args), submission_id=sid, runtime_env=env, entrypoint_num_cpus=0,

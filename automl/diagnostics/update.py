@@ -46,8 +46,8 @@ def load_test_split(export_dir: str | Path):
 
 def score(model, encoder, classes: list, x, labels: list, metric: str, is_image: bool) -> float:
     """`metric` of a model on stored inputs (already decoded/resized images, or raw text tuples)."""
-    from .metrics import classification_metrics
-    from .preprocess import predict_logits
+    from automl.metrics import classification_metrics
+    from automl.data.encoders import predict_logits
 
     inputs = x if is_image else encoder.encode(x)
     proba = torch.softmax(predict_logits(model, encoder, inputs, torch.device("cpu")), 1).numpy()

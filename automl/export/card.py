@@ -107,8 +107,8 @@ def write_card(out_dir, meta: dict, trials, history: dict | None) -> None:
     """MODEL_CARD.md + MODEL_CARD.html + figures, into an export being written."""
     from pathlib import Path
 
-    from . import plots
-    from .mdhtml import to_html
+    from automl.export import plots
+    from automl.export.mdhtml import to_html
 
     out_dir = Path(out_dir)
     figs = {}

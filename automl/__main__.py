@@ -1,0 +1,6 @@
+"""`python -m automl ...` is the `automl` command."""
+import sys
+
+from automl.ops.cli import main
+
+sys.exit(main())
