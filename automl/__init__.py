@@ -7,11 +7,14 @@
 """
 from automl import runtime as _runtime  # noqa: F401  (offline-hub defaults before any hub library loads)
 from automl.api import auto_finetune
-from automl.models.registry import BackboneSpec, list_backbones, register_backbone
+from automl.models import BackboneSpec, list_backbones, register_backbone
 from automl.training.augment import register_image_policy, register_text_policy
 from automl.data.intake import DataReport, prepare
 from automl.errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
+from automl.export.manifest import ExportManifest
 from automl.export.predictor import FinetunedModel, load
+from automl.options import FinetuneOptions
+from automl.budget import Budget
 from automl.training.schedules import register_schedule
 from automl.search.space import SearchSpace, load_space
 
@@ -19,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "auto_finetune", "load", "FinetunedModel", "prepare", "DataReport", "load_space", "SearchSpace",
     "BackboneSpec", "register_backbone", "register_schedule", "register_image_policy", "register_text_policy",
-    "list_backbones", "AutoMLError", "DataError", "ModelLoadError", "SearchSpaceError",
+    "list_backbones", "FinetuneOptions", "ExportManifest", "Budget", "AutoMLError", "DataError", "ModelLoadError", "SearchSpaceError",
 ]

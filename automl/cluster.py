@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 
 def worker_env() -> dict[str, str]:
@@ -39,25 +40,47 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
     return True
 
 
-def resources(cpus_per_trial: float | None = None, gpus_per_trial: float | None = None) -> dict:
-    """Per-trial resources: 1 GPU per trial when GPUs exist, else 1 CPU (threads = CPUs)."""
-    import ray
+@dataclass
+class ClusterInfo:
+    """What the Ray cluster offers: totals and the largest single node (no request may exceed one node)."""
 
-    total = ray.cluster_resources()
-    n_gpu = float(total.get("GPU", 0))
-    gpu = gpus_per_trial if gpus_per_trial is not None else (1.0 if n_gpu >= 1 else 0.0)
-    cpu = cpus_per_trial if cpus_per_trial is not None else 1.0
-    out = {"cpu": float(cpu)}
-    if gpu:
-        out["gpu"] = float(gpu)
-    return out
+    cpus: float
+    gpus: float
+    node_cpus: float          # CPUs of the largest node
+    node_gpus: float
+
+    @classmethod
+    def current(cls) -> "ClusterInfo":
+        import ray
+
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        return cls(float(total.get("CPU", 1)), float(total.get("GPU", 0)),
+                   max((float(r.get("CPU", 0)) for r in nodes), default=1.0),
+                   max((float(r.get("GPU", 0)) for r in nodes), default=0.0))
+
+    def trial_resources(self, cpus: float | None = None, gpus: float | None = None) -> dict:
+        """Per trial: 1 GPU when GPUs exist, else 1 CPU (threads = CPUs)."""
+        gpu = gpus if gpus is not None else (1.0 if self.gpus >= 1 else 0.0)
+        out = {"cpu": float(cpus if cpus is not None else 1.0)}
+        if gpu:
+            out["gpu"] = float(gpu)
+        return out
+
+    def max_concurrency(self, res: dict) -> int:
+        by_cpu = int(self.cpus // max(res["cpu"], 1e-9))
+        if res.get("gpu"):
+            return max(1, min(by_cpu, int(self.gpus // res["gpu"])))
+        return max(1, by_cpu)
+
+    def retrain_cpus(self, res: dict, workers: int) -> int:
+        """After the search the retrain runs alone: each worker gets its share of one node's CPUs."""
+        if res.get("gpu"):
+            return max(1, int(res["cpu"]))
+        return max(1, int(res["cpu"]), int(self.node_cpus // max(1, workers)))
 
 
-def max_concurrency(res: dict) -> int:
-    import ray
-
-    total = ray.cluster_resources()
-    by_cpu = int(total.get("CPU", 1) // max(res["cpu"], 1e-9))
-    if res.get("gpu"):
-        return max(1, min(by_cpu, int(total.get("GPU", 0) // res["gpu"])))
-    return max(1, by_cpu)
+def connect(address: str | None = None, *, verbose: bool = False) -> ClusterInfo:
+    """Start or join Ray, and describe the cluster."""
+    ensure_ray(address, verbose=verbose)
+    return ClusterInfo.current()

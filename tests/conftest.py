@@ -62,7 +62,7 @@ def digits_trial_data(digits_df):
     """digits_df prepared and split, as 16x16 images: the input of one search or trial."""
     from automl.data.intake import prepare
     from automl.data.images import stack_resized
-    from automl.training.loop import TrialData
+    from automl.data.trial_data import TrialData
 
     t = prepare(digits_df)
     X = stack_resized(t.images, 16)
@@ -72,7 +72,7 @@ def digits_trial_data(digits_df):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> str:
-    from automl.models.registry import minilm_dir
+    from automl.models import minilm_dir
 
     return minilm_dir()
 

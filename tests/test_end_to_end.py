@@ -122,7 +122,8 @@ def test_retrain_with_two_ray_train_workers(ray_session, digits_df, tmp_path):
     from automl.data.intake import prepare
     from automl.data.images import stack_resized
     from automl.training.retrain import retrain
-    from automl.training.loop import TrialData, build_encoder, evaluate, full_config
+    from automl.data.trial_data import TrialData
+    from automl.training.loop import build_encoder, evaluate, full_config
 
     t = prepare(digits_df)
     X = stack_resized(t.images, 16)

@@ -7,29 +7,31 @@ import os
 import pytest
 import torch
 
-from automl import ModelLoadError, load
-
-from automl.models import registry as backbones
-from automl.export.writer import write_export
+from automl import ModelLoadError, load, models
+from automl.data.encoders import ImageEncoder
 from automl.diagnostics.update import decide
+from automl.export.manifest import ExportManifest, Preprocessing
+from automl.export.writer import write_export
+
+ENC = ImageEncoder(16, [0.5] * 3, [0.5] * 3)
 
 
-def _meta():
-    return {"task": "multiclass", "modality": "image", "classes": ["a", "b", "c"], "num_classes": 3,
-            "label_column": "label", "input_columns": ["image"], "metric": "accuracy",
-            "backbone": {"library": "timm", "model": "resnet10t", "pretrained": False, "weights": None, "kwargs": {}},
-            "preprocessing": {"kind": "image", "size": 16, "mean": [0.5] * 3, "std": [0.5] * 3, "storage_size": 16},
-            "hyperparameters": {"dropout": 0.0}}
+def _manifest(classes=("a", "b", "c")) -> ExportManifest:
+    return ExportManifest(task="multiclass", modality="image", classes=list(classes), label_column="label",
+                          input_columns=["image"], metric="accuracy",
+                          backbone=models.BackboneSpec("timm", "resnet10t", pretrained=False),
+                          preprocessing=Preprocessing("image", size=16, mean=[0.5] * 3, std=[0.5] * 3, storage_size=16),
+                          hyperparameters={"dropout": 0.0})
 
 
 def _model():
     torch.manual_seed(0)
-    return backbones.build(backbones.resolve("timm/resnet10t:scratch"), 3)
+    return models.build("timm/resnet10t:scratch", 3)
 
 
 def test_export_round_trip_predicts_identically(tmp_path):
     m = _model().eval()
-    write_export(tmp_path / "exp", m, _meta(), formats=False)
+    write_export(tmp_path / "exp", m, ENC, _manifest(), formats=False)
     again = load(tmp_path / "exp")
     x = torch.randn(4, 3, 16, 16)
     assert torch.allclose(m(x), again.model(x), atol=1e-6)
@@ -37,14 +39,14 @@ def test_export_round_trip_predicts_identically(tmp_path):
 
 def test_crash_during_export_leaves_previous_export_intact(tmp_path):
     target = tmp_path / "exp"
-    write_export(target, _model(), _meta(), formats=False)
+    write_export(target, _model(), ENC, _manifest(), formats=False)
     before = json.loads((target / "config.json").read_text())
 
     def crash(d, meta):
         raise KeyboardInterrupt("killed mid-export")
 
     with pytest.raises(KeyboardInterrupt):
-        write_export(target, _model(), {**_meta(), "classes": ["x", "y", "z"]}, formats=False, writers=[crash])
+        write_export(target, _model(), ENC, _manifest(["x", "y", "z"]), formats=False, writers=[crash])
     assert json.loads((target / "config.json").read_text()) == before
     assert load(target).classes == ["a", "b", "c"]
     assert [p for p in os.listdir(tmp_path) if p != "exp"] == []  # no temp dirs left behind
@@ -52,7 +54,7 @@ def test_crash_during_export_leaves_previous_export_intact(tmp_path):
 
 def test_half_written_export_is_refused(tmp_path):
     target = tmp_path / "exp"
-    write_export(target, _model(), _meta(), formats=False)
+    write_export(target, _model(), ENC, _manifest(), formats=False)
     with open(target / "model.safetensors", "r+b") as f:
         f.truncate(100)
     with pytest.raises(ModelLoadError, match="incomplete"):
@@ -64,8 +66,8 @@ def test_half_written_export_is_refused(tmp_path):
 
 def test_export_as_backbone_keeps_old_head_rows_and_appends_classes(tmp_path):
     m = _model()
-    write_export(tmp_path / "exp", m, _meta(), formats=False)
-    grown = backbones.build(backbones.resolve(f"automl:{tmp_path / 'exp'}"), 5)
+    write_export(tmp_path / "exp", m, ENC, _manifest(), formats=False)
+    grown = models.build(f"automl:{tmp_path / 'exp'}", 5)
     old_w, new_w = m.body.get_classifier().weight, grown.body.get_classifier().weight
     assert new_w.shape[0] == 5 and torch.equal(new_w[:3], old_w)
     assert torch.equal(dict(grown.named_parameters())["body.conv1.0.weight"], dict(m.named_parameters())["body.conv1.0.weight"])
@@ -78,7 +80,7 @@ def test_export_as_backbone_keeps_old_head_rows_and_appends_classes(tmp_path):
     (0.90, 0.80, 0.845, 0.85, "champion"),    # a drop within the tolerance
 ])
 def test_promotion_policy(new_new, base_new, new_old, base_old, expected):
-    decision, reason = decide(new_new, base_new, new_old, base_old, tolerance=0.01)
+    decision, reason = decide(new_new, base_new, forgetting=base_old - new_old, tolerance=0.01)
     assert decision == expected and reason
 
 
@@ -98,3 +100,24 @@ def test_update_scores_count_labels_the_model_does_not_know_as_misses():
     assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "accuracy", True) == pytest.approx(0.5)
     # macro-F1 over a, b and the unknown class: a = 2/3, b = 0, unknown = 0 (never predicted)
     assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "f1_macro", True) == pytest.approx(2 / 9)
+
+
+def test_schema_1_exports_still_load_and_predict_as_they_did(tmp_path):
+    """Exports written before the typed manifest (schema 1, fixtures made by that code) load and predict the same."""
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    fixtures = Path(__file__).parent / "fixtures"
+    expected = json.loads((fixtures / "v1_expected.json").read_text())
+    img = load(fixtures / "v1_image_export")
+    assert img.manifest.schema_version == 1 and img.manifest.provenance.fingerprint
+    d = load_digits()
+    got = img.predict_proba(pd.DataFrame({"image": [d.images[i] for i in expected["image_rows"]]}))
+    np.testing.assert_allclose(got.to_numpy(), expected["image_proba"], atol=1e-6)
+    txt = load(fixtures / "v1_text_export")
+    got = txt.predict_proba(pd.DataFrame({"text": expected["texts"]}))
+    np.testing.assert_allclose(got.to_numpy(), expected["text_proba"], atol=1e-6)
+    assert txt.classes == expected["text_classes"]

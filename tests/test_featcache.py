@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from automl.data.intake import prepare
-from automl.training.loop import TrialData, fit
+from automl.data.trial_data import TrialData
+from automl.training.loop import fit
 
 
 def _same_params(a, b, atol=1e-5):
@@ -25,6 +26,8 @@ def test_cached_and_uncached_head_training_agree(digits_trial_data, tmp_path, ba
     assert len(list(tmp_path.glob("*.npy"))) == 2  # train and validation features, written once
     again = fit(cfg, data, epochs=2)  # a second trial reads them back
     _same_params(plain.model, again.model)
+    assert [h["feature_cache"] for h in (plain.history[-1], cached.history[-1], again.history[-1])] == \
+        ["off", "head:computed", "head:hit"]
 
 
 @pytest.mark.parametrize("backbone,k,size", [("timm/resnet10t:scratch", 1, 16),
@@ -38,6 +41,7 @@ def test_frozen_prefix_cached_and_uncached_agree(digits_trial_data, tmp_path, ba
     _same_params(plain.model, cached.model, atol=1e-4)
     assert plain.history[-1]["val_accuracy"] == pytest.approx(cached.history[-1]["val_accuracy"])
     assert len(list(tmp_path.glob("*.npy"))) == 2
+    assert cached.history[-1]["feature_cache"].startswith("timm") and cached.history[-1]["feature_cache"] != "timm0"
 
 
 def test_not_cached_when_inputs_change_between_epochs(digits_trial_data, tmp_path):
@@ -63,6 +67,7 @@ def test_cached_text_head_matches_with_real_minilm(text_df, tmp_path):
     plain = fit(cfg, data, epochs=1)
     cached = fit(cfg, TrialData(**{**data.__dict__, "cache_dir": str(tmp_path)}), epochs=1)
     _same_params(plain.model, cached.model, atol=1e-4)
+    assert cached.history[-1]["feature_cache"] == "head:computed"
     # Frozen prefix: the top two encoder layers train on cached hidden states of the first four.
     cfg2 = {**cfg, "unfreeze": 2}
     plain2 = fit(cfg2, data, epochs=1)
@@ -71,3 +76,4 @@ def test_cached_text_head_matches_with_real_minilm(text_df, tmp_path):
     _same_params(plain2.model, cached2.model, atol=1e-4)
     assert plain2.history[-1]["val_accuracy"] == pytest.approx(cached2.history[-1]["val_accuracy"])
     assert len(list(cache2.glob("*.offsets.npy"))) == 2
+    assert cached2.history[-1]["feature_cache"] == "hf4:computed"

@@ -57,14 +57,18 @@ def test_overrides_change_ranges_pin_values_and_keep_start_points():
     assert "lr" not in point  # 3e-3 is outside the new range, so the searcher samples it
 
 
+B = "timm/resnet10t:scratch"
+
+
 @pytest.mark.parametrize("bad, needle", [
     ({"parameters": {"backbone": {"type": "choice", "values": []}}}, "non-empty list"),
-    ({"parameters": {"backbone": "x", "lr": {"type": "float", "low": "1e-4", "high": 1.0}}}, "numeric low/high"),
-    ({"parameters": {"backbone": "x", "lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "low must be > 0"),
-    ({"parameters": {"backbone": "x", "a": {"type": "int", "low": 5, "high": 1}}}, "low=5 > high=1"),
-    ({"parameters": {"backbone": "x", "a": {"type": "weird"}}}, "has type 'weird'"),
-    ({"parameters": {"backbone": "x", "a": {"values": [1], "when": {"later": [1]}}, "later": 1}}, "not defined before it"),
-    ({"parameters": {"backbone": "x"}, "colour": 1}, "unknown top-level keys ['colour']"),
+    ({"parameters": {"backbone": B, "lr": {"type": "float", "low": "1e-4", "high": 1.0}}}, "numeric low/high"),
+    ({"parameters": {"backbone": B, "lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "low must be > 0"),
+    ({"parameters": {"backbone": B, "batch_size": {"type": "int", "low": 5, "high": 1}}}, "low=5 > high=1"),
+    ({"parameters": {"backbone": B, "dropout": {"type": "weird"}}}, "has type 'weird'"),
+    ({"parameters": {"backbone": B, "lr": {"values": [0.1], "when": {"dropout": [0.1]}}, "dropout": 0.1}},
+     "not defined before it"),
+    ({"parameters": {"backbone": B}, "colour": 1}, "unknown top-level keys ['colour']"),
     ({"parameters": {"lr": 0.1}}, "no 'backbone' parameter"),
 ])
 def test_invalid_spaces_name_the_file_key_and_problem(tmp_path, bad, needle):
@@ -107,3 +111,23 @@ def test_transfer_settings_are_not_sampled_for_scratch_backbones():
     assert {"unfreeze", "layer_decay"} <= seen[False]
     cfg = space.active_config({"backbone": "timm/resnet10t:scratch", "unfreeze": 1, "lr": 0.01})
     assert "unfreeze" not in cfg and cfg["lr"] == 0.01
+
+
+@pytest.mark.parametrize("param, spec, message", [
+    ("schedule", {"type": "choice", "values": ["cosine", "cosin"]},
+     "parameter 'schedule': 'cosin' is not a registered LR schedule; allowed: ['constant', 'cosine'"),
+    ("lrr", {"type": "float", "low": 1.0e-4, "high": 1.0e-2}, "unknown parameter 'lrr' (did you mean 'lr'?)"),
+    ("dropout", {"type": "float", "low": 0.1, "high": 1.5}, "parameter 'dropout': 1.5 is not a number in [0, 1)"),
+    ("augment", "flip", "parameter 'augment': 'flip' is not a registered image augmentation policy"),
+    ("backbone", "resnet18", "parameter 'backbone': 'resnet18' is not a backbone name"),
+    ("optimizer", {"type": "choice", "values": ["adam"]}, "'adam' is not 'adamw' or 'sgd'"),
+])
+def test_spaces_are_checked_against_what_a_trial_understands(tmp_path, param, spec, message):
+    """A misspelt schedule or an out-of-range value fails at load, naming the file and the key: no budget burnt."""
+    import yaml
+
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"parameters": {"backbone": "timm/resnet10t:scratch", param: spec}}))
+    with pytest.raises(SearchSpaceError) as info:
+        load_space(str(path), "image")
+    assert str(path) in str(info.value) and message in str(info.value)

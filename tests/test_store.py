@@ -13,12 +13,16 @@ import tempfile
 import pandas as pd
 import pytest
 
+from automl.export.manifest import ExportManifest, Preprocessing
+from automl.models import BackboneSpec
 from automl.ops.store import Store
 
 
-def _meta(score: float, lr: float = 1e-3) -> dict:
-    return {"metric": "accuracy", "backbone": {"model": "resnet10t"}, "test_metrics": {"accuracy": score},
-            "hyperparameters": {"lr": lr, "unfreeze": "all", "schedule": "cosine"}}
+def _manifest(score: float, lr: float = 1e-3) -> ExportManifest:
+    return ExportManifest(task="multiclass", modality="image", classes=[0, 1], label_column="label",
+                          input_columns=["image"], preprocessing=Preprocessing("image"), metric="accuracy",
+                          backbone=BackboneSpec("timm", "resnet10t"), test_metrics={"accuracy": score},
+                          hyperparameters={"lr": lr, "unfreeze": "all", "schedule": "cosine"})
 
 
 def _add(store: Store, dataset: str, score: float, fingerprint: str = "fp1", lr: float = 1e-3) -> str:
@@ -26,7 +30,7 @@ def _add(store: Store, dataset: str, score: float, fingerprint: str = "fp1", lr:
     trials = pd.DataFrame([{"trial_id": "t1", "config/lr": lr, "best_val_accuracy": score, "epochs_run": 3,
                             "status": "COMPLETED"}])
     store.add_trials(run, trials, "accuracy")
-    mid = store.add_model(run, dataset, fingerprint, f"/exports/{dataset}/{score}", _meta(score, lr))
+    mid = store.add_model(run, dataset, fingerprint, f"/exports/{dataset}/{score}", _manifest(score, lr))
     store.finish_run(run, "finished", compute_s=12.0, trial_epochs=3)
     return mid
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from automl.models import registry as backbones
+from automl import models
 
 from automl.training import schedules
 from automl.training import augment as aug
 from automl.data.intake import prepare
-from automl.training.loop import TrialData, fit, full_config, make_optimizer, n_trainable_groups, set_trainable
+from automl.data.trial_data import TrialData
+from automl.training.loop import fit, full_config, make_optimizer, n_trainable_groups, set_trainable
 
 
 def test_fit_runs_without_ray_and_learns(digits_trial_data):
@@ -38,8 +39,8 @@ def test_resume_from_state_continues_identically(digits_trial_data):
 
 @pytest.mark.parametrize("name", ["timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch"])
 def test_unfreeze_k_trains_head_plus_top_k_groups(name):
-    model = backbones.build(backbones.resolve(name), 3)
-    groups = backbones.layer_groups(model)
+    model = models.build(name, 3)
+    groups = models.family(model).layer_groups(model)
     head = set(groups[-1])
     assert head == {n for n, _ in model.named_parameters() if "fc" in n or "classifier" in n}
     for k in range(len(groups)):
@@ -49,10 +50,10 @@ def test_unfreeze_k_trains_head_plus_top_k_groups(name):
 
 
 def test_text_groups_are_embeddings_layers_then_head(minilm_dir):
-    model = backbones.build(backbones.BackboneSpec("hf", minilm_dir), 2)
-    groups = backbones.layer_groups(model)
-    assert len(groups) == 8  # embeddings, 6 encoder layers, pooler+classifier
-    assert all("embeddings" in n for n in groups[0]) and any("classifier" in n for n in groups[-1])
+    model = models.build(models.BackboneSpec("hf", minilm_dir), 2)
+    groups = models.family(model).layer_groups(model)
+    assert len(groups) == 8  # embeddings, 6 encoder layers, the head
+    assert all("embeddings" in n for n in groups[0]) and groups[-1] == ["head.weight", "head.bias"]
     set_trainable(model, groups, 0)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(groups[-1])
 
@@ -64,8 +65,8 @@ def test_gradual_unfreezing_adds_a_group_every_n_epochs():
 
 
 def test_layer_decay_lowers_lr_towards_the_input():
-    model = backbones.build(backbones.resolve("timm/resnet10t:scratch"), 3)
-    groups = backbones.layer_groups(model)
+    model = models.build("timm/resnet10t:scratch", 3)
+    groups = models.family(model).layer_groups(model)
     opt = make_optimizer(model, groups, full_config({"lr": 1.0, "layer_decay": 0.5}))
     lrs = sorted({g["lr"] for g in opt.param_groups})
     assert lrs == [0.5 ** i for i in range(len(groups) - 1, -1, -1)]
@@ -134,12 +135,12 @@ def test_local_weight_file_is_used_as_pretrained_source(tmp_path):
 
     src = timm.create_model("resnet10t", pretrained=False, num_classes=7)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
-    spec = backbones.BackboneSpec("timm", "resnet10t", pretrained=True, weights=str(tmp_path / "w.safetensors"))
-    model = backbones.build(spec, 3)
+    spec = models.BackboneSpec("timm", "resnet10t", pretrained=True, weights=str(tmp_path / "w.safetensors"))
+    model = models.build(spec, 3)
     body = model.body.state_dict()
     assert torch.equal(body["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
     assert body["fc.weight"].shape == (3, 512)
-    same = backbones.build(backbones.resolve(f"timm/resnet10t@{tmp_path / 'w.safetensors'}"), 3)  # the YAML form
+    same = models.build(f"timm/resnet10t@{tmp_path / 'w.safetensors'}", 3)  # the YAML form
     assert torch.equal(same.body.state_dict()["conv1.0.weight"], src.state_dict()["conv1.0.weight"])
 
 
@@ -150,12 +151,12 @@ def test_unreachable_hub_fails_fast_with_a_fix():
 
     t0 = time.time()
     with pytest.raises(ModelLoadError, match="weights="):
-        backbones.build(backbones.resolve("timm/resnet18.a1_in1k"), 3)
+        models.build("timm/resnet18.a1_in1k", 3)
     with pytest.raises(ModelLoadError, match="local dir"):
-        backbones.build(backbones.resolve("hf/some-org/not-downloaded-model"), 3)
+        models.build("hf/some-org/not-downloaded-model", 3)
     assert time.time() - t0 < 30
     with pytest.raises(ModelLoadError, match="Unknown backbone"):
-        backbones.resolve("resnet18")
+        models.resolve("resnet18")
 
 
 @pytest.mark.parametrize("name", schedules.list_schedules())

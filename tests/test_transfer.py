@@ -23,7 +23,8 @@ def test_logme_prefers_features_that_separate_the_labels(global_random_seed):
 def test_rank_backbones_runs_one_forward_pass_per_candidate(digits_df):
     from automl.data.intake import prepare
     from automl.data.images import stack_resized
-    from automl.training.loop import TrialData, full_config
+    from automl.data.trial_data import TrialData
+    from automl.training.loop import full_config
 
     t = prepare(digits_df)
     X = stack_resized(t.images, 16)

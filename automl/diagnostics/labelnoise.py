@@ -29,7 +29,7 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
     """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from automl.training.loop import TrialData
+    from automl.data.trial_data import TrialData
 
     n = len(y)
     proba = np.zeros((n, num_classes), dtype=np.float32)

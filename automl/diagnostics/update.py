@@ -76,14 +76,39 @@ def l2_distance(new_model, base_model) -> float:
     return total ** 0.5
 
 
-def decide(new_on_new: float, base_on_new: float, new_on_old: float, base_on_old: float,
-           tolerance: float) -> tuple[str, str]:
-    """champion only if better on the new data and not worse than `tolerance` on the old."""
-    forgetting = base_on_old - new_on_old
-    if new_on_new <= base_on_new:
-        return "challenger", (f"not better on the new test split ({new_on_new:.4f} vs base {base_on_new:.4f})")
-    if forgetting > tolerance:
-        return "challenger", (f"forgets: {forgetting:.4f} drop on the base model's test split "
-                              f"({new_on_old:.4f} vs {base_on_old:.4f}) exceeds the tolerance {tolerance}")
-    return "champion", (f"better on the new test split ({new_on_new:.4f} vs {base_on_new:.4f}) and within "
-                        f"tolerance on the old one (change {-forgetting:+.4f}, tolerance {tolerance})")
+def decide(new: float, current: float, *, forgetting: float | None = None, tolerance: float = 0.0,
+           metric: str = "score") -> tuple[str, str]:
+    """The promotion rule, for updates and the leaderboard alike: "champion" only if `new` beats `current`
+    (both on the same test split) and, when `forgetting` is measured, loses at most `tolerance` on the old data."""
+    if new <= current:
+        return "challenger", f"test {metric} {new:.4f} does not beat the current model's {current:.4f}"
+    if forgetting is not None and forgetting > tolerance:
+        return "challenger", (f"forgets: {metric} drops by {forgetting:.4f} on the base model's test split, "
+                              f"more than the tolerance {tolerance}")
+    return "champion", (f"test {metric} {new:.4f} beats the current model's {current:.4f}"
+                        + (f" and stays within tolerance on the old test split (change {-forgetting:+.4f}, "
+                           f"tolerance {tolerance})" if forgetting is not None else ""))
+
+
+def compare_with_base(base_dir: Path, model, encoder, classes: list, test_x, test_labels: list, metric: str,
+                      tolerance: float, is_image: bool) -> dict:
+    """Score an update and its base on the new test split and on the base's own stored test split."""
+    from automl.errors import AutoMLError
+    from automl.export.writer import load_model
+
+    base, base_encoder, base_manifest = load_model(base_dir)
+    new_on_new = score(model, encoder, classes, test_x, test_labels, metric, is_image)
+    base_on_new = score(base, base_encoder, base_manifest.classes, test_x, test_labels, metric, is_image)
+    old = load_test_split(base_dir)
+    if old is None:
+        raise AutoMLError(f"base_model {str(base_dir)!r} has no stored test split, so forgetting cannot be measured. "
+                          "Fix: re-export the base model with keep_test_split=True.")
+    old_x, old_labels = old
+    new_on_old = score(model, encoder, classes, old_x, old_labels, metric, is_image)
+    base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, is_image)
+    decision, reason = decide(new_on_new, base_on_new, forgetting=base_on_old - new_on_old, tolerance=tolerance,
+                              metric=metric)
+    return {"base_model": str(base_dir), "metric": metric, "tolerance": tolerance,
+            "new_test": {"new": new_on_new, "old": base_on_new}, "old_test": {"new": new_on_old, "old": base_on_old},
+            "forgetting": base_on_old - new_on_old, "l2_from_base": l2_distance(model, base),
+            "decision": decision, "reason": reason}

@@ -1,101 +1,180 @@
-"""MODEL_CARD.md: what the data was, what was searched, what won, how well it does."""
+"""MODEL_CARD.md (+ .html and figures): what the data was, what was searched, what won, how well it does,
+and what the export's files carry."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
+from automl.export.manifest import ExportManifest
 
-def _table(df: pd.DataFrame) -> str:
+# Files that hold the user's data (rows, texts, images), as opposed to weights and summaries.
+USER_DATA_FILES = {"test_split.npz": "the test split's images and labels",
+                   "test_split.jsonl": "the test split's texts and labels",
+                   "suspected_label_errors.csv": "row numbers and labels of suspected label errors",
+                   "data_report.json": "column names, class names and counts, unreadable file names"}
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v).replace("|", "\\|")
+
+
+def table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for _, row in df.iterrows():
-        cells = [f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for _, row in df.iterrows()]
     return "\n".join(lines)
 
 
-def model_card(meta: dict, trials: pd.DataFrame | None) -> str:
-    m = meta.get("test_metrics", {})
-    rep = meta.get("data_report", {})
-    metric = meta.get("metric", "accuracy")
-    out = [f"# Model card: {meta['backbone']['model'].split('/')[-1]} for {meta['label_column']!r}", ""]
-    if meta["task"] == "regression":
-        what = f"- Task: {meta['modality']} regression (target mean/std {meta.get('target_scale')})"
-        scores = (f"(RMSE {m.get('rmse', float('nan')):.4g}, MAE {m.get('mae', float('nan')):.4g})")
+def _kv(rows: dict) -> str:
+    return table(pd.DataFrame({"": list(rows), "value": [_cell(v) for v in rows.values()]}))
+
+
+def _summary(m: ExportManifest) -> list[str]:
+    t, metric = m.test_metrics, m.metric
+    rep = m.data_report
+    if m.is_regression:
+        what = f"{m.modality} regression of `{m.label_column}`"
+        scores = f"RMSE {t.get('rmse', float('nan')):.4g}, MAE {t.get('mae', float('nan')):.4g}"
     else:
-        what = (f"- Task: {meta['task']} {meta['modality']} classification, {meta['num_classes']} classes: "
-                f"{', '.join(map(str, meta['classes'][:30]))}{' …' if len(meta['classes']) > 30 else ''}")
-        scores = (f"(accuracy {m.get('accuracy', float('nan')):.4f}, macro-F1 {m.get('f1_macro', float('nan')):.4f}, "
-                  f"ECE {m.get('ece', float('nan')):.4f})")
-    out += ["## Summary", "", what,
-            f"- Backbone: `{meta['backbone']['model']}` ({meta['backbone']['library']}, "
-            f"pretrained={meta['backbone']['pretrained']})",
-            f"- Test {metric}: **{m.get(metric, float('nan')):.4f}** on {rep.get('split_sizes', {}).get('test', '?')} "
-            f"held-out examples {scores}",
-            f"- Selected on validation {metric} = {meta.get('search', {}).get('best_score', float('nan')):.4f} after "
-            f"{meta.get('search', {}).get('n_trials', '?')} trials; retrained on train+validation for "
-            f"{meta.get('retrain', {}).get('epochs', '?')} epochs", ""]
-    out += ["## Data", "", f"- Rows received: {rep.get('rows_received')}, used: {rep.get('rows_used')}",
-            f"- Split sizes: {rep.get('split_sizes')}", f"- Class counts: {rep.get('class_counts')}",
-            f"- Imbalance ratio (largest/smallest class): {rep.get('imbalance_ratio', 1.0):.2f}",
-            f"- Dropped: missing label {rep.get('dropped_missing_label', 0)}, missing input "
-            f"{rep.get('dropped_missing_input', 0)}, unreadable images {len(rep.get('dropped_unreadable_images', []))}, "
-            f"duplicates {rep.get('dropped_duplicates', 0)}, conflicting duplicates "
-            f"{rep.get('dropped_conflicting_duplicates', 0)}, rare classes {rep.get('dropped_rare_classes', {})}",
-            *[f"- Note: {n}" for n in rep.get("notes", [])],
-            *([f"- Ignored columns: {rep['ignored_columns']}"] if rep.get("ignored_columns") else []), ""]
-    shown = meta.get("searched_hyperparameters") or meta["hyperparameters"]  # only what applies to this model
-    out += ["## Winning hyperparameters", "", "```", *[f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}"
-                                                       for k, v in shown.items()], "```", ""]
+        shown = ", ".join(map(str, m.classes[:30])) + (" …" if len(m.classes) > 30 else "")
+        what = f"{m.task} {m.modality} classification of `{m.label_column}` into {len(m.classes)} classes ({shown})"
+        scores = (f"accuracy {t.get('accuracy', float('nan')):.4f}, macro-F1 {t.get('f1_macro', float('nan')):.4f}, "
+                  f"calibration error {t.get('ece', float('nan')):.4f}")
+    how = m.training.get("how", "retrain")
+    trained = {"retrain": f"then retrained on train+validation for {m.training.get('epochs', '?')} epochs",
+               "checkpoint": "the winning trial's own weights are exported (no retrain: " +
+                             str(m.training.get("reason", "")) + ")"}.get(how, m.training.get("description", how))
+    return ["## Summary", "",
+            f"This model does {what}. It fine-tunes `{m.backbone.model}` ({m.backbone.library}, "
+            f"{'pretrained' if m.backbone.pretrained else 'trained from scratch'}).", "",
+            f"On {rep.get('split_sizes', {}).get('test', '?')} held-out test examples it scores **{metric} "
+            f"{t.get(metric, float('nan')):.4f}** ({scores}). It was chosen by validation {metric} "
+            f"({m.search.get('best_score', float('nan')):.4f}) among {m.search.get('n_trials', '?')} trials, "
+            f"{trained}.", ""]
+
+
+def _data(m: ExportManifest) -> list[str]:
+    rep = m.data_report
+    sizes = rep.get("split_sizes", {})
+    dropped = {"missing label": rep.get("dropped_missing_label", 0), "missing input": rep.get("dropped_missing_input", 0),
+               "unreadable images": len(rep.get("dropped_unreadable_images", [])),
+               "duplicates": rep.get("dropped_duplicates", 0),
+               "identical inputs with different labels": rep.get("dropped_conflicting_duplicates", 0),
+               "rare classes": sum((rep.get("dropped_rare_classes") or {}).values())}
+    lines = ["## Data", "",
+             f"{rep.get('rows_received')} rows were received and {rep.get('rows_used')} used: "
+             f"{sizes.get('train', '?')} for training, {sizes.get('validation', '?')} for validation and "
+             f"{sizes.get('test', '?')} for the test.",
+             "Dropped: " + (", ".join(f"{v} {k}" for k, v in dropped.items() if v) or "nothing") + "."]
+    if rep.get("class_counts"):
+        counts = rep["class_counts"]
+        lines += [f"The largest class is {rep.get('imbalance_ratio', 1.0):.1f}× the smallest.", "",
+                  table(pd.DataFrame({"class": list(counts), "rows": list(counts.values())}))]
+    lines += [f"- Note: {n}" for n in rep.get("notes", [])]
+    if rep.get("ignored_columns"):
+        lines.append(f"- Columns not used as inputs: {', '.join(map(str, rep['ignored_columns']))}")
+    return lines + [""]
+
+
+def _search(m: ExportManifest, trials: pd.DataFrame | None) -> list[str]:
+    out = ["## How the budget was spent", ""]
+    plan = m.plan or {}
+    for reason in plan.get("reasons", []):
+        out.append(f"- {reason}")
+    spent = (m.budget or {}).get("spent_s", {})
+    if spent:
+        out += ["", "Time per stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) + "."]
+    out.append("")
+    shown = m.searched_hyperparameters or m.hyperparameters
+    out += ["## Winning configuration", "", _kv(shown), ""]
     if trials is not None and len(trials):
         keep = [c for c in trials.columns if c.startswith("best_val") or c in ("status", "epochs_run", "best_epoch")]
         cfg_cols = [c for c in ("config/backbone", "config/unfreeze", "config/schedule", "config/augment",
                                 "config/text_augment", "config/lr") if c in trials.columns]
         top = trials[["trial_id", *cfg_cols, *keep]].head(10).copy()
-        top.columns = [c.replace("config/", "") for c in top.columns]
+        top.columns = [c.replace("config/", "").replace("best_val_", "val ") for c in top.columns]
         counts = trials["status"].value_counts().to_dict() if "status" in trials else {}
-        out += ["## Search", "", f"Trials by status: {counts}", "", "Top trials (validation):", "", _table(top), ""]
-    figs = meta.get("figures", {})
-    if "learning_curves" in figs:
-        out += [f"![learning curves]({figs['learning_curves']})", ""]
-    cv = meta.get("cross_validation")
+        out += ["## Search", "", "Trials by outcome: " + ", ".join(f"{v} {k.lower().replace('_', ' ')}"
+                                                                   for k, v in counts.items()) + ".", "",
+                "The ten best trials (validation):", "", table(top), ""]
+    if "learning_curves" in m.figures:
+        out += [f"![learning curves]({m.figures['learning_curves']})", ""]
+    return out
+
+
+def _evaluation(m: ExportManifest) -> list[str]:
+    out = []
+    cv = m.cross_validation
     if cv:
         out += ["## Cross-validation of the winning config", "",
                 f"{cv['folds']}-fold on train+validation: " + ", ".join(
-                    f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in cv["metrics"].items()), ""]
-    if "per_class" in m:
-        pc = pd.DataFrame({"class": meta["classes"], **{k: v for k, v in m["per_class"].items()}})
-        out += ["## Per-class test metrics", "", _table(pc), ""]
-    if "confusion_matrix" in figs:
-        out += [f"![confusion matrix]({figs['confusion_matrix']})", ""]
-    upd = meta.get("update")
+                    f"{k} {v['mean']:.4f} ± {v['std']:.4f}" for k, v in cv["metrics"].items()) + ".", ""]
+    pc = m.test_metrics.get("per_class")
+    if pc:
+        out += ["## Per-class test metrics", "", table(pd.DataFrame({"class": m.classes, **pc})), ""]
+    if "confusion_matrix" in m.figures:
+        out += [f"![confusion matrix]({m.figures['confusion_matrix']})", ""]
+    g = m.group_metrics
+    if g:
+        out += ["## Per-group test metrics", "", f"Groups of `{g['column']}`; the largest gap in {m.metric} between "
+                f"groups is {g['gap']:.4f}.", "", table(pd.DataFrame(g["table"])), ""]
+        if g.get("flagged"):
+            out += [f"**Groups far below the rest:** {', '.join(map(str, g['flagged']))}.", ""]
+    upd = m.update
     if upd:
-        out += ["## Update of an earlier model", "", f"- Base model: `{upd['base_model']}`",
-                f"- New test split: new model {upd['new_test']['new']:.4f} vs base {upd['new_test']['old']:.4f}",
-                f"- Base model's test split: new model {upd['old_test']['new']:.4f} vs base {upd['old_test']['old']:.4f} "
-                f"(forgetting = {upd['forgetting']:+.4f})",
-                f"- L2 distance of weights from the base: {upd['l2_from_base']:.4f}",
-                f"- Decision: **{upd['decision']}** — {upd['reason']}", ""]
-    tr = meta.get("transferability")
+        out += ["## Update of an earlier model", "", f"Base model: `{upd['base_model']}`.", "",
+                table(pd.DataFrame({"test split": ["new data", "base model's data"],
+                                    "this model": [upd["new_test"]["new"], upd["old_test"]["new"]],
+                                    "base model": [upd["new_test"]["old"], upd["old_test"]["old"]]})), "",
+                f"Forgetting (drop on the base model's test split): {upd['forgetting']:+.4f}. Weights moved "
+                f"{upd['l2_from_base']:.4f} (L2) from the base.", "",
+                f"Decision: **{upd['decision']}**: {upd['reason']}.", ""]
+    tr = m.transferability
     if tr and tr.get("ranking"):
-        rows = ", ".join(f"`{r['backbone']}` {r['logme']:.3f}" for r in tr["ranking"])
-        out += ["## Backbone pre-ranking (LogME)", "", f"Ranking before the search: {rows}. Kept: {tr.get('kept')}."
-                + (f" Spearman agreement with the search's results: {tr['spearman_vs_search']:.2f}."
+        out += ["## Backbone pre-ranking (LogME)", "",
+                table(pd.DataFrame(tr["ranking"])), "", f"Kept for the search: {', '.join(tr.get('kept', []))}."
+                + (f" Rank agreement with the search (Spearman): {tr['spearman_vs_search']:.2f}."
                    if tr.get("spearman_vs_search") is not None else ""), ""]
-    if meta.get("suspected_label_errors"):
+    le = m.suspected_label_errors
+    if le and le.get("count") is not None:
         out += ["## Suspected label errors", "",
-                f"{meta['suspected_label_errors']} training rows have labels the model finds unlikely "
-                "(out-of-fold, confident learning); see `suspected_label_errors.csv`.", ""]
-    exp = meta.get("exports", {})
-    out += ["## Files", "", "- `model.safetensors` + `config.json`: load with `automl.load(dir)`"]
-    for k, v in exp.items():
-        out.append(f"- {k}: " + (f"`{v['file']}` (max abs diff vs PyTorch {v['max_abs_diff']:.2e})" if "file" in v
-                                  else f"not exported ({v.get('error')})"))
-    out += ["", "## Provenance", "", f"- Versions: {meta.get('versions', {})}", f"- Seed: {meta.get('seed')}",
-            f"- Dataset fingerprint: {meta.get('fingerprint')}", f"- Wall time: {meta.get('wall_time_s', 0):.0f} s "
-            f"(search {meta.get('search', {}).get('trial_epochs', '?')} trial-epochs; retrain "
-            f"{meta.get('retrain', {}).get('time_s', 0):.0f} s on {meta.get('retrain', {}).get('workers', 1)} worker(s); "
-            f"peak checkpoint disk {meta.get('search', {}).get('peak_disk_mb', 0):.0f} MB)",
-            f"- Command: `{meta.get('command', '')}`", "",
+                f"{le['count']} training rows have labels the model finds unlikely (out-of-fold probabilities, "
+                "confident learning); see `suspected_label_errors.csv`."
+                + (f" Expected precision: {le['expected_precision']:.2f}." if le.get("expected_precision") else ""), ""]
+    return out
+
+
+def _files(m: ExportManifest) -> list[str]:
+    rows = []
+    for name, size in sorted(m.files.items()):
+        fmt = m.exports.get({"model.onnx": "onnx", "model.pt": "torchscript"}.get(name, ""), {})
+        note = f"max abs diff vs PyTorch {fmt['max_abs_diff']:.1e}" if "max_abs_diff" in fmt else ""
+        rows.append({"file": name, "size": f"{max(size, 1024) / 1024:.0f} KB" if size else "", "holds your data": USER_DATA_FILES.get(name, "no"),
+                     "note": note})
+    out = ["## Files in this export", ""]
+    if rows:
+        out.append(table(pd.DataFrame(rows)))
+    out += ["", "`config.json` is the manifest (see `automl/export/manifest.py`); load the model with "
+            "`automl.load(dir)`."]
+    if not m.test_split:
+        out.append("The test split is not stored: a later update of this model cannot measure forgetting.")
+    missing = [f"{k} ({v.get('error')})" for k, v in m.exports.items() if "error" in v]
+    if missing:
+        out.append("Not exported: " + "; ".join(missing))
+    return out + [""]
+
+
+def model_card(m: ExportManifest, trials: pd.DataFrame | None) -> str:
+    p = m.provenance
+    out = [f"# Model card: {m.backbone.model.split('/')[-1]} for `{m.label_column}`", ""]
+    out += _summary(m) + _data(m) + _search(m, trials) + _evaluation(m) + _files(m)
+    out += ["## Provenance", "",
+            _kv({"created": p.created_at, "seed": p.seed, "data fingerprint": p.fingerprint,
+                 "wall time (s)": round(p.wall_time_s), "command": p.command,
+                 **{f"{k} version": v for k, v in p.versions.items()}}), "",
             "## Intended use", "",
             "Predicts the classes above for inputs like the training data. Scores hold for data from the same "
             "distribution; check on your own held-out data before relying on it, and watch rare classes "
@@ -103,22 +182,22 @@ def model_card(meta: dict, trials: pd.DataFrame | None) -> str:
     return "\n".join(out)
 
 
-def write_card(out_dir, meta: dict, trials, history: dict | None) -> None:
-    """MODEL_CARD.md + MODEL_CARD.html + figures, into an export being written."""
-    from pathlib import Path
-
+def write_card(out_dir, m: ExportManifest, trials, history: dict | None) -> None:
+    """MODEL_CARD.md + MODEL_CARD.html + figures, into an export being written (run last: lists the files)."""
     from automl.export import plots
     from automl.export.mdhtml import to_html
 
     out_dir = Path(out_dir)
-    figs = {}
     if history and trials is not None and len(trials):
-        figs["learning_curves"] = plots.learning_curves(history, trials, meta.get("metric", "accuracy"),
-                                                        meta.get("search", {}).get("space", {}).get("max_epochs", 1), out_dir)
-    cm = meta.get("test_metrics", {}).get("confusion_matrix")
+        m.figures["learning_curves"] = plots.learning_curves(history, trials, m.metric,
+                                                             m.search.get("max_reports", 1), out_dir)
+    cm = m.test_metrics.get("confusion_matrix")
     if cm:
-        figs["confusion_matrix"] = plots.confusion(cm, meta["classes"], out_dir)
-    meta["figures"] = figs
-    text = model_card(meta, trials)
+        m.figures["confusion_matrix"] = plots.confusion(cm, m.classes, out_dir)
+    # The card lists the export's files: the ones already written, plus the card itself.
+    names = [p for p in out_dir.rglob("*") if p.is_file()]
+    m.files = {str(p.relative_to(out_dir)): p.stat().st_size for p in names}
+    m.files.update({"MODEL_CARD.md": 0, "MODEL_CARD.html": 0, "config.json": 0})
+    text = model_card(m, trials)
     (out_dir / "MODEL_CARD.md").write_text(text)
-    (out_dir / "MODEL_CARD.html").write_text(to_html(text, title=f"Model card: {meta['backbone']['model']}"))
+    (out_dir / "MODEL_CARD.html").write_text(to_html(text, title=f"Model card: {m.backbone.model}"))

@@ -9,56 +9,62 @@ import pandas as pd
 import torch
 
 from automl.data.intake import read_inputs
+from automl.export.manifest import ExportManifest
 from automl.errors import DataError
 from automl.data.images import stack_resized
 from automl.metrics import classification_metrics
-from automl.data.encoders import ImageEncoder, predict_logits
+from automl.data.encoders import predict_logits
 
 
 class FinetunedModel:
     """A fine-tuned classifier with its preprocessing and label map.
 
-    Attributes: export_dir, classes, trials (DataFrame, after a search),
-    data_report (dict), metrics (test metrics), meta (config.json contents).
+    Attributes: manifest (the export's ExportManifest), export_dir, classes, trials (DataFrame, after a
+    search), data_report (dict), metrics (test metrics), promoted, label_errors (DataFrame or None).
     """
 
-    def __init__(self, model, encoder, meta: dict, export_dir: str | Path | None = None,
+    def __init__(self, model, encoder, manifest: ExportManifest, export_dir: str | Path | None = None,
                  trials: pd.DataFrame | None = None, search=None):
         self.model = model
         self.encoder = encoder
-        self.meta = meta
+        self.manifest = manifest
         self.export_dir = str(export_dir) if export_dir else None
         self.trials = trials
         self.search = search
-        self.classes = list(meta.get("classes") or [])
-        self.data_report = meta.get("data_report", {})
-        self.metrics = meta.get("test_metrics", {})
+        self.classes = list(manifest.classes)
+        self.data_report = manifest.data_report
+        self.metrics = manifest.test_metrics
         self._device = torch.device("cpu")
         self.label_errors: pd.DataFrame | None = None
-        self.promoted = (meta.get("update") or {}).get("decision", "champion") == "champion"
+        self.promoted = (manifest.update or {}).get("decision", "champion") == "champion"
+
+    @property
+    def meta(self) -> dict:
+        """The manifest as a plain dict (config.json's contents)."""
+        return self.manifest.to_dict()
 
     def __repr__(self) -> str:
-        return (f"FinetunedModel(backbone={self.meta['backbone']['model']!r}, classes={len(self.classes)}, "
-                f"test_{self.meta.get('metric', 'accuracy')}={self.metrics.get(self.meta.get('metric', 'accuracy'))}, "
-                f"export_dir={self.export_dir!r})")
+        m = self.manifest
+        return (f"FinetunedModel(backbone={m.backbone.model!r}, classes={len(self.classes)}, "
+                f"test_{m.metric}={self.metrics.get(m.metric)}, export_dir={self.export_dir!r})")
 
     # ------------------------------------------------------------------ inputs
     def _inputs(self, data: Any):
-        meta = self.meta
+        m = self.manifest
         if isinstance(data, (list, np.ndarray)) and not isinstance(data, tuple):
-            col = meta["input_columns"][0]
-            if meta["modality"] == "text":
+            col = m.input_columns[0]
+            if m.modality == "text":
                 data = pd.DataFrame({col: list(data)})
             else:
                 data = pd.DataFrame({col: list(data) if not isinstance(data, np.ndarray) or data.ndim > 2 else [data]})
-        raw = read_inputs(data, meta["modality"], meta["input_columns"])
-        if meta["modality"] == "image":
-            return stack_resized(raw, meta["preprocessing"]["storage_size"])
+        raw = read_inputs(data, m.modality, m.input_columns)
+        if m.modality == "image":
+            return stack_resized(raw, m.preprocessing.storage_size)
         return self.encoder.encode(raw)
 
     @property
     def is_regression(self) -> bool:
-        return self.meta.get("task") == "regression"
+        return self.manifest.is_regression
 
     def _outputs(self, data: Any) -> torch.Tensor:
         x = self._inputs(data)
@@ -80,7 +86,7 @@ class FinetunedModel:
     def predict(self, data: Any) -> np.ndarray:
         """Predicted labels, as the original label values (numbers, for regression)."""
         if self.is_regression:
-            mean, std = self.meta["target_scale"]
+            mean, std = self.manifest.target_scale
             return self._outputs(data)[:, 0].numpy() * std + mean
         proba = self._proba(data)
         return np.asarray(self.classes, dtype=object)[proba.argmax(1)] if len(proba) else np.asarray([], dtype=object)
@@ -90,7 +96,8 @@ class FinetunedModel:
         from automl.data.intake import find_label_column, to_dataframe
 
         df, _ = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
-        label_col = find_label_column(df, label or (self.meta["label_column"] if self.meta["label_column"] in df.columns else None))
+        own = self.manifest.label_column
+        label_col = find_label_column(df, label or (own if own in df.columns else None))
         if self.is_regression:
             from automl.metrics import regression_metrics
 
@@ -114,13 +121,9 @@ def load(path: str | Path) -> FinetunedModel:
     """Load an exported model from its directory (safetensors + JSON; no pickle)."""
     from automl.export.writer import load_model
 
-    model, encoder, meta = load_model(path)
+    model, encoder, manifest = load_model(path)
     trials = pd.read_csv(Path(path) / "trials.csv") if (Path(path) / "trials.csv").exists() else None
-    fm = FinetunedModel(model, encoder, meta, export_dir=Path(path).resolve(), trials=trials)
+    fm = FinetunedModel(model, encoder, manifest, export_dir=Path(path).resolve(), trials=trials)
     if (Path(path) / "suspected_label_errors.csv").exists():
         fm.label_errors = pd.read_csv(Path(path) / "suspected_label_errors.csv")
     return fm
-
-
-def is_image_encoder(enc) -> bool:
-    return isinstance(enc, ImageEncoder)

@@ -1,28 +1,29 @@
 """Write an export directory atomically, and read one back without pickle.
 
-Layout: model.safetensors, config.json (backbone, head, preprocessing, label
-map, hyperparameters, versions, fingerprint, file manifest), hf/ (tokenizer
-and architecture config for text models), model.pt (TorchScript), model.onnx,
-trials.csv, metrics.json, data_report.json, MODEL_CARD.md.
+Layout: model.safetensors and config.json (the manifest, see manifest.py), what
+the backbone family needs to rebuild the architecture offline (hf/ for text:
+config and tokenizer), model.pt (TorchScript), model.onnx, trials.csv,
+metrics.json, data_report.json, the model card and its figures.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import io
-import json
 import os
 import shutil
 import uuid
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from automl.errors import ModelLoadError
+from automl.data.encoders import ImageEncoder, TextEncoder
+from automl.export.manifest import ExportManifest
+from automl.models.registry import family
 
-FORMAT_VERSION = 1
-CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
@@ -38,18 +39,11 @@ def versions() -> dict:
     return out
 
 
-def _example_batch(model, meta: dict):
-    pre = meta["preprocessing"]
-    if pre["kind"] == "image":
-        return (torch.randn(2, 3, pre["size"], pre["size"]),)
-    ids = torch.randint(1000, 2000, (2, 16), dtype=torch.long)
-    return (ids, torch.ones_like(ids))
-
-
-def _script_and_onnx(model, meta: dict, out: Path) -> dict:
+def _script_and_onnx(model, manifest: ExportManifest, out: Path) -> dict:
     """TorchScript and ONNX copies, each checked against PyTorch on a sample batch."""
     report: dict = {}
-    example = _example_batch(model, meta)
+    fam = family(model)
+    example = fam.example_inputs(vars(manifest.preprocessing))
     with torch.no_grad():
         ref = model(*example).numpy()
     try:
@@ -61,7 +55,7 @@ def _script_and_onnx(model, meta: dict, out: Path) -> dict:
         report["torchscript"] = {"file": "model.pt", "max_abs_diff": diff}
     except Exception as exc:  # some architectures do not trace; the safetensors export still stands
         report["torchscript"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    names = ["pixel_values"] if len(example) == 1 else ["input_ids", "attention_mask"]
+    names = list(fam.input_names)
     axes = {n: ({0: "batch"} if len(example) == 1 else {0: "batch", 1: "sequence"}) for n in names}
     axes["logits"] = {0: "batch"}
     try:
@@ -84,14 +78,17 @@ def _script_and_onnx(model, meta: dict, out: Path) -> dict:
     return report
 
 
-def write_export(target: str | Path, model, meta: dict, tables: dict[str, object] | None = None,
-                 tokenizer=None, formats: bool = True,
-                 writers: list | None = None) -> Path:
+def write_export(target: str | Path, model, encoder, manifest: ExportManifest,
+                 tables: dict[str, object] | None = None, formats: bool = True,
+                 writers: list[Callable[[Path, ExportManifest], None]] | None = None) -> Path:
     """Write everything to a temp dir next to `target`, then rename it into place.
 
     A crash at any point leaves either the previous export or none at `target`,
-    never a half-written one.
+    never a half-written one. `writers(dir, manifest)` add files (the test split,
+    the model card) and may fill in manifest fields.
     """
+    import json
+
     from safetensors.torch import save_model
 
     target = Path(target).resolve()
@@ -101,30 +98,20 @@ def write_export(target: str | Path, model, meta: dict, tables: dict[str, object
     try:
         model = model.cpu().eval()
         save_model(model, str(tmp / WEIGHTS))
-        if tokenizer is not None or model.library == "hf":
-            (tmp / "hf").mkdir()
-            if meta.get("classes"):
-                model.body.config.id2label = {i: str(c) for i, c in enumerate(meta["classes"])}
-                model.body.config.label2id = {str(c): i for i, c in enumerate(meta["classes"])}
-            # A complete transformers folder: AutoModelForSequenceClassification.from_pretrained(dir/"hf") works.
-            model.body.save_pretrained(str(tmp / "hf"))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "hf"))
-        meta = dict(meta)
+        family(model).save_extra(model, encoder, tmp)
         if formats:
-            meta["exports"] = _script_and_onnx(model, meta, tmp)
+            manifest.exports = _script_and_onnx(model, manifest, tmp)
         for name, table in (tables or {}).items():
             if hasattr(table, "to_csv"):
                 table.to_csv(tmp / name, index=False)
             else:
                 (tmp / name).write_text(json.dumps(table, indent=2, default=str))
         for write in writers or []:
-            write(tmp, meta)  # e.g. the model card and its figures, which may use the export results
-        meta["format_version"] = FORMAT_VERSION
-        meta["versions"] = versions()
-        meta["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        # config.json last: its manifest vouches for every other file.
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, default=str))
+            write(tmp, manifest)
+        manifest.provenance.versions = versions()
+        manifest.provenance.created_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        manifest.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest.write(tmp)  # last: its file list vouches for every other file
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -138,43 +125,26 @@ def write_export(target: str | Path, model, meta: dict, tables: dict[str, object
     return target
 
 
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    cfg = path / CONFIG
-    if not cfg.exists():
-        raise ModelLoadError(f"{str(path)!r} is not an automl export: {CONFIG} is missing. "
-                             "Fix: pass the directory auto_finetune printed as the export dir.")
-    meta = json.loads(cfg.read_text())
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelLoadError(f"{str(path)!r} was written by a newer automl (format {meta['format_version']}). "
-                             "Fix: upgrade automl.")
-    for name, size in meta.get("files", {}).items():
-        f = path / name
-        if not f.exists() or f.stat().st_size != size:
-            raise ModelLoadError(f"Export {str(path)!r} is incomplete or modified: {name} is "
-                                 f"{'missing' if not f.exists() else 'a different size'}. Fix: re-export the model.")
-    return meta
-
-
 def load_model(path: str | Path):
-    """Rebuild (model, encoder, meta) from the files alone: no pickle."""
+    """Rebuild (model, encoder, manifest) from the files alone: no pickle."""
     from safetensors.torch import load_model as st_load
 
-    from automl.models import registry as backbones
-    from automl.data.encoders import ImageEncoder, TextEncoder
+    from automl.models.hf_family import load_tokenizer
 
     path = Path(path).resolve()
-    meta = read_meta(path)
-    spec = backbones.BackboneSpec(**meta["backbone"])
-    if spec.library == "hf":
-        spec = backbones.BackboneSpec("hf", str(path / "hf"), pretrained=False)
-    model = backbones.build(spec, meta["num_classes"], dropout=meta["hyperparameters"].get("dropout", 0.0) or 0.0,
-                            pretrained=False)
+    manifest = ExportManifest.read(path)
+    pre = manifest.preprocessing
+    if pre.pooling == "legacy":
+        from automl.export.legacy import rebuild
+
+        model = rebuild(path)
+    else:
+        model = family(manifest.backbone).rebuild(path, manifest.backbone, manifest.num_classes,
+                                                  manifest.hyperparameters)
     st_load(model, str(path / WEIGHTS))
     model.eval()
-    pre = meta["preprocessing"]
-    if pre["kind"] == "image":
-        encoder = ImageEncoder(pre["size"], pre["mean"], pre["std"])
+    if pre.kind == "image":
+        encoder = ImageEncoder(pre.size, pre.mean, pre.std)
     else:
-        encoder = TextEncoder(backbones.load_tokenizer(str(path / "hf")), pre["max_length"])
-    return model, encoder, meta
+        encoder = TextEncoder(load_tokenizer(str(path / "hf")), pre.max_length)
+    return model, encoder, manifest

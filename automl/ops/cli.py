@@ -6,34 +6,24 @@ import json
 import sys
 from pathlib import Path
 
+from automl.options import add_arguments
+
 
 def _finetune(args) -> int:
     from automl.api import auto_finetune
+    from automl.options import from_args
 
-    overrides = json.loads(args.set) if args.set else None
-    space = args.search_space
-    if overrides and space is None:
-        space = overrides
-        overrides = None
-    model = auto_finetune(
-        args.data, label=args.label, inputs=args.inputs.split(",") if args.inputs else None,
-        time_budget_s=args.time_budget, max_trials=args.max_trials, search_space=space,
-        metric=args.metric, output_dir=args.output, seed=args.seed, ray_address=args.address,
-        resources_per_trial={"cpu": args.cpus_per_trial, **({"gpu": args.gpus_per_trial} if args.gpus_per_trial else {})},
-        retrain_workers=args.retrain_workers, resume=args.resume, progress=not args.quiet, verbose=args.verbose,
-        task=args.task, cv_folds=args.cv_folds, base_model=args.base_model, storage_path=args.storage_path,
-    )
-    metric = model.meta["metric"]
+    model = auto_finetune(args.data, options=from_args(args))
+    m = model.manifest
     print(f"export: {model.export_dir}")
     if model.is_regression:
         print(f"test r2: {model.metrics['r2']:.4f}  (rmse {model.metrics['rmse']:.4g}, mae {model.metrics['mae']:.4g})")
     else:
-        print(f"test {metric}: {model.metrics[metric]:.4f}  (accuracy {model.metrics['accuracy']:.4f}, "
+        print(f"test {m.metric}: {model.metrics[m.metric]:.4f}  (accuracy {model.metrics['accuracy']:.4f}, "
               f"macro-F1 {model.metrics['f1_macro']:.4f})")
-    upd = model.meta.get("update")
-    if upd:
-        print(f"update: {upd['decision']} ({upd['reason']})")
-    print(f"trials: {len(model.trials)} ({model.meta['search']['stopped_early']} stopped early by ASHA)")
+    if m.update:
+        print(f"update: {m.update['decision']} ({m.update['reason']})")
+    print(f"trials: {len(model.trials)} ({m.search['stopped_early']} stopped early by ASHA)")
     return 0
 
 
@@ -57,8 +47,8 @@ def _predict(args) -> int:
     n = 0
     for chunk in chunks:
         n += len(chunk)
-        if base and model.meta["modality"] == "image":
-            col = model.meta["input_columns"][0]
+        if base and model.manifest.modality == "image":
+            col = model.manifest.input_columns[0]
             if col in chunk:
                 chunk = chunk.assign(**{col: [str(Path(base) / p) if isinstance(p, str) and not Path(p).is_absolute()
                                               else p for p in chunk[col]]})
@@ -176,26 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("finetune", help="search, retrain and export a model")
     f.add_argument("data", help="CSV/TSV/Parquet/JSONL file or image folder (root/<class>/<file>)")
-    f.add_argument("--label", help="label column (default: label/target/class/y)")
-    f.add_argument("--inputs", help="comma-separated input columns (default: inferred)")
-    f.add_argument("--time-budget", type=float, default=600, help="seconds for search + retrain (default 600)")
-    f.add_argument("--max-trials", type=int, help="stop after this many trials")
-    f.add_argument("--search-space", help="space name (e.g. cpu_small) or YAML path")
-    f.add_argument("--set", help='JSON overrides, e.g. \'{"lr": {"low": 1e-5, "high": 1e-3}}\'')
-    f.add_argument("--metric", default="auto", choices=["auto", "accuracy", "f1_macro", "balanced_accuracy"])
-    f.add_argument("--output", help="output dir (default ./automl_runs/<fingerprint>)")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
-    f.add_argument("--cpus-per-trial", type=float, default=1.0)
-    f.add_argument("--gpus-per-trial", type=float, default=None)
-    f.add_argument("--retrain-workers", type=int, default=1)
-    f.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
-    f.add_argument("--storage-path", help="Ray results/checkpoints: a shared path or URI (s3://...) on a cluster")
-    f.add_argument("--task", choices=["classification", "regression"], help="override the inferred task")
-    f.add_argument("--cv-folds", type=int, help="k-fold cross-validate the winning config")
-    f.add_argument("--base-model", help="an earlier export to update (fine-tune from it, check forgetting)")
-    f.add_argument("--quiet", action="store_true", help="no progress lines")
-    f.add_argument("--verbose", action="store_true", help="show Ray's logs")
+    add_arguments(f)  # one flag per option of automl.options.FinetuneOptions
     f.set_defaults(func=_finetune)
     pr = sub.add_parser("predict", help="predict with an exported model")
     pr.add_argument("model_dir")

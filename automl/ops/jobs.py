@@ -17,7 +17,6 @@ Manifest (YAML):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -28,9 +27,10 @@ from pathlib import Path
 import yaml
 
 from automl.errors import AutoMLError
+from automl.options import FinetuneOptions
 
-JOB_KEYS = {"name", "data", "label", "time_budget", "max_trials", "search_space", "set", "output", "resources",
-            "metric", "seed", "retrain_workers", "storage_path"}
+# A job entry: its name and data, plus any option of automl.options.FinetuneOptions (or its YAML alias).
+JOB_KEYS = {"name", "data"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -90,9 +90,6 @@ def load_manifest(path: str | Path) -> list[dict]:
         if not isinstance(entry, dict):
             raise AutoMLError(f"{path}: job #{i + 1} must be a mapping, got {entry!r}.")
         job = {**defaults, **entry}
-        unknown = set(job) - JOB_KEYS
-        if unknown:
-            raise AutoMLError(f"{path}: job #{i + 1} has unknown keys {sorted(unknown)}; allowed: {sorted(JOB_KEYS)}.")
         if not job.get("data"):
             raise AutoMLError(f"{path}: job #{i + 1} has no 'data' (a path or URI of the dataset).")
         name = str(job.get("name") or Path(str(job["data"])).stem)
@@ -101,29 +98,19 @@ def load_manifest(path: str | Path) -> list[dict]:
         if name in names:
             raise AutoMLError(f"{path}: job name {name!r} appears twice; names must be unique.")
         names.add(name)
-        job["name"] = name
-        if not job.get("output"):
-            job["output"] = str(Path(output_root or "automl_runs") / name)
-        jobs.append(job)
+        options = {k: v for k, v in job.items() if k not in JOB_KEYS}
+        if "output" not in options and "output_dir" not in options:
+            options["output"] = str(Path(output_root or "automl_runs") / name)
+        options.setdefault("progress", False)
+        opts = FinetuneOptions.from_entry(options, f"{path}: job {name!r}")
+        jobs.append({"name": name, "data": str(job["data"]), "options": opts,
+                     "output": opts.output.output_dir})
     return jobs
 
 
 def entrypoint(job: dict) -> str:
-    args = ["python", "-m", "automl", "finetune", str(job["data"]), "--output", str(job["output"]), "--quiet",
-            "--time-budget", str(job.get("time_budget", 600))]
-    for key, flag in (("label", "--label"), ("max_trials", "--max-trials"), ("search_space", "--search-space"),
-                      ("metric", "--metric"), ("seed", "--seed"), ("retrain_workers", "--retrain-workers"),
-                      ("storage_path", "--storage-path")):
-        if job.get(key) is not None:
-            args += [flag, str(job[key])]
-    res = job.get("resources") or {}
-    if res.get("cpu"):
-        args += ["--cpus-per-trial", str(res["cpu"])]
-    if res.get("gpu"):
-        args += ["--gpus-per-trial", str(res["gpu"])]
-    if job.get("set"):
-        args += ["--set", json.dumps(job["set"])]
-    return command(args)
+    """The job's command: the options travel as JSON, exactly as the manifest gave them."""
+    return command(["python", "-m", "automl", "finetune", job["data"], "--options", job["options"].to_json()])
 
 
 def command(args: list[str]) -> str:

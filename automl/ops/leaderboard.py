@@ -18,12 +18,11 @@ import traceback
 from pathlib import Path
 
 from automl.errors import AutoMLError
+from automl.options import FinetuneOptions
 from automl.ops.store import Store, now
 
-SUITE_KEYS = {"name", "data", "label", "time_budget", "max_trials", "search_space", "set", "metric", "seed", "output"}
-
-
 def load_suite(path: str | Path) -> list[dict]:
+    """The suite's datasets: {name, data, options}; options are any of FinetuneOptions (or their YAML aliases)."""
     from automl.ops.jobs import read_listing
 
     path = Path(path)
@@ -33,15 +32,15 @@ def load_suite(path: str | Path) -> list[dict]:
     out, names = [], set()
     for i, entry in enumerate(raw["datasets"]):
         d = {**defaults, **entry}
-        unknown = set(d) - SUITE_KEYS
-        if unknown or not d.get("name") or not d.get("data"):
-            raise AutoMLError(f"{path}: dataset #{i + 1} needs 'name' and 'data'"
-                              + (f" and has unknown keys {sorted(unknown)}" if unknown else "") + ".")
-        if d["name"] in names:
-            raise AutoMLError(f"{path}: dataset name {d['name']!r} appears twice.")
-        names.add(d["name"])
-        d.setdefault("output", str(Path(root) / d["name"]))
-        out.append(d)
+        name, data = d.pop("name", None), d.pop("data", None)
+        if not name or not data:
+            raise AutoMLError(f"{path}: dataset #{i + 1} needs 'name' and 'data'.")
+        if name in names:
+            raise AutoMLError(f"{path}: dataset name {name!r} appears twice.")
+        names.add(name)
+        if "output" not in d and "output_dir" not in d:
+            d["output"] = str(Path(root) / name)
+        out.append({"name": name, "data": data, "options": FinetuneOptions.from_entry(d, f"{path}: dataset {name!r}")})
     return out
 
 
@@ -63,9 +62,9 @@ def _rescore_champion(champion: dict, export_dir: Path) -> float | None:
     split = load_test_split(export_dir)
     if split is None or not Path(champion["export_path"]).exists():
         return None
-    model, encoder, meta = load_model(champion["export_path"])
+    model, encoder, manifest = load_model(champion["export_path"])
     x, labels = split
-    return score(model, encoder, meta["classes"], x, labels, champion["metric"], meta["modality"] == "image")
+    return score(model, encoder, manifest.classes, x, labels, champion["metric"], manifest.modality == "image")
 
 
 def refresh(suite: str | Path, store: Store, *, address: str | None = None, force: bool = False,
@@ -80,7 +79,7 @@ def refresh(suite: str | Path, store: Store, *, address: str | None = None, forc
     refresh_id = time.strftime("%Y%m%d-%H%M%S")
     # A refresh killed midway leaves 'running' rows: close them so the store tells the truth.
     if stale_after_s is None:  # a run is stale long after its own time budget would have ended it
-        stale_after_s = max(3600.0, 3 * max(float(e.get("time_budget", 600)) for e in entries))
+        stale_after_s = max(3600.0, 3 * max(float(e["options"].search.time_budget_s or 600) for e in entries))
     store.mark_interrupted(dt.timedelta(seconds=stale_after_s))
     done = set() if force else store.finished_since(now() - dt.timedelta(hours=since_hours))
     results = []
@@ -88,28 +87,29 @@ def refresh(suite: str | Path, store: Store, *, address: str | None = None, forc
         if e["name"] in done:
             results.append({"dataset": e["name"], "status": "skipped", "reason": "finished recently"})
             continue
-        run_id = store.start_run(e["name"], refresh_id=refresh_id, time_budget_s=e.get("time_budget", 600),
-                                 search_space=e.get("search_space") or e.get("set"), code_version=_code_version())
+        o = e["options"]
+        run_id = store.start_run(e["name"], refresh_id=refresh_id, time_budget_s=o.search.time_budget_s,
+                                 search_space=o.search.search_overrides or o.search.search_space,
+                                 code_version=_code_version())
         t0 = time.monotonic()
         try:
-            space = e.get("set") or e.get("search_space")
-            model = auto_finetune(e["data"], label=e.get("label"), time_budget_s=e.get("time_budget", 600),
-                                  max_trials=e.get("max_trials"), search_space=space, metric=e.get("metric", "auto"),
-                                  output_dir=Path(e["output"]) / refresh_id, seed=e.get("seed", 0),
-                                  ray_address=address, progress=progress,
-                                  start_points=store.best_configs(e["name"]))
-            store.ensure_dataset(e["name"], model.meta["fingerprint"])
-            store.add_trials(run_id, model.trials, model.meta["metric"])
-            model_id = store.add_model(run_id, e["name"], model.meta["fingerprint"], str(model.export_dir), model.meta)
+            opts = o.replace(output_dir=str(Path(o.output.output_dir) / refresh_id), progress=progress,
+                             ray_address=address or o.resources.ray_address,
+                             start_points=store.best_configs(e["name"]) + list(o.search.start_points or []))
+            model = auto_finetune(e["data"], options=opts)
+            m = model.manifest
+            store.ensure_dataset(e["name"], m.provenance.fingerprint)
+            store.add_trials(run_id, model.trials, m.metric)
+            model_id = store.add_model(run_id, e["name"], m.provenance.fingerprint, str(model.export_dir), m)
             champ = store.champion(e["name"])
             rescored = None
-            if champ is not None and champ["fingerprint"] != model.meta["fingerprint"]:
+            if champ is not None and champ["fingerprint"] != m.provenance.fingerprint:
                 rescored = _rescore_champion(champ, Path(model.export_dir))
             decision, reason = store.decide(model_id, rescored)
             store.finish_run(run_id, "finished", compute_s=time.monotonic() - t0,
-                             trial_epochs=model.meta["search"]["trial_epochs"])
+                             trial_epochs=m.search["trial_epochs"])
             results.append({"dataset": e["name"], "status": decision, "reason": reason,
-                            "score": model.metrics[model.meta["metric"]], "export": str(model.export_dir)})
+                            "score": model.metrics[m.metric], "export": str(model.export_dir)})
         except Exception as exc:  # one bad dataset must not stop the night's refresh
             store.finish_run(run_id, "failed", compute_s=time.monotonic() - t0,
                              error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")
@@ -139,7 +139,8 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
                 "--only", e["name"], "--quiet"] + (["--force"] if force else [])
         sid = f"automl-refresh-{batch}-{e['name']}"
         c.submit_job(entrypoint=jobs.command(args), submission_id=sid, runtime_env=env, entrypoint_num_cpus=0,
-                     metadata={"automl_batch": f"refresh-{batch}", "name": e["name"], "output": e["output"]})
+                     metadata={"automl_batch": f"refresh-{batch}", "name": e["name"],
+                               "output": e["options"].output.output_dir})
         submitted.append({"dataset": e["name"], "submission_id": sid})
     if wait:
         status = jobs.wait([s["submission_id"] for s in submitted], address, timeout_s=timeout_s)

@@ -22,6 +22,8 @@ from sqlalchemy import (JSON, Boolean, Column, DateTime, Float, ForeignKey, Inde
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
+from automl.diagnostics.update import decide
+
 SCHEMA_VERSION = 1
 md = MetaData()
 schema_info = Table("schema_info", md, Column("version", Integer, primary_key=True))
@@ -155,14 +157,14 @@ class Store:
             with self.engine.begin() as c:
                 c.execute(insert(trials), rows)
 
-    def add_model(self, run_id: str, dataset: str, fingerprint: str, export_path: str, meta: dict) -> str:
+    def add_model(self, run_id: str, dataset: str, fingerprint: str, export_path: str, manifest) -> str:
         model_id = str(uuid.uuid4())
-        metric = meta["metric"]
+        metric = manifest.metric
         with self.engine.begin() as c:
             c.execute(insert(models).values(
                 id=model_id, run_id=run_id, dataset=dataset, fingerprint=fingerprint, export_path=export_path,
-                backbone=meta["backbone"]["model"], metric=metric, score=float(meta["test_metrics"][metric]),
-                test_metrics=_jsonable(meta["test_metrics"]), hyperparameters=_jsonable(meta["hyperparameters"]),
+                backbone=manifest.backbone.model, metric=metric, score=float(manifest.test_metrics[metric]),
+                test_metrics=_jsonable(manifest.test_metrics), hyperparameters=_jsonable(manifest.hyperparameters),
                 is_champion=False, created_at=now()))
         return model_id
 
@@ -189,13 +191,10 @@ class Store:
                         if base is None:
                             decision, reason = "challenger", ("the champion was trained on different data and was not "
                                                               "re-scored on this test split")
-                        elif new.score > base:
-                            decision = "champion"
-                            reason = (f"test {new.metric} {new.score:.4f} beats champion {champ.id[:8]}'s {base:.4f}"
-                                      + ("" if same_split else " (champion re-scored on the new test split)"))
                         else:
-                            decision = "challenger"
-                            reason = f"test {new.metric} {new.score:.4f} does not beat the champion's {base:.4f}"
+                            decision, reason = decide(new.score, base, metric=new.metric)
+                            reason += f" (champion {champ.id[:8]}" + ("" if same_split else ", re-scored on the new "
+                                                                     "test split") + ")"
                     if decision == "champion":
                         if champ is not None:
                             c.execute(update(models).where(models.c.id == champ.id).values(is_champion=False))

@@ -71,3 +71,47 @@ def spearman(a: list[float], b: list[float]) -> float:
     if len(a) < 2:
         return float("nan")
     return float(spearmanr(a, b).statistic)
+
+
+def prerank_space(space, data, mode, seed: int):
+    """LogME pre-ranking of the space's pretrained backbones: keep the better half, best first.
+
+    Returns (space, report). mode 'auto' ranks when the space offers two or more
+    pretrained backbones; True ranks any choice; a backbone whose weights cannot
+    be loaded is dropped (better now than failing every trial).
+    """
+    from automl import models
+    from automl.errors import ModelLoadError
+
+    spec = space.parameters.get("backbone", {})
+    values = list(spec.get("values") or [])
+    pretrained = [v for v in values if models.resolve(v).pretrained]
+    if not mode or spec.get("type") != "choice" or (len(pretrained) < 2 and mode is not True):
+        return space, None
+    ranking, failed = [], []
+    for v in values:
+        try:
+            ranking += rank_backbones([v], data, space.default_config(), seed=seed)
+        except ModelLoadError as exc:
+            failed.append({"backbone": v, "error": str(exc)[:300]})
+    ranking.sort(key=lambda r: r["logme"], reverse=True)
+    if not ranking:
+        return space, {"ranking": [], "failed": failed}
+    names = [r["backbone"] for r in ranking]
+    keep = names[: max(1, -(-len(names) // 2))] if len(names) >= 3 else names
+    new = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
+    new.start_points = [{**p, "backbone": keep[0]} for p in new.start_points] or new.start_points
+    return new, {"ranking": ranking, "kept": keep, "failed": failed}
+
+
+def agreement(report: dict | None, trials, metric: str) -> dict | None:
+    """How well LogME's order matched the search's (best validation score per backbone)."""
+    if not report or not report.get("ranking"):
+        return report
+    col = f"best_val_{metric}"
+    best = trials.groupby("config/backbone")[col].max().to_dict() if "config/backbone" in trials else {}
+    pairs = [(r["logme"], best[r["backbone"]]) for r in report["ranking"] if r["backbone"] in best]
+    report = dict(report)
+    report["search_best"] = {k: float(v) for k, v in best.items()}
+    report["spearman_vs_search"] = spearman([a for a, _ in pairs], [b for _, b in pairs]) if len(pairs) >= 2 else None
+    return report

@@ -14,6 +14,7 @@ never sampled, so the searcher wastes no trials on them.
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from automl.errors import SearchSpaceError
+from automl.training.params import PARAMS, problem
 
 TYPES = {"choice": {"values"}, "float": {"low", "high"}, "int": {"low", "high"}, "fixed": {"value"}}
 OPTIONAL = {"log", "step", "when", "help"}
@@ -39,10 +41,27 @@ def spaces_dir() -> Path:
     return Path(sys.prefix) / "share" / "automl" / "search_spaces"
 
 
+def _check_values(where: str, name: str, spec: dict) -> None:
+    """Names and values the training loop understands (training/params.py), before any compute is spent."""
+    if name.startswith("_"):
+        return  # internal hooks (tests' fault injection)
+    if name not in PARAMS:
+        close = difflib.get_close_matches(name, PARAMS, n=1)
+        raise SearchSpaceError(f"{where}: unknown parameter {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                               + f"; the parameters a trial understands are {sorted(PARAMS)}.")
+    values = {"fixed": [spec.get("value")], "choice": spec.get("values") or [],
+              "float": [spec.get("low"), spec.get("high")], "int": [spec.get("low"), spec.get("high")]}[spec["type"]]
+    for v in values:
+        why = problem(name, v)
+        if why:
+            raise SearchSpaceError(f"{where}: parameter {name!r}: {why}.")
+
+
 def _check_param(where: str, name: str, spec: Any, earlier: list[str]) -> dict:
     if not isinstance(spec, dict):
-        # A bare value pins the parameter.
-        return {"type": "fixed", "value": spec}
+        spec = {"type": "fixed", "value": spec}  # a bare value pins the parameter
+        _check_values(where, name, spec)
+        return spec
     spec = dict(spec)
     if "type" not in spec:
         spec["type"] = "choice" if "values" in spec else "fixed" if "value" in spec else (
@@ -77,6 +96,7 @@ def _check_param(where: str, name: str, spec: Any, earlier: list[str]) -> dict:
                 raise SearchSpaceError(f"{where}: parameter {name!r} depends on {dep!r}, which is not defined before it.")
             if not isinstance(allowed, list):
                 spec["when"][dep] = [allowed]
+    _check_values(where, name, spec)
     return spec
 
 

@@ -17,7 +17,8 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from automl.data.intake import plain
 from automl.runtime import quiet_libraries, set_threads
 from automl.search.space import SearchSpace
-from automl.training.loop import TrialData, fit
+from automl.data.trial_data import TrialData
+from automl.training.loop import fit
 
 STATE_FILE = "state.pt"
 
@@ -163,6 +164,17 @@ class RecordingASHA(ASHAScheduler):
         return decision
 
 
+def experiment_name(out: Path, resume: bool) -> str:
+    """A fresh experiment name, or with resume=True the one of the last search in `out` (its LATEST_SEARCH)."""
+    marker = out / "LATEST_SEARCH"
+    if resume and marker.exists():
+        return marker.read_text().strip()
+    name = "search_" + time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(name)
+    return name
+
+
 @dataclass
 class SearchResult:
     trials: pd.DataFrame        # one row per trial
@@ -173,6 +185,7 @@ class SearchResult:
     experiment_path: str
     history: dict               # trial_id -> list of per-epoch metric dicts
     peak_disk_mb: float = 0.0   # largest size of the experiment directory during the search
+    transferability: dict | None = None   # LogME pre-ranking of the backbones, when it ran
 
 
 def _searchable_point(space: SearchSpace, point: dict) -> dict:

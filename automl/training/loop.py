@@ -16,46 +16,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl.training import augment as aug
-from automl.models import registry as backbones
-from automl.training import featcache
-from automl.training import schedules
-from automl.metrics import classification_metrics
+from automl import models
 from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
+from automl.data.trial_data import TrialData
+from automl.metrics import classification_metrics
 from automl.runtime import device as default_device
-
-# Values used for parameters a space leaves out or switches off.
-DEFAULTS: dict[str, Any] = {
-    "image_size": 32, "max_length": 64, "unfreeze": "all", "gradual_unfreeze_every": 0, "layer_decay": 1.0,
-    "augment": "none", "mix": "none", "mix_alpha": 0.2, "text_augment": "none", "text_aug_rate": 0.1,
-    "batch_size": 32, "dropout": 0.0, "drop_path": 0.0, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
-    "schedule": "cosine", "warmup_frac": 0.0, "label_smoothing": 0.0, "class_weighted": False, "grad_clip": 0.0,
-    "l2sp": 0.0, "momentum": 0.9, "seed": 0, "epoch_passes": 1,
-}
-
-
-@dataclass
-class TrialData:
-    """Inputs of one search or retrain: arrays only, so it ships cheaply to Ray workers."""
-
-    modality: str
-    num_classes: int
-    x_train: Any              # uint8 N x 3 x S x S array, or list of text tuples
-    y_train: np.ndarray
-    x_val: Any = None
-    y_val: np.ndarray | None = None
-    class_weights: np.ndarray | None = None
-    task: str = "classification"          # or "regression" (num_classes == 1 output)
-    cache_dir: str | None = None          # frozen-feature cache shared by trials (None: caching off)
-    target_scale: tuple[float, float] | None = None   # regression: (mean, std) the model's output is in units of
-
+from automl.training import augment as aug
+from automl.training import featcache, schedules
+from automl.training.params import DEFAULTS
 
 @dataclass
 class FitResult:
     model: nn.Module
     encoder: Any
     history: list[dict] = field(default_factory=list)
-    spec: backbones.BackboneSpec | None = None
+    spec: models.BackboneSpec | None = None
 
 
 def full_config(config: dict) -> dict:
@@ -63,33 +38,24 @@ def full_config(config: dict) -> dict:
 
 
 def build_model(config: dict, num_classes: int, pretrained: bool | None = None):
-    spec = backbones.resolve(config["backbone"])
-    model = backbones.build(spec, num_classes, dropout=float(config["dropout"]),
-                            drop_path=float(config["drop_path"]), pretrained=pretrained)
+    spec = models.resolve(config["backbone"])
+    model = models.build(spec, num_classes, dropout=float(config["dropout"]),
+                         drop_path=float(config["drop_path"]), pretrained=pretrained)
     return model, spec
 
 
 def build_encoder(config: dict, model, spec) -> ImageEncoder | TextEncoder:
-    if model.library == "hf":
-        return TextEncoder(_tokenizer(backbones.tokenizer_source(spec)), int(config["max_length"]))
-    dcfg = backbones.data_config(model, int(config["image_size"]))
-    return ImageEncoder(int(config["image_size"]), dcfg["mean"], dcfg["std"])
+    return models.family(spec).encoder(model, spec, config)
 
 
-_TOKENIZERS: dict[str, Any] = {}
 _ENCODED: dict[tuple, list] = {}
 
 
-def _tokenizer(model_id: str):
-    # Reused actors run many trials: load each tokenizer once per process.
-    if model_id not in _TOKENIZERS:
-        _TOKENIZERS[model_id] = backbones.load_tokenizer(model_id)
-    return _TOKENIZERS[model_id]
-
-
 def encode_inputs(encoder, x):
+    """Token ids for texts (tokenised once per process for the same texts, tokenizer and length); images pass."""
     if isinstance(encoder, TextEncoder):
-        key = (encoder.tokenizer.name_or_path, encoder.max_length, id(x), len(x))
+        # Keyed by content: a list that ray.get re-creates, or another fold's list, must not hit a stale entry.
+        key = (encoder.tokenizer.name_or_path, encoder.max_length, hash(tuple(map(tuple, x))))
         if key not in _ENCODED:
             if len(_ENCODED) > 8:
                 _ENCODED.clear()
@@ -225,7 +191,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     x_train = encode_inputs(encoder, data.x_train)
     x_val = encode_inputs(encoder, data.x_val) if data.x_val is not None else None
 
-    groups = backbones.layer_groups(model)
+    groups = models.family(model).layer_groups(model)
     n_body = len(groups) - 1
     optimizer = make_optimizer(model, groups, config)
     n = len(data.y_train)
@@ -278,16 +244,19 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
     run_model, run_encoder = model, encoder
     first_k = n_trainable_groups(config, n_body, start_epoch)
+    cache_use = "off"
     if data.cache_dir is not None:
         set_trainable(model, groups, first_k)
-        split = featcache.plan(config, model, encoder, data.modality, first_k, x_train, device)
+        split = featcache.plan(config, model, encoder, first_k, x_train, device)
         if split is not None:
+            hits = featcache.STATS["hits"]
             run_model, run_encoder = split.top(), featcache.FeatureInputs()
             x_train = featcache.cached_features(split, encoder, x_train, device, data.cache_dir,
                                                 featcache.cache_key(config, spec, data.x_train, split))
             if x_val is not None:
                 x_val = featcache.cached_features(split, encoder, x_val, device, data.cache_dir,
                                                   featcache.cache_key(config, spec, data.x_val, split))
+            cache_use = f"{split.tag}:{'hit' if featcache.STATS['hits'] > hits else 'computed'}"
     fwd_model = model
     current_k = -1
     for epoch in range(start_epoch, epochs):
@@ -330,7 +299,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             seen += len(idx)
         metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "steps": steps_per_epoch * (epoch + 1),
                    "lr": optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
-                   "epoch_time_s": time.perf_counter() - t0}
+                   "epoch_time_s": time.perf_counter() - t0, "feature_cache": cache_use}
         recalibrate_bn(run_model, run_encoder, x_train, order, device, bs)
         if x_val is not None and data.y_val is not None and len(data.y_val):
             val = evaluate(run_model, run_encoder, x_val, data.y_val, data.num_classes, device,

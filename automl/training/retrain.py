@@ -7,7 +7,8 @@ import uuid
 from pathlib import Path
 
 from automl.runtime import quiet_libraries, set_threads
-from automl.training.loop import TrialData, fit
+from automl.data.trial_data import TrialData
+from automl.training.loop import fit
 
 WEIGHTS = "model.safetensors"
 
