@@ -19,7 +19,10 @@ from pathlib import Path
 
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): used until this machine has measured its own.
 DEFAULT_COSTS = {"ray_train_startup_s": 15.0, "export_image_s": 4.0, "export_text_s": 12.0,
-                 "ray_start_s": 5.0, "evaluate_s": 1.0}
+                 "ray_start_s": 5.0, "evaluate_s": 1.0,
+                 # each of 2 trials running side by side on 2 cores trains this much slower than one alone,
+                 # and one trial alone on 2 cores (2 threads) this much faster than on 1
+                 "concurrency_slowdown": 1.3, "thread_speedup": 1.5}
 
 
 @dataclass

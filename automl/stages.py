@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from automl import cluster, models
@@ -21,6 +22,7 @@ from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric
 from automl.options import FinetuneOptions
 from automl.search.plan import Plan, make_plan
+from automl.training.loop import full_config
 from automl.search.space import SearchSpace, load_space
 from automl.search.tune import SearchResult
 
@@ -44,7 +46,6 @@ class Prepared:
     task: TaskData
     options: FinetuneOptions
     metric: str
-    space: SearchSpace
     out: Path
     base: BaseModel | None = None
 
@@ -95,15 +96,18 @@ def prepare(dataset: Any, opts: FinetuneOptions) -> Prepared:
         raise AutoMLError(f"metric={s.metric!r} is not supported for {task.task} tasks; expected one of {allowed}.")
     metric = choose_metric(task.report.imbalance_ratio, task.task) if s.metric == "auto" else s.metric
     out = Path(opts.output.output_dir or Path("automl_runs") / f"{task.modality}-{task.fingerprint()[:10]}").resolve()
-    return Prepared(task, opts, metric, _space(task, opts, base), out, base)
+    _space(task, opts, base, gpu=False)  # a bad space fails now, before Ray starts
+    return Prepared(task, opts, metric, out, base)
 
 
-def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None) -> SearchSpace:
+def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None, gpu: bool) -> SearchSpace:
+    """The user's space, or the default for the hardware (pretrained 224 px spaces with a GPU, cpu_small without)."""
     source, overrides = opts.search.search_space, dict(opts.search.search_overrides or {})
     if isinstance(source, dict) and "parameters" not in source:
         source, overrides = None, {**source, **overrides}  # a dict of overrides of the default space
     if source is None:
-        source = "regression" if task.task == "regression" else "cpu_small"
+        source = "regression" if task.task == "regression" else (
+            f"{task.modality}_classification" if gpu else "cpu_small")
     space = load_space(source, task.modality, overrides or None)
     if "seed" not in space.parameters:
         space = space.with_overrides({"seed": opts.search.seed})
@@ -121,15 +125,93 @@ def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None) -> Sea
 # ---------------------------------------------------------------------------- plan
 
 def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
-    opts = prepared.options
+    """Decide how the budget is spent, from the data and the start point's measured speed (search/plan.py)."""
+    from automl.search.plan import DataStats, image_side, token_p95
+
+    opts, task = prepared.options, prepared.task
+    space = _space(task, opts, prepared.base, gpu=ray.gpus > 0)
     res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
-    return make_plan(prepared.space, modality=prepared.task.modality, n_train=len(prepared.task.splits["train"]),
-                     budget=budget, costs=Costs.load(), resources=res, concurrency=ray.max_concurrency(res),
+    start = full_config(space.default_config())
+    spec = models.resolve(start["backbone"])
+    stats = DataStats(task.modality, *(len(task.splits[k]) for k in ("train", "validation")),
+                      len(task.splits["train"]) + len(task.splits["validation"]), len(task.splits["test"]))
+    pinned_size = max_length = None
+    if task.modality == "image":
+        stats.image_side = image_side(task.images)
+        size = space.parameters.get("image_size", {}).get("value")
+        pinned_size = size if isinstance(size, int) else None
+    else:
+        length = space.parameters.get("max_length", {}).get("value")
+        arch = models.family(spec).underlying(spec)
+        tokenizer = models.family(arch).encoder(None, arch, {"max_length": 8}).tokenizer
+        stats.token_p95 = token_p95(tokenizer, [task.texts[i] for i in task.splits["train"]], seed=opts.search.seed)
+        # Cut at the 95th percentile of the data's own lengths (in steps of 8; at most 256 on a CPU).
+        max_length = length if isinstance(length, int) else min(512 if res.get("gpu") else 256,
+                                                                max(16, -(-stats.token_p95 // 8) * 8))
+    speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus))
+    return make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
+                     elapsed_s=budget.elapsed(), costs=Costs.load(), resources=res,
+                     concurrency=ray.max_concurrency(res),
                      retrain_cpus=ray.retrain_cpus(res, opts.resources.retrain_workers),
-                     max_trials=opts.search.max_trials, export_formats=opts.output.export_formats)
+                     max_trials=opts.search.max_trials, pretrained=spec.pretrained,
+                     export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
+                     cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
+                     node_cpus=int(ray.node_cpus))
+
+
+def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int):
+    """speed_at(size): the start point's measured speed on a sample of real rows (images: at two sizes, scaled
+    with the pixel count in between)."""
+    import torch
+
+    from automl.data.images import stack_resized
+    from automl.data.trial_data import TrialData
+    from automl.search.plan import MIN_IMAGE, PROBE_MAX, Speed, image_side
+    from automl.training.loop import measure_speed
+
+    task = prepared.task
+    rng = np.random.default_rng(0)
+    tr = rng.permutation(task.splits["train"])[:64]
+    va = rng.permutation(task.splits["validation"])[:64]
+    device = torch.device("cuda") if res.get("gpu") and torch.cuda.is_available() else torch.device("cpu")
+    memo: dict = {}
+    if task.modality == "image":
+        probe_hi = min(PROBE_MAX, max(MIN_IMAGE, -(-image_side(task.images) // 8) * 8))
+
+    def measure(size):
+        if size not in memo:
+            if task.modality == "image":
+                pick = lambda idx: stack_resized([task.images[i] for i in idx], size)  # noqa: E731
+            else:
+                pick = lambda idx: [task.texts[i] for i in idx]  # noqa: E731
+            data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
+                             task="regression" if task.task == "regression" else "classification")
+            cfg = {**start, "image_size": size or start.get("image_size"), "max_length": max_length or 64}
+            # As a trial will run: with its own CPUs, and with a whole node's when it runs alone.
+            mine, alone = int(res.get("cpu", 1)), int(node_cpus)
+            m = measure_speed(cfg, data, device=device, steps=3, threads=(mine, alone) if alone > mine else (mine,))
+            memo[size] = Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size,
+                               m.get(f"step_s_{alone}"))
+        return memo[size]
+
+    def speed_at(size):
+        if task.modality != "image" or size is None or size <= MIN_IMAGE:
+            return measure(MIN_IMAGE if task.modality == "image" else None)
+        # Two probes (32 px and up to 96 px) and the cost in between and beyond grows with the pixel count.
+        lo, hi = measure(MIN_IMAGE), measure(probe_hi)
+        if hi.size == lo.size:
+            return lo
+        frac = (size ** 2 - MIN_IMAGE ** 2) / (hi.size ** 2 - MIN_IMAGE ** 2)
+        mix = lambda a, b: a + (b - a) * frac  # noqa: E731
+        alone = mix(lo.step_s_alone, hi.step_s_alone) if lo.step_s_alone and hi.step_s_alone else None
+        return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
+                     lo.batch_size, size, alone)
+
+    return speed_at
 
 
 def materialise(prepared: Prepared, plan: Plan) -> Inputs:
+    """Every row's model input, decoded and resized once to the planned size."""
     return Inputs.materialise(prepared.task, plan.storage_size)
 
 
@@ -146,12 +228,14 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Se
     if opts.search.prerank and prepared.base is None:
         space, transfer = prerank_space(space, data, opts.search.prerank, opts.search.seed)
     storage = opts.resources.storage_path or str(prepared.out / "ray_results")
-    search_s = None if plan.search_ends_at_s is None else max(10.0, plan.search_ends_at_s - budget.elapsed())
+    now = budget.elapsed()
     result = run_search(data, space, metric=prepared.metric, storage_path=storage,
                         name=experiment_name(prepared.out, opts.search.resume), local_dir=str(prepared.out),
-                        time_budget_s=search_s, max_trials=plan.max_trials, seed=opts.search.seed,
-                        resources=plan.resources, concurrency=plan.concurrency, resume=opts.search.resume,
-                        progress=opts.output.progress)
+                        time_budget_s=None if plan.search_ends_at_s is None else max(5.0, plan.search_ends_at_s - now),
+                        max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
+                        concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
+                        last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
+                        plan_lines=plan.reasons)
     # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
     shutil.rmtree(data.cache_dir, ignore_errors=True)
     result.transferability = transfer
@@ -160,27 +244,73 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Se
 
 # ---------------------------------------------------------------------------- finalise
 
+def _scaled(config: dict, rows: int, n_train: int) -> dict:
+    """The config with rows per report scaled to a training set of `rows`: the same epochs, the same schedule."""
+    if not config.get("report_rows"):
+        return config
+    return {**config, "report_rows": max(1, round(int(config["report_rows"]) * rows / max(1, n_train)))}
+
+
 def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, budget: Budget) -> FinalModel:
-    """Retrain the winner on train+validation with Ray Train, stopping its schedule at its best epoch."""
-    from automl.training.loop import build_encoder, full_config
+    """The winner, as validated: retrained on train+validation for its full planned length with its own schedule
+    (Ray Train), or, when the plan has no time for that, the winner's own best weights."""
+    from automl.training.loop import build_encoder
     from automl.training.retrain import retrain
 
-    opts = prepared.options
+    opts, n_train = prepared.options, len(prepared.task.splits["train"])
     config = full_config(result.best_config)
+    if not plan.retrain or not budget.can_afford(plan.retrain_s):
+        why = "the plan had no time for a retrain" if not plan.retrain else "the search left no time for a retrain"
+        return _best_weights(prepared, inputs, result, why)
     full = inputs.trial_data("full", None)
+    config = _scaled(config, len(full.y_train), n_train)
     if opts.output.progress:
-        say(f"best trial: val {prepared.metric} {result.best_score:.4f} at epoch {result.best_epoch}; retraining it "
-            f"on {len(full.y_train)} rows with Ray Train ({opts.resources.retrain_workers} worker(s))")
+        say(f"best trial: val {prepared.metric} {result.best_score:.4f}; retraining its config for its full "
+            f"{plan.reports} reports on {len(full.y_train)} rows with Ray Train "
+            f"({opts.resources.retrain_workers} worker(s))")
     t0 = time.monotonic()
     storage = opts.resources.storage_path or str(prepared.out / "ray_results")
-    model, spec = retrain(config, full, epochs=result.best_epoch, schedule_epochs=plan.space.max_epochs,
+    model, spec = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
                           storage_path=storage, num_workers=opts.resources.retrain_workers,
-                          use_gpu=bool(plan.resources.get("gpu")),
-                          cpus_per_worker=plan.retrain_cpus)
-    spent = time.monotonic() - t0
+                          use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus)
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
-                      {"how": "retrain", "epochs": result.best_epoch, "schedule_epochs": plan.space.max_epochs,
-                       "workers": opts.resources.retrain_workers, "time_s": spent, "rows": int(len(full.y_train))})
+                      {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
+                       "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
+                       "rows": int(len(full.y_train))})
+
+
+def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str) -> FinalModel:
+    """The winner's own best weights, or a soup or an ensemble of the top trials when that scores better on
+    validation (training/combine.py)."""
+    from automl.training.combine import combine, top_trials
+    from automl.training.loop import build_encoder, load_best
+
+    task, metric = prepared.task, prepared.metric
+    top = top_trials(result.trials, result.best_dir, metric) if task.task != "regression" else []
+    if top:
+        va = inputs.split("validation")
+        x_val = inputs.pick(va)
+        c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val)
+        spec = c.spec
+        if c.kind == "ensemble":
+            spec = models.BackboneSpec("ensemble", "+".join(str(m.config["backbone"]) for m in c.members), False,
+                                       kwargs={"members": [{"backbone": models.family(m.spec).underlying(m.spec)
+                                                            .to_dict(), "hyperparameters": m.config,
+                                                            "preprocessing": m.encoder.to_dict()} for m in c.members]})
+        training = {"how": "checkpoint" if c.kind == "single" else c.kind, "reason": why, "trials": c.trial_ids,
+                    "val_scores": c.scores}
+        if prepared.options.output.progress:
+            say(f"final model: {c.kind} of {len(c.trial_ids)} trial(s), val {metric} {c.val_score:.4f} "
+                f"(options scored: {', '.join(f'{k} {v:.4f}' for k, v in c.scores.items())}); {why}")
+        return FinalModel(c.model, c.encoder, spec, c.config, training)
+    config = full_config(result.best_config)
+    model, spec = load_best(config, task.num_classes, result.best_weights)
+    if prepared.options.output.progress:
+        say(f"best trial: val {metric} {result.best_score:.4f} at report {result.best_epoch}; exporting its own "
+            f"weights ({why})")
+    return FinalModel(model, build_encoder(config, model, spec), spec, config,
+                      {"how": "checkpoint", "report": result.best_epoch, "reason": why,
+                       "trials": [result.best_trial_id]})
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -208,21 +338,24 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     opts, task, out = prepared.options, prepared.task, Diagnostics()
     regression = task.task == "regression"
     full = inputs.split("full")
-    want = opts.diagnostics.find_label_errors is True or (
-        opts.diagnostics.find_label_errors == "auto" and not regression and len(full) <= 20000)
-    needed = float(final.training.get("time_s", 0.0))
-    if opts.diagnostics.find_label_errors == "auto" and want and not budget.can_afford(needed):
+    want = not regression and (opts.diagnostics.find_label_errors is True or plan.label_errors)
+    if opts.diagnostics.find_label_errors == "auto" and want and not budget.can_afford(plan.cross_fit_s):
         want = False
-        out.notes.append(f"suspected-label-error search skipped: ~{needed:.0f} s needed, "
+        out.notes.append(f"suspected-label-error search skipped: ~{plan.cross_fit_s:.0f} s needed, "
                          f"{max(budget.available(), 0):.0f} s of the time budget left "
+                         "(pass find_label_errors=True to force)")
+    elif opts.diagnostics.find_label_errors == "auto" and not plan.label_errors and not regression:
+        out.notes.append("suspected-label-error search skipped: the plan gave its time to the search "
                          "(pass find_label_errors=True to force)")
     if not regression and (want or opts.diagnostics.cv_folds):
         folds = opts.diagnostics.cv_folds or 2
         if opts.output.progress:
             say(f"cross-fitting {folds} folds to {'cross-validate and ' if opts.diagnostics.cv_folds else ''}"
                 "find suspected label errors")
-        proba, fold_of = out_of_fold_proba(final.config, inputs.pick(full), task.y[full], task.num_classes,
-                                           epochs=result.best_epoch, schedule_epochs=plan.space.max_epochs,
+        fold_rows = len(full) * (folds - 1) // folds
+        config = _scaled(full_config(result.best_config), fold_rows, len(task.splits["train"]))
+        proba, fold_of = out_of_fold_proba(config, inputs.pick(full), task.y[full], task.num_classes,
+                                           epochs=plan.reports, schedule_epochs=plan.reports,
                                            seed=opts.search.seed, folds=folds, return_folds=True)
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
@@ -261,11 +394,11 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
         hyperparameters={k: plain(v) for k, v in final.config.items()},
         searched_hyperparameters={k: plain(v) for k, v in result.best_config.items()},
         target_scale=list(inputs.target_scale) if inputs.target_scale else None, plan=plan.to_dict(),
-        search={"best_score": result.best_score, "best_epoch": result.best_epoch, "n_trials": int(len(trials)),
+        search={"best_score": result.best_score, "best_report": result.best_epoch, "n_trials": int(len(trials)),
                 "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
                 "errors": int((trials["status"] == "ERROR").sum()), "space": plan.space.to_dict(),
                 "experiment_path": result.experiment_path, "trial_epochs": int(trials["epochs_run"].sum()),
-                "peak_disk_mb": result.peak_disk_mb, "max_reports": plan.space.max_epochs},
+                "peak_disk_mb": result.peak_disk_mb, "max_reports": plan.reports},
         training=final.training, test_metrics=test_metrics, data_report=task.report.to_dict(),
         cross_validation=diagnostics.cross_validation, suspected_label_errors=diagnostics.label_error_summary,
         transferability=agreement(result.transferability, trials, prepared.metric), update=diagnostics.update,

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
 import sys
+
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +28,7 @@ import torch
 from automl.data.intake import prepare
 from automl.data.images import stack_resized
 from automl.runtime import quiet_libraries, set_threads
-from automl.search.space import for_data_size, load_space
+from automl.search.space import load_space
 from automl.training.loop import TrialData, fit
 
 SIZE = 32
@@ -157,12 +157,6 @@ def main() -> None:
     t0 = time.perf_counter()
     ensure_ray(num_cpus=2)
     ray_start = time.perf_counter() - t0
-    say("# Benchmark results")
-    say()
-    say(f"Command: `python benchmarks/run.py --seeds {args.seeds}`  ")
-    say(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}, torch {torch.__version__}, "
-        f"ray {ray.__version__}; no GPU. Date: {time.strftime('%Y-%m-%d')}")
-    say()
     src, target = digits([0, 1, 2, 3, 4]), digits([5, 6, 7, 8, 9])
     few = digits([5, 6, 7, 8, 9], shots=10, val_per_class=30)
     set_threads(2)
@@ -198,10 +192,11 @@ def main() -> None:
     say("## 2. Search efficiency (targets: ASHA reaches random search's best with ≤ 25% of its compute; "
         "≥ default + 1 point at equal compute)")
     say()
-    few_space = for_data_size(space, len(few.y_train))
+    # Small data: a report is at least 16 steps of batch 32 (several passes), as the plan would set it.
+    few_space = space.with_overrides({"report_rows": max(len(few.y_train), 16 * 32)})
     say(f"Few-shot digits 5-9 (10 training images per class) on the backbones pretrained on 0-4, 12 trials × ≤ 6 "
-        f"epochs; on data this small an epoch is {few_space.parameters['epoch_passes']['value']} passes "
-        "(`space.for_data_size`, as auto_finetune does). The default config is the space's start point, trained "
+        f"epochs; on data this small an epoch (a report) is {few_space.parameters['report_rows']['value']} rows, several "
+        "passes (`report_rows`, as the plan sets it). The default config is the space's start point, trained "
         "alone for as many epochs as ASHA spent in total (its schedule stretched over them); for context, the last "
         "column gives it at its own length (the space's max_epochs), what one run of the fixed config costs.")
     say()
@@ -220,7 +215,7 @@ def main() -> None:
         fractions.append(reach / cr[-1][0] if reach else float("inf"))
         reach_txt = f"{reach} ({reach / cr[-1][0]:.0%} of random's {cr[-1][0]})" if reach else "not reached"
         default_cfg = {**few_space.default_config(), "seed": seed,
-                       "epoch_passes": few_space.parameters["epoch_passes"]["value"]}
+                       "report_rows": few_space.parameters["report_rows"]["value"]}
         set_threads(2)
         h = fit(default_cfg, few, epochs=min(ca[-1][0], 40)).history
         dflt = max(r["val_accuracy"] for r in h)
@@ -347,8 +342,9 @@ def main() -> None:
         say(f"| {num} | {what} | {goal} | {got} | {'met' if ok else 'missed'} |")
     say()
     say(f"Whole suite: {(time.perf_counter() - started) / 60:.1f} min.")
-    (OUT / "RESULTS.md").write_text("\n".join(LINES) + "\n")
-    print(f"wrote {OUT / 'RESULTS.md'}")
+    from _results import write_section
+
+    print(f"wrote {write_section('overhead', 'Overhead, search efficiency, caching, concurrency, retrain', LINES)}")
 
 
 def _report_cost(tmp: Path) -> float:

@@ -9,11 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-TINY_IMAGE_SPACE = {  # cpu_small, shrunk so a search takes seconds
-    "max_epochs": 3,
-    "image_size": 16,
-    "batch_size": 32,
-}
 
 
 @pytest.fixture(scope="session")

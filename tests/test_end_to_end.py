@@ -15,7 +15,7 @@ from automl import auto_finetune, load
 from automl.ops.cli import main as cli_main
 
 pytestmark = pytest.mark.slow
-TINY = {"image_size": 16, "max_epochs": 3, "epoch_passes": 1}  # one pass per epoch: tiny data on purpose
+TINY = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 3}  # one pass per epoch: tiny data on purpose
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_cli_predict_and_evaluate_on_an_export(image_model, digits_df, tmp_path)
 
 def test_text_classification_with_real_minilm(ray_session, text_df, tmp_path):
     m = auto_finetune(text_df, time_budget_s=200, max_trials=2, output_dir=tmp_path, progress=False,
-                      search_space={"max_epochs": 2, "max_length": 16, "unfreeze": 2, "epoch_passes": 1, "lr": {"low": 1e-4, "high": 5e-4}})
+                      search_space={"max_epochs": 2, "max_length": 16, "unfreeze": 2, "lr": {"low": 1e-4, "high": 5e-4}})
     assert m.meta["modality"] == "text" and m.meta["backbone"]["library"] == "hf"
     assert m.metrics["accuracy"] > 0.5  # 3 topics: chance is 1/3
     same = load(m.export_dir)
@@ -142,7 +142,7 @@ def test_image_regression_end_to_end(ray_session, digits_df, tmp_path):
     df = digits_df.assign(value=digits_df["label"].astype(float) * 2.5 + rng.normal(0, 0.1, len(digits_df)))
     df = df.drop(columns=["label"])
     m = auto_finetune(df, label="value", time_budget_s=150, max_trials=2, output_dir=tmp_path, progress=False,
-                      search_space={"image_size": 16, "max_epochs": 4, "unfreeze": "all", "epoch_passes": 1,
+                      search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 4,
                                     "lr": {"low": 1e-3, "high": 5e-3}})
     assert m.meta["task"] == "regression" and m.meta["metric"] == "r2"
     assert m.metrics["r2"] > 0.3 and "rmse" in m.metrics
@@ -158,10 +158,9 @@ def test_model_updates_promote_improvements_and_refuse_forgetting(ray_session, d
     common = dict(time_budget_s=120, max_trials=1, progress=False, find_label_errors=False, export_formats=False)
     small = digits_df.groupby("label").head(12).reset_index(drop=True)
     base = auto_finetune(small, output_dir=tmp_path / "base", **common,
-                         search_space={"image_size": 16, "max_epochs": 1, "unfreeze": "all", "lr": 2e-4, "epoch_passes": 1,
+                         search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1, "lr": 2e-4,
                                        "schedule": "constant", "augment": "none"})
-    strong = {"image_size": 16, "max_epochs": 4, "unfreeze": "all", "lr": 3e-3, "schedule": "cosine", "augment": "none",
-              "epoch_passes": 1}
+    strong = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 4, "lr": 3e-3, "schedule": "cosine", "augment": "none"}
     better = auto_finetune(digits_df, base_model=base.export_dir, output_dir=tmp_path / "better", **common,
                            search_space=strong)
     upd = better.meta["update"]
@@ -184,7 +183,7 @@ def test_update_adds_new_classes_to_the_head(ray_session, digits_df, tmp_path):
     from sklearn.datasets import load_digits
 
     common = dict(time_budget_s=120, max_trials=1, progress=False, find_label_errors=False, export_formats=False,
-                  search_space={"image_size": 16, "max_epochs": 2, "unfreeze": "all", "lr": 3e-3, "epoch_passes": 1})
+                  search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 2, "lr": 3e-3})
     base = auto_finetune(digits_df, output_dir=tmp_path / "base", **common)
     d = load_digits()
     keep = np.concatenate([np.flatnonzero(d.target == c)[:30] for c in range(2, 6)])

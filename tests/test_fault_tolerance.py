@@ -48,7 +48,7 @@ d = load_digits()
 keep = np.concatenate([np.flatnonzero(d.target == c)[:60] for c in range(4)])
 df = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
 auto_finetune(df, time_budget_s=600, max_trials=8, output_dir=sys.argv[1], find_label_errors=False,
-              export_formats=False, search_space={"image_size": 16, "max_epochs": 5, "epoch_passes": 1}, progress=False)
+              export_formats=False, search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 5}, progress=False)
 """
 
 
@@ -99,7 +99,7 @@ def test_sigkilled_driver_resumes_keeping_finished_trials(ray_session, tmp_path)
     keep = np.concatenate([np.flatnonzero(d.target == c)[:60] for c in range(4)])
     df = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
     model = auto_finetune(df, time_budget_s=600, max_trials=8, output_dir=out, find_label_errors=False,
-                          export_formats=False, search_space={"image_size": 16, "max_epochs": 5, "epoch_passes": 1}, resume=True,
+                          export_formats=False, search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 5}, resume=True,
                           progress=False)
     after = _terminated(exp)
     assert len(model.trials) == 8 and len(after) == 8 and (model.trials["status"] != "ERROR").all()

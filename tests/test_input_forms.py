@@ -12,7 +12,7 @@ from automl import auto_finetune, load, prepare
 
 pytestmark = pytest.mark.slow
 FAST = dict(time_budget_s=120, max_trials=1, progress=False, find_label_errors=False, export_formats=False)
-TINY_IMG = {"image_size": 16, "max_epochs": 1, "unfreeze": "all", "lr": 3e-3, "epoch_passes": 1}
+TINY_IMG = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1, "lr": 3e-3}
 
 
 def _colour_images(n=10):
@@ -48,7 +48,7 @@ def test_parquet_with_a_text_pair(ray_session, tmp_path, text_df):
     df = text_df.assign(context=["short note"] * len(text_df)).rename(columns={"text": "sentence"})
     df.to_parquet(tmp_path / "pairs.parquet")
     m = auto_finetune(str(tmp_path / "pairs.parquet"), output_dir=tmp_path / "out",
-                      search_space={"max_epochs": 1, "max_length": 16, "unfreeze": 1, "lr": 3e-4, "epoch_passes": 1}, **FAST)
+                      search_space={"max_epochs": 1, "max_length": 16, "unfreeze": 1, "lr": 3e-4}, **FAST)
     assert m.meta["input_columns"] == ["sentence", "context"] and m.meta["modality"] == "text"
     assert load(m.export_dir).predict(df.head(3)).shape == (3,)
 

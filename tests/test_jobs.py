@@ -95,7 +95,7 @@ def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digi
     pd.DataFrame({"text": ["a", "b", "c", "d"], "label": ["x"] * 4}).to_csv(tmp_path / "bad.csv", index=False)
     manifest = {
         "defaults": {"time_budget": 90, "max_trials": 1, "output_root": str(tmp_path / "out"),
-                     "set": {"image_size": 16, "max_epochs": 1, "epoch_passes": 1}},
+                     "set": {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1}},
         "jobs": [{"name": "digits", "data": str(tmp_path / "good.csv"), "label": "label"},
                  {"name": "broken", "data": str(tmp_path / "bad.csv")}],
     }
@@ -135,7 +135,7 @@ def test_leaderboard_refresh_as_ray_jobs(token_head, tmp_path, monkeypatch, digi
             rows.append({"image": f"{i}.png", "label": int(y)})
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
     suite = {"defaults": {"time_budget": 90, "max_trials": 1, "output_root": str(tmp_path / "out"),
-                          "set": {"image_size": 16, "max_epochs": 1, "epoch_passes": 1}},
+                          "set": {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1}},
              "datasets": [{"name": "digits", "data": str(tmp_path / "d.csv"), "label": "label"}]}
     (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
     db = f"sqlite:///{tmp_path / 'lb.db'}"

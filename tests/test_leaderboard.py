@@ -35,7 +35,7 @@ def suite(tmp_path_factory, digits_df):
         pd.DataFrame(rows).to_csv(root / f"{name}.csv", index=False)
         entries.append({"name": name, "data": str(root / f"{name}.csv"), "label": "label"})
     suite = {"defaults": {"time_budget": 90, "max_trials": 1, "output_root": str(root / "out"),
-                          "set": {"image_size": 16, "max_epochs": 1, "epoch_passes": 1}},
+                          "set": {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1}},
              "datasets": entries}
     (root / "suite.yaml").write_text(yaml.safe_dump(suite))
     return root / "suite.yaml"

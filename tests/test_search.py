@@ -22,5 +22,6 @@ def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_
     assert result.best_score == pytest.approx(t["best_val_accuracy"].max())
     assert 1 <= result.best_epoch <= 4
     assert result.best_config["image_size"] == 16
-    # The space's start point (a sensible fixed config) is the first trial proposed.
-    assert (t["config/lr"] == 3e-3).any()
+    # The space's start point (a sensible fixed config) is tried, and ASHA never stops it.
+    start = t[(t["config/lr"] == 1e-3) & (t["config/backbone"] == "efficientnet-lite0")]
+    assert len(start) == 1 and start.iloc[0]["status"] == "COMPLETED" and start.iloc[0]["epochs_run"] == 4

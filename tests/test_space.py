@@ -38,7 +38,7 @@ def test_conditional_parameters_are_sampled_only_when_active():
     for _ in range(40):
         trial = study.ask()
         fixed = space(trial)
-        assert fixed["image_size"] == 32
+        assert fixed["image_size"] == "auto"  # the plan picks it from the data
         if trial.params["mix"] == "none":
             assert "mix_alpha" not in trial.params
             seen_none = True
@@ -50,11 +50,11 @@ def test_conditional_parameters_are_sampled_only_when_active():
 
 
 def test_overrides_change_ranges_pin_values_and_keep_start_points():
-    s = load_space("cpu_small", "image", {"lr": {"low": 1e-5, "high": 1e-3}, "backbone": "timm/resnet10t:scratch"})
+    s = load_space("cpu_small", "image", {"lr": {"low": 1e-5, "high": 5e-4}, "backbone": "timm/resnet10t:scratch"})
     assert s.parameters["lr"]["low"] == 1e-5 and s.parameters["backbone"] == {"type": "fixed", "value": "timm/resnet10t:scratch"}
     point = s.start_points[0]
     assert point["backbone"] == "timm/resnet10t:scratch"
-    assert "lr" not in point  # 3e-3 is outside the new range, so the searcher samples it
+    assert "lr" not in point  # 1e-3 is outside the new range, so the searcher samples it
 
 
 B = "timm/resnet10t:scratch"
@@ -85,16 +85,24 @@ def test_unknown_space_name_lists_the_available_ones():
     assert (spaces_dir() / "cpu_small.yaml").exists()
 
 
-def test_small_training_sets_get_several_passes_per_epoch():
-    from automl.search.space import MIN_STEPS_PER_EPOCH, for_data_size
-
-    space = load_space("cpu_small", "image")  # smallest batch size 32
-    few = for_data_size(space, 50)  # 2 steps per pass
-    assert few.parameters["epoch_passes"] == {"type": "fixed", "value": MIN_STEPS_PER_EPOCH // 2}
-    assert few.start_points and few.max_epochs == space.max_epochs
-    assert "epoch_passes" not in for_data_size(space, 5000).parameters  # large data: one pass is an epoch
-    pinned = space.with_overrides({"epoch_passes": 2})
-    assert for_data_size(pinned, 50).parameters["epoch_passes"]["value"] == 2  # the user's choice wins
+def test_lr_variants_give_head_only_and_sgd_trials_their_own_range():
+    """A head-only trial or an SGD trial samples its LR from its own range; fine-tuning from another."""
+    space = load_space("cpu_small", "text")
+    seen = {"head": [], "sgd": [], "fine-tune": []}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(120):
+        trial = study.ask()
+        fixed = space(trial)
+        cfg = {**trial.params, **fixed}
+        kind = "sgd" if cfg["optimizer"] == "sgd" else "head" if cfg["unfreeze"] == 0 else "fine-tune"
+        seen[kind].append(cfg["lr"])
+        assert "lr" in cfg and set(space.active_config(cfg)) >= {"lr"} and "lr__1" not in space.active_config(cfg)
+        study.tell(trial, 0.0)
+    assert min(seen["head"]) >= 1e-3 and max(seen["fine-tune"]) <= 5e-4 and min(seen["sgd"]) >= 1e-3
+    assert all(len(v) > 5 for v in seen.values())
+    # A start point is handed to Optuna under the name of its variant.
+    point = space.sampling_point({**space.start_points[0], "unfreeze": 0, "lr": 0.01})
+    assert point["lr__1"] == 0.01 and "lr" not in point
 
 
 def test_transfer_settings_are_not_sampled_for_scratch_backbones():

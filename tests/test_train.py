@@ -175,10 +175,23 @@ def test_every_schedule_survives_a_handful_of_steps(name, warmup_frac):
         assert all(np.isfinite(lrs)) and max(lrs) > 0, (name, total, lrs)
 
 
-def test_epoch_passes_multiply_the_steps_of_an_epoch(digits_trial_data):
+def test_a_report_is_a_fixed_number_of_rows_not_a_pass(digits_trial_data):
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 32, "unfreeze": 0}
     n = len(digits_trial_data.y_train)
-    one = fit(cfg, digits_trial_data, epochs=2).history
-    three = fit({**cfg, "epoch_passes": 3}, digits_trial_data, epochs=2).history
+    one = fit(cfg, digits_trial_data, epochs=2).history  # no report_rows: one pass per report
+    three = fit({**cfg, "report_rows": 3 * n}, digits_trial_data, epochs=2).history
+    half = fit({**cfg, "report_rows": 64}, digits_trial_data, epochs=2).history  # below a pass
     assert [h["steps"] for h in one] == [math.ceil(n / 32), 2 * math.ceil(n / 32)]
     assert [h["steps"] for h in three] == [math.ceil(3 * n / 32), 2 * math.ceil(3 * n / 32)]
+    assert [h["steps"] for h in half] == [2, 4] and half[-1]["epochs_seen"] == pytest.approx(128 / n)
+
+
+def test_batches_stream_through_shuffled_passes_and_ranks_get_equal_shards():
+    from automl.training.loop import Batches, shard_of
+
+    b = Batches(np.arange(10), 4, seed=0)
+    first_pass = np.concatenate([b(0), b(1)])[:10] if False else np.concatenate([b(0), b(1), b(2)])[:10]
+    assert sorted(first_pass.tolist()) == list(range(10))  # every row once per pass
+    assert np.array_equal(Batches(np.arange(10), 4, seed=0)(5), b(5))  # a resumed run draws the same batch
+    shards = [shard_of(11, r, 3) for r in range(3)]
+    assert {len(s) for s in shards} == {4} and set(np.concatenate(shards)) == set(range(11))

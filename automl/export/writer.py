@@ -55,7 +55,7 @@ def _script_and_onnx(model, manifest: ExportManifest, out: Path) -> dict:
         report["torchscript"] = {"file": "model.pt", "max_abs_diff": diff}
     except Exception as exc:  # some architectures do not trace; the safetensors export still stands
         report["torchscript"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-    names = list(fam.input_names)
+    names = list(fam.input_names) or (["pixel_values"] if len(example) == 1 else ["input_ids", "attention_mask"])
     axes = {n: ({0: "batch"} if len(example) == 1 else {0: "batch", 1: "sequence"}) for n in names}
     axes["logits"] = {0: "batch"}
     try:

@@ -1,27 +1,99 @@
-"""The plan: how the budget is spent (trial length, ASHA's rungs, how many trials, what runs after the search)."""
+"""The plan: how a run spends its time budget, decided from the data and a measured step of the start point.
+
+Training the right config long enough, judged when its score means something, beats many short trials. So:
+
+1. Inputs from the data: images at their native size (the median of their longer side, at least 32 px) and
+   text cut at the 95th percentile of its token lengths, unless the space pins them.
+2. The start point's training step is timed on real rows (`measure_speed`), at two image sizes for images.
+3. A full-length trial trains a sensible number of optimizer steps for its kind of backbone (pretrained:
+   ~400 steps, 3-20 epochs; from scratch: ~1500 steps, 10-60 epochs) and may take at most a third of the
+   search budget; when it cannot, the image size shrinks first (down to 32 px), then the length.
+4. A trial reports 4-12 times (fewer when validating costs more than a fifth of its time); ASHA's first rung is
+   at a quarter of the full length, so no trial is judged before its score means something, and the start
+   point (tried first) is never stopped.
+5. After the search either the winner is retrained on train+validation (when that fits and still leaves the
+   search three full-length trials), or the winner's own best weights are exported. Suspected-label-error
+   cross-fits and cross-validation get their time reserved, or are skipped with a note.
+6. What is left decides how many configs are tried: no trial starts after the point where it could not reach
+   its first rung.
+
+`make_plan` is a pure function of the data's statistics, the measured speed and the budget (tested without Ray).
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
-from automl.budget import Budget, Costs
-from automl.search.space import SearchSpace, for_data_size
+import numpy as np
 
-SEARCH_FRACTION = 0.75  # share of the budget given to the search; retrain, evaluation and export use the rest
+from automl.budget import Costs
+from automl.search.space import SearchSpace
+
+# A full-length trial may take this share of a slot's search time (the start point runs at full length first);
+# narrow: one full-length trial per slot; single: the start point alone.
+FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
+SEARCH_FLOOR = 96            # images: a search does not shrink them below this (or their native size)
+# Retrain only if the search keeps room for this many full-length trials afterwards.
+MIN_FULL_TRIALS = 3.0
+REPORTS = (4, 12)            # fewest and most reports per full-length trial
+EVAL_SHARE = 0.2             # most of a trial's time validation may take
+FIRST_RUNG = 0.25            # ASHA's first rung, as a share of the full length
+REDUCTION_FACTOR = 3
+TOP_TRIALS = 5               # trials whose best weights are kept for the winner, a soup or an ensemble
+MIN_IMAGE, MAX_IMAGE, MAX_IMAGE_CPU = 32, 224, 128  # on a CPU larger images cost more than they give
+PROBE_MAX = 96               # images: the start point is timed at 32 px and at most this (cost grows with pixels)
+
+
+@dataclass
+class DataStats:
+    """What the plan needs to know about the data."""
+
+    modality: str
+    n_train: int
+    n_val: int
+    n_full: int                       # train + validation
+    n_test: int = 0
+    image_side: int | None = None     # median of the images' longer side
+    token_p95: int | None = None      # 95th percentile of token counts (start point's tokenizer)
+
+
+@dataclass
+class Speed:
+    """Measured on the start point: set-up, one optimizer step, one validation row (seconds)."""
+
+    setup_s: float
+    step_s: float                     # with one trial's CPUs
+    eval_row_s: float
+    batch_size: int
+    size: int | None = None           # image side it was measured at
+    step_s_alone: float | None = None  # with every CPU of a node (a trial running alone)
 
 
 @dataclass
 class Plan:
     """Decisions made before the search, with the reasons shown in the progress view and the model card."""
 
-    space: SearchSpace                 # the space as searched (pins for the data applied)
+    space: SearchSpace                 # the space as searched (input sizes, lengths and rungs pinned)
     storage_size: int | None           # images: side they are stored at
     resources: dict                    # per trial: {"cpu": .., "gpu": ..}
     concurrency: int
     retrain_cpus: int                  # CPUs per Ray Train worker
     search_ends_at_s: float | None     # the search stops this many seconds after the run started
+    last_start_at_s: float | None      # no trial starts after this (seconds after the run started)
     max_trials: int | None
-    retrain: bool = True               # refit the winner on train+validation (else export its own weights)
+    reports: int = 0                   # reports in a full-length trial (ASHA's max_t)
+    report_rows: int = 0               # training rows between two reports
+    grace_period: int = 1
+    reduction_factor: int = REDUCTION_FACTOR
+    trial_s: float = 0.0               # estimated time of a full-length trial
+    retrain: bool = True               # refit the winner on train+validation (else export its own best weights)
+    retrain_s: float = 0.0
+    label_errors: bool = False         # the suspected-label-error cross-fit is planned in
+    cross_fit_s: float = 0.0
     reasons: list[str] = field(default_factory=list)
+    regime: str = "search"             # "search", "narrow" or "single" (see choose() in make_plan)
+    speed: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -29,21 +101,205 @@ class Plan:
         return d
 
 
-def _storage_size(space: SearchSpace) -> int:
-    spec = space.parameters.get("image_size", {"type": "fixed", "value": 32})
-    values = spec.get("values") or [spec.get("value") or spec.get("high") or 32]
-    return int(max(values))
+# ---------------------------------------------------------------------------- inputs from the data
+
+def image_side(images: list[np.ndarray]) -> int:
+    """The median of the images' longer side."""
+    return int(np.median([max(a.shape[0], a.shape[1]) for a in images])) if images else MIN_IMAGE
 
 
-def make_plan(space: SearchSpace, *, modality: str, n_train: int, budget: Budget, costs: Costs,
-              resources: dict, concurrency: int, retrain_cpus: int, max_trials: int | None, export_formats: bool) -> Plan:
-    space = for_data_size(space, n_train)
-    storage = _storage_size(space) if modality == "image" else None
-    export_s = costs[f"export_{modality}_s"] if export_formats else costs["evaluate_s"]
-    ends_at = None
-    if budget.total_s is not None:
-        ends_at = max(budget.elapsed() + 10.0, SEARCH_FRACTION * budget.total_s - costs["ray_train_startup_s"]
-                      - export_s)
-        budget.reserve("export", export_s)
-    return Plan(space, storage, resources, concurrency, retrain_cpus, ends_at, max_trials,
-                reasons=[f"search gets {SEARCH_FRACTION:.0%} of the budget less Ray Train's start-up and the export"])
+def token_p95(tokenizer, texts: list[list[str]], sample: int = 2000, seed: int = 0) -> int:
+    """The 95th percentile of token counts (special tokens included) over a sample of rows."""
+    from automl.data.encoders import TextEncoder
+
+    rng = np.random.default_rng(seed)
+    rows = [texts[i] for i in rng.permutation(len(texts))[:sample]]
+    ids = TextEncoder(tokenizer, 100000).encode(rows)
+    return int(np.percentile([len(r) for r in ids], 95)) if ids else 16
+
+
+def _round8(v: float) -> int:
+    return int(math.ceil(v / 8.0) * 8)
+
+
+def sensible_steps(pretrained: bool, steps_per_pass: int) -> int:
+    """Optimizer steps a full-length trial trains: ~400 to fine-tune (3-20 epochs), ~1500 from scratch (10-60)."""
+    target, lo, hi = (400, 3, 20) if pretrained else (1500, 10, 60)
+    epochs = min(hi, max(lo, target / max(1, steps_per_pass)))
+    return int(math.ceil(epochs * steps_per_pass))
+
+
+# ---------------------------------------------------------------------------- the plan
+
+@dataclass
+class Choice:
+    size: int | None
+    steps: int
+    trial_s: float                    # one full-length trial, at `concurrency` trials side by side
+    step_s: float
+    concurrency: int
+    regime: str                       # "search", "narrow" (the start point takes a slot all search long) or "single"
+
+
+def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None], Speed], *,
+              budget_left_s: float | None, elapsed_s: float, costs: Costs, resources: dict, concurrency: int,
+              retrain_cpus: int, max_trials: int | None, pretrained: bool, export_formats: bool,
+              label_errors: bool | str, cv_folds: int | None, pinned_size: int | None = None,
+              max_length: int | None = None, node_cpus: int = 1) -> Plan:
+    """Decide the plan. speed_at(size) gives the start point's measured speed (one trial's CPUs) at an image
+    size (None for text); node_cpus is what one trial running alone may use."""
+    reasons: list[str] = []
+    bs = speed_at(pinned_size if stats.modality == "image" else None).batch_size
+    steps_per_pass = max(1, math.ceil(stats.n_train / bs))
+    fixed_reports = space.max_epochs  # the user pinned the trial length in reports
+    sensible = fixed_reports * steps_per_pass if fixed_reports else sensible_steps(pretrained, steps_per_pass)
+    # Trials may be shortened to half their sensible length (never below 3 epochs to fine-tune, 10 from scratch).
+    shortest = sensible if fixed_reports else max(int(sensible * 0.5), min(sensible, math.ceil(
+        (3 if pretrained else 10) * steps_per_pass)))
+    sizes = _candidate_sizes(stats, pinned_size, gpu=bool(resources.get("gpu")))
+    after = costs[f"export_{stats.modality}_s"] if export_formats else costs["evaluate_s"]
+    # Finalising loads the top trials and scores them, a soup and an ensemble on validation.
+    sp = speed_at(sizes[-1])
+    after += costs["evaluate_s"] + 2.0 + TOP_TRIALS * (0.5 * sp.setup_s + 2 * stats.n_val * sp.eval_row_s)
+    more_cpus = node_cpus > resources.get("cpu", 1) and not resources.get("gpu")
+
+    def seconds(size, steps: int, c: int) -> tuple[float, float]:
+        """A full-length trial's time and one step's, with c trials side by side (c=1: it gets every CPU)."""
+        sp = speed_at(size)
+        if c > 1:
+            per_step = sp.step_s * costs["concurrency_slowdown"]
+        elif more_cpus:
+            per_step = sp.step_s_alone or sp.step_s / costs["thread_speedup"]
+        else:
+            per_step = sp.step_s
+        evals = REPORTS[1] * stats.n_val * sp.eval_row_s * (per_step / sp.step_s)
+        return sp.setup_s + steps * per_step + evals, per_step
+
+    def choose(search_s: float) -> Choice:
+        """The first that fits, in this order: a search (a full-length trial takes at most a third of a slot's
+        time) at the largest images down to SEARCH_FLOOR, shortening trials to half their sensible length
+        first; the same but with the start point taking a slot all along ("narrow"); the start point alone with
+        every CPU ("single"); the smallest images, trained as long as the time allows."""
+        lengths = [sensible] if fixed_reports else sorted({sensible, max(shortest, int(sensible * 0.75)), shortest},
+                                                          reverse=True)
+        top = [s for s in sizes if s is None or s >= min(sizes[0], SEARCH_FLOOR)]
+        tries = [("search", concurrency, FULL_TRIAL_SHARE, top), ("narrow", concurrency, NARROW_SHARE, top),
+                 ("single", 1, SINGLE_SHARE, sizes)]
+        for regime, c, share, candidates in tries:
+            if regime == "narrow" and concurrency == 1:
+                continue
+            for size in candidates:
+                for n in lengths:
+                    t, step_s = seconds(size, n, c)
+                    if t <= share * search_s:
+                        return Choice(size, n, t, step_s, c, regime)
+        size = sizes[-1]
+        sp = speed_at(size)
+        _, step_s = seconds(size, 1, 1)
+        n = max(4, int((SINGLE_SHARE * search_s - sp.setup_s) / (step_s * 1.1)))
+        return Choice(size, n, seconds(size, n, 1)[0], step_s, 1, "single")
+
+    ratio = stats.n_full / max(1, stats.n_train)
+    if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
+        choice, search_s, retrain, retrain_s, cross_fit_s = choose(math.inf), 0.0, True, 0.0, 0.0
+        want_errors = label_errors is True or (label_errors == "auto" and stats.n_full <= 20000)
+    else:
+        total = budget_left_s - after - costs["ray_start_s"]
+        choice = choose(total)
+        for _ in range(2):  # reserves depend on the trial length, and the length on what the reserves leave
+            retrain_s = costs["ray_train_startup_s"] + choice.trial_s * ratio
+            retrain = choice.regime == "search" and total - retrain_s >= MIN_FULL_TRIALS * choice.trial_s
+            # The cross-fit trains its folds side by side, each on part of train+validation.
+            cross_fit_s = 5.0 + choice.trial_s * ratio * (cv_folds or 2) / max(2, concurrency)
+            want_errors = label_errors is True or (
+                label_errors == "auto" and stats.n_full <= 20000 and choice.regime == "search"
+                and total - (retrain_s if retrain else 0.0) - cross_fit_s >= MIN_FULL_TRIALS * choice.trial_s)
+            reserve = (retrain_s if retrain else 0.0) + (cross_fit_s if want_errors or cv_folds else 0.0)
+            search_s = max(total - reserve, choice.trial_s)
+            again = choose(search_s)
+            if again == choice:
+                break
+            choice = again
+        if not retrain:
+            reasons.append(f"no retrain on train+validation (~{retrain_s:.0f} s would leave the search less than "
+                           f"{MIN_FULL_TRIALS:.0f} full-length trials): the winner's own best weights are exported")
+            retrain_s = 0.0
+        if label_errors == "auto" and not want_errors:
+            reasons.append(f"suspected-label-error cross-fit skipped: the ~{cross_fit_s:.0f} s it takes are better "
+                           "spent on the search (pass find_label_errors=True to force it)")
+    concurrency = choice.concurrency
+    if choice.regime == "single":
+        resources = {**resources, "cpu": float(max(resources.get("cpu", 1), node_cpus))}
+        max_trials = 1
+        reasons.append("the budget fits one sensible-length run, not a search: the start point trains alone "
+                       f"with all {node_cpus} CPU(s) (a search of shorter trials would do worse)")
+    elif choice.regime == "narrow":
+        reasons.append("the start point trains at full length in one slot for most of the search; the other "
+                       f"slot{'s' if concurrency > 2 else ''} try other configs of the same length")
+
+    reports = fixed_reports or int(min(REPORTS[1], max(REPORTS[0], _reports_for_eval(choice, stats, speed_at))))
+    report_rows = 0 if fixed_reports else max(1, math.ceil(choice.steps * bs / reports))
+    grace = space.grace_period or max(1, math.ceil(FIRST_RUNG * reports))
+    rf = space.reduction_factor or REDUCTION_FACTOR
+    pins = {"max_epochs": reports, "grace_period": min(grace, reports), "reduction_factor": rf}
+    if report_rows and "report_rows" not in space.parameters:
+        pins["report_rows"] = report_rows
+    if stats.modality == "image" and choice.size and not pinned_size:
+        pins["image_size"] = choice.size
+    if stats.modality == "text" and max_length:
+        pins["max_length"] = max_length
+    planned = space.with_overrides(pins)
+
+    epochs = choice.steps / steps_per_pass
+    reasons[:0] = [
+        f"a full-length trial: {reports} reports of {report_rows or 'one pass of'} {'rows' if report_rows else 'the data'}"
+        f" = {choice.steps} steps of batch {bs} (~{epochs:.1f} epochs, ~{choice.trial_s:.0f} s at "
+        f"{choice.step_s * 1000:.0f} ms/step, from the start point's measured speed"
+        + (f", {choice.size} px images" if stats.modality == "image" else "")
+        + (f", {max_length} tokens" if max_length else "") + ")",
+        f"ASHA judges trials first after {pins['grace_period']} of {reports} reports (reduction factor {rf}); "
+        "the start point runs first and is never stopped",
+    ]
+    if stats.modality == "image" and stats.image_side:
+        reasons.append(f"images are {stats.image_side} px (median longer side); trained at {planned_size(planned)} px"
+                       + (" (pinned)" if pinned_size else "" if choice.size and choice.size >= min(
+                           _round8(stats.image_side), sizes[0]) else " to fit the budget"))
+    ends_at = last_start = None
+    if budget_left_s is not None:
+        ends_at = elapsed_s + costs["ray_start_s"] + search_s
+        # A trial started later could not reach its first rung before the search ends.
+        last_start = ends_at - choice.trial_s * pins["grace_period"] / reports
+        capacity = search_s * concurrency / max(choice.trial_s, 1e-9)
+        reasons.append(f"search: ~{search_s:.0f} s on {concurrency} trial slot(s), room for ~{capacity:.1f} "
+                       "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"
+                                               if choice.regime == "search" else ""))
+    return Plan(planned, planned_size(planned) if stats.modality == "image" else None, resources, concurrency,
+                retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
+                choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
+                speed=asdict(speed_at(choice.size if stats.modality == "image" else None)))
+
+
+def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:
+    """As many reports as keep validation within EVAL_SHARE of the trial's training time."""
+    sp = speed_at(choice.size)
+    eval_s = stats.n_val * sp.eval_row_s
+    train_s = choice.steps * choice.step_s
+    return EVAL_SHARE * train_s / max(eval_s, 1e-9)
+
+
+def _candidate_sizes(stats: DataStats, pinned: int | None, gpu: bool = False) -> list[int | None]:
+    if stats.modality != "image":
+        return [None]
+    if pinned:
+        return [pinned]
+    top = min(MAX_IMAGE if gpu else MAX_IMAGE_CPU, max(MIN_IMAGE, _round8(stats.image_side or MIN_IMAGE)))
+    sizes = [top]
+    while sizes[-1] > MIN_IMAGE:
+        sizes.append(max(MIN_IMAGE, _round8(sizes[-1] * 0.75)))
+    return sizes
+
+
+def planned_size(space: SearchSpace) -> int:
+    spec = space.parameters.get("image_size", {"type": "fixed", "value": MIN_IMAGE})
+    values = spec.get("values") or [spec.get("value") or spec.get("high") or MIN_IMAGE]
+    return int(max(v for v in values if isinstance(v, (int, float))))

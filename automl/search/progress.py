@@ -11,7 +11,8 @@ from rich.console import Console
 class SearchProgress(Callback):
     """Ray Tune callback that prints one status line per event instead of Ray's tables."""
 
-    def __init__(self, metric: str, max_epochs: int, time_budget_s: float | None, enabled: bool = True):
+    def __init__(self, metric: str, max_epochs: int, time_budget_s: float | None, enabled: bool = True,
+                 plan_lines: list[str] | None = None):
         self.metric = metric
         self.max_epochs = max_epochs
         self.budget = time_budget_s
@@ -23,6 +24,9 @@ class SearchProgress(Callback):
         self.epochs: dict[str, int] = {}
         self.console = Console(file=sys.stderr, highlight=False, markup=False, soft_wrap=True)
         self.live = None
+        if enabled:
+            for line in plan_lines or []:  # the plan, and why, before the first trial
+                self.console.print(f"automl: plan: {line}")
         if enabled and self.console.is_terminal:
             from rich.live import Live
 

@@ -27,6 +27,7 @@ from automl.training.params import PARAMS, problem
 
 TYPES = {"choice": {"values"}, "float": {"low", "high"}, "int": {"low", "high"}, "fixed": {"value"}}
 OPTIONAL = {"log", "step", "when", "help"}
+VARIANT_MARK = "__"  # Optuna's name for variant i > 0 of a parameter: "<name>__<i>"
 TOP_KEYS = {"name", "description", "max_epochs", "grace_period", "reduction_factor", "parameters",
             "image", "text", "start_points"}
 
@@ -57,7 +58,10 @@ def _check_values(where: str, name: str, spec: dict) -> None:
             raise SearchSpaceError(f"{where}: parameter {name!r}: {why}.")
 
 
-def _check_param(where: str, name: str, spec: Any, earlier: list[str]) -> dict:
+def _check_param(where: str, name: str, spec: Any, earlier: list[str]):
+    if isinstance(spec, list) and spec and all(isinstance(s, dict) for s in spec):
+        # Variants: the first whose `when` holds is sampled (e.g. an LR range for head-only training of its own).
+        return [_check_param(where, name, s, earlier) for s in spec]
     if not isinstance(spec, dict):
         spec = {"type": "fixed", "value": spec}  # a bare value pins the parameter
         _check_values(where, name, spec)
@@ -111,6 +115,10 @@ def _scratch(backbone: Any) -> bool:
     return isinstance(backbone, str) and backbone.endswith(":scratch")
 
 
+def _opt_int(v) -> int | None:
+    return None if v is None else int(v)
+
+
 @dataclass
 class SearchSpace:
     """A validated search space for one modality."""
@@ -118,9 +126,9 @@ class SearchSpace:
     name: str
     modality: str
     parameters: dict[str, dict]
-    max_epochs: int = 8
-    grace_period: int = 1
-    reduction_factor: int = 3
+    max_epochs: int | None = None        # reports in a full-length trial; None: the plan decides
+    grace_period: int | None = None      # ASHA's first rung, in reports; None: the plan decides
+    reduction_factor: int | None = None
     start_points: list[dict] = field(default_factory=list)
 
     # -------------------------------------------------------------- sampling
@@ -128,48 +136,78 @@ class SearchSpace:
         """Optuna define-by-run: sample active parameters, return the fixed ones."""
         config: dict[str, Any] = {}
         fixed: dict[str, Any] = {}
-        for name, spec in self.parameters.items():
-            if not self._on(name, spec, {**config, **fixed}):
+        for name in self.parameters:
+            found = self._variant(name, {**config, **fixed})
+            if found is None:
                 continue
+            i, spec = found
+            key = self.sampling_name(name, i)
             kind = spec["type"]
             if kind == "fixed":
-                fixed[name] = spec["value"]
+                value = fixed[name] = spec["value"]
             elif kind == "choice":
-                config[name] = trial.suggest_categorical(name, spec["values"])
+                value = trial.suggest_categorical(key, spec["values"])
             elif kind == "float":
-                config[name] = trial.suggest_float(name, float(spec["low"]), float(spec["high"]),
-                                                   log=bool(spec.get("log", False)), step=spec.get("step"))
+                value = trial.suggest_float(key, float(spec["low"]), float(spec["high"]),
+                                            log=bool(spec.get("log", False)), step=spec.get("step"))
             else:
-                config[name] = trial.suggest_int(name, int(spec["low"]), int(spec["high"]),
-                                                 log=bool(spec.get("log", False)), step=int(spec.get("step", 1)))
+                value = trial.suggest_int(key, int(spec["low"]), int(spec["high"]),
+                                          log=bool(spec.get("log", False)), step=int(spec.get("step", 1)))
+            config[name] = value
+            if key != name:
+                fixed[name] = value  # the trial reads the plain name; Optuna keeps each variant's own history
         return fixed
+
+    @staticmethod
+    def sampling_name(name: str, variant: int) -> str:
+        return name if variant == 0 else f"{name}{VARIANT_MARK}{variant}"
 
     @staticmethod
     def _active(spec: dict, values: dict) -> bool:
         return all(values.get(dep) in allowed for dep, allowed in (spec.get("when") or {}).items())
 
-    def _on(self, name: str, spec: dict, values: dict) -> bool:
-        """Active: its `when` holds, and it is not a transfer setting of a randomly initialised backbone."""
+    def _variant(self, name: str, values: dict) -> tuple[int, dict] | None:
+        """The spec in force for `name` given the values chosen so far (index, spec), or None when inactive:
+        its `when` fails, or it is a transfer setting of a randomly initialised backbone."""
         if name in TRANSFER_PARAMS and _scratch(values.get("backbone")):
-            return False
-        return self._active(spec, values)
+            return None
+        spec = self.parameters[name]
+        for i, s in enumerate(spec if isinstance(spec, list) else [spec]):
+            if self._active(s, values):
+                return i, s
+        return None
+
+    def _on(self, name: str, spec, values: dict) -> bool:
+        return self._variant(name, values) is not None
 
     def active_config(self, config: dict) -> dict:
-        """Drop parameters a config holds that its own conditions switch off."""
+        """Drop parameters a config holds that its own conditions switch off (and variants' sampling names)."""
         out = {}
-        for name, spec in self.parameters.items():
-            if name in config and self._on(name, spec, out):
+        for name in self.parameters:
+            if name in config and self._on(name, None, out):
                 out[name] = config[name]
-        return {**out, **{k: v for k, v in config.items() if k not in self.parameters}}
+        return {**out, **{k: v for k, v in config.items() if k not in self.parameters and VARIANT_MARK not in k}}
+
+    def sampling_point(self, point: dict) -> dict:
+        """A start point as Optuna names it (variants other than the first have their own names)."""
+        out = {}
+        active = self.active_config(point)
+        for name, value in active.items():
+            found = self._variant(name, active) if name in self.parameters else None
+            if found is not None and found[1]["type"] != "fixed":
+                out[self.sampling_name(name, found[0])] = value
+        return out
 
     def default_config(self) -> dict:
         """The first start point, or the first/middle value of each active parameter."""
         if self.start_points:
             return self.active_config(self.start_points[0])
         cfg: dict[str, Any] = {}
-        for name, spec in self.parameters.items():
-            if not self._on(name, spec, cfg):
+        for name in self.parameters:
+            found = self._variant(name, cfg)
+            if found is None:
                 continue
+            spec = found[1]
             kind = spec["type"]
             if kind == "fixed":
                 cfg[name] = spec["value"]
@@ -183,7 +221,8 @@ class SearchSpace:
         return cfg
 
     def searchable(self) -> list[str]:
-        return [n for n, s in self.parameters.items() if s["type"] != "fixed"]
+        return [n for n, s in self.parameters.items()
+                if any(v["type"] != "fixed" for v in (s if isinstance(s, list) else [s]))]
 
     # -------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
@@ -207,8 +246,9 @@ class SearchSpace:
             params[name] = _check_param(where, name, spec, earlier)
             earlier.append(name)
         return cls(name=d.get("name", "custom"), modality=d.get("modality", "any"), parameters=params,
-                   max_epochs=int(d.get("max_epochs", 8)), grace_period=int(d.get("grace_period", 1)),
-                   reduction_factor=int(d.get("reduction_factor", 3)), start_points=list(d.get("start_points") or []))
+                   max_epochs=_opt_int(d.get("max_epochs")), grace_period=_opt_int(d.get("grace_period")),
+                   reduction_factor=_opt_int(d.get("reduction_factor")),
+                   start_points=list(d.get("start_points") or []))
 
     def with_overrides(self, overrides: dict | None) -> "SearchSpace":
         """Merge {"lr": {"low": .., "high": ..}} into specs; a bare value pins a parameter."""
@@ -221,8 +261,11 @@ class SearchSpace:
         for name, change in overrides.items():
             if name in ("max_epochs", "grace_period", "reduction_factor"):
                 continue
-            if isinstance(change, dict) and name in d["parameters"]:
-                merged = {**d["parameters"][name], **change}
+            current = d["parameters"].get(name)
+            if isinstance(change, dict) and isinstance(current, list):
+                current = {k: v for k, v in current[0].items() if k != "when"}  # a change replaces the variants
+            if isinstance(change, dict) and current is not None:
+                merged = {**current, **change}
                 if "type" not in change:
                     # Changing the range of a choice into low/high means a numeric range, and vice versa.
                     if {"low", "high"} & set(change) and merged["type"] in ("choice", "fixed"):
@@ -242,41 +285,21 @@ class SearchSpace:
         """Adapt a start point to this space: pinned values win, out-of-range values are dropped."""
         out = {}
         for name, value in point.items():
-            spec = self.parameters.get(name)
-            if spec is None:
-                continue
-            if spec["type"] == "fixed":
-                out[name] = spec["value"]
-            elif spec["type"] == "choice":
-                if value in spec["values"]:
+            specs = self.parameters.get(name)
+            for spec in (specs if isinstance(specs, list) else [specs] if specs else []):
+                if spec["type"] == "fixed":
+                    out[name] = spec["value"]
+                elif spec["type"] == "choice":
+                    if value in spec["values"]:
+                        out[name] = value
+                elif isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"]:
                     out[name] = value
-            elif isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"]:
-                out[name] = value
+                if name in out:
+                    break
         for name, spec in self.parameters.items():
-            if spec["type"] == "fixed":
+            if isinstance(spec, dict) and spec["type"] == "fixed":
                 out[name] = spec["value"]
         return out
-
-
-# Optimizer steps an epoch should give at least: on 50 images at batch 32 an epoch is 2 steps, so a
-# 6-epoch trial (and the retrain) would stop after 12 steps, far from trained.
-MIN_STEPS_PER_EPOCH = 16
-
-
-def epoch_passes(space: SearchSpace, n_train: int) -> int:
-    """Passes over the training data per reported epoch, so that small data sets still train enough."""
-    spec = space.parameters.get("batch_size", {"type": "fixed", "value": 32})
-    sizes = spec.get("values") or [spec.get("value", spec.get("low", 32))]
-    steps = max(1, math.ceil(n_train / max(1, int(min(sizes)))))
-    return max(1, math.ceil(MIN_STEPS_PER_EPOCH / steps))
-
-
-def for_data_size(space: SearchSpace, n_train: int) -> SearchSpace:
-    """The space with `epoch_passes` pinned for a training set of n_train rows (unless the space sets it)."""
-    passes = epoch_passes(space, n_train)
-    if passes == 1 or "epoch_passes" in space.parameters:
-        return space
-    return space.with_overrides({"epoch_passes": passes})
 
 
 def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
@@ -317,9 +340,9 @@ def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
     merged = {
         "name": raw.get("name", Path(where).stem),
         "modality": modality,
-        "max_epochs": section.get("max_epochs", raw.get("max_epochs", 8)),
-        "grace_period": section.get("grace_period", raw.get("grace_period", 1)),
-        "reduction_factor": section.get("reduction_factor", raw.get("reduction_factor", 3)),
+        "max_epochs": section.get("max_epochs", raw.get("max_epochs")),
+        "grace_period": section.get("grace_period", raw.get("grace_period")),
+        "reduction_factor": section.get("reduction_factor", raw.get("reduction_factor")),
         # Modality parameters come first: common ones may depend on them (e.g. on the backbone).
         "parameters": {**(section.get("parameters") or {}),
                        **{k: v for k, v in (raw.get("parameters") or {}).items() if k not in (section.get("parameters") or {})}},

@@ -13,9 +13,11 @@ import pandas as pd
 import torch
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
 
 from automl.data.intake import plain
 from automl.runtime import quiet_libraries, set_threads
+from automl.search import kept
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -29,8 +31,13 @@ CHECKPOINT_EVERY_S = 10.0
 
 
 def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
-                   checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> None:
-    """Ray Tune function trainable: `fit` with a report per epoch and periodic checkpoints, resumable."""
+                   checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S,
+                   metric: str | None = None, best_dir: str | None = None) -> None:
+    """Ray Tune function trainable: `fit` with a report per epoch and periodic checkpoints, resumable.
+
+    With `best_dir`, the weights of the trial's best report so far (by `metric`) are kept there, so the
+    winner can be exported (or souped) without training it again.
+    """
     from ray import tune
 
     quiet_libraries()
@@ -43,8 +50,15 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
 
     crash = str(config.get("_crash_once_after_epoch") or "")
     clock = {"last": time.monotonic(), "cost": 0.0}
+    trial_id = tune.get_context().get_trial_id()
 
     def report(metrics, state_fn):
+        score = metrics.get(metric) if metric else None
+        entry = kept.read(best_dir, trial_id) if best_dir else None
+        snaps = (entry or {}).get("snapshots", [])
+        # Among the trial's best few reports (of equal scores the later one: trained longer)?
+        if best_dir and score is not None and (len(snaps) < kept.SNAPSHOTS or score >= min(s["score"] for s in snaps)):
+            kept.keep(best_dir, trial_id, state_fn(weights_only=True)["model"], score, int(metrics["epoch"]))
         now = time.monotonic()
         due = checkpoint_every_s <= 0 or now - clock["last"] >= max(checkpoint_every_s, 20 * clock["cost"])
         # The last epoch needs none: a finished trial is not resumed.
@@ -75,8 +89,9 @@ class CheckpointJanitor(Callback):
     before that would otherwise resume the trial with its checkpoint gone.
     """
 
-    def __init__(self, exp_path: str):
+    def __init__(self, exp_path: str, keep_best: int = 5):
         self.exp_path = exp_path
+        self.keep_best = keep_best
         self.peak_bytes = 0
         self.pending: dict[str, tuple[float, str]] = {}
         self.last_visit = 0.0
@@ -134,7 +149,18 @@ class CheckpointJanitor(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._visit()
 
+    def _prune_best(self, trials) -> None:
+        """Kept weights of finished trials outside the top `keep_best` are not needed (the winner, a soup or an
+        ensemble of the top trials is all that is built from them)."""
+        best = str(Path(self.exp_path) / "best")
+        running = {t.trial_id for t in trials if t.status in ("RUNNING", "PENDING", "PAUSED")}
+        ranked = sorted(kept.scores(best).items(), key=lambda kv: kv[1], reverse=True)
+        for tid, _ in ranked[self.keep_best:]:
+            if tid not in running:
+                kept.drop(best, tid)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self._prune_best(trials)
         path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
         if path:
             self.pending[trial.trial_id] = (time.time(), path)
@@ -149,19 +175,53 @@ ASHA_LOG = "asha_stopped.txt"
 
 
 class RecordingASHA(ASHAScheduler):
-    """ASHA that appends the trials it stops to a file, so the trial table can tell
+    """ASHA that never stops the first `protected` trials (the space's start points: the search must not lose
+    its own sensible default), and appends the trials it stops to a file, so the trial table can tell
     "stopped by ASHA" from "cut by the time budget" (also across a resume)."""
 
-    def __init__(self, log_path: str, **kwargs):
+    def __init__(self, log_path: str, protected: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.log_path = log_path
+        self.protected = protected
+        self.protected_ids: set[str] = set()
+        self.added = 0
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        if self.added < self.protected:  # start points are suggested first
+            self.protected_ids.add(trial.trial_id)
+        self.added += 1
 
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and trial.trial_id in self.protected_ids \
+                and result.get(self._time_attr, 0) < self._max_t:
+            return TrialScheduler.CONTINUE  # the start point always trains to full length
         if decision == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
             with open(self.log_path, "a") as f:
                 f.write(trial.trial_id + "\n")
         return decision
+
+
+class DeadlineOptunaSearch(OptunaSearch):
+    """Optuna's proposals, but no trial starts after the wall-clock time in `deadline_file`: a trial started then
+    could not reach its first rung before the budget ends, so its compute would be wasted. The time lives in a
+    file, not in this (pickled) searcher, so a resumed search gets a fresh deadline."""
+
+    def __init__(self, *args, deadline_file: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.deadline_file = deadline_file
+
+    def suggest(self, trial_id):
+        from ray.tune.search import Searcher
+
+        try:
+            stop_at = float(Path(self.deadline_file).read_text().strip() or "inf") if self.deadline_file else math.inf
+        except OSError:
+            stop_at = math.inf
+        if time.time() > stop_at:
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
 
 
 def experiment_name(out: Path, resume: bool) -> str:
@@ -186,10 +246,17 @@ class SearchResult:
     history: dict               # trial_id -> list of per-epoch metric dicts
     peak_disk_mb: float = 0.0   # largest size of the experiment directory during the search
     transferability: dict | None = None   # LogME pre-ranking of the backbones, when it ran
+    best_trial_id: str = ""
+    best_dir: str | None = None  # the top trials' best weights: <trial_id>.safetensors (+ .json: score, report)
+
+    @property
+    def best_weights(self) -> str | None:
+        """The winner's best weights, when the search kept them."""
+        return kept.best_file(self.best_dir, self.best_trial_id)
 
 
 def _searchable_point(space: SearchSpace, point: dict) -> dict:
-    return {k: v for k, v in space.active_config(point).items() if k in space.searchable()}
+    return space.sampling_point(point)
 
 
 def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path: str, name: str,
@@ -197,36 +264,45 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                concurrency: int, resume: bool = False, progress: bool = True, checkpoint: bool = True,
                start_points: list[dict] | None = None, local_dir: str | None = None,
                sampler: str = "tpe", early_stopping: bool = True,
-               checkpoint_every_s: float = CHECKPOINT_EVERY_S) -> SearchResult:
-    """Run the search; returns the trial table and the winner (config + epoch of its peak).
+               checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
+               last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None
+               ) -> SearchResult:
+    """Run the search; returns the trial table and the winner (config + report of its peak).
 
-    checkpoint_every_s: least time between a trial's checkpoints (0: after every epoch).
+    checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
+    protect_start_points: ASHA never stops the start points. last_start_s: start no trial later than this many
+    seconds from now. keep_best: the best weights of this many top trials are kept (in <experiment>/best).
     """
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from automl.search.progress import SearchProgress
 
     if time_budget_s is None and not max_trials:
         raise ValueError("Give time_budget_s or max_trials: without either the search never ends.")
+    if not space.max_epochs:
+        raise ValueError("The space has no trial length (max_epochs): plan it (search/plan.py) or pin it.")
     val_metric = f"val_{metric}"
     # Persist Tune's experiment state often: it is what a resume after a killed driver starts from.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
     threads = max(1, int(resources.get("cpu", 1)))
-    trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
-                             checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s),
-        resources)
     remote = is_uri(storage_path)
     storage = storage_path.rstrip("/") if remote else str(Path(storage_path).resolve())
     exp_path = f"{storage}/{name}"
-    # Driver-side bookkeeping (ASHA's decisions) stays on local disk even when results go to a URI.
+    # Driver-side bookkeeping (ASHA's decisions, the deadline) stays on local disk even when results go to a URI.
     local = Path(local_dir or (exp_path if not remote else tempfile.mkdtemp()))
     local.mkdir(parents=True, exist_ok=True)
     asha_log = str(local / (ASHA_LOG if not local_dir else f"{name}_{ASHA_LOG}"))
-    progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress)
+    deadline_file = str(local / f"{name}_last_start.txt")
+    Path(deadline_file).write_text(str(time.time() + last_start_s) if last_start_s is not None else "inf")
+    best_dir = None if remote else f"{exp_path}/best"
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
+                             checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, metric=val_metric,
+                             best_dir=best_dir),
+        resources)
+    progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress, plan_lines=plan_lines)
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
-    janitor = CheckpointJanitor(exp_path) if not remote else None
+    janitor = CheckpointJanitor(exp_path, keep_best=keep_best) if not remote else None
     try:
         if resume and tune.Tuner.can_restore(exp_path):
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -235,11 +311,12 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
             from ray.tune.schedulers import FIFOScheduler
 
             # sampler="random" and early_stopping=False give the baselines the benchmarks compare against.
-            searcher = OptunaSearch(space, metric=val_metric, mode="max", points_to_evaluate=points or None,
-                                    sampler=_sampler(sampler, seed))
-            scheduler = RecordingASHA(asha_log, time_attr="training_iteration", max_t=space.max_epochs,
-                                      grace_period=min(space.grace_period, space.max_epochs),
-                                      reduction_factor=space.reduction_factor) if early_stopping else FIFOScheduler()
+            searcher = DeadlineOptunaSearch(space, metric=val_metric, mode="max", points_to_evaluate=points or None,
+                                            sampler=_sampler(sampler, seed), deadline_file=deadline_file)
+            scheduler = RecordingASHA(asha_log, protected=len(points) if protect_start_points else 0,
+                                      time_attr="training_iteration", max_t=space.max_epochs,
+                                      grace_period=min(space.grace_period or 1, space.max_epochs),
+                                      reduction_factor=space.reduction_factor or 3) if early_stopping else FIFOScheduler()
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
@@ -302,7 +379,8 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
         cfg = {k: v for k, v in space.active_config(res.config or {}).items() if not k.startswith("_")}
         row = {"trial_id": trial_id, **{f"config/{k}": v for k, v in cfg.items()}}
         if df is not None and len(df) and val_metric in df:
-            best_i = int(df[val_metric].to_numpy().argmax())
+            scores = df[val_metric].to_numpy()
+            best_i = len(scores) - 1 - int(scores[::-1].argmax())  # of equal scores the later report, as kept
             epochs = int(df["training_iteration"].max())
             row.update({f"best_{val_metric}": float(df[val_metric].iloc[best_i]),
                         "best_epoch": int(df["training_iteration"].iloc[best_i]),
@@ -331,12 +409,13 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
         errors = "; ".join(sorted(set(trials.get("error", pd.Series(dtype=str)).dropna().astype(str))))[:1000]
         raise RuntimeError(f"No trial produced a validation score ({len(trials)} trials). Errors: {errors or 'none'}. "
                            "Fix: check the backbones can be loaded, or give the search more time.")
-    # Best score first; among ties, lower validation loss, then fewer epochs (cheaper retrain).
-    ranked = ok.sort_values([f"best_{val_metric}", "best_val_loss", "best_epoch"], ascending=[False, True, True])
+    # Best score first; among ties, lower validation loss.
+    ranked = ok.sort_values([f"best_{val_metric}", "best_val_loss"], ascending=[False, True])
     best = ranked.iloc[0]
     trials = trials.sort_values(f"best_{val_metric}", ascending=False, na_position="last").reset_index(drop=True)
     best_cfg = {k[len("config/"):]: plain(v) for k, v in best.items()
                 if k.startswith("config/") and not (isinstance(v, float) and math.isnan(v))}
     return SearchResult(trials=trials, best_config=best_cfg, best_epoch=int(best["best_epoch"]),
                         best_score=float(best[f"best_{val_metric}"]), metric=metric,
-                        experiment_path=exp_path, history=history)
+                        experiment_path=exp_path, history=history, best_trial_id=str(best["trial_id"]),
+                        best_dir=f"{exp_path}/best" if not is_uri(exp_path) else None)

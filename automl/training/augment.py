@@ -45,10 +45,11 @@ def image_transform(name: str, size: int) -> Callable[[torch.Tensor], torch.Tens
     return _IMAGE[name](size)
 
 
-def text_transform(name: str, rate: float, mask_token_id: int | None):
+def text_transform(name: str, rate: float, mask_token_id: int | None, tokenizer=None):
+    """A function token ids -> token ids acting on whole words (None: no per-sample work)."""
     if name not in _TEXT:
         raise KeyError(f"Unknown text augmentation {name!r}; registered: {list_text_policies()}")
-    return _TEXT[name](rate, mask_token_id)
+    return _TEXT[name](rate, mask_token_id, word_starts(tokenizer) if name != "none" else None)
 
 
 # ---------------------------------------------------------------------------- images
@@ -95,39 +96,70 @@ def _autoaugment(size):
 
 
 # ---------------------------------------------------------------------------- text
+# Text policies act on whole words: a word is a token that starts one plus the continuation pieces after it
+# ("##ing" in WordPiece; SentencePiece/BPE mark word starts instead). Rows keep their first and last token
+# ([CLS]/[SEP] or <s>/</s>) intact.
+
+def word_starts(tokenizer) -> "list[bool] | None":
+    """For each token id: does it start a word? Read once from the tokenizer's vocabulary."""
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    starts = [True] * (max(vocab.values()) + 1)
+    marks = [t for t in vocab if t.startswith(("\u2581", "\u0120"))]   # SentencePiece "▁", byte-level BPE "Ġ"
+    for tok, i in vocab.items():
+        if marks:
+            starts[i] = tok.startswith(("\u2581", "\u0120")) or not tok[:1].isalnum()
+        else:
+            starts[i] = not tok.startswith("##")
+    return starts
+
+
+def _words(ids: list[int], starts) -> list[list[int]]:
+    words: list[list[int]] = []
+    for t in ids[1:-1]:
+        if words and starts is not None and t < len(starts) and not starts[t]:
+            words[-1].append(t)
+        else:
+            words.append([t])
+    return words
+
+
+def _join(ids: list[int], words: list[list[int]]) -> list[int]:
+    return [ids[0]] + [t for w in words for t in w] + [ids[-1]]
+
 
 @register_text_policy("none")
-def _text_none(rate, mask_id):
+def _text_none(rate, mask_id, starts=None):
     return None
 
 
 @register_text_policy("mask")
-def _mask(rate, mask_id):
+def _mask(rate, mask_id, starts=None):
     if mask_id is None:
-        return _delete(rate, mask_id)  # tokenizer without a mask token: fall back to dropping tokens
+        return _delete(rate, mask_id, starts)  # tokenizer without a mask token: fall back to dropping words
 
     def f(ids: list[int]) -> list[int]:
-        # Keep [CLS]/[SEP] (first and last) intact.
-        return [ids[0]] + [mask_id if random.random() < rate else t for t in ids[1:-1]] + [ids[-1]]
+        return _join(ids, [[mask_id] * len(w) if random.random() < rate else w for w in _words(ids, starts)])
     return f
 
 
 @register_text_policy("delete")
-def _delete(rate, mask_id):
+def _delete(rate, mask_id, starts=None):
     def f(ids):
-        body = [t for t in ids[1:-1] if random.random() >= rate] or ids[1:2]
-        return [ids[0]] + body + [ids[-1]]
+        words = _words(ids, starts)
+        return _join(ids, [w for w in words if random.random() >= rate] or words[:1])
     return f
 
 
 @register_text_policy("swap")
-def _swap(rate, mask_id):
+def _swap(rate, mask_id, starts=None):
     def f(ids):
-        body = list(ids[1:-1])
-        for _ in range(max(1, int(rate * len(body)))):
-            if len(body) < 2:
+        words = _words(ids, starts)
+        for _ in range(max(1, int(rate * len(words)))):
+            if len(words) < 2:
                 break
-            i, j = random.randrange(len(body)), random.randrange(len(body))
-            body[i], body[j] = body[j], body[i]
-        return [ids[0]] + body + [ids[-1]]
+            i = random.randrange(len(words) - 1)  # neighbours: keeps the sentence readable
+            words[i], words[i + 1] = words[i + 1], words[i]
+        return _join(ids, words)
     return f

@@ -113,7 +113,8 @@ def make_optimizer(model: nn.Module, groups: list[list[str]], config: dict) -> t
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, encoder, x, idx: np.ndarray, device, batch_size: int, max_batches: int = 8) -> None:
+def recalibrate_bn(model: nn.Module, encoder, x, idx: np.ndarray, device, batch_size: int,
+                   max_batches: int = 8) -> None:
     """Re-estimate trainable BatchNorm statistics on a few clean training batches ("precise BN").
 
     Running averages lag behind fast-changing weights, so a model evaluated
@@ -142,7 +143,8 @@ def recalibrate_bn(model: nn.Module, encoder, x, idx: np.ndarray, device, batch_
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What changed during training: trainable parameters and all buffers (BN statistics)."""
     state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers()})
+    saved = model.state_dict()  # persistent buffers only (transformers keep position ids as non-persistent ones)
+    state.update({n: b.detach().cpu().clone() for n, b in model.named_buffers() if n in saved})
     return state
 
 
@@ -163,106 +165,193 @@ def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = Fa
     return out
 
 
-def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | None = None,
-        report: Callable[[dict, Callable[[], dict]], None] | None = None, resume: dict | None = None,
-        wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1,
-        device: torch.device | None = None, initial_state: dict | None = None) -> FitResult:
-    """Train `config` for `epochs` epochs, evaluating on the validation set after each.
+class Batches:
+    """Optimizer steps draw consecutive batches from a stream of shuffled passes over `shard`.
 
-    schedule_epochs: the length the LR schedule is planned for (retrain stops a
-    schedule planned for the search's max epochs at the winner's best epoch).
-    report(metrics, state_fn): called after each epoch; state_fn() gives a
-    checkpointable state. resume: such a state, to continue from.
-    wrap_model / rank / world_size: hooks for data-parallel training.
-    initial_state: weights to start from (a base model being updated).
+    A report ("epoch" in the metrics) is a fixed number of steps, not a pass: small data gets several passes per
+    report and large data several reports per pass, so trials are judged after the same amount of training
+    whatever the data size. Pass j is shuffled with (seed, j): a resumed run draws exactly the same batches.
     """
-    config = full_config(config)
+
+    def __init__(self, shard: np.ndarray, batch_size: int, seed: int):
+        self.shard, self.bs, self.seed = shard, max(1, batch_size), seed
+        self._pass, self._perm = -1, shard
+
+    def _permutation(self, j: int) -> np.ndarray:
+        if j != self._pass:
+            self._pass, self._perm = j, self.shard[np.random.default_rng([self.seed, j]).permutation(len(self.shard))]
+        return self._perm
+
+    def __call__(self, step: int) -> np.ndarray:
+        n, out, pos = len(self.shard), [], step * self.bs
+        while len(out) < self.bs:
+            j, off = divmod(pos + len(out), n)
+            out.extend(self._permutation(j)[off:off + self.bs - len(out)])
+        return np.asarray(out)
+
+
+def shard_of(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank `rank`'s rows: every rank gets the same number (wrapping around, as DistributedSampler pads), so all
+    ranks take the same number of steps and no collective waits for a rank that has finished."""
+    per_rank = math.ceil(n / world_size)
+    return (np.arange(per_rank) * world_size + rank) % n
+
+
+def steps_per_report(config: dict, shard_len: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps between two reports: the plan's rows per report (`report_rows`, the same for every batch
+    size, so trials are compared after seeing the same data), or one pass over the shard when none is set."""
+    rows = int(config.get("report_rows") or 0)
+    if rows:
+        return max(1, math.ceil(rows / world_size / batch_size))
+    return max(1, math.ceil(shard_len / batch_size))
+
+
+@dataclass
+class _Setup:
+    """Everything one run of `config` trains with (built once; fit and the plan's speed probe share it)."""
+
+    config: dict
+    model: nn.Module
+    spec: Any
+    encoder: Any
+    groups: list
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss: Callable
+    augment: Callable | None
+    mixup: Any
+    anchor: dict
+    x_train: Any
+    x_val: Any
+    y_train: torch.Tensor
+    batches: Batches
+    steps_per_report: int
+    device: torch.device
+
+    def step(self, fwd_model: nn.Module, run_encoder, step: int) -> float:
+        """One optimizer step on batch number `step`; returns the batch loss."""
+        idx = self.batches(step)
+        target = self.y_train[idx].to(self.device)
+        if self.mixup is not None and len(idx) % 2 == 0:
+            xb = run_encoder.batch(self.x_train, idx, self.augment).to(self.device)
+            xb, soft = self.mixup(xb, target)
+            loss = torch.sum(-soft * torch.log_softmax(fwd_model(xb), dim=-1), dim=-1).mean()
+        else:
+            loss = self.loss(forward(fwd_model, run_encoder, self.x_train, idx, self.device, self.augment), target)
+        if self.anchor:
+            l2sp = float(self.config["l2sp"])
+            loss = loss + l2sp * sum(((p - self.anchor[nme]) ** 2).sum() for nme, p in self.model.named_parameters()
+                                     if p.requires_grad and nme in self.anchor)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if float(self.config["grad_clip"]) > 0:
+            nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                     float(self.config["grad_clip"]))
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(loss.detach())
+
+
+def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0, world_size: int = 1,
+           initial_state: dict | None = None) -> _Setup:
     seed = int(config["seed"]) + rank
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
-    device = device or default_device()
-
     model, spec = build_model(config, data.num_classes)
     if initial_state:
         model.load_state_dict(initial_state, strict=False)
     model.to(device)
     encoder = build_encoder(config, model, spec)
-    x_train = encode_inputs(encoder, data.x_train)
-    x_val = encode_inputs(encoder, data.x_val) if data.x_val is not None else None
-
     groups = models.family(model).layer_groups(model)
-    n_body = len(groups) - 1
     optimizer = make_optimizer(model, groups, config)
-    n = len(data.y_train)
-    shard = np.arange(rank, n, world_size)
-    bs = int(config["batch_size"])
-    # Small data: an "epoch" (one report, one ASHA step) is several passes over it (space.epoch_passes).
-    passes = max(1, int(config["epoch_passes"]))
+    # Data parallel: the global batch is the config's batch size, so the searched LR still fits it.
+    local_bs = max(1, int(config["batch_size"]) // world_size)
+    shard = shard_of(len(data.y_train), rank, world_size)
+    per_report = steps_per_report(config, len(shard), local_bs, world_size)
+    scheduler = schedules.create(config["schedule"], optimizer, per_report * reports, float(config["warmup_frac"]),
+                                 config)
     regression = data.task == "regression"
-    use_mix = data.modality == "image" and config["mix"] != "none" and not regression
-    per_epoch = len(shard) * passes
-    steps_per_epoch = max(1, (per_epoch // bs) if use_mix and per_epoch >= bs else math.ceil(per_epoch / bs))
-    total_steps = steps_per_epoch * int(schedule_epochs or epochs)
-    scheduler = schedules.create(config["schedule"], optimizer, total_steps, float(config["warmup_frac"]), config)
-
     if data.modality == "image":
         augment_fn = aug.image_transform(config["augment"], int(config["image_size"]))
     else:
         augment_fn = aug.text_transform(config["text_augment"], float(config["text_aug_rate"]),
-                                        getattr(encoder.tokenizer, "mask_token_id", None))
+                                        getattr(encoder.tokenizer, "mask_token_id", None), encoder.tokenizer)
     mixup = None
-    if use_mix:
+    if data.modality == "image" and config["mix"] != "none" and not regression:
         from timm.data import Mixup
 
         alpha = float(config["mix_alpha"])
         mixup = Mixup(mixup_alpha=alpha if config["mix"] == "mixup" else 0.0,
                       cutmix_alpha=alpha if config["mix"] == "cutmix" else 0.0,
                       label_smoothing=float(config["label_smoothing"]), num_classes=data.num_classes)
-    weights = None
-    if config["class_weighted"] and data.class_weights is not None:
-        weights = torch.as_tensor(data.class_weights, dtype=torch.float32, device=device)
     if regression:
         mean, std = data.target_scale or (0.0, 1.0)
         mse = nn.MSELoss()
-        ce = lambda out, target: mse(out[:, 0], (target - mean) / std)  # noqa: E731
+        loss = lambda out, target: mse(out[:, 0], (target - mean) / std)  # noqa: E731
     else:
-        ce = nn.CrossEntropyLoss(weight=weights, label_smoothing=float(config["label_smoothing"]))
-    l2sp = float(config["l2sp"])
+        weights = None
+        if config["class_weighted"] and data.class_weights is not None:
+            weights = torch.as_tensor(data.class_weights, dtype=torch.float32, device=device)
+        loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=float(config["label_smoothing"]))
     head = set(groups[-1])
-    anchor = {nme: p.detach().clone() for nme, p in model.named_parameters() if nme not in head} if l2sp > 0 else {}
+    anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if n not in head}
+              if float(config["l2sp"]) > 0 else {})
+    x_train = encode_inputs(encoder, data.x_train)
+    x_val = encode_inputs(encoder, data.x_val) if data.x_val is not None else None
+    y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
+    return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
+                  x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device)
 
+
+def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | None = None,
+        report: Callable[[dict, Callable[..., dict]], None] | None = None, resume: dict | None = None,
+        wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1,
+        device: torch.device | None = None, initial_state: dict | None = None) -> FitResult:
+    """Train `config` for `epochs` reports of `steps_per_report` optimizer steps each (one pass over the data when
+    the config sets none), evaluating on the validation set after each.
+
+    schedule_epochs: the number of reports the LR schedule is planned for (default: epochs).
+    report(metrics, state_fn): called after each report; state_fn() gives a checkpointable state,
+    state_fn(weights_only=True) just the trained weights. resume: such a state, to continue from.
+    wrap_model / rank / world_size: hooks for data-parallel training (ranks get equal shards of the data
+    and batch_size / world_size rows per step). initial_state: weights to start from (a base model).
+    """
+    config = full_config(config)
+    device = device or default_device()
+    s = _setup(config, data, reports=int(schedule_epochs or epochs), device=device, rank=rank, world_size=world_size,
+               initial_state=initial_state)
+    model, groups = s.model, s.groups
+    n_body = len(groups) - 1
+    regression = data.task == "regression"
     start_epoch, history = 0, []
     if resume:
         set_trainable(model, groups, int(resume["trainable_k"]))
         model.load_state_dict(resume["model"], strict=False)
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        s.optimizer.load_state_dict(resume["optimizer"])
+        s.scheduler.load_state_dict(resume["scheduler"])
         start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
 
-    y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
     # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
-    run_model, run_encoder = model, encoder
-    first_k = n_trainable_groups(config, n_body, start_epoch)
+    run_model, run_encoder, x_val = model, s.encoder, s.x_val
     cache_use = "off"
     if data.cache_dir is not None:
-        set_trainable(model, groups, first_k)
-        split = featcache.plan(config, model, encoder, first_k, x_train, device)
+        set_trainable(model, groups, n_trainable_groups(config, n_body, start_epoch))
+        split = featcache.plan(config, model, s.encoder, n_trainable_groups(config, n_body, start_epoch),
+                               s.x_train, device)
         if split is not None:
             hits = featcache.STATS["hits"]
             run_model, run_encoder = split.top(), featcache.FeatureInputs()
-            x_train = featcache.cached_features(split, encoder, x_train, device, data.cache_dir,
-                                                featcache.cache_key(config, spec, data.x_train, split))
+            s.x_train = featcache.cached_features(split, s.encoder, s.x_train, device, data.cache_dir,
+                                                  featcache.cache_key(config, s.spec, data.x_train, split))
             if x_val is not None:
-                x_val = featcache.cached_features(split, encoder, x_val, device, data.cache_dir,
-                                                  featcache.cache_key(config, spec, data.x_val, split))
+                x_val = featcache.cached_features(split, s.encoder, x_val, device, data.cache_dir,
+                                                  featcache.cache_key(config, s.spec, data.x_val, split))
             cache_use = f"{split.tag}:{'hit' if featcache.STATS['hits'] > hits else 'computed'}"
-    fwd_model = model
-    current_k = -1
+    fwd_model, current_k, seed, per = model, -1, int(config["seed"]) + rank, s.steps_per_report
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        # Per-epoch seeds: a run resumed from a checkpoint shuffles and augments exactly as the original.
-        rng = np.random.default_rng([seed, epoch])
+        # Per-report seeds: a run resumed from a checkpoint augments exactly as the original.
         torch.manual_seed(seed * 100003 + epoch)
         random.seed(seed * 100003 + epoch)
         k = n_trainable_groups(config, n_body, epoch)
@@ -273,47 +362,88 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             fwd_model = wrap_model(run_model) if wrap_model else run_model
         fwd_model.train()
         eval_frozen(model)
-        order = np.concatenate([shard[rng.permutation(len(shard))] for _ in range(passes)])
-        total_loss, seen = 0.0, 0
-        for step in range(steps_per_epoch):
-            idx = order[step * bs:(step + 1) * bs]
-            if len(idx) == 0:
-                continue
-            target = y_train[idx].to(device)
-            if mixup is not None and len(idx) % 2 == 0:
-                xb = run_encoder.batch(x_train, idx, augment_fn).to(device)
-                xb, soft = mixup(xb, target)
-                loss = torch.sum(-soft * torch.log_softmax(fwd_model(xb), dim=-1), dim=-1).mean()
-            else:
-                loss = ce(forward(fwd_model, run_encoder, x_train, idx, device, augment_fn), target)
-            if anchor:
-                loss = loss + l2sp * sum(((p - anchor[nme]) ** 2).sum() for nme, p in model.named_parameters()
-                                         if p.requires_grad and nme in anchor)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if float(config["grad_clip"]) > 0:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], float(config["grad_clip"]))
-            optimizer.step()
-            scheduler.step()
-            total_loss += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        metrics = {"epoch": epoch + 1, "train_loss": total_loss / max(seen, 1), "steps": steps_per_epoch * (epoch + 1),
-                   "lr": optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
-                   "epoch_time_s": time.perf_counter() - t0, "feature_cache": cache_use}
-        recalibrate_bn(run_model, run_encoder, x_train, order, device, bs)
+        losses = [s.step(fwd_model, run_encoder, step) for step in range(epoch * per, (epoch + 1) * per)]
+        train_s = time.perf_counter() - t0
+        seen = np.concatenate([s.batches(step) for step in range(max(epoch * per, (epoch + 1) * per - 8),
+                                                                  (epoch + 1) * per)])
+        recalibrate_bn(run_model, run_encoder, s.x_train, seen, device, s.batches.bs, max_batches=min(8, max(2, per)))
+        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "steps": per * (epoch + 1),
+                   "epochs_seen": per * (epoch + 1) * s.batches.bs / len(s.batches.shard),
+                   "lr": s.optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
+                   "epoch_time_s": train_s, "feature_cache": cache_use}
         if x_val is not None and data.y_val is not None and len(data.y_val):
             val = evaluate(run_model, run_encoder, x_val, data.y_val, data.num_classes, device,
                            target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)
             metrics.update({f"val_{kk}": v for kk, v in val.items()})
+        metrics["report_time_s"] = time.perf_counter() - t0
         history.append(metrics)
         if report is not None:
-            epoch_now = epoch + 1
-
-            def state_fn(epoch_now=epoch_now, k=k):
-                return {"model": trainable_state(model), "optimizer": copy.deepcopy(optimizer.state_dict()),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch_now, "trainable_k": k,
+            def state_fn(weights_only: bool = False, epoch_now=epoch + 1, k=k):
+                if weights_only:
+                    return {"model": trainable_state(model)}
+                return {"model": trainable_state(model), "optimizer": copy.deepcopy(s.optimizer.state_dict()),
+                        "scheduler": s.scheduler.state_dict(), "epoch": epoch_now, "trainable_k": k,
                         "history": list(history)}
 
             report(metrics, state_fn)
     model.eval()
-    return FitResult(model=model, encoder=encoder, history=history, spec=spec)
+    return FitResult(model=model, encoder=s.encoder, history=history, spec=s.spec)
+
+
+def load_best(config: dict, num_classes: int, weights: str | None):
+    """A trial's model with its best weights (trained parameters and buffers over the backbone's own start)."""
+    from safetensors.torch import load_file
+
+    if weights is None:
+        raise RuntimeError("The search kept no weights for its best trial (results on remote storage, or the trial "
+                           "was lost). Fix: give the run time for a retrain, or use a local/shared storage_path.")
+    config = full_config(config)
+    model, spec = build_model(config, num_classes)
+    missing = set(load_file(weights)) - set(model.state_dict())
+    if missing:
+        raise RuntimeError(f"Best weights {weights!r} do not fit the winner's architecture: {sorted(missing)[:5]}.")
+    model.load_state_dict(load_file(weights), strict=False)
+    return model.eval(), spec
+
+
+def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torch.device | None = None,
+                  threads: tuple[int, ...] = (1,)) -> dict:
+    """Time `config`: model set-up, one optimizer step (after a warm-up step) with each of `threads` CPU threads,
+    and one validation row (with the first).
+
+    The plan scales these to choose trial lengths; it runs the real training step, so augmentation, unfreezing
+    depth and the batch size all count. Returns setup_s, step_s (first thread count), eval_row_s, batch_size,
+    and step_s_<n> for every thread count n.
+    """
+    config = full_config(config)
+    device = device or default_device()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads[0])
+    t0 = time.perf_counter()
+    try:
+        s = _setup(config, data, reports=1, device=device)
+        n_body = len(s.groups) - 1
+        set_trainable(s.model, s.groups, n_trainable_groups(config, n_body, 0))
+        s.model.train()
+        eval_frozen(s.model)
+        s.step(s.model, s.encoder, 0)
+        out = {"setup_s": time.perf_counter() - t0, "batch_size": s.batches.bs}
+        step = 1
+        for n in threads:
+            torch.set_num_threads(n)
+            t1 = time.perf_counter()
+            for _ in range(steps):
+                s.step(s.model, s.encoder, step)
+                step += 1
+            out[f"step_s_{n}"] = (time.perf_counter() - t1) / steps
+        torch.set_num_threads(threads[0])
+        rows = s.x_val if s.x_val is not None else s.x_train
+        n_eval = min(len(rows), 128)
+        part = rows[:n_eval] if isinstance(rows, np.ndarray) else [rows[i] for i in range(n_eval)]
+        t2 = time.perf_counter()
+        predict_logits(s.model, s.encoder, part, device)
+        out["eval_row_s"] = (time.perf_counter() - t2) / max(1, n_eval)
+        out["step_s"] = out[f"step_s_{threads[0]}"]
+        return out
+    finally:
+        torch.set_num_threads(before)

@@ -79,8 +79,8 @@ PARAMS: dict[str, Param] = {
     "grad_clip": Param(0.0, "a number >= 0 (0 = off)", _num(0)),
     "l2sp": Param(0.0, "a number >= 0", _num(0)),
     "seed": Param(0, "an integer >= 0", _num(0, None, True)),
-    # Set for the data size, not searched: passes over the training data per reported epoch.
-    "epoch_passes": Param(1, "an integer >= 1", _num(1, None, True)),
+    # Set by the plan, not searched: training rows between two reports (0: one pass over the data).
+    "report_rows": Param(0, "an integer >= 0 (0 = one pass over the training data)", _num(0, None, True)),
 }
 
 DEFAULTS = {name: p.default for name, p in PARAMS.items() if name != "backbone"}

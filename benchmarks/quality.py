@@ -1,0 +1,251 @@
+"""Does the search beat one good config at equal wall time? (issues #14 and #15)
+
+    python benchmarks/quality.py --budget 300 --seeds 3              # digits, stamps, fortunes
+    python benchmarks/quality.py --sets stamps --seeds 1             # one set, quicker
+
+For each real set (benchmarks/realsets.py) and seed, the same train/validation/test rows go to:
+  ours    auto_finetune(df, time_budget_s=budget): plan, search, finalise, export (wall time measured)
+  fixed   the space's start point trained once, in-process, for a sensible length at the images' native size
+          (shrunk until one run fits the budget), on train; the final weights are tested
+  random  the same plan, but random sampling and no early stopping; the best trial's weights are tested
+  autogluon (fortunes only, when /work/ag-venv exists) AutoGluon MultiModal 1.6.3, same MiniLM, time_limit = budget
+Test macro-F1 and wall time go to benchmarks/RESULTS.md (section "quality").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import realsets  # noqa: E402
+from _results import write_section  # noqa: E402
+
+AG_PYTHON = Path(os.environ.get("AUTOML_AG_PYTHON", "/work/ag-venv/bin/python"))
+
+
+def split(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """A stratified 70/15/15 split column, the same for every method of a seed."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(df))
+    rest, test = train_test_split(idx, test_size=0.15, stratify=df["label"], random_state=seed)
+    train, val = train_test_split(rest, test_size=0.15 / 0.85, stratify=df["label"].iloc[rest], random_state=seed)
+    out = df.copy()
+    out["split"] = "train"
+    out.iloc[val, out.columns.get_loc("split")] = "validation"
+    out.iloc[test, out.columns.get_loc("split")] = "test"
+    return out
+
+
+def macro_f1(model, df: pd.DataFrame) -> float:
+    test = df[df["split"] == "test"].drop(columns=["split"])
+    return float(model.evaluate(test, label="label")["f1_macro"])
+
+
+def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
+    from automl import auto_finetune
+
+    t0 = time.monotonic()
+    m = auto_finetune(df, label="label", time_budget_s=budget, seed=seed, output_dir=out, progress=False)
+    wall = time.monotonic() - t0
+    p = m.manifest.plan
+    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": m.manifest.training.get("how"),
+            "plan": f"{p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}{p['reports']}x"
+                    f"{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
+            "winner": str(m.manifest.searched_hyperparameters.get("backbone"))}
+
+
+def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
+    """The space's start point, trained once for a sensible length that fits the budget, 2 threads, no Ray."""
+    import torch
+
+    from automl.data.inputs import Inputs
+    from automl.data.intake import prepare
+    from automl.export.manifest import ExportManifest, Preprocessing
+    from automl.export.predictor import FinetunedModel
+    from automl.models import resolve
+    from automl.search.plan import MIN_IMAGE, image_side, sensible_steps, token_p95
+    from automl.search.space import load_space
+    from automl.training.loop import fit, full_config, measure_speed
+
+    t0 = time.monotonic()
+    torch.set_num_threads(2)
+    task = prepare(df, "label", seed=seed)
+    space = load_space("cpu_small", task.modality)
+    cfg = full_config({**space.default_config(), "seed": seed})
+    spec = resolve(cfg["backbone"])
+    n_train = len(task.splits["train"])
+    steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))
+    size = None
+    if task.modality == "image":
+        size = min(224, max(MIN_IMAGE, -(-image_side(task.images) // 8) * 8))
+        while True:  # the native size, shrunk until the run fits 80% of the budget
+            probe = Inputs.materialise(task, size)
+            sp = measure_speed({**cfg, "image_size": size}, probe.trial_data(), steps=3)
+            if sp["setup_s"] + steps * sp["step_s"] <= 0.8 * budget or size <= MIN_IMAGE:
+                break
+            size = max(MIN_IMAGE, int(size * 0.75) // 8 * 8)
+        cfg["image_size"] = size
+    else:
+        from automl.models.hf_family import load_tokenizer
+
+        p95 = token_p95(load_tokenizer(spec.model), [task.texts[i] for i in task.splits["train"]])
+        cfg["max_length"] = min(256, max(16, -(-p95 // 8) * 8))
+    inputs = Inputs.materialise(task, size)
+    data = inputs.trial_data()
+    sp = measure_speed(cfg, data, steps=3)
+    steps = min(steps, int((0.8 * budget - sp["setup_s"] - (time.monotonic() - t0)) / sp["step_s"]))
+    reports = 10
+    cfg["report_rows"] = max(1, steps * int(cfg["batch_size"]) // reports)
+    res = fit(cfg, data, epochs=reports, device=torch.device("cpu"))
+    classes = list(task.classes)
+    manifest = ExportManifest(task=task.task, modality=task.modality, classes=classes, label_column="label",
+                              input_columns=task.input_columns, metric="f1_macro", backbone=spec,
+                              preprocessing=Preprocessing(**{k: v for k, v in res.encoder.to_dict().items()},
+                                                          storage_size=size))
+    model = FinetunedModel(res.model, res.encoder, manifest)
+    return {"f1": macro_f1(model, df), "wall": time.monotonic() - t0,
+            "plan": f"{size or ''}{'px ' if size else ''}{steps} steps"}
+
+
+def random_search(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
+    """The same plan as ours, but random configs and no early stopping; the best trial's own weights."""
+    from automl import stages
+    from automl.budget import Budget
+    from automl.cluster import connect
+    from automl.export.predictor import FinetunedModel
+    from automl.options import FinetuneOptions
+    from automl.search.tune import experiment_name, run_search
+    from automl.training.loop import build_encoder, full_config, load_best
+
+    t0 = time.monotonic()
+    opts = FinetuneOptions.from_kwargs(label="label", time_budget_s=budget, seed=seed, output_dir=str(out),
+                                       progress=False)
+    budget_ = Budget(budget)
+    prepared = stages.prepare(df, opts)
+    plan = stages.plan(prepared, connect(), budget_)
+    inputs = stages.materialise(prepared, plan)
+    now = budget_.elapsed()
+    # The search gets what ours gives search and retrain together (random has no retrain of its own).
+    ends = plan.search_ends_at_s + (plan.retrain_s if plan.retrain else 0.0)
+    res = run_search(inputs.trial_data(), plan.space, metric=prepared.metric, storage_path=str(out / "ray"),
+                     name=experiment_name(out, False), time_budget_s=ends - now, max_trials=None, seed=seed,
+                     resources=plan.resources, concurrency=plan.concurrency, progress=False, sampler="random",
+                     early_stopping=False, protect_start_points=False, start_points=[])
+    config = full_config(res.best_config)
+    model, spec = load_best(config, prepared.task.num_classes, res.best_weights)
+    enc = build_encoder(config, model, spec)
+    from automl.export.manifest import ExportManifest, Preprocessing
+
+    manifest = ExportManifest(task=prepared.task.task, modality=prepared.task.modality,
+                              classes=list(prepared.task.classes), label_column="label",
+                              input_columns=prepared.task.input_columns, metric=prepared.metric, backbone=spec,
+                              preprocessing=Preprocessing(**enc.to_dict(), storage_size=inputs.storage_size))
+    return {"f1": macro_f1(FinetunedModel(model, enc, manifest), df), "wall": time.monotonic() - t0,
+            "trials": len(res.trials)}
+
+
+def autogluon(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict | None:
+    from automl.models import minilm_dir
+
+    if not AG_PYTHON.exists():
+        return None
+    train = df[df["split"] != "test"].drop(columns=["split"])
+    test = df[df["split"] == "test"].drop(columns=["split"])
+    train.to_csv(tmp / "ag_train.csv", index=False)
+    test.to_csv(tmp / "ag_test.csv", index=False)
+    t0 = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    r = subprocess.run([str(AG_PYTHON), str(HERE / "autogluon_baseline.py"), "--train", str(tmp / "ag_train.csv"),
+                        "--test", str(tmp / "ag_test.csv"), "--label", "label", "--checkpoint", minilm_dir(),
+                        "--time-limit", str(int(budget)), "--out", str(tmp / "ag.json"), "--seed", str(seed)],
+                       capture_output=True, text=True, env=env, timeout=budget * 3 + 300)
+    if r.returncode != 0:
+        return {"error": r.stderr[-500:]}
+    res = json.loads((tmp / "ag.json").read_text())
+    return {"f1": res["f1_macro"], "wall": time.monotonic() - t0}
+
+
+SETS = {"digits": realsets.digits, "stamps": realsets.stamps, "fortunes": realsets.fortunes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=300)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sets", default="digits,stamps,fortunes")
+    ap.add_argument("--methods", default="ours,fixed,random,autogluon")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    rows = []
+    for name in args.sets.split(","):
+        base = SETS[name]()
+        for seed in range(args.seeds):
+            df = split(base, seed)
+            tmp = Path(tempfile.mkdtemp(prefix=f"quality-{name}-{seed}-"))
+            row = {"set": name, "seed": seed}
+            for method in methods:
+                if method == "autogluon" and name != "fortunes":
+                    continue
+                t = time.monotonic()
+                if method == "ours":
+                    r = ours(df, args.budget, seed, tmp / "ours")
+                elif method == "fixed":
+                    r = fixed(df, args.budget, seed)
+                elif method == "random":
+                    r = random_search(df, args.budget, seed, tmp / "random")
+                else:
+                    r = autogluon(df, args.budget, seed, tmp)
+                row[method] = r
+                print(f"{name} seed {seed} {method}: {r} ({time.monotonic() - t:.0f} s)", flush=True)
+            rows.append(row)
+            shutil.rmtree(tmp, ignore_errors=True)
+    lines = report(rows, methods, args.budget)
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section("quality", f"Search vs one good config at equal wall time ({args.budget:.0f} s)", lines)
+
+
+def report(rows: list[dict], methods: list[str], budget: float) -> list[str]:
+    out = ["Test macro-F1 (wall time, s). `ours` is `auto_finetune(df, time_budget_s=budget)`; `fixed` is the "
+           "space's start point trained once for a sensible length that fits the budget; `random` is the same plan "
+           "with random sampling and no early stopping; `autogluon` is AutoGluon MultiModal 1.6.3 on the same "
+           "MiniLM (fortunes only). Same train/validation/test rows for every method of a seed.", "",
+           "| set | seed | " + " | ".join(methods) + " | ours − fixed | plan (ours) |",
+           "|---|---|" + "---|" * len(methods) + "---|---|"]
+    for r in rows:
+        cells = []
+        for m in methods:
+            v = r.get(m)
+            cells.append("" if not v else ("error" if "error" in v else f"{v['f1']:.4f} ({v['wall']:.0f})"))
+        delta = (r["ours"]["f1"] - r["fixed"]["f1"]) * 100 if "ours" in r and "fixed" in r else float("nan")
+        out.append(f"| {r['set']} | {r['seed']} | " + " | ".join(cells) + f" | {delta:+.1f} | "
+                   f"{r.get('ours', {}).get('plan', '')}, {r.get('ours', {}).get('trials', '')} trials, "
+                   f"{r.get('ours', {}).get('how', '')} |")
+    out.append("")
+    for name in dict.fromkeys(r["set"] for r in rows):
+        sel = [r for r in rows if r["set"] == name and "ours" in r and "fixed" in r]
+        if sel:
+            d = [(r["ours"]["f1"] - r["fixed"]["f1"]) * 100 for r in sel]
+            over = max(r["ours"]["wall"] / budget for r in sel)
+            out.append(f"- {name}: ours − fixed = {np.mean(d):+.1f} points on average (worst seed {min(d):+.1f}); "
+                       f"longest run {over:.0%} of the budget.")
+    return out
+
+
+if __name__ == "__main__":
+    main()

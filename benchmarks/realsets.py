@@ -1,0 +1,182 @@
+"""Small real labelled datasets for benchmarking, built from Debian packages and sklearn.
+
+Nothing is downloaded or stored in the repository: the data is read from files that
+Debian packages install under /usr/share.
+
+- ``stamps()``    images, from ``tuxpaint-stamps-default``
+- ``fortunes()``  short texts, from ``fortunes`` (``fortunes-min`` alone is not enough)
+- ``digits()``    8x8 images, from sklearn
+
+Run ``python benchmarks/realsets.py`` to print the size and class counts of each set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pandas as pd
+
+STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+
+# Extra copies of stamps, not new images (see the stamps() docstring).
+_STAMP_VARIANT_SUFFIXES = ("_mirror", "_outline")
+_FORTUNE_SEPARATOR = re.compile(r"^%[ \t]*$", flags=re.MULTILINE)
+
+
+def _missing(what: Path, package: str) -> RuntimeError:
+    return RuntimeError(
+        f"{what} was not found or holds too little data; "
+        f"install it with: sudo apt-get install -y {package}"
+    )
+
+
+def _cap(df: pd.DataFrame, max_per_class: int | None, seed: int) -> pd.DataFrame:
+    """Keep at most `max_per_class` rows per label (seeded sample); rows sorted by label."""
+    if max_per_class is not None:
+        df = df.sample(frac=1, random_state=seed).groupby("label").head(max_per_class)
+    return df.sort_values(["label", df.columns[0]]).reset_index(drop=True)
+
+
+def stamps(
+    min_per_class: int = 10, max_per_class: int | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Tux Paint stamp images, labelled with their top-level category.
+
+    Returns columns ``image`` (absolute path to a PNG file) and ``label`` (the folder
+    directly under /usr/share/tuxpaint/stamps, e.g. ``animals``; images sit in nested
+    subfolders such as ``animals/mammals/cats/lion-1.png``).
+
+    Which files are kept:
+
+    - Only ``.png``. The package also ships ``.svg`` stamps (vector, not raster; ~83 of
+      them have a PNG twin, the rest exist only as SVG), plus ``.txt`` descriptions,
+      ``.dat`` options and ``.ogg``/``.wav`` sounds, all skipped. The PNGs are mostly
+      RGBA/LA/palette images of varied size (median ~130x130 px).
+    - ``*_mirror.png`` files are skipped: they are hand-made mirrored copies of another
+      stamp (``bradley.png`` / ``bradley_mirror.png``), used when a user flips it.
+    - ``*_outline.png`` files are skipped: they are alphabet letters that also exist as
+      ``*_filled.png`` (same glyph, outlined instead of filled).
+      There are no thumbnail or shadow files in the package.
+    - Files with the same bytes under two categories are dropped (``fireman240a.png``
+      is in both ``military`` and ``people``).
+
+    Categories with fewer than `min_per_class` images are dropped, not merged: the
+    small ones (cartoon 6, medical 5, military 9, naturalforces 3, people 6 with
+    tuxpaint-stamps-default 2022.06.04) have nothing in common with each other or with
+    another category, so merging them would make a meaningless class.
+
+    With the defaults (2022.06.04 package) this gives 702 images in 12 classes, kept
+    imbalanced: symbols 186, animals 146, town 78, food 67, seasonal 59, plants 39,
+    vehicles 34, household 33, clothes 19, space 16, hobbies 13, sports 12.
+    `max_per_class` caps each class with a seeded random sample (None: no cap).
+    """
+    if not STAMPS_DIR.is_dir():
+        raise _missing(STAMPS_DIR, "tuxpaint-stamps-default")
+    rows = []
+    for path in sorted(STAMPS_DIR.rglob("*.png")):
+        if path.stem.endswith(_STAMP_VARIANT_SUFFIXES) or not path.is_file():
+            continue
+        digest = hashlib.sha1(path.read_bytes()).hexdigest()
+        label = path.relative_to(STAMPS_DIR).parts[0]
+        rows.append((str(path.resolve()), label, digest))
+    df = pd.DataFrame(rows, columns=["image", "label", "digest"])
+    if df.empty:
+        raise _missing(STAMPS_DIR, "tuxpaint-stamps-default")
+    # Same file in one category: keep one copy. Same file in two categories: drop it.
+    df = df.drop_duplicates(["digest", "label"])
+    df = df[~df.duplicated("digest", keep=False)].drop(columns="digest")
+    counts = df["label"].value_counts()
+    df = df[df["label"].isin(counts[counts >= min_per_class].index)]
+    return _cap(df, max_per_class, seed)
+
+
+def _read_fortune_file(path: Path) -> list[str]:
+    """Entries of one fortune file (separated by lines holding only ``%``), stripped."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:  # older fortune files can be latin-1
+        text = raw.decode("latin-1")
+    entries = (entry.strip() for entry in _FORTUNE_SEPARATOR.split(text.replace("\r\n", "\n")))
+    return [entry for entry in entries if entry]
+
+
+def fortunes(
+    categories: int = 8,
+    max_per_class: int = 300,
+    max_chars: int = 400,
+    seed: int = 0,
+    min_per_class: int = 60,
+    imbalance: float = 6.0,
+) -> pd.DataFrame:
+    """Short quotations from the fortune(6) database, labelled with their file name.
+
+    Returns columns ``text`` and ``label``. In /usr/share/games/fortunes each category
+    is a plain text file without extension; ``<name>.dat`` is its binary index (from
+    strfile) and ``<name>.u8`` a symlink to it, so both are skipped. Only top-level
+    files are read: the offensive ones (package ``fortunes-off``, in ``off/``, partly
+    ROT13-encoded) are never used.
+
+    Each entry is stripped of surrounding whitespace (inner newlines and tabs, e.g. the
+    indented ``-- Author`` line, are kept). Empty entries, entries longer than
+    `max_chars` characters and repeats within a category are dropped; a text found in
+    more than one category is dropped everywhere (its label would be ambiguous). The
+    `categories` categories with the most remaining entries (at least `min_per_class`)
+    are kept, ties broken by name, and each is capped at `max_per_class` entries with a
+    seeded random sample.
+
+    With the defaults (fortunes 1:1.99.1-7.3) the 8 categories are people,
+    definitions, cookie, computers, politics, miscellaneous, work and zippy; each has
+    more than 500 usable entries. Their natural imbalance is mild (about 1200 people
+    down to 540 zippy), so the caps fall geometrically from `max_per_class` for the
+    largest category to `max_per_class / imbalance` for the smallest (300 down to 50:
+    about 1150 rows, imbalanced like real support tickets). imbalance=1 gives a
+    flat cap.
+    """
+    rows = [
+        (entry, path.name)
+        for path in sorted(FORTUNES_DIR.glob("*"))
+        if path.is_file() and not path.is_symlink() and not path.suffix
+        for entry in _read_fortune_file(path)
+        if len(entry) <= max_chars
+    ]
+    df = pd.DataFrame(rows, columns=["text", "label"]).drop_duplicates()
+    df = df[~df.duplicated("text", keep=False)]
+    counts = df["label"].value_counts()
+    counts = counts[counts >= min_per_class]
+    if len(counts) < categories:
+        raise _missing(FORTUNES_DIR, "fortunes")
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    chosen = [label for label, _ in ranked[:categories]]
+    caps = {label: round(max_per_class * imbalance ** (-i / max(1, categories - 1))) for i, label in enumerate(chosen)}
+    df = df[df["label"].isin(chosen)].sample(frac=1, random_state=seed)
+    df = df[df.groupby("label").cumcount() < df["label"].map(caps)]
+    return _cap(df, None, seed)
+
+
+def digits() -> pd.DataFrame:
+    """sklearn's handwritten digits: ``image`` (8x8 float arrays, values 0-16), ``label`` (0-9)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return pd.DataFrame({"image": list(data.images), "label": data.target})
+
+
+def main() -> None:
+    """Print rows, number of classes and class counts of each dataset."""
+    for name, build in [("stamps", stamps), ("fortunes", fortunes), ("digits", digits)]:
+        try:
+            df = build()
+        except RuntimeError as error:
+            print(f"{name}: unavailable ({error})\n")
+            continue
+        counts = df["label"].value_counts()
+        print(f"{name}: {len(df)} rows, {len(counts)} classes")
+        print(", ".join(f"{label} {n}" for label, n in counts.items()), end="\n\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The plan: trial length, ASHA's rungs, input sizes and what follows the search, from the budget and the data.
+
+make_plan is a pure function of the data's statistics and the measured speed: these tests need no Ray.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from automl.budget import Costs
+from automl.search.plan import FIRST_RUNG, FULL_TRIAL_SHARE, DataStats, Speed, make_plan, sensible_steps
+from automl.search.space import load_space
+
+IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=130)
+TEXTS = DataStats("text", n_train=1000, n_val=200, n_full=1200, n_test=200, token_p95=40)
+
+
+def speed(step_at_96: float = 0.5, setup: float = 2.0):
+    """A CNN-like cost: a fixed part plus a part that grows with the pixel count."""
+    def at(size):
+        size = size or 32
+        return Speed(setup, 0.1 + step_at_96 * (size / 96) ** 2, 0.002 * (size / 32) ** 2, 32, size)
+    return at
+
+
+def plan(stats=IMAGES, budget=300.0, at=None, space=None, **kw):
+    space = space or load_space("cpu_small", stats.modality)
+    args = dict(budget_left_s=budget, elapsed_s=5.0, costs=Costs(), resources={"cpu": 1}, concurrency=2,
+                retrain_cpus=2, max_trials=None, pretrained=True, export_formats=True, label_errors="auto",
+                cv_folds=None, max_length=48 if stats.modality == "text" else None, node_cpus=2)
+    args.update(kw)
+    return make_plan(space, stats, at or speed(), **args)
+
+
+def test_a_larger_budget_buys_larger_inputs_longer_trials_and_a_retrain():
+    small, large = plan(budget=120), plan(budget=3 * 3600)
+    assert small.storage_size < large.storage_size == 128  # native size (130 px), at most 128 px on a CPU
+    assert small.trial_s < large.trial_s and not small.retrain and large.retrain
+    assert large.regime == "search" and small.regime == "single"
+    for p in (small, large):  # a search's full-length trial takes at most a third of it; a single run fits
+        search_s = p.search_ends_at_s - 5.0 - Costs()["ray_start_s"]
+        assert p.trial_s <= (FULL_TRIAL_SHARE if p.regime == "search" else 1.0) * search_s * 1.02
+        assert "the start point runs first and is never stopped" in " ".join(p.reasons)
+
+
+def test_budgets_from_a_minute_to_hours_all_plan_a_run_that_fits():
+    for budget in (60, 300, 1800, 6 * 3600):
+        p = plan(budget=budget)
+        reserved = (p.retrain_s if p.retrain else 0) + (p.cross_fit_s if p.label_errors else 0)
+        assert p.search_ends_at_s + reserved + Costs()["export_image_s"] <= 5.0 + budget
+        assert p.reports >= 4 and p.report_rows >= 1 and p.last_start_at_s < p.search_ends_at_s
+
+
+def test_slower_steps_first_shorten_trials_to_half_then_shrink_the_images():
+    steps = lambda p: p.reports * math.ceil(p.report_rows / 32)  # noqa: E731
+    sensible = sensible_steps(True, math.ceil(500 / 32))
+    fastest, fast, slow = plan(at=speed(0.005), budget=900), plan(at=speed(0.02)), plan(at=speed(0.1))
+    assert fastest.storage_size == 128 and steps(fastest) == pytest.approx(sensible, rel=0.1)  # native, full length
+    assert fast.storage_size == 128 and steps(fast) < 0.8 * sensible  # shorter trials before smaller images
+    assert slow.storage_size < 128 and steps(slow) >= 0.45 * sensible  # never below half the sensible length
+
+
+def test_no_rung_judges_a_trial_before_a_quarter_of_its_length():
+    for budget in (60, 300, 3600):
+        p = plan(budget=budget)
+        assert p.grace_period >= FIRST_RUNG * p.reports and p.space.grace_period == p.grace_period
+        assert p.space.max_epochs == p.reports and p.space.reduction_factor == 3
+
+
+def test_reports_are_rows_not_passes_on_small_and_large_data():
+    tiny = plan(DataStats("image", 60, 20, 80, 20, image_side=32))
+    big = plan(DataStats("image", 200_000, 20_000, 220_000, 20_000, image_side=32), budget=3600)
+    assert tiny.report_rows > 60      # small data: several passes between two reports
+    assert big.report_rows < 200_000  # large data: several reports in one pass
+    assert tiny.space.parameters["report_rows"]["value"] == tiny.report_rows
+
+
+def test_from_scratch_trains_longer_than_fine_tuning():
+    assert sensible_steps(False, 20) > sensible_steps(True, 20)
+    assert sensible_steps(True, 1000) == 3000 and sensible_steps(True, 2) == 40  # 3-20 epochs
+    scratch, tuned = plan(budget=7200, pretrained=False), plan(budget=7200, pretrained=True)
+    assert scratch.reports * scratch.report_rows > tuned.reports * tuned.report_rows
+
+
+def test_text_is_cut_at_the_planned_length_and_pins_win():
+    p = plan(TEXTS, max_length=48)
+    assert p.space.parameters["max_length"]["value"] == 48 and p.storage_size is None
+    pinned = plan(space=load_space("cpu_small", "image", {"image_size": 64, "max_epochs": 3}), pinned_size=64)
+    assert pinned.storage_size == 64 and pinned.reports == 3 and pinned.report_rows == 0  # one pass per report
+
+
+def test_optional_cross_fits_are_planned_in_or_skipped_with_a_reason():
+    short, long = plan(budget=200), plan(budget=4 * 3600)
+    assert not short.label_errors and "suspected-label-error cross-fit skipped" in " ".join(short.reasons)
+    assert long.label_errors
+    forced = plan(budget=200, label_errors=True)
+    assert forced.label_errors and forced.search_ends_at_s < short.search_ends_at_s  # its time is reserved
+
+
+def test_without_a_time_limit_trials_get_their_sensible_length_and_the_winner_is_retrained():
+    p = plan(budget_left_s=None)
+    assert p.retrain and p.search_ends_at_s is None and p.storage_size == 128
+
+
+def text_speed(step_s: float):
+    return lambda size: Speed(2.5, step_s, 0.01, 32, None)
+
+
+def test_when_one_sensible_run_is_all_the_budget_buys_the_start_point_trains_alone_with_every_cpu():
+    """A search of shortened trials loses to one well-trained config: the plan does not run one."""
+    slow = plan(TEXTS, budget=300, at=text_speed(1.6))  # ~400 steps at 1.6 s: one run at best
+    assert slow.regime == "single" and slow.concurrency == 1 and slow.max_trials == 1
+    assert slow.resources["cpu"] == 2 and not slow.retrain
+    steps = slow.reports * math.ceil(slow.report_rows / 32)
+    assert steps >= 0.5 * sensible_steps(True, math.ceil(1000 / 32))  # not cut to a fraction of an epoch
+    fast = plan(TEXTS, budget=300, at=text_speed(0.05))
+    assert fast.regime == "search" and fast.concurrency == 2 and fast.max_trials is None
+
+
+def test_narrow_search_keeps_the_start_point_at_full_length_in_its_own_slot():
+    p = plan(TEXTS, budget=300, at=text_speed(0.45))  # one full-length trial fits each slot, three do not
+    assert p.regime == "narrow" and p.concurrency == 2 and "start point trains at full length" in " ".join(p.reasons)
