@@ -21,7 +21,8 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
     with budget.stage("prepare"):
         prepared = stages.prepare(dataset, opts)  # bad input fails here, before any compute
     with budget.stage("connect"):
-        ray = connect(opts.resources.ray_address, verbose=opts.output.verbose)
+        ray = connect(opts.resources.ray_address, cluster_config=opts.resources.cluster_config,
+                      verbose=opts.output.verbose)
     with budget.stage("plan"):
         plan = stages.plan(prepared, ray, budget)
         inputs = stages.materialise(prepared, plan)

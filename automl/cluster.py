@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def worker_env() -> dict[str, str]:
@@ -42,12 +43,19 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, verbo
 
 @dataclass
 class ClusterInfo:
-    """What the Ray cluster offers: totals and the largest single node (no request may exceed one node)."""
+    """What the Ray cluster can offer: totals and the largest single node (no request may exceed one node).
+
+    On an autoscaling cluster the current nodes say little (the shipped cluster.yaml starts with a CPU-less head
+    and no workers), so capacity comes from the autoscaler's node types (`from_config`) when known.
+    """
 
     cpus: float
     gpus: float
     node_cpus: float          # CPUs of the largest node
     node_gpus: float
+    nodes: int = 1            # nodes that exist now
+    max_nodes: int = 1        # nodes the cluster may grow to
+    source: str = "the running cluster"
 
     @classmethod
     def current(cls) -> "ClusterInfo":
@@ -57,12 +65,45 @@ class ClusterInfo:
         total = ray.cluster_resources()
         return cls(float(total.get("CPU", 1)), float(total.get("GPU", 0)),
                    max((float(r.get("CPU", 0)) for r in nodes), default=1.0),
-                   max((float(r.get("GPU", 0)) for r in nodes), default=0.0))
+                   max((float(r.get("GPU", 0)) for r in nodes), default=0.0), len(nodes), len(nodes))
+
+    @classmethod
+    def from_config(cls, path: str | Path) -> "ClusterInfo":
+        """Capacity from an autoscaler config (cluster.yaml): each node type's resources and max_workers, within
+        the global max_workers. Node types must state their resources ({CPU: 16, GPU: 1})."""
+        import yaml
+
+        from automl.errors import AutoMLError
+
+        cfg = yaml.safe_load(Path(path).expanduser().read_text())
+        types, head = cfg.get("available_node_types") or {}, cfg.get("head_node_type")
+        missing = [n for n, nt in types.items() if n != head and "CPU" not in (nt.get("resources") or {})]
+        if missing:
+            raise AutoMLError(f"{path}: node types {missing} do not state their resources, so automl cannot plan for "
+                              "them. Fix: add e.g. `resources: {CPU: 16, GPU: 1}` to each worker type.")
+        head_res = (types.get(head) or {}).get("resources") or {}
+        budget, cpus, gpus, n = int(cfg.get("max_workers", 0)), float(head_res.get("CPU", 0)), \
+            float(head_res.get("GPU", 0)), 1
+        workers = sorted(((nt.get("resources"), int(nt.get("max_workers", 0))) for name, nt in types.items()
+                          if name != head), key=lambda w: -float(w[0].get("CPU", 0)))
+        for res, count in workers:
+            take = min(count, budget)
+            cpus, gpus, n, budget = cpus + take * float(res["CPU"]), gpus + take * float(res.get("GPU", 0)), \
+                n + take, budget - take
+        return cls(cpus, gpus, max([float(head_res.get("CPU", 0))] + [float(r["CPU"]) for r, _ in workers]),
+                   max([float(head_res.get("GPU", 0))] + [float(r.get("GPU", 0)) for r, _ in workers]),
+                   1, n, f"the autoscaler config {path}")
 
     def trial_resources(self, cpus: float | None = None, gpus: float | None = None) -> dict:
-        """Per trial: 1 GPU when GPUs exist, else 1 CPU (threads = CPUs)."""
+        """Per trial: 1 GPU when GPUs exist, else 1 CPU (threads = CPUs); never more than one node has."""
+        from automl.errors import AutoMLError
+
         gpu = gpus if gpus is not None else (1.0 if self.gpus >= 1 else 0.0)
         out = {"cpu": float(cpus if cpus is not None else 1.0)}
+        if out["cpu"] > self.node_cpus or gpu > max(self.node_gpus, 0 if not gpu else 1):
+            raise AutoMLError(f"A trial asks for {out['cpu']:g} CPU(s) and {gpu:g} GPU(s), but the largest node of "
+                              f"{self.source} has {self.node_cpus:g} CPU(s) and {self.node_gpus:g} GPU(s): it "
+                              f"would never start. Fix: cpus_per_trial <= {self.node_cpus:g}.")
         if gpu:
             out["gpu"] = float(gpu)
         return out
@@ -79,8 +120,62 @@ class ClusterInfo:
             return max(1, int(res["cpu"]))
         return max(1, int(res["cpu"]), int(self.node_cpus // max(1, workers)))
 
+    def request(self, res: dict, concurrency: int) -> None:
+        """Ask the autoscaler for the nodes `concurrency` trials need (a no-op without an autoscaler)."""
+        if self.max_nodes <= self.nodes:
+            return
+        from ray.autoscaler.sdk import request_resources
 
-def connect(address: str | None = None, *, verbose: bool = False) -> ClusterInfo:
-    """Start or join Ray, and describe the cluster."""
+        bundle = {"CPU": res["cpu"], **({"GPU": res["gpu"]} if res.get("gpu") else {})}
+        request_resources(bundles=[bundle] * concurrency)
+
+
+def connect(address: str | None = None, *, cluster_config: str | None = None, verbose: bool = False) -> ClusterInfo:
+    """Start or join Ray, and describe what the cluster can offer (from its autoscaler config when there is one:
+    the one given, or the one Ray's head keeps at ~/ray_bootstrap_config.yaml)."""
     ensure_ray(address, verbose=verbose)
-    return ClusterInfo.current()
+    now = ClusterInfo.current()
+    config = cluster_config or (os.path.expanduser(BOOTSTRAP_CONFIG) if address and
+                                os.path.exists(os.path.expanduser(BOOTSTRAP_CONFIG)) else None)
+    if config is None:
+        return now
+    planned = ClusterInfo.from_config(config)
+    planned.nodes = now.nodes
+    return planned
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def check_shared_storage(info: ClusterInfo, storage: str | None, shared: Path) -> None:
+    """On a multi-node cluster, trials on every node read the run's inputs and write their results under
+    `shared`: refuse, before any compute, a path the other nodes cannot see."""
+    from automl.errors import AutoMLError
+
+    if info.max_nodes <= 1:
+        return
+    if storage is None or "://" in str(storage):
+        raise AutoMLError(
+            f"This Ray cluster has (or may grow to) {info.max_nodes} nodes, so trials run on other machines and must "
+            f"read the run's inputs and feature cache from a filesystem every node mounts; storage_path is "
+            f"{storage!r}. Fix: pass storage_path='/shared/automl' (an NFS/EFS/Lustre path mounted on every node).")
+    import ray
+
+    marker = shared / f".automl-shared-{os.getpid()}"
+    shared.mkdir(parents=True, exist_ok=True)
+    marker.write_text("ok")
+    try:
+        me = ray.get_runtime_context().get_node_id()
+        others = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != me]
+        if not others:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        seen = ray.get([ray.remote(num_cpus=0)(os.path.exists).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(str(marker)) for n in others])
+        blind = [n[:8] for n, ok in zip(others, seen) if not ok]
+        if blind:
+            raise AutoMLError(f"storage_path {str(storage)!r} is not visible from node(s) {blind}: trials there could "
+                              "not read the run's inputs. Fix: use a path every node mounts (NFS/EFS/Lustre).")
+    finally:
+        marker.unlink(missing_ok=True)

@@ -134,6 +134,10 @@ class ResourceOptions:
                                           number(0, low_inclusive=True) | NONE, example="gpus_per_trial=0.5")
     retrain_workers: int = option(1, "Ray Train workers (DDP) for the final retrain",
                                   number(1, integer=True, low_inclusive=True), example="retrain_workers=2")
+    cluster_config: str | None = option(None, "the cluster's autoscaler config (cluster.yaml): plan for the nodes it "
+                                        "may start, not just the ones up now (default: the head's "
+                                        "~/ray_bootstrap_config.yaml when there is one)", PATH | NONE,
+                                        example="cluster_config='cluster.yaml'")
     storage_path: str | None = option(None, "where trials keep results and checkpoints: default "
                                       "<output_dir>/ray_results; on a cluster a shared path or a URI (s3://…)",
                                       PATH | NONE, example="storage_path='s3://bucket/automl'")

@@ -43,15 +43,38 @@ def quiet_libraries() -> None:
 
 
 def device() -> "torch.device":  # noqa: F821
-    """The best available device: CUDA, then Apple MPS, else CPU."""
+    """The one place the device is chosen: AUTOML_DEVICE when set (e.g. "cpu" to keep a GPU free), else CUDA,
+    then Apple MPS, else CPU. Every stage takes its device from here (or from the plan), model and inputs alike."""
     import torch
 
+    if os.environ.get("AUTOML_DEVICE"):
+        return torch.device(os.environ["AUTOML_DEVICE"])
     if torch.cuda.is_available():
         return torch.device("cuda")
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def amp_dtype(dev) -> "torch.dtype | None":  # noqa: F821
+    """Mixed precision for a device: bf16 on CUDA where supported, else fp16 (with a grad scaler); none on a CPU,
+    where bf16 autocast made small CNNs 1.7-5x slower (measured)."""
+    import torch
+
+    if getattr(dev, "type", str(dev)) != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(dev):
+    """An autocast context for `dev` (a no-op where mixed precision does not pay)."""
+    import contextlib
+
+    import torch
+
+    dtype = amp_dtype(dev)
+    return torch.autocast(device_type="cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def set_threads(n: int) -> None:

@@ -21,6 +21,7 @@ from automl.export.manifest import ExportManifest, Preprocessing, Provenance
 from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric
 from automl.options import FinetuneOptions
+from automl.runtime import device
 from automl.search.plan import Plan, make_plan
 from automl.training.loop import full_config
 from automl.search.space import SearchSpace, load_space
@@ -129,6 +130,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     from automl.search.plan import DataStats, image_side, token_p95
 
     opts, task = prepared.options, prepared.task
+    cluster.check_shared_storage(ray, opts.resources.storage_path, shared_dir(prepared))
     space = _space(task, opts, prepared.base, gpu=ray.gpus > 0)
     res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
     start = full_config(space.default_config())
@@ -149,7 +151,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
         max_length = length if isinstance(length, int) else min(512 if res.get("gpu") else 256,
                                                                 max(16, -(-stats.token_p95 // 8) * 8))
     speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus))
-    return make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
+    planned = make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
                      elapsed_s=budget.elapsed(), costs=Costs.load(), resources=res,
                      concurrency=ray.max_concurrency(res),
                      retrain_cpus=ray.retrain_cpus(res, opts.resources.retrain_workers),
@@ -157,6 +159,11 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                      export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
                      cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
                      node_cpus=int(ray.node_cpus))
+    ray.request(planned.resources, planned.concurrency)  # an autoscaling cluster starts the nodes now
+    if ray.max_nodes > ray.nodes:
+        planned.reasons.append(f"capacity from {ray.source}: up to {ray.cpus:g} CPUs / {ray.gpus:g} GPUs on "
+                               f"{ray.max_nodes} nodes; asked the autoscaler for {planned.concurrency} trial slots")
+    return planned
 
 
 def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int):
@@ -210,9 +217,16 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
     return speed_at
 
 
+def shared_dir(prepared: Prepared) -> Path:
+    """Where run artefacts that trials on other nodes must read live: the storage path when it is a filesystem
+    path (shared on a cluster), else the output folder."""
+    storage = prepared.options.resources.storage_path
+    return Path(storage).resolve() if storage and "://" not in str(storage) else prepared.out
+
+
 def materialise(prepared: Prepared, plan: Plan) -> Inputs:
     """Every row's model input, decoded and resized once to the planned size."""
-    return Inputs.materialise(prepared.task, plan.storage_size)
+    return Inputs.materialise(prepared.task, plan.storage_size, shared_dir(prepared) / "inputs")
 
 
 # ---------------------------------------------------------------------------- search
@@ -223,7 +237,8 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Se
     from automl.search.tune import experiment_name, run_search
 
     opts = prepared.options
-    data = inputs.trial_data(cache_dir=str(prepared.out / "feature_cache"))
+    data = inputs.trial_data(cache_dir=str(shared_dir(prepared) / "feature_cache" / prepared.out.name),
+                             max_val=plan.val_rows)
     space, transfer = plan.space, None
     if opts.search.prerank and prepared.base is None:
         space, transfer = prerank_space(space, data, opts.search.prerank, opts.search.seed)
@@ -270,13 +285,13 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
             f"({opts.resources.retrain_workers} worker(s))")
     t0 = time.monotonic()
     storage = opts.resources.storage_path or str(prepared.out / "ray_results")
-    model, spec = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
-                          storage_path=storage, num_workers=opts.resources.retrain_workers,
-                          use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus)
+    model, spec, metrics = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
+                                   storage_path=storage, num_workers=opts.resources.retrain_workers,
+                                   use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus)
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
-                       "rows": int(len(full.y_train))})
+                       "rows": int(len(full.y_train)), "nodes": metrics.get("nodes")})
 
 
 def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str) -> FinalModel:
@@ -289,7 +304,7 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
     top = top_trials(result.trials, result.best_dir, metric) if task.task != "regression" else []
     if top:
         va = inputs.split("validation")
-        x_val = inputs.pick(va)
+        x_val = inputs.rows(va)
         c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val)
         spec = c.spec
         if c.kind == "ensemble":
@@ -316,15 +331,12 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
 # ---------------------------------------------------------------------------- evaluate
 
 def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel) -> dict:
-    """Score the final model once on the held-out test split."""
-    import torch
-
+    """Score the final model once on the held-out test split (on this process's device, model and inputs alike)."""
     from automl.training.loop import encode_inputs, evaluate as score
 
     te = inputs.split("test")
-    final.model.cpu()
-    return score(final.model, final.encoder, encode_inputs(final.encoder, inputs.pick(te)), prepared.task.y[te],
-                 prepared.task.num_classes, torch.device("cpu"), detailed=True, target_scale=inputs.target_scale)
+    return score(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(te)), prepared.task.y[te],
+                 prepared.task.num_classes, device(), detailed=True, target_scale=inputs.target_scale)
 
 
 # ---------------------------------------------------------------------------- diagnose
@@ -332,7 +344,7 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel) -> dict:
 def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, final: FinalModel,
              budget: Budget) -> Diagnostics:
     """Suspected label errors and cross-validation (a cross-fit of the winner), and the update comparison."""
-    from automl.diagnostics.labelnoise import cv_summary, out_of_fold_proba, suspects
+    from automl.diagnostics.labelnoise import cv_summary, out_of_fold_proba, summary, suspects
     from automl.diagnostics.update import compare_with_base
 
     opts, task, out = prepared.options, prepared.task, Diagnostics()
@@ -354,13 +366,13 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                 "find suspected label errors")
         fold_rows = len(full) * (folds - 1) // folds
         config = _scaled(full_config(result.best_config), fold_rows, len(task.splits["train"]))
-        proba, fold_of = out_of_fold_proba(config, inputs.pick(full), task.y[full], task.num_classes,
-                                           epochs=plan.reports, schedule_epochs=plan.reports,
+        proba, fold_of = out_of_fold_proba(config, inputs.rows(full), task.y[full], task.num_classes,
+                                           epochs=plan.reports, schedule_epochs=plan.reports, modality=task.modality,
                                            seed=opts.search.seed, folds=folds, return_folds=True)
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
             out.label_errors = suspects(proba, task.y[full], prepared.classes, rows)
-            out.label_error_summary = {"count": int(len(out.label_errors))}
+            out.label_error_summary = summary(out.label_errors, len(full))
         if opts.diagnostics.cv_folds:
             out.cross_validation = cv_summary(proba, task.y[full], fold_of, task.num_classes)
     if prepared.base is not None:

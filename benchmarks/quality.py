@@ -92,8 +92,9 @@ def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
     size = None
     if task.modality == "image":
         size = min(224, max(MIN_IMAGE, -(-image_side(task.images) // 8) * 8))
+        work = Path(tempfile.mkdtemp(prefix="fixed-"))
         while True:  # the native size, shrunk until the run fits 80% of the budget
-            probe = Inputs.materialise(task, size)
+            probe = Inputs.materialise(task, size, work)
             sp = measure_speed({**cfg, "image_size": size}, probe.trial_data(), steps=3)
             if sp["setup_s"] + steps * sp["step_s"] <= 0.8 * budget or size <= MIN_IMAGE:
                 break
@@ -104,7 +105,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
 
         p95 = token_p95(load_tokenizer(spec.model), [task.texts[i] for i in task.splits["train"]])
         cfg["max_length"] = min(256, max(16, -(-p95 // 8) * 8))
-    inputs = Inputs.materialise(task, size)
+    inputs = Inputs.materialise(task, size, Path(tempfile.mkdtemp(prefix="fixed-")))
     data = inputs.trial_data()
     sp = measure_speed(cfg, data, steps=3)
     steps = min(steps, int((0.8 * budget - sp["setup_s"] - (time.monotonic() - t0)) / sp["step_s"]))

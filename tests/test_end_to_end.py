@@ -129,7 +129,7 @@ def test_retrain_with_two_ray_train_workers(ray_session, digits_df, tmp_path):
     X = stack_resized(t.images, 16)
     tr, te = np.concatenate([t.splits["train"], t.splits["validation"]]), t.splits["test"]
     cfg = full_config({"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "batch_size": 16})
-    model, spec = retrain(cfg, TrialData("image", 4, X[tr], t.y[tr]), epochs=3, schedule_epochs=3,
+    model, spec, _ = retrain(cfg, TrialData("image", 4, X[tr], t.y[tr]), epochs=3, schedule_epochs=3,
                           storage_path=str(tmp_path), num_workers=2)
     enc = build_encoder(cfg, model, spec)
     import torch

@@ -17,7 +17,8 @@ def _same_params(a, b, atol=1e-5):
 
 @pytest.mark.parametrize("backbone", ["timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch"])
 def test_cached_and_uncached_head_training_agree(digits_trial_data, tmp_path, backbone):
-    cfg = {"backbone": backbone, "image_size": 16, "unfreeze": 0, "lr": 1e-2, "batch_size": 16}
+    # Dropout in the head: the cut is checked in eval mode, and training on the cache uses the same dropout.
+    cfg = {"backbone": backbone, "image_size": 16, "unfreeze": 0, "lr": 1e-2, "batch_size": 16, "dropout": 0.1}
     plain = fit(cfg, digits_trial_data, epochs=2)
     data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
     cached = fit(cfg, data, epochs=2)

@@ -24,16 +24,22 @@ class ImageEncoder:
     def to_dict(self) -> dict:
         return {"kind": "image", "size": self.size, "mean": list(self.mean), "std": list(self.std)}
 
-    def batch(self, x: np.ndarray, idx: np.ndarray, augment: Callable | None = None) -> torch.Tensor:
+    def batch(self, x: np.ndarray, idx: np.ndarray, augment: Callable | None = None, device=None) -> torch.Tensor:
+        """Normalised float images for rows idx; uint8 goes to the device first (4x less to copy) and the
+        conversion runs there."""
         u8 = torch.from_numpy(np.ascontiguousarray(x[idx]))
         if augment is not None:
             u8 = torch.stack([augment(img) for img in u8])
+        u8 = to_device(u8, device)
         out = u8.float().div_(255.0)
         if out.shape[-1] != self.size or out.shape[-2] != self.size:
             out = F.interpolate(out, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (out - mean) / std
+        mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
+        out = (out - mean) / std
+        if out.device.type == "cuda":
+            out = out.contiguous(memory_format=torch.channels_last)  # what CNN kernels on a GPU run fastest on
+        return out
 
 
 @dataclass
@@ -54,7 +60,7 @@ class TextEncoder:
             enc = tok([sep.join(t) for t in texts], truncation=True, max_length=self.max_length)
         return enc["input_ids"]
 
-    def batch(self, ids: list[list[int]], idx: np.ndarray, augment: Callable | None = None):
+    def batch(self, ids: list[list[int]], idx: np.ndarray, augment: Callable | None = None, device=None):
         rows = [ids[i] for i in idx]
         if augment is not None:
             rows = [augment(r) if len(r) > 2 else r for r in rows]
@@ -65,19 +71,32 @@ class TextEncoder:
         for i, r in enumerate(rows):
             input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
-        return input_ids, mask
+        return to_device(input_ids, device), to_device(mask, device)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`: through pinned memory and without waiting, on CUDA."""
+    if device is None or t.device == torch.device(device):
+        return t
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def forward(model, encoder, inputs, idx: np.ndarray, device, augment=None) -> torch.Tensor:
-    """Run one batch through the model, whatever the modality (a batch may be (ids, mask)-like pairs)."""
-    batch = encoder.batch(inputs, idx, augment)
-    if isinstance(batch, tuple):
-        return model(*(t.to(device) for t in batch))
-    return model(batch.to(device))
+    """Run one batch through the model, whatever the modality (a batch may be (ids, mask)-like pairs).
+    The batch is made on `device`, which must be where the model is."""
+    from automl.runtime import autocast
+
+    batch = encoder.batch(inputs, idx, augment, device=device)
+    with autocast(device):
+        return model(*batch) if isinstance(batch, tuple) else model(batch)
 
 
 @torch.no_grad()
 def predict_logits(model, encoder, inputs, device, batch_size: int = 128) -> torch.Tensor:
+    """Logits for every input, computed on `device` (the model is moved there: model and inputs never differ)."""
+    model.to(device)
     model.eval()
     n = len(inputs)
     outs = [forward(model, encoder, inputs, np.arange(s, min(s + batch_size, n)), device).float().cpu()

@@ -7,8 +7,10 @@ pixels are composited over white so icons keep their shape.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -87,11 +89,75 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
     return np.asarray(img, dtype=np.uint8)
 
 
-def stack_resized(images: list[np.ndarray], size: int) -> np.ndarray:
+def resize_rgb(arr: np.ndarray, size: int) -> np.ndarray:
+    """An HxWx3 uint8 image as size x size x 3."""
+    if arr.shape[0] != size or arr.shape[1] != size:
+        arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC))
+    return arr
+
+
+def stack_resized(images, size: int) -> np.ndarray:
     """Resize every image to size x size and stack as N x 3 x size x size uint8."""
     out = np.empty((len(images), 3, size, size), dtype=np.uint8)
     for i, arr in enumerate(images):
-        if arr.shape[0] != size or arr.shape[1] != size:
-            arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC))
-        out[i] = arr.transpose(2, 0, 1)
+        out[i] = resize_rgb(arr, size).transpose(2, 0, 1)
     return out
+
+
+def _raw_bytes(value, base_dir) -> tuple[bytes | None, object]:
+    """(the encoded file's bytes, or None for decoded values) and the value to open."""
+    if isinstance(value, dict) and "bytes" in value:  # Hugging Face datasets Image feature
+        value = value["bytes"] if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value), value
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = Path(base_dir) / path
+        if not path.exists():
+            raise ImageDecodeError(f"file does not exist: {path}")
+        return path.read_bytes(), path
+    return None, value
+
+
+def inspect_image(value: object, base_dir: str | os.PathLike | None = None) -> tuple[str, int, int]:
+    """(content hash, height, width) of an image, checked for integrity without keeping its pixels.
+
+    Encoded files are hashed as bytes and verified by PIL (structure and checksums), which is far cheaper than
+    decoding them; the pixels are decoded once, later, at the size the plan picks (data/inputs.py).
+    """
+    raw, value = _raw_bytes(value, base_dir)
+    if raw is not None:
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                w, h = img.size
+                img.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
+        return hashlib.sha1(raw).hexdigest(), h, w
+    arr = decode_image(value)  # an array or a PIL image: already in memory
+    return hashlib.sha1(arr.tobytes() + str(arr.shape).encode()).hexdigest(), arr.shape[0], arr.shape[1]
+
+
+class ImageSource(Sequence):
+    """A task's images as the user gave them (paths, bytes, PIL images, arrays): pixels are decoded on demand,
+    so holding 50,000 images costs their references, not tens of GB. `source[i]` is an HxWx3 uint8 array."""
+
+    def __init__(self, values: list, base_dir: str | None, sizes: np.ndarray):
+        self.values, self.base_dir, self.sizes = list(values), base_dir, np.asarray(sizes, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return decode_image(self.values[i], self.base_dir)
+
+    def subset(self, keep: np.ndarray) -> "ImageSource":
+        keep = np.asarray(keep)
+        idx = np.flatnonzero(keep) if keep.dtype == bool else keep
+        return ImageSource([self.values[i] for i in idx], self.base_dir, self.sizes[idx])
+
+    def longer_sides(self) -> np.ndarray:
+        return self.sizes.max(axis=1) if len(self.sizes) else np.zeros(0, dtype=np.int64)

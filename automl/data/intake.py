@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from automl.errors import DataError
-from automl.data.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, looks_like_image_path
+from automl.data.images import (IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, decode_image, inspect_image,
+                                looks_like_image_path)
 
 LABEL_NAMES = ("label", "labels", "target", "class", "y", "category", "sentiment", "intent", "topic", "emotion")
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -61,7 +62,8 @@ class TaskData:
     label_column: str
     splits: dict[str, np.ndarray]     # "train" / "validation" / "test" -> row positions
     report: DataReport
-    images: list[np.ndarray] | None = None   # HxWx3 uint8, original size (capped)
+    images: ImageSource | None = None         # decoded on demand: images[i] is HxWx3 uint8
+    image_keys: list[str] | None = None       # content hash of each image
     texts: list[list[str]] | None = None     # one string per text column, per row
     base_dir: str | None = None
     row_index: np.ndarray | None = None      # each kept row's index in the user's table
@@ -81,7 +83,7 @@ class TaskData:
         h.update(self.modality.encode())
         for i in range(len(self.y)):
             if self.images is not None:
-                h.update(self.images[i].tobytes()[:4096])
+                h.update(self.image_keys[i].encode())
             else:
                 h.update("\x1f".join(self.texts[i]).encode("utf-8", "replace"))
             h.update(str(self.y[i]).encode())
@@ -264,21 +266,38 @@ def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.Da
     return df
 
 
-def _decode_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool):
-    images, keep = [], []
-    for pos, value in enumerate(df[col].tolist()):
+def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool):
+    """Check every image (in parallel threads: reading and verifying files releases the GIL), keeping its hash
+    and size but not its pixels."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    values = df[col].tolist()
+
+    def one(value):
         try:
-            images.append(decode_image(value, base_dir))
-            keep.append(pos)
+            return inspect_image(value, base_dir)
         except ImageDecodeError as exc:
-            report.dropped_unreadable_images.append({"row": int(df.index[pos]), "file": str(value)[:200], "reason": str(exc)})
+            return exc
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        results = list(pool.map(one, values, chunksize=64))
+    keys, sizes, keep = [], [], []
+    for pos, (value, res) in enumerate(zip(values, results)):
+        if isinstance(res, ImageDecodeError):
+            report.dropped_unreadable_images.append({"row": int(df.index[pos]), "file": str(value)[:200],
+                                                     "reason": str(res)})
+        else:
+            keys.append(res[0])
+            sizes.append(res[1:])
+            keep.append(pos)
     if strict and report.dropped_unreadable_images:
         bad = report.dropped_unreadable_images
         raise DataError(
             f"{len(bad)} of {len(df)} images in column {col!r} cannot be read, e.g. {bad[0]['file']!r}: "
             f"{bad[0]['reason']}. Expected readable image files. Fix: correct or remove these rows, or pass "
             "drop_bad_images=True to drop them (they are listed in the data report).")
-    return images, keep
+    images = ImageSource([values[p] for p in keep], base_dir, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+    return images, keys, keep
 
 
 def _dedupe(keys: list, y: pd.Series, report: DataReport) -> np.ndarray:
@@ -347,14 +366,13 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     report.dropped_missing_input = int((~ok).sum())
     df = df[ok.to_numpy()]
 
-    images = texts = None
+    images = texts = image_keys = None
     if modality == "image":
-        images, keep = _decode_images(df, in_cols[0], base_dir, report, strict=not drop_bad_images)
+        images, keys, keep = _inspect_images(df, in_cols[0], base_dir, report, strict=not drop_bad_images)
         df = df.iloc[keep]
-        if not images:
+        if not len(images):
             raise DataError(f"None of the images in column {in_cols[0]!r} could be read "
                             f"(e.g. {report.dropped_unreadable_images[0]}). Fix: check the paths/files.")
-        keys = [hashlib.sha1(a.tobytes() + str(a.shape).encode()).hexdigest() for a in images]
     else:
         texts = [[("" if not isinstance(v, str) else v.strip()) for v in row] for row in df[in_cols].itertuples(index=False)]
         keys = ["\x1f".join(t) for t in texts]
@@ -362,7 +380,8 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     keep_mask = _dedupe(keys, df[label_col], report)
     df = df[keep_mask]
     if images is not None:
-        images = [a for a, k in zip(images, keep_mask) if k]
+        images = images.subset(keep_mask)
+        image_keys = [k for k, m in zip(keys, keep_mask) if m]
     else:
         texts = [t for t, k in zip(texts, keep_mask) if k]
 
@@ -382,7 +401,8 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         keep = ~labels.isin(rare.index).to_numpy()
         df, labels = df[keep], labels[keep]
         if images is not None:
-            images = [a for a, k in zip(images, keep) if k]
+            images = images.subset(keep)
+            image_keys = [k for k, m in zip(image_keys, keep) if m]
         else:
             texts = [t for t, k in zip(texts, keep) if k]
         counts = labels.value_counts()
@@ -457,7 +477,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     return TaskData(
         modality=modality, task=task, classes=classes, y=y,
         input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
-        images=images, texts=texts, base_dir=base_dir, row_index=df.index.to_numpy(),
+        images=images, image_keys=image_keys, texts=texts, base_dir=base_dir, row_index=df.index.to_numpy(),
     )
 
 

@@ -23,3 +23,28 @@ class TrialData:
     target_scale: tuple[float, float] | None = None   # regression: (mean, std) the model's output is in units of
 
 
+
+
+def subset(x, idx: np.ndarray):
+    """Rows `idx` of a trial input: a `Rows` handle (data/inputs.py) stays a handle, an array or a list is sliced."""
+    if getattr(x, "store", None) is not None:
+        return x.take(idx)
+    if isinstance(x, np.ndarray):
+        return x[idx]
+    return [x[i] for i in idx]
+
+
+def input_key(x) -> str:
+    """A key for the content of a trial input (the feature cache's): cheap for `Rows`, a hash otherwise."""
+    import hashlib
+
+    if getattr(x, "store", None) is not None:
+        return x.key()
+    h = hashlib.sha1()
+    if isinstance(x, np.ndarray):
+        h.update(str(x.shape).encode())
+        h.update(np.ascontiguousarray(x).data)
+    else:
+        for row in x:
+            h.update(repr(row).encode("utf-8", "replace"))
+    return h.hexdigest()

@@ -1,9 +1,11 @@
-"""Suspected label errors: rows whose given label the model finds least likely.
+"""Suspected label errors: confident learning on out-of-fold probabilities.
 
-Confident learning (Northcutt et al.): out-of-fold probabilities from a
-cross-fit of the winning config; a row is suspect when its predicted class
-differs from its label and the probability of its label is below that
-class's average self-confidence. Ranked by that probability, lowest first.
+Confident learning (Northcutt et al., JAIR 2021): each class j has a threshold t_j, the average probability the
+model gives class j on rows labelled j (its self-confidence). A row labelled y is flagged only when another class
+j is *confidently* predicted (p_j >= t_j, the largest such) and its own label is not (p_y < t_y); flagged rows are
+ranked by the margin p_j - p_y. The probabilities come from a cross-fit of the winning config: every row is scored
+by a model that never saw it. The expected precision reported is the mean, over flagged rows, of the probability
+that the given label is wrong (1 - p_y), which holds when those probabilities are calibrated.
 """
 from __future__ import annotations
 
@@ -15,32 +17,33 @@ def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads:
     import torch
 
     from automl.data.encoders import predict_logits
-    from automl.runtime import set_threads
+    from automl.runtime import device, set_threads
     from automl.training.loop import encode_inputs, fit
 
     set_threads(threads)
-    res = fit(config, data, epochs=epochs, schedule_epochs=schedule_epochs, device=torch.device("cpu"))
-    logits = predict_logits(res.model, res.encoder, encode_inputs(res.encoder, x_out), torch.device("cpu"))
+    res = fit(config, data, epochs=epochs, schedule_epochs=schedule_epochs)  # on the device Ray gave this task
+    logits = predict_logits(res.model, res.encoder, encode_inputs(res.encoder, x_out), device())
     return torch.softmax(logits, 1).numpy()
 
 
 def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epochs: int, schedule_epochs: int,
-                      folds: int = 2, seed: int = 0, use_ray: bool = True, return_folds: bool = False):
+                      folds: int = 2, seed: int = 0, use_ray: bool = True, return_folds: bool = False,
+                      modality: str | None = None):
     """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from automl.data.trial_data import TrialData
+    from automl.data.trial_data import TrialData, subset
 
     n = len(y)
     proba = np.zeros((n, num_classes), dtype=np.float32)
     counts = np.bincount(y, minlength=num_classes)
     k = int(max(2, min(folds, counts[counts > 0].min())))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    pick = (lambda idx: x[idx]) if isinstance(x, np.ndarray) else (lambda idx: [x[i] for i in idx])
+    modality = modality or ("image" if isinstance(x, np.ndarray) else "text")
     jobs = []
     for train_idx, out_idx in splitter.split(np.zeros(n), y):
-        data = TrialData("image" if isinstance(x, np.ndarray) else "text", num_classes, pick(train_idx), y[train_idx])
-        jobs.append((out_idx, data, pick(out_idx)))
+        data = TrialData(modality, num_classes, subset(x, train_idx), y[train_idx])
+        jobs.append((out_idx, data, subset(x, out_idx)))
     if use_ray:
         import ray
 
@@ -69,16 +72,26 @@ def cv_summary(proba: np.ndarray, y: np.ndarray, fold_of: np.ndarray, num_classe
 
 
 def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndarray | None = None) -> pd.DataFrame:
-    """Rank likely mislabelled rows (confident-learning thresholds)."""
+    """Rows whose label confident learning finds likely wrong, most likely first (see the module docstring)."""
     n, c = proba.shape
-    p_given = proba[np.arange(n), y]
     thresholds = np.array([proba[y == k, k].mean() if (y == k).any() else 1.0 for k in range(c)])
-    pred = proba.argmax(1)
-    flag = (pred != y) & (p_given < thresholds[y])
-    order = np.flatnonzero(flag)[np.argsort(p_given[flag])]
+    p_given = proba[np.arange(n), y]
+    confident = proba >= thresholds[None, :]
+    confident[np.arange(n), y] = False                 # another class than the given one
+    other = np.where(confident, proba, -1.0).argmax(1)
+    flag = confident.any(1) & (p_given < thresholds[y])
+    margin = proba[np.arange(n), other] - p_given
+    order = np.flatnonzero(flag)[np.argsort(-margin[flag], kind="stable")]
     rows = row_index if row_index is not None else np.arange(n)
     return pd.DataFrame({
         "row": rows[order], "given_label": [classes[i] for i in y[order]],
-        "predicted_label": [classes[i] for i in pred[order]], "confidence": proba[order, pred[order]],
-        "p_given_label": p_given[order],
+        "suspected_label": [classes[i] for i in other[order]], "p_suspected": proba[order, other[order]],
+        "p_given_label": p_given[order], "margin": margin[order],
     })
+
+
+def summary(found: pd.DataFrame, n_rows: int) -> dict:
+    """Count, share of the rows and expected precision of the flagged list."""
+    return {"count": int(len(found)), "share": float(len(found) / max(1, n_rows)),
+            "expected_precision": float((1.0 - found["p_given_label"]).mean()) if len(found) else None,
+            "method": "confident learning (per-class thresholds) on 2-fold out-of-fold probabilities"}

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from automl.runtime import device
+
 TEST_IMAGES = "test_split.npz"
 TEST_TEXTS = "test_split.jsonl"
 MAX_STORED = 5000  # rows of the test split kept in an export for later forgetting checks
@@ -50,7 +52,7 @@ def score(model, encoder, classes: list, x, labels: list, metric: str, is_image:
     from automl.data.encoders import predict_logits
 
     inputs = x if is_image else encoder.encode(x)
-    proba = torch.softmax(predict_logits(model, encoder, inputs, torch.device("cpu")), 1).numpy()
+    proba = torch.softmax(predict_logits(model, encoder, inputs, device()), 1).numpy()
     index = {str(c): i for i, c in enumerate(classes)}
     n = len(classes)
     # A label the model does not know becomes an extra class the model never predicts: a miss for every metric.

@@ -42,14 +42,16 @@ class Ragged:
 class FeatureInputs:
     """Stands in for an encoder: a batch is a slice of cached activations."""
 
-    def batch(self, x, idx: np.ndarray, augment=None):
+    def batch(self, x, idx: np.ndarray, augment=None, device=None):
+        from automl.data.encoders import to_device
+
         if isinstance(x, Ragged):
             rows = [x.flat[x.offsets[i]:x.offsets[i + 1]] for i in idx]
             h = nn.utils.rnn.pad_sequence(rows, batch_first=True)
             lengths = torch.tensor([len(r) for r in rows])
             mask = (torch.arange(h.shape[1])[None, :] < lengths[:, None]).long()
-            return h, mask
-        return x[torch.as_tensor(idx)]
+            return to_device(h, device), to_device(mask, device)
+        return to_device(x[torch.as_tensor(idx)], device)
 
 
 class Split:

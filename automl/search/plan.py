@@ -33,6 +33,7 @@ from automl.search.space import SearchSpace
 # A full-length trial may take this share of a slot's search time (the start point runs at full length first);
 # narrow: one full-length trial per slot; single: the start point alone.
 FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
+VAL_ROWS = 2000              # trials validate on at most this many rows (stratified)
 SEARCH_FLOOR = 96            # images: a search does not shrink them below this (or their native size)
 # Retrain only if the search keeps room for this many full-length trials afterwards.
 MIN_FULL_TRIALS = 3.0
@@ -93,6 +94,7 @@ class Plan:
     cross_fit_s: float = 0.0
     reasons: list[str] = field(default_factory=list)
     regime: str = "search"             # "search", "narrow" or "single" (see choose() in make_plan)
+    val_rows: int | None = None        # trials score on a stratified sample of this many validation rows
     speed: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -103,9 +105,10 @@ class Plan:
 
 # ---------------------------------------------------------------------------- inputs from the data
 
-def image_side(images: list[np.ndarray]) -> int:
-    """The median of the images' longer side."""
-    return int(np.median([max(a.shape[0], a.shape[1]) for a in images])) if images else MIN_IMAGE
+def image_side(images) -> int:
+    """The median of the images' longer side (read from their headers, for an ImageSource)."""
+    sides = images.longer_sides() if hasattr(images, "longer_sides") else [max(a.shape[:2]) for a in images]
+    return int(np.median(sides)) if len(sides) else MIN_IMAGE
 
 
 def token_p95(tokenizer, texts: list[list[str]], sample: int = 2000, seed: int = 0) -> int:
@@ -172,7 +175,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
             per_step = sp.step_s_alone or sp.step_s / costs["thread_speedup"]
         else:
             per_step = sp.step_s
-        evals = REPORTS[1] * stats.n_val * sp.eval_row_s * (per_step / sp.step_s)
+        evals = REPORTS[1] * min(stats.n_val, VAL_ROWS) * sp.eval_row_s * (per_step / sp.step_s)
         return sp.setup_s + steps * per_step + evals, per_step
 
     def choose(search_s: float) -> Choice:
@@ -273,10 +276,14 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         reasons.append(f"search: ~{search_s:.0f} s on {concurrency} trial slot(s), room for ~{capacity:.1f} "
                        "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"
                                                if choice.regime == "search" else ""))
+    val_rows = VAL_ROWS if stats.n_val > VAL_ROWS else None
+    if val_rows:
+        reasons.append(f"trials score on a stratified {val_rows} of the {stats.n_val} validation rows (enough to rank "
+                       "configs, and validating often stays cheap); the final model is tested on the whole test split")
     return Plan(planned, planned_size(planned) if stats.modality == "image" else None, resources, concurrency,
                 retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
-                speed=asdict(speed_at(choice.size if stats.modality == "image" else None)))
+                val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)))
 
 
 def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:

@@ -46,13 +46,15 @@ def rank_backbones(candidates: list[str], data, config: dict, max_rows: int = 10
     """LogME of each candidate on (a sample of) the training data, best first."""
     import torch
 
+    from automl.data.trial_data import subset
+    from automl.runtime import device
     from automl.training.featcache import body_features
     from automl.training.loop import build_encoder, build_model, encode_inputs, full_config
 
     rng = np.random.default_rng(seed)
     n = len(data.y_train)
     idx = np.sort(rng.choice(n, min(n, max_rows), replace=False))
-    x = data.x_train[idx] if isinstance(data.x_train, np.ndarray) else [data.x_train[i] for i in idx]
+    x = subset(data.x_train, idx)
     y = data.y_train[idx]
     out = []
     for name in candidates:
@@ -60,7 +62,7 @@ def rank_backbones(candidates: list[str], data, config: dict, max_rows: int = 10
         torch.manual_seed(seed)
         model, spec = build_model(cfg, data.num_classes)
         enc = build_encoder(cfg, model, spec)
-        feats = body_features(model, enc, encode_inputs(enc, x), torch.device("cpu")).numpy()
+        feats = body_features(model.to(device()), enc, encode_inputs(enc, x), device()).numpy()
         out.append({"backbone": name, "logme": logme(feats, y)})
     return sorted(out, key=lambda r: r["logme"], reverse=True)
 

@@ -30,6 +30,12 @@ STATE_FILE = "state.pt"
 CHECKPOINT_EVERY_S = 10.0
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
                    checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S,
                    metric: str | None = None, best_dir: str | None = None) -> None:
@@ -51,8 +57,10 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
     crash = str(config.get("_crash_once_after_epoch") or "")
     clock = {"last": time.monotonic(), "cost": 0.0}
     trial_id = tune.get_context().get_trial_id()
+    node = _node_id()
 
     def report(metrics, state_fn):
+        metrics["node_id"] = node
         score = metrics.get(metric) if metric else None
         entry = kept.read(best_dir, trial_id) if best_dir else None
         snaps = (entry or {}).get("snapshots", [])
@@ -386,8 +394,11 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
                         "best_epoch": int(df["training_iteration"].iloc[best_i]),
                         "best_val_loss": float(df["val_loss"].iloc[best_i]) if "val_loss" in df else math.nan,
                         "epochs_run": epochs,
-                        "time_s": float(df["time_total_s"].max()) if "time_total_s" in df else math.nan})
-            history[trial_id] = df.filter(regex="^(training_iteration|val_|train_loss|lr|timestamp|epoch_time_s)").to_dict("records")
+                        "time_s": float(df["time_total_s"].max()) if "time_total_s" in df else math.nan,
+                        "node": str(df["node_id"].iloc[-1]) if "node_id" in df else "",
+                        "feature_cache": str(df["feature_cache"].iloc[-1]) if "feature_cache" in df else ""})
+            history[trial_id] = df.filter(regex="^(training_iteration|val_|train_loss|lr|timestamp|epoch_time_s|"
+                                                "node_id|feature_cache)").to_dict("records")
         else:
             row.update({f"best_{val_metric}": math.nan, "best_epoch": 0, "best_val_loss": math.nan,
                         "epochs_run": 0, "time_s": math.nan})

@@ -17,6 +17,7 @@ import torch
 
 from automl.data.encoders import predict_logits
 from automl.metrics import classification_metrics
+from automl.runtime import device
 from automl.search import kept
 from automl.training.loop import build_encoder, encode_inputs, full_config, load_best
 
@@ -73,7 +74,7 @@ def _score(y: np.ndarray, proba: np.ndarray, metric: str, num_classes: int) -> f
 
 
 def _proba(model, encoder, x) -> np.ndarray:
-    return torch.softmax(predict_logits(model, encoder, encode_inputs(encoder, x), torch.device("cpu")), 1).numpy()
+    return torch.softmax(predict_logits(model, encoder, encode_inputs(encoder, x), device()), 1).numpy()
 
 
 def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int, y_val: np.ndarray,

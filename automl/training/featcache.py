@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from automl.data.encoders import forward
+from automl.data.trial_data import input_key, subset
 from automl.models.base import FeatureInputs, Ragged, Split, eval_mode
 from automl.models.registry import family
 
@@ -44,7 +45,7 @@ def body_features(model, encoder, x, device, batch_size: int = 128) -> torch.Ten
 def _fits(split: Split, encoder, x, device) -> bool:
     """The cached activations for all of x stay under the memory cap (measured on one row)."""
     limit = float(os.environ.get("AUTOML_FEATCACHE_MAX_MB", MAX_MB))
-    one = [x[0]] if not isinstance(x, np.ndarray) else x[:1]
+    one = subset(x, np.arange(1))
     with eval_mode(split.model):
         f = split.features(encoder, one, device)
     per_row = (f.flat.numel() if isinstance(f, Ragged) else f.numel()) * 4
@@ -55,11 +56,12 @@ def _verified(split: Split, encoder, x, device) -> bool:
     """The split reproduces the model's own output on a few real rows (eval mode)."""
     model = split.model
     idx = np.arange(min(4, len(x)))
-    part = x[idx] if isinstance(x, np.ndarray) else [x[i] for i in idx]
+    part = subset(x, idx)
     try:
         with eval_mode(model), torch.no_grad():
             want = forward(model, encoder, part, idx, device).float().cpu()
-            got = forward(split.top(), FeatureInputs(), split.features(encoder, part, device), idx, device).float().cpu()
+            top = split.top().eval()  # a fresh module is in train mode: its dropout would differ from the model's
+            got = forward(top, FeatureInputs(), split.features(encoder, part, device), idx, device).float().cpu()
         return got.shape == want.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4)
     except Exception:
         return False
@@ -80,21 +82,10 @@ def plan(config: dict, model, encoder, k: int, x, device) -> Split | None:
     return split if _verified(split, encoder, x, device) else None
 
 
-def _content_hash(x) -> str:
-    h = hashlib.sha1()
-    if isinstance(x, np.ndarray):
-        h.update(str(x.shape).encode())
-        h.update(np.ascontiguousarray(x).data)
-    else:
-        for row in x:
-            h.update(repr(row).encode("utf-8", "replace"))
-    return h.hexdigest()
-
-
 def cache_key(config: dict, spec, x, split: Split) -> str:
     parts = [repr(spec.to_dict()), str(config.get("image_size")), str(config.get("max_length")), split.tag,
              str(config.get("seed")) if not spec.pretrained or spec.library == "automl" else "",
-             _content_hash(x)]
+             input_key(x)]
     if spec.library == "automl":
         parts.append(str(os.path.getmtime(os.path.join(spec.model, "model.safetensors"))))
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:24]
@@ -109,7 +100,16 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 # Reads served from disk / computed, in this process: trials report them, so a cache that silently stopped
 # working (and recomputed every time) shows up in the trial table and in tests.
-STATS = {"hits": 0, "misses": 0}
+STATS = {"hits": 0, "misses": 0, "from": ""}
+
+
+def _node() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    except ImportError:  # pragma: no cover
+        return "local"
 
 
 def cached_features(split: Split, encoder, x, device, cache_dir: str | None, key: str):
@@ -120,6 +120,7 @@ def cached_features(split: Split, encoder, x, device, cache_dir: str | None, key
         try:
             flat = torch.from_numpy(np.load(path, allow_pickle=False))
             STATS["hits"] += 1
+            STATS["from"] = (Path(cache_dir) / f"{key}.node").read_text() if (Path(cache_dir) / f"{key}.node").exists() else ""
             if offsets_path.exists():
                 return Ragged(flat, torch.from_numpy(np.load(offsets_path, allow_pickle=False)))
             return flat
@@ -129,6 +130,8 @@ def cached_features(split: Split, encoder, x, device, cache_dir: str | None, key
     with eval_mode(split.model):
         feats = split.features(encoder, x, device)
     if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        (Path(cache_dir) / f"{key}.node").write_text(_node())  # who computed it (trials on other nodes read it)
         if isinstance(feats, Ragged):
             _save(offsets_path, feats.offsets.numpy())  # before the data file, whose presence means "complete"
             _save(path, feats.flat.numpy())

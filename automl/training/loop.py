@@ -20,6 +20,7 @@ from automl import models
 from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
 from automl.data.trial_data import TrialData
 from automl.metrics import classification_metrics
+from automl.runtime import amp_dtype, autocast
 from automl.runtime import device as default_device
 from automl.training import augment as aug
 from automl.training import featcache, schedules
@@ -52,7 +53,10 @@ _ENCODED: dict[tuple, list] = {}
 
 
 def encode_inputs(encoder, x):
-    """Token ids for texts (tokenised once per process for the same texts, tokenizer and length); images pass."""
+    """Token ids for texts (tokenised once, on disk for a `Rows` handle, per process otherwise); images pass."""
+    if isinstance(encoder, TextEncoder) and hasattr(getattr(x, "store", None), "ids"):
+        ids = x.store.ids(encoder)
+        return [ids[i] for i in x.idx]
     if isinstance(encoder, TextEncoder):
         # Keyed by content: a list that ray.get re-creates, or another fold's list, must not hit a stale entry.
         key = (encoder.tokenizer.name_or_path, encoder.max_length, hash(tuple(map(tuple, x))))
@@ -227,27 +231,39 @@ class _Setup:
     batches: Batches
     steps_per_report: int
     device: torch.device
+    scaler: Any = None       # fp16 on a GPU without bf16: scales the loss so small gradients survive
 
     def step(self, fwd_model: nn.Module, run_encoder, step: int) -> float:
-        """One optimizer step on batch number `step`; returns the batch loss."""
+        """One optimizer step on batch number `step` (mixed precision on a GPU); returns the batch loss."""
         idx = self.batches(step)
-        target = self.y_train[idx].to(self.device)
+        target = self.y_train[idx].to(self.device, non_blocking=True)
         if self.mixup is not None and len(idx) % 2 == 0:
-            xb = run_encoder.batch(self.x_train, idx, self.augment).to(self.device)
+            xb = run_encoder.batch(self.x_train, idx, self.augment, device=self.device)
             xb, soft = self.mixup(xb, target)
-            loss = torch.sum(-soft * torch.log_softmax(fwd_model(xb), dim=-1), dim=-1).mean()
+            with autocast(self.device):
+                logits = fwd_model(xb)
+            loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            loss = self.loss(forward(fwd_model, run_encoder, self.x_train, idx, self.device, self.augment), target)
+            logits = forward(fwd_model, run_encoder, self.x_train, idx, self.device, self.augment)
+            loss = self.loss(logits.float(), target)
         if self.anchor:
             l2sp = float(self.config["l2sp"])
             loss = loss + l2sp * sum(((p - self.anchor[nme]) ** 2).sum() for nme, p in self.model.named_parameters()
                                      if p.requires_grad and nme in self.anchor)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
         if float(self.config["grad_clip"]) > 0:
             nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
                                      float(self.config["grad_clip"]))
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         return float(loss.detach())
 
@@ -262,6 +278,8 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     if initial_state:
         model.load_state_dict(initial_state, strict=False)
     model.to(device)
+    if device.type == "cuda" and data.modality == "image":
+        model.to(memory_format=torch.channels_last)  # matches the batches (ImageEncoder.batch)
     encoder = build_encoder(config, model, spec)
     groups = models.family(model).layer_groups(model)
     optimizer = make_optimizer(model, groups, config)
@@ -300,8 +318,9 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     x_train = encode_inputs(encoder, data.x_train)
     x_val = encode_inputs(encoder, data.x_val) if data.x_val is not None else None
     y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
-                  x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device)
+                  x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device, scaler)
 
 
 def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | None = None,
@@ -334,7 +353,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
 
     # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
     run_model, run_encoder, x_val = model, s.encoder, s.x_val
-    cache_use = "off"
+    cache_use, cache_from = "off", ""
     if data.cache_dir is not None:
         set_trainable(model, groups, n_trainable_groups(config, n_body, start_epoch))
         split = featcache.plan(config, model, s.encoder, n_trainable_groups(config, n_body, start_epoch),
@@ -347,7 +366,9 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             if x_val is not None:
                 x_val = featcache.cached_features(split, s.encoder, x_val, device, data.cache_dir,
                                                   featcache.cache_key(config, s.spec, data.x_val, split))
-            cache_use = f"{split.tag}:{'hit' if featcache.STATS['hits'] > hits else 'computed'}"
+            hit = featcache.STATS["hits"] > hits
+            cache_use = f"{split.tag}:hit" if hit else f"{split.tag}:computed"
+            cache_from = featcache.STATS["from"] if hit else ""
     fwd_model, current_k, seed, per = model, -1, int(config["seed"]) + rank, s.steps_per_report
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -370,7 +391,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "steps": per * (epoch + 1),
                    "epochs_seen": per * (epoch + 1) * s.batches.bs / len(s.batches.shard),
                    "lr": s.optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
-                   "epoch_time_s": train_s, "feature_cache": cache_use}
+                   "epoch_time_s": train_s, "feature_cache": cache_use, "feature_cache_from": cache_from}
         if x_val is not None and data.y_val is not None and len(data.y_val):
             val = evaluate(run_model, run_encoder, x_val, data.y_val, data.num_classes, device,
                            target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)

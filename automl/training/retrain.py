@@ -30,6 +30,16 @@ def _train_loop(cfg: dict) -> None:
     holder = {}
 
     def report(metrics, state_fn):
+        if metrics["epoch"] == epochs and world > 1:
+            # Where each rank ran, and a checksum of its weights (DDP keeps them identical): collectives, so
+            # every rank takes part.
+            import torch.distributed as dist
+
+            mine = (ray.get_runtime_context().get_node_id(),
+                    float(sum(p.detach().double().sum() for p in holder["model"].parameters())))
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
+            metrics = {**metrics, "nodes": [g[0] for g in gathered], "weight_sums": [g[1] for g in gathered]}
         if rank == 0 and metrics["epoch"] == epochs:
             with tempfile.TemporaryDirectory() as d:
                 save_model(holder["model"], os.path.join(d, WEIGHTS))
@@ -49,7 +59,9 @@ def _train_loop(cfg: dict) -> None:
 def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int, storage_path: str,
             num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int = 1,
             initial_state: dict | None = None):
-    """Train `config` on all of `data` with TorchTrainer; returns the trained model (on CPU)."""
+    """Train `config` on all of `data` with TorchTrainer (each worker asks for at most one node's CPUs; DDP ranks
+    get equal shards and batch_size / workers rows per step). Returns (model on CPU, spec, rank 0's last metrics:
+    with several workers, `nodes` and `weight_sums` per rank)."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -80,4 +92,4 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
     with result.checkpoint.as_directory() as d:
         load_model(model, os.path.join(d, WEIGHTS))
     model.eval()
-    return model, spec
+    return model, spec, dict(result.metrics or {})
