@@ -53,3 +53,32 @@ def choose_metric(imbalance_ratio: float, task: str = "multiclass") -> str:
     if task == "regression":
         return "r2"
     return "f1_macro" if imbalance_ratio >= 3.0 else "accuracy"
+
+
+MIN_GROUP = 5        # groups with fewer test rows are listed but not compared (their score is mostly noise)
+FAR_BELOW = 0.10     # a group is flagged when it scores this far below the median of the others
+
+
+def group_metrics(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, metric: str, num_classes: int,
+                  column: str, regression: bool = False) -> dict:
+    """`metric` (and the other headline metrics) per group value, with support counts, the largest gap between
+    groups, and the groups far below the rest. scores: class probabilities, or predictions for regression."""
+    rows = []
+    for g in sorted(set(groups.tolist()), key=str):
+        m = groups == g
+        if regression:
+            vals = regression_metrics(y[m], scores[m]) if m.sum() > 1 else {}
+            keep = {k: vals.get(k, float("nan")) for k in ("r2", "rmse", "mae")}
+        else:
+            vals = classification_metrics(y[m], scores[m], num_classes)
+            keep = {k: vals[k] for k in CLASSIFICATION_METRICS}
+        rows.append({"group": str(g), "support": int(m.sum()), **keep})
+    compared = [r for r in rows if r["support"] >= MIN_GROUP and not np.isnan(r[metric])]
+    gap = (max(r[metric] for r in compared) - min(r[metric] for r in compared)) if len(compared) > 1 else 0.0
+    flagged = []
+    for r in compared:
+        others = [o[metric] for o in compared if o is not r]
+        if others and r[metric] < float(np.median(others)) - FAR_BELOW:
+            flagged.append(r["group"])
+    return {"column": column, "metric": metric, "table": rows, "gap": float(gap), "flagged": flagged,
+            "min_support": MIN_GROUP}

@@ -19,7 +19,7 @@ from automl.data.intake import TaskData, plain, prepare as read_task
 from automl.errors import AutoMLError
 from automl.export.manifest import ExportManifest, Preprocessing, Provenance
 from automl.export.predictor import FinetunedModel
-from automl.metrics import CLASSIFICATION_METRICS, choose_metric
+from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
 from automl.options import FinetuneOptions
 from automl.runtime import device
 from automl.search.plan import Plan, make_plan
@@ -85,7 +85,7 @@ def prepare(dataset: Any, opts: FinetuneOptions) -> Prepared:
         path = Path(opts.update.base_model).resolve()
         base = BaseModel(path, ExportManifest.read(path))
     task = read_task(dataset, d.label, inputs=d.inputs, seed=s.seed, drop_bad_images=d.drop_bad_images,
-                     drop_rare_classes=d.drop_rare_classes, task=d.task,
+                     drop_rare_classes=d.drop_rare_classes, task=d.task, groups=d.groups,
                      known_classes=base.manifest.classes if base and not base.manifest.is_regression else None)
     if base is not None and (base.manifest.modality != task.modality
                              or base.manifest.is_regression != (task.task == "regression")):
@@ -334,9 +334,14 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel) -> dict:
     """Score the final model once on the held-out test split (on this process's device, model and inputs alike)."""
     from automl.training.loop import encode_inputs, evaluate as score
 
-    te = inputs.split("test")
-    return score(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(te)), prepared.task.y[te],
-                 prepared.task.num_classes, device(), detailed=True, target_scale=inputs.target_scale)
+    te, task = inputs.split("test"), prepared.task
+    metrics = score(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(te)), task.y[te],
+                    task.num_classes, device(), detailed=True, target_scale=inputs.target_scale,
+                    keep_scores=task.groups is not None)
+    if task.groups is not None:
+        metrics["groups"] = group_metrics(task.y[te], metrics.pop("scores"), task.groups[te], prepared.metric,
+                                          task.num_classes, task.groups_column, task.task == "regression")
+    return metrics
 
 
 # ---------------------------------------------------------------------------- diagnose
@@ -411,7 +416,8 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
                 "errors": int((trials["status"] == "ERROR").sum()), "space": plan.space.to_dict(),
                 "experiment_path": result.experiment_path, "trial_epochs": int(trials["epochs_run"].sum()),
                 "peak_disk_mb": result.peak_disk_mb, "max_reports": plan.reports},
-        training=final.training, test_metrics=test_metrics, data_report=task.report.to_dict(),
+        training=final.training, test_metrics={k: v for k, v in test_metrics.items() if k != "groups"},
+        group_metrics=test_metrics.get("groups"), data_report=task.report.to_dict(),
         cross_validation=diagnostics.cross_validation, suspected_label_errors=diagnostics.label_error_summary,
         transferability=agreement(result.transferability, trials, prepared.metric), update=diagnostics.update,
         provenance=Provenance(fingerprint=task.fingerprint(), seed=opts.search.seed,
@@ -422,7 +428,7 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
     if opts.output.keep_test_split:
         writers.insert(0, lambda d, m: setattr(m, "test_split", save_test_split(
             d, task.modality, inputs.pick(te), task.y[te], manifest.classes)))
-    tables = {"trials.csv": trials, "metrics.json": test_metrics, "data_report.json": task.report.to_dict()}
+    tables = {"trials.csv": trials, "metrics.json": manifest.test_metrics, "data_report.json": task.report.to_dict()}
     if diagnostics.label_errors is not None:
         tables["suspected_label_errors.csv"] = diagnostics.label_errors
     export_dir = prepared.out / "model"

@@ -75,3 +75,31 @@ def minilm_dir() -> str:
 @pytest.fixture(params=[0, 1])
 def global_random_seed(request) -> int:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def free_port_factory():
+    return _free_port
+
+
+@pytest.fixture
+def free_port() -> int:
+    return _free_port()
+
+
+def _free_port() -> int:
+    """A free TCP port outside the kernel's ephemeral range (32768+), so no outgoing connection can take it
+    between this check and the server's bind."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-30000")

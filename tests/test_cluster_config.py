@@ -59,3 +59,27 @@ def test_the_validators_catch_broken_configs(cluster_cfg, mutate):
     with pytest.raises(Exception):
         jsonschema.validate(cfg, _schema())
         _ray_validate(cfg)
+
+
+def test_capacity_is_planned_from_the_autoscaler_config_not_the_nodes_up_now():
+    """The shipped cluster starts with a CPU-less head and no workers: plan from its node types."""
+    from automl.cluster import ClusterInfo
+    from automl.errors import AutoMLError
+
+    info = ClusterInfo.from_config(ROOT / "cluster.yaml")
+    # 6 CPU workers of 16 and 2 GPU workers of 4 CPUs + 1 GPU, within max_workers 8; the head has no CPUs.
+    assert (info.cpus, info.gpus, info.node_cpus, info.node_gpus, info.max_nodes) == (104.0, 2.0, 16.0, 1.0, 9)
+    assert info.max_concurrency(info.trial_resources(cpus=4, gpus=0)) == 26
+    with pytest.raises(AutoMLError, match="largest node .* has 16 CPU"):
+        info.trial_resources(cpus=32)  # no single node has 32 CPUs: such a trial would never start
+
+
+def test_a_config_without_worker_resources_is_refused_with_a_fix(tmp_path):
+    from automl.cluster import ClusterInfo
+    from automl.errors import AutoMLError
+
+    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cfg["available_node_types"]["cpu_worker"]["resources"] = {}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(AutoMLError, match=r"\['cpu_worker'\] do not state their resources.*Fix"):
+        ClusterInfo.from_config(tmp_path / "c.yaml")

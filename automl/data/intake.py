@@ -67,6 +67,8 @@ class TaskData:
     texts: list[list[str]] | None = None     # one string per text column, per row
     base_dir: str | None = None
     row_index: np.ndarray | None = None      # each kept row's index in the user's table
+    groups: np.ndarray | None = None         # each row's group (the `groups` column), for per-group metrics
+    groups_column: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -216,9 +218,10 @@ def _column_kind(series: pd.Series) -> str | None:
     return "text"
 
 
-def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None) -> tuple[str, list[str], list[str]]:
+def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None,
+                 exclude: tuple = ()) -> tuple[str, list[str], list[str]]:
     """Return (modality, input columns, ignored columns)."""
-    candidates = [c for c in df.columns if c != label_col and str(c).lower() != "split"]
+    candidates = [c for c in df.columns if c != label_col and str(c).lower() != "split" and c not in exclude]
     if inputs is not None:
         missing = [c for c in inputs if c not in df.columns]
         if missing:
@@ -333,7 +336,7 @@ def _split(y: np.ndarray, seed: int, val_frac: float, test_frac: float) -> dict[
 def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = None, seed: int = 0,
             val_frac: float | None = None, test_frac: float | None = None, drop_bad_images: bool = True,
             drop_rare_classes: bool = False, task: str | None = None,
-            known_classes: list | None = None) -> TaskData:
+            known_classes: list | None = None, groups: str | None = None) -> TaskData:
     """Read, check, clean and split a dataset for classification or regression.
 
     task: None/"auto" infers it (regression for a float label with many distinct values),
@@ -350,7 +353,14 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         raise DataError("The dataset is empty (0 rows); expected labelled examples. Fix: pass a non-empty dataset.")
     report = DataReport(rows_received=int(len(df)))
     label_col = find_label_column(df, label)
-    modality, in_cols, ignored = infer_inputs(df, label_col, inputs)
+    if groups is not None and groups not in df.columns:
+        raise DataError(f"Groups column {groups!r} not found; the columns are {list(map(str, df.columns))}. "
+                        "Fix: pass groups= one of these columns (its values get their own test metrics).")
+    if groups is not None and inputs is not None and groups in inputs:
+        raise DataError(f"Column {groups!r} is both an input and the groups column; the groups column is only "
+                        "used to break down the test metrics. Fix: drop it from inputs= or from groups=.")
+    groups_col = groups
+    modality, in_cols, ignored = infer_inputs(df, label_col, inputs, exclude=(groups_col,) if groups_col else ())
     report.ignored_columns = ignored
     df = _clean_labels(df, label_col, report)
 
@@ -458,9 +468,9 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
             report.notes.append("missing validation/test splits were carved out of train (stratified)")
     else:
         n = len(y)
-        groups = 2 if task == "regression" else max(len(counts), 2)
-        if n < MIN_PER_CLASS * groups:
-            raise DataError(f"Only {n} usable rows for {groups} classes; need at least {MIN_PER_CLASS} per class to split. "
+        n_groups = 2 if task == "regression" else max(len(counts), 2)
+        if n < MIN_PER_CLASS * n_groups:
+            raise DataError(f"Only {n} usable rows for {n_groups} classes; need at least {MIN_PER_CLASS} per class to split. "
                             "Fix: add more labelled rows.")
         # Small data needs proportionally bigger held-out sets for a stable score.
         default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1
@@ -478,6 +488,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         modality=modality, task=task, classes=classes, y=y,
         input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
         images=images, image_keys=image_keys, texts=texts, base_dir=base_dir, row_index=df.index.to_numpy(),
+        groups=df[groups_col].astype(str).to_numpy() if groups_col else None, groups_column=groups_col,
     )
 
 

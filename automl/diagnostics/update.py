@@ -95,22 +95,24 @@ def decide(new: float, current: float, *, forgetting: float | None = None, toler
 def compare_with_base(base_dir: Path, model, encoder, classes: list, test_x, test_labels: list, metric: str,
                       tolerance: float, is_image: bool) -> dict:
     """Score an update and its base on the new test split and on the base's own stored test split."""
-    from automl.errors import AutoMLError
     from automl.export.writer import load_model
 
     base, base_encoder, base_manifest = load_model(base_dir)
     new_on_new = score(model, encoder, classes, test_x, test_labels, metric, is_image)
     base_on_new = score(base, base_encoder, base_manifest.classes, test_x, test_labels, metric, is_image)
     old = load_test_split(base_dir)
+    new_on_old = base_on_old = forgetting = None
+    if old is not None:
+        old_x, old_labels = old
+        new_on_old = score(model, encoder, classes, old_x, old_labels, metric, is_image)
+        base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, is_image)
+        forgetting = base_on_old - new_on_old
+    decision, reason = decide(new_on_new, base_on_new, forgetting=forgetting, tolerance=tolerance, metric=metric)
     if old is None:
-        raise AutoMLError(f"base_model {str(base_dir)!r} has no stored test split, so forgetting cannot be measured. "
-                          "Fix: re-export the base model with keep_test_split=True.")
-    old_x, old_labels = old
-    new_on_old = score(model, encoder, classes, old_x, old_labels, metric, is_image)
-    base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, is_image)
-    decision, reason = decide(new_on_new, base_on_new, forgetting=base_on_old - new_on_old, tolerance=tolerance,
-                              metric=metric)
+        reason += ("; forgetting was NOT checked: the base export carries no test split (exported with "
+                   "keep_test_split=False or stripped), so how the update does on the old data is unknown")
     return {"base_model": str(base_dir), "metric": metric, "tolerance": tolerance,
-            "new_test": {"new": new_on_new, "old": base_on_new}, "old_test": {"new": new_on_old, "old": base_on_old},
-            "forgetting": base_on_old - new_on_old, "l2_from_base": l2_distance(model, base),
+            "new_test": {"new": new_on_new, "old": base_on_new},
+            "old_test": None if old is None else {"new": new_on_old, "old": base_on_old},
+            "forgetting": forgetting, "forgetting_checked": old is not None, "l2_from_base": l2_distance(model, base),
             "decision": decision, "reason": reason}

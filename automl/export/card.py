@@ -125,12 +125,14 @@ def _evaluation(m: ExportManifest) -> list[str]:
             out += [f"**Groups far below the rest:** {', '.join(map(str, g['flagged']))}.", ""]
     upd = m.update
     if upd:
-        out += ["## Update of an earlier model", "", f"Base model: `{upd['base_model']}`.", "",
-                table(pd.DataFrame({"test split": ["new data", "base model's data"],
-                                    "this model": [upd["new_test"]["new"], upd["old_test"]["new"]],
-                                    "base model": [upd["new_test"]["old"], upd["old_test"]["old"]]})), "",
-                f"Forgetting (drop on the base model's test split): {upd['forgetting']:+.4f}. Weights moved "
-                f"{upd['l2_from_base']:.4f} (L2) from the base.", "",
+        old = upd.get("old_test")
+        rows = {"test split": ["new data"], "this model": [upd["new_test"]["new"]], "base model": [upd["new_test"]["old"]]}
+        if old:
+            rows = {k: v + [x] for (k, v), x in zip(rows.items(), ["base model's data", old["new"], old["old"]])}
+        out += ["## Update of an earlier model", "", f"Base model: `{upd['base_model']}`.", "", table(pd.DataFrame(rows)), "",
+                (f"Forgetting (drop on the base model's test split): {upd['forgetting']:+.4f}." if old else
+                 "**Forgetting was not measured**: the base model's export carries no test split.")
+                + f" Weights moved {upd['l2_from_base']:.4f} (L2) from the base.", "",
                 f"Decision: **{upd['decision']}**: {upd['reason']}.", ""]
     tr = m.transferability
     if tr and tr.get("ranking"):
@@ -188,7 +190,7 @@ def write_card(out_dir, m: ExportManifest, trials, history: dict | None) -> None
     from automl.export.mdhtml import to_html
 
     out_dir = Path(out_dir)
-    if history and trials is not None and len(trials):
+    if history and trials is not None and len(trials):  # without the history (a re-written card) the figure stays
         m.figures["learning_curves"] = plots.learning_curves(history, trials, m.metric,
                                                              m.search.get("max_reports", 1), out_dir)
     cm = m.test_metrics.get("confusion_matrix")

@@ -91,25 +91,36 @@ class FinetunedModel:
         proba = self._proba(data)
         return np.asarray(self.classes, dtype=object)[proba.argmax(1)] if len(proba) else np.asarray([], dtype=object)
 
-    def evaluate(self, data: Any, label: str | None = None) -> dict:
-        """Accuracy, macro-F1, balanced accuracy, log loss, ECE on labelled data."""
+    def evaluate(self, data: Any, label: str | None = None, groups: str | None = None) -> dict:
+        """Accuracy, macro-F1, balanced accuracy, log loss, ECE on labelled data (R², RMSE, MAE for regression).
+
+        groups: a column whose values get their own metrics, under "groups" (support counts, the largest gap
+        between groups, and the groups far below the rest); the column is not used as an input."""
         from automl.data.intake import find_label_column, to_dataframe
+        from automl.metrics import group_metrics, regression_metrics
 
         df, _ = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
         own = self.manifest.label_column
         label_col = find_label_column(df, label or (own if own in df.columns else None))
+        if groups is not None and groups not in df.columns:
+            raise DataError(f"Groups column {groups!r} not found; the columns are {list(map(str, df.columns))}. "
+                            "Fix: pass groups= one of these columns.")
         if self.is_regression:
-            from automl.metrics import regression_metrics
-
-            return regression_metrics(df[label_col].astype(float).to_numpy(), self.predict(df))
-        known = {str(c): i for i, c in enumerate(self.classes)}
-        labels = df[label_col].map(lambda v: known.get(str(v), -1)).to_numpy()
-        if (labels < 0).any():
-            unknown = sorted({str(v) for v, k in zip(df[label_col], labels) if k < 0})[:10]
-            raise DataError(f"Labels {unknown} in column {label_col!r} were not seen in training; the model knows "
-                            f"{self.classes}. Fix: evaluate on data with known labels.")
-        proba = self._proba(data if not isinstance(data, pd.DataFrame) else df)
-        return classification_metrics(labels, proba, len(self.classes))
+            y, scores = df[label_col].astype(float).to_numpy(), self.predict(df)
+            out = regression_metrics(y, scores)
+        else:
+            known = {str(c): i for i, c in enumerate(self.classes)}
+            y = df[label_col].map(lambda v: known.get(str(v), -1)).to_numpy()
+            if (y < 0).any():
+                unknown = sorted({str(v) for v, k in zip(df[label_col], y) if k < 0})[:10]
+                raise DataError(f"Labels {unknown} in column {label_col!r} were not seen in training; the model "
+                                f"knows {self.classes}. Fix: evaluate on data with known labels.")
+            scores = self._proba(df)
+            out = classification_metrics(y, scores, len(self.classes))
+        if groups is not None:
+            out["groups"] = group_metrics(y, scores, df[groups].astype(str).to_numpy(), self.manifest.metric,
+                                          len(self.classes), groups, self.is_regression)
+        return out
 
     def to(self, device: str | torch.device) -> "FinetunedModel":
         self._device = torch.device(device)

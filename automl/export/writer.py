@@ -148,3 +148,36 @@ def load_model(path: str | Path):
     else:
         encoder = TextEncoder(load_tokenizer(str(path / "hf")), pre.max_length)
     return model, encoder, manifest
+
+
+def strip_test_split(path: str | Path) -> list[str]:
+    """Remove the stored test split (rows of the user's data) from an export, atomically; the model still loads
+    and predicts, and its card says that a later update cannot measure forgetting. Returns the removed files."""
+    import pandas as pd
+
+    from automl.export.card import write_card
+
+    path = Path(path).resolve()
+    manifest = ExportManifest.read(path)
+    gone = [f for f in ("test_split.npz", "test_split.jsonl") if (path / f).exists()]
+    if not gone:
+        return []
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(path, tmp)
+    try:
+        for f in gone:
+            (tmp / f).unlink()
+        manifest.test_split = None
+        trials = pd.read_csv(tmp / "trials.csv") if (tmp / "trials.csv").exists() else None
+        write_card(tmp, manifest, trials, None)
+        manifest.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
+                          if p.is_file() and p.name != "config.json"}
+        manifest.write(tmp)
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return gone

@@ -153,6 +153,40 @@ def _leaderboard(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import signal
+    import threading
+
+    from automl.ops.serve import ServeOptions, serve
+
+    opts = ServeOptions(host=args.host, port=args.port, max_batch_size=args.max_batch_size, replicas=args.replicas,
+                        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                        max_request_bytes=args.max_request_mb * 2**20, max_inputs=args.max_inputs)
+    server = serve(args.model_dirs, names=args.name, address=args.address, options=opts, token_file=args.token_file)
+    for name in server.names:
+        print(f"serving {name}: POST {server.url}/models/{name}/predict  {{\"inputs\": [...]}}", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token_file:
+        print(f"warning: listening on {args.host} without --token-file: anyone who can reach it can use it",
+              file=sys.stderr)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    return 0
+
+
+def _export(args) -> int:
+    from automl.export.writer import strip_test_split
+
+    for d in args.model_dirs:
+        removed = strip_test_split(d)
+        print(f"{d}: removed {', '.join(removed) if removed else 'nothing (no stored test split)'}")
+    return 0
+
+
 def _spaces(args) -> int:
     from automl.search.space import spaces_dir
 
@@ -203,6 +237,24 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--force", action="store_true", help="refresh: re-run datasets that finished recently too")
     lb.add_argument("--quiet", action="store_true")
     lb.set_defaults(func=_leaderboard)
+    sv = sub.add_parser("serve", help="serve exported models over HTTP (Ray Serve)")
+    sv.add_argument("model_dirs", nargs="+", help="export folders (…/model)")
+    sv.add_argument("--name", action="append", help="a model's name in the URL (once per folder; default: its folder)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token-file", help="file holding a bearer token every request must send")
+    sv.add_argument("--max-batch-size", type=int, default=16, help="inputs of concurrent requests predicted together")
+    sv.add_argument("--replicas", type=int, default=1, help="replicas per model")
+    sv.add_argument("--cpus-per-replica", type=float, default=1.0)
+    sv.add_argument("--gpus-per-replica", type=float, default=0.0)
+    sv.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body accepted")
+    sv.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request")
+    sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sv.set_defaults(func=_serve)
+    ex = sub.add_parser("export", help="change an export: `strip` removes its stored test split (your data)")
+    ex.add_argument("action", choices=["strip"])
+    ex.add_argument("model_dirs", nargs="+")
+    ex.set_defaults(func=_export)
     sp = sub.add_parser("spaces", help="list the bundled search spaces")
     sp.set_defaults(func=_spaces)
     return p

@@ -153,7 +153,8 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = False,
-             target_scale: tuple[float, float] | None = None) -> dict:
+             target_scale: tuple[float, float] | None = None, keep_scores: bool = False) -> dict:
+    """Metrics of `model` on (x, y); keep_scores adds "scores" (probabilities, or predictions for regression)."""
     logits = predict_logits(model, encoder, x, device)
     if target_scale is not None:
         from automl.metrics import regression_metrics
@@ -162,10 +163,13 @@ def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = Fa
         pred = logits[:, 0].numpy() * std + mean
         out = regression_metrics(np.asarray(y, dtype=float), pred)
         out["loss"] = float(np.mean(((pred - np.asarray(y)) / std) ** 2))
-        return out
-    proba = torch.softmax(logits, 1).numpy()
-    out = classification_metrics(np.asarray(y), proba, num_classes, detailed=detailed)
-    out["loss"] = float(nn.functional.cross_entropy(logits, torch.as_tensor(np.asarray(y))).item())
+        scores = pred
+    else:
+        scores = torch.softmax(logits, 1).numpy()
+        out = classification_metrics(np.asarray(y), scores, num_classes, detailed=detailed)
+        out["loss"] = float(nn.functional.cross_entropy(logits, torch.as_tensor(np.asarray(y))).item())
+    if keep_scores:
+        out["scores"] = scores
     return out
 
 

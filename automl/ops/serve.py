@@ -1,0 +1,274 @@
+"""`automl serve`: exported models behind one HTTP app on Ray Serve.
+
+    automl serve runs/mine/model runs/other/model --port 8000 [--token-file token.txt]
+    curl -s 127.0.0.1:8000/models/model/predict -d '{"inputs": ["a short text"]}'
+
+Routes: GET /healthz, GET /models (name, modality, classes, metric, card), POST /models/<name>/predict with
+{"inputs": [...]}: texts (a list of [a, b] pairs for a text-pair model) or images as base64 strings or data URLs.
+The answer is {"predictions": [...], "probabilities": [{label: p}, ...]} (regression: numbers only), exactly what
+load(dir).predict / predict_proba give. Requests are checked in the ingress (size, token, input kinds, image
+decoding) and answered with a 4xx saying what was received and what is expected; good ones are batched across
+concurrent requests (serve.batch) by one deployment per model.
+"""
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) on the replicas, where
+# a string annotation could not be resolved.
+import base64
+import binascii
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request  # ray[serve]; module level: FastAPI resolves the routes' annotations here
+from fastapi.responses import JSONResponse
+
+from automl.errors import AutoMLError
+
+MAX_REQUEST_BYTES = 10 * 2**20
+MAX_INPUTS = 256
+
+
+class RequestError(ValueError):
+    """A request the server answers with a 4xx; `status` is the HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def parse_inputs(body: object, modality: str, n_columns: int, max_inputs: int) -> list:
+    """The inputs of a request body, checked: texts (or pairs), or image bytes decoded from base64 / data URLs."""
+    from automl.data.images import ImageDecodeError, inspect_image
+
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise RequestError(400, f"expected a JSON object {{\"inputs\": [...]}}; got {type(body).__name__} "
+                                f"{str(body)[:80]!r}")
+    inputs = body["inputs"]
+    if not isinstance(inputs, list) or not inputs:
+        raise RequestError(400, "expected \"inputs\" to be a non-empty list; got "
+                                f"{'an empty list' if inputs == [] else type(inputs).__name__}")
+    if len(inputs) > max_inputs:
+        raise RequestError(413, f"{len(inputs)} inputs in one request; at most {max_inputs}. Fix: send smaller batches")
+    out = []
+    for i, item in enumerate(inputs):
+        if modality == "text":
+            want = "a list of [text, text] pairs" if n_columns > 1 else "a list of strings"
+            ok = (isinstance(item, str) if n_columns == 1 else
+                  isinstance(item, list) and len(item) == n_columns and all(isinstance(s, str) for s in item))
+            if not ok or (isinstance(item, str) and item.startswith("data:image/")):
+                raise RequestError(422, f"input {i} is {_kind(item)}; this text model expects {want}")
+            out.append(item if n_columns > 1 else [item])
+        else:
+            if not isinstance(item, str):
+                raise RequestError(422, f"input {i} is {_kind(item)}; this image model expects images as base64 "
+                                        "strings or data URLs (data:image/png;base64,...)")
+            raw = _b64(item, i)
+            try:
+                inspect_image(raw)
+            except ImageDecodeError as exc:
+                raise RequestError(422, f"input {i} is not a readable image ({exc}); expected PNG/JPEG/... "
+                                        "bytes, base64-encoded") from None
+            out.append(raw)
+    return out
+
+
+def _kind(item) -> str:
+    if isinstance(item, str):
+        return "an image (data URL)" if item.startswith("data:image/") else f"a string {item[:30]!r}"
+    return f"a {type(item).__name__}"
+
+
+def _b64(text: str, i: int) -> bytes:
+    m = re.match(r"^data:[\w/+.-]+;base64,(.*)$", text, re.S)
+    try:
+        return base64.b64decode(m.group(1) if m else text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(422, f"input {i} is not base64 (a text sent to an image model?); expected an image as "
+                                "base64 or a data URL") from None
+
+
+def answer(model, inputs: list) -> list[dict]:
+    """One result per input, as load(dir).predict / predict_proba give them (JSON-ready)."""
+    import pandas as pd
+
+    m = model.manifest
+    col = m.input_columns
+    df = pd.DataFrame({col[0]: inputs} if m.modality == "image" else
+                      {c: [row[j] for row in inputs] for j, c in enumerate(col)})
+    if model.is_regression:
+        return [{"prediction": float(v)} for v in model.predict(df)]
+    proba = model.predict_proba(df)
+    labels = [model.classes[i] for i in proba.to_numpy().argmax(1)]
+    return [{"prediction": _plain(lab), "probabilities": {str(k): float(v) for k, v in row.items()}}
+            for lab, (_, row) in zip(labels, proba.iterrows())]
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_batch_size: int = 16          # inputs of concurrent requests predicted together
+    batch_wait_s: float = 0.005
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_request_bytes: int = MAX_REQUEST_BYTES
+    max_inputs: int = MAX_INPUTS
+
+
+def _app(models: dict[str, dict], opts: ServeOptions):
+    """The deployments: one per model, and the HTTP ingress routing to them."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=opts.replicas, max_ongoing_requests=max(8, 4 * opts.max_batch_size),
+                      ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica})
+    class ModelServer:
+        def __init__(self, export_dir: str, max_batch_size: int, batch_wait_s: float):
+            from automl.export.predictor import load
+            from automl.runtime import quiet_libraries, set_threads
+
+            quiet_libraries()
+            set_threads(max(1, int(opts.cpus_per_replica)))
+            self.model = load(export_dir)
+            self.predict.set_max_batch_size(max_batch_size)
+            self.predict.set_batch_wait_timeout_s(batch_wait_s)
+
+        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+        async def predict(self, requests: list[list]) -> list[list[dict]]:
+            # Each element is one request's inputs: predict them all at once, hand each request its own rows.
+            flat = [x for r in requests for x in r]
+            results = answer(self.model, flat)
+            out, start = [], 0
+            for r in requests:
+                out.append(results[start:start + len(r)])
+                start += len(r)
+            return out
+
+    app = FastAPI(title="automl", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.ingress(app)
+    class Ingress:
+        def __init__(self, handles: dict, info: dict):
+            self.handles, self.info = handles, info
+
+        def _refuse(self, request: Request):
+            if opts.token is not None:
+                given = request.headers.get("authorization", "")
+                if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip(), opts.token):
+                    return JSONResponse({"error": "missing or wrong bearer token; send the header "
+                                                  "'Authorization: Bearer <token>' with the server's token"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            return None
+
+        @app.get("/healthz")
+        async def healthz(self):
+            return {"status": "ok", "models": len(self.handles)}
+
+        @app.get("/models")
+        async def list_models(self, request: Request):
+            return self._refuse(request) or {"models": list(self.info.values())}
+
+        @app.post("/models/{name}/predict")
+        async def predict(self, name: str, request: Request):
+            refused = self._refuse(request)
+            if refused:
+                return refused
+            if name not in self.handles:
+                return JSONResponse({"error": f"no model named {name!r}; served: {sorted(self.handles)}"},
+                                    status_code=404)
+            try:
+                length = int(request.headers.get("content-length") or 0)
+                if length > opts.max_request_bytes:
+                    raise RequestError(413, f"request body of {length} bytes; at most {opts.max_request_bytes}")
+                raw = await request.body()
+                if len(raw) > opts.max_request_bytes:
+                    raise RequestError(413, f"request body of {len(raw)} bytes; at most {opts.max_request_bytes}")
+                try:
+                    import json
+
+                    body = json.loads(raw)
+                except ValueError as exc:
+                    raise RequestError(400, f"the body is not JSON ({exc}); expected {{\"inputs\": [...]}}") from None
+                info = self.info[name]
+                inputs = parse_inputs(body, info["modality"], len(info["input_columns"]), opts.max_inputs)
+            except RequestError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=exc.status)
+            rows = await self.handles[name].predict.remote(inputs)
+            result = {"predictions": [r["prediction"] for r in rows]}
+            if not info["regression"]:
+                result["probabilities"] = [r["probabilities"] for r in rows]
+            return result
+
+    handles, info = {}, {}
+    for name, spec in models.items():
+        handles[name] = ModelServer.options(name=f"model-{name}").bind(spec["dir"], opts.max_batch_size,
+                                                                       opts.batch_wait_s)
+        info[name] = spec["info"]
+    return Ingress.bind(handles, info)
+
+
+@dataclass
+class Server:
+    """A running server: its URL, and how to stop it."""
+
+    url: str
+    names: list[str]
+
+    def shutdown(self) -> None:
+        """Stop the app and Serve's proxy (so a later server may take another port)."""
+        from ray import serve
+
+        serve.shutdown()
+
+
+def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, address: str | None = None,
+          options: ServeOptions | None = None, token_file: str | Path | None = None,
+          timeout_s: float = 180.0) -> Server:
+    """Serve exported models over HTTP on Ray Serve (an embedded local Ray, or the cluster at `address`).
+
+    names: one per export (default: each export folder's name). token_file: a file holding the bearer token
+    every request must send. Binds 127.0.0.1 unless options.host says otherwise.
+    """
+    from ray import serve as rs
+
+    from automl.cluster import ensure_ray
+    from automl.export.manifest import ExportManifest
+
+    opts = options or ServeOptions()
+    if token_file is not None:
+        opts.token = Path(token_file).read_text().strip()
+        if not opts.token:
+            raise AutoMLError(f"Token file {str(token_file)!r} is empty. Fix: put the token in it.")
+    dirs = [Path(d).resolve() for d in export_dirs]
+    names = list(names or [d.name if d.name != "model" else d.parent.name for d in dirs])
+    if len(names) != len(dirs) or len(set(names)) != len(names):
+        raise AutoMLError(f"Give one distinct name per export; got names {names} for {len(dirs)} export(s). "
+                          "Fix: pass --name for each, e.g. --name icons --name tickets.")
+    models = {}
+    for name, d in zip(names, dirs):
+        m = ExportManifest.read(d)  # refuses a folder that is not a complete export, before anything starts
+        card = d / "MODEL_CARD.html"
+        models[name] = {"dir": str(d), "info": {
+            "name": name, "modality": m.modality, "task": m.task, "classes": [str(c) for c in m.classes],
+            "input_columns": m.input_columns, "metric": m.metric, "test_score": m.test_metrics.get(m.metric),
+            "regression": m.is_regression, "card": card.as_uri() if card.exists() else None}}
+    ensure_ray(address)
+    rs.start(http_options={"host": opts.host, "port": opts.port})
+    t0 = time.monotonic()
+    rs.run(_app(models, opts), name="automl", route_prefix="/", blocking=False)
+    while True:  # serve.run returns once deployed; wait for the replicas to be healthy, within a limit
+        status = rs.status().applications["automl"].status
+        if str(status).endswith("RUNNING"):
+            break
+        if time.monotonic() - t0 > timeout_s:
+            raise AutoMLError(f"The models did not start within {timeout_s:.0f} s (status {status}). Fix: ask for "
+                              "fewer CPUs/GPUs per replica than the cluster has free.")
+        time.sleep(0.5)
+    return Server(f"http://{opts.host}:{opts.port}", names)

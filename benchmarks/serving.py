@@ -1,0 +1,143 @@
+"""Serving throughput and latency (issue #17): single-row requests from 8 concurrent clients.
+
+    python benchmarks/serving.py [--requests 400]
+
+For one image model (EfficientNet-Lite0 on Tux Paint stamps) and one text model (MiniLM on fortunes), each
+exported by a short auto_finetune run, measures requests per second and p50/p99 latency through `automl serve`
+with dynamic batching (max batch 16) and without (max batch 1), against calling `predict_proba` in-process on
+the same single rows. Writes the "serving" section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import realsets  # noqa: E402
+from _results import write_section  # noqa: E402
+
+CLIENTS = 8
+
+
+def export(kind: str, out: Path) -> tuple[Path, list]:
+    """A small export and the single-row inputs to send it (as the server takes them, and as predict takes them)."""
+    from automl import auto_finetune
+
+    if kind == "image":
+        df = realsets.stamps().groupby("label").head(20).reset_index(drop=True)
+        m = auto_finetune(df, time_budget_s=90, output_dir=out / kind, progress=False, export_formats=False,
+                          search_space={"backbone": "efficientnet-lite0", "max_epochs": 3})
+        raw = [Path(p).read_bytes() for p in df["image"].head(32)]
+        return Path(m.export_dir), [(base64.b64encode(r).decode(), pd.DataFrame({"image": [r]})) for r in raw]
+    df = realsets.fortunes().groupby("label").head(40).reset_index(drop=True)
+    m = auto_finetune(df, time_budget_s=90, output_dir=out / kind, progress=False, export_formats=False,
+                      search_space={"max_epochs": 3})
+    texts = df["text"].head(32).tolist()
+    return Path(m.export_dir), [(t, [t]) for t in texts]
+
+
+def load_test(url: str, payloads: list, n: int, clients: int = CLIENTS) -> dict:
+    """n single-row requests from `clients` threads; returns throughput and latency percentiles."""
+    lat: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(n))
+
+    def client():
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
+            body = json.dumps({"inputs": [payloads[i % len(payloads)][0]]}).encode()
+            req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": "application/json"})
+            t = time.perf_counter()
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+            with lock:
+                lat.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - t0
+    return {"rps": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99))}
+
+
+def in_process(export_dir: Path, payloads: list, n: int) -> dict:
+    from automl import load
+
+    m = load(export_dir)
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        m.predict_proba(payloads[i % len(payloads)][1])
+        lat.append(time.perf_counter() - t)
+    wall = time.perf_counter() - t0
+    return {"rps": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    from automl.cluster import ensure_ray
+    from automl.ops.serve import ServeOptions, serve
+
+    ensure_ray()
+    tmp = Path(tempfile.mkdtemp(prefix="serving-"))
+    lines = [f"Single-row requests from {CLIENTS} concurrent clients, {args.requests} per measurement; the server "
+             "and the clients share this machine's CPUs. `in-process` calls `load(dir).predict_proba` on one row at "
+             "a time (no HTTP, no concurrency). Batching = up to 16 inputs of concurrent requests predicted together "
+             "by one replica; unbatched = 1.", "",
+             "| model | mode | requests/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    ratios = []
+    for kind in ("image", "text"):
+        d, payloads = export(kind, tmp)
+        base = in_process(d, payloads, min(args.requests, 200))
+        lines.append(f"| {kind} | in-process | {base['rps']:.1f} | {base['p50_ms']:.1f} | {base['p99_ms']:.1f} |")
+        res = {}
+        for batch in (1, 16):
+            server = serve([d], names=[kind], options=ServeOptions(port=23000 + batch, max_batch_size=batch,
+                                                                   batch_wait_s=0.005))
+            load_test(f"{server.url}/models/{kind}/predict", payloads, 16)  # warm up
+            res[batch] = load_test(f"{server.url}/models/{kind}/predict", payloads, args.requests)
+            if batch == 1:  # one client, one request at a time: what serving adds to a prediction, no queueing
+                res["alone"] = load_test(f"{server.url}/models/{kind}/predict", payloads, 100, clients=1)
+                a = res["alone"]
+                lines.append(f"| {kind} | served, one client at a time | {a['rps']:.1f} | {a['p50_ms']:.1f} | "
+                             f"{a['p99_ms']:.1f} |")
+            server.shutdown()
+            r = res[batch]
+            lines.append(f"| {kind} | served, {'batched (16)' if batch > 1 else 'unbatched'} | {r['rps']:.1f} | "
+                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        ratios.append((kind, res[16]["rps"] / res[1]["rps"], res["alone"]["p50_ms"] - base["p50_ms"]))
+        print("\n".join(lines[-4:]), flush=True)
+    lines.append("")
+    for kind, ratio, overhead in ratios:
+        lines.append(f"- {kind}: batching gives {ratio:.2f}× the unbatched throughput (target ≥ 3×); serving adds "
+                     f"{overhead:.1f} ms p50 over in-process prediction of one row, one client at a time (target ≤ 5 ms).")
+    print("\n".join(lines))
+    if not args.no_write:
+        write_section("serving", "Serving (automl serve on Ray Serve)", lines)
+
+
+if __name__ == "__main__":
+    main()

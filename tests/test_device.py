@@ -1,0 +1,55 @@
+"""One device for model and inputs, in every stage. No GPU here: PyTorch's "meta" device stands in for one.
+
+On "meta" a forward pass runs (shapes only) when model and inputs are both there, and fails with a device
+mismatch when they are not; copying the logits back then fails with "Cannot copy out of meta tensor", which is
+how these tests see that the forward pass itself was consistent.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from automl import models
+from automl.data.encoders import ImageEncoder, predict_logits
+from automl.options import FinetuneOptions
+from automl.runtime import device
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.build("timm/resnet10t:scratch", 4).eval()
+
+
+def test_the_device_is_chosen_in_one_place(monkeypatch):
+    monkeypatch.setenv("AUTOML_DEVICE", "meta")
+    assert device() == torch.device("meta")
+    monkeypatch.delenv("AUTOML_DEVICE")
+    assert device().type in ("cpu", "cuda", "mps")
+
+
+def test_prediction_moves_the_model_to_the_inputs_device():
+    model, enc = _model(), ImageEncoder(16, [0.5] * 3, [0.5] * 3)  # the model is on the CPU
+    x = np.zeros((3, 3, 16, 16), dtype=np.uint8)
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        predict_logits(model, enc, x, torch.device("meta"))
+    assert next(model.parameters()).device.type == "meta"
+
+
+def test_the_evaluate_stage_runs_model_and_inputs_on_the_chosen_device(monkeypatch, digits_df, tmp_path):
+    """After a retrain the model comes back on the CPU; the test split must be scored where the model is."""
+    from automl import stages
+    from automl.data.inputs import Inputs
+    from automl.data.intake import prepare
+
+    task = prepare(digits_df)
+    prepared = stages.Prepared(task, FinetuneOptions.from_kwargs(output_dir=str(tmp_path)), "accuracy", tmp_path)
+    inputs = Inputs.materialise(task, 16, tmp_path / "inputs")
+    model = _model()
+    final = stages.FinalModel(model, ImageEncoder(16, [0.5] * 3, [0.5] * 3), models.resolve("timm/resnet10t:scratch"),
+                              {"image_size": 16})
+    metrics = stages.evaluate(prepared, inputs, final)  # the real device: a score comes back
+    assert set(metrics) >= {"accuracy", "f1_macro", "log_loss", "per_class"}
+    monkeypatch.setenv("AUTOML_DEVICE", "meta")  # a stand-in for a GPU
+    with pytest.raises(NotImplementedError, match="meta tensor"):
+        stages.evaluate(prepared, inputs, final)

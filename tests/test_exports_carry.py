@@ -1,0 +1,76 @@
+"""Per-group metrics, and exports that state (and can shed) the user data they carry."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from automl import DataError, load
+from automl.metrics import group_metrics
+from automl.ops.cli import main as cli_main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_per_group_metrics_match_a_hand_computed_table():
+    y = np.array([0, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0, 1])
+    pred = np.array([0, 0, 1, 1, 0, 1, 1, 0, 0, 1, 0, 1])
+    proba = np.eye(2)[pred]
+    groups = np.array(["a"] * 6 + ["b"] * 5 + ["c"])
+    out = group_metrics(y, proba, groups, "accuracy", 2, "region")
+    table = {r["group"]: r for r in out["table"]}
+    # a: all 6 right; b: rows 6-10 -> 1 of 5 right; c: one row (listed, not compared: support < 5)
+    assert table["a"]["support"] == 6 and table["a"]["accuracy"] == 1.0
+    assert table["b"]["support"] == 5 and table["b"]["accuracy"] == pytest.approx(accuracy_score(y[6:11], pred[6:11]))
+    assert table["b"]["f1_macro"] == pytest.approx(f1_score(y[6:11], pred[6:11], average="macro"))
+    assert table["c"]["support"] == 1
+    assert out["gap"] == pytest.approx(1.0 - 0.2) and out["flagged"] == ["b"] and out["column"] == "region"
+
+
+def test_model_evaluate_breaks_metrics_down_by_a_group_column_it_does_not_use(digits_df):
+    m = load(FIXTURES / "v1_image_export")
+    df = digits_df[digits_df["label"] < 3].head(60).assign(site=lambda d: np.where(np.arange(len(d)) % 2, "x", "y"))
+    res = m.evaluate(df, groups="site")
+    pred = m.predict(df)
+    for row in res["groups"]["table"]:
+        mask = df["site"].to_numpy() == row["group"]
+        assert row["support"] == mask.sum()
+        assert row["accuracy"] == pytest.approx(accuracy_score(df["label"].to_numpy()[mask], pred[mask].astype(int)))
+    assert res["accuracy"] == pytest.approx(accuracy_score(df["label"], pred.astype(int)))
+    with pytest.raises(DataError, match="Groups column 'nope' not found"):
+        m.evaluate(df, groups="nope")
+
+
+def test_stripped_export_still_loads_predicts_and_says_what_it_no_longer_carries(tmp_path, digits_df, capsys):
+    d = tmp_path / "exp"
+    shutil.copytree(FIXTURES / "v1_image_export", d)
+    before = load(d).predict_proba(digits_df.head(5))
+    assert (d / "test_split.npz").exists()
+    assert cli_main(["export", "strip", str(d)]) == 0
+    assert "removed test_split.npz" in capsys.readouterr().out
+    assert not (d / "test_split.npz").exists() and not list(tmp_path.glob(".exp*"))
+    again = load(d)  # the manifest's file list was rewritten: the integrity check still passes
+    np.testing.assert_allclose(again.predict_proba(digits_df.head(5)).to_numpy(), before.to_numpy(), atol=1e-6)
+    assert again.manifest.test_split is None and "test_split.npz" not in again.manifest.files
+    card = (d / "MODEL_CARD.md").read_text()
+    assert "The test split is not stored" in card and "| test_split.npz |" not in card
+    assert cli_main(["export", "strip", str(d)]) == 0
+    assert "nothing" in capsys.readouterr().out
+
+
+def test_the_card_lists_every_file_and_whether_it_holds_user_data(tmp_path):
+    from automl.export.card import model_card
+
+    m = load(FIXTURES / "v1_text_export").manifest
+    m.files = {"model.safetensors": 9000, "test_split.jsonl": 2048, "hf/tokenizer.json": 4096, "config.json": 0}
+    card = model_card(m, None)
+    rows = {line.split("|")[1].strip(): line for line in card.splitlines() if line.startswith("| ") and "KB" in line}
+    assert "the test split's texts and labels" in rows["test_split.jsonl"]
+    assert rows["model.safetensors"].split("|")[3].strip() == "no"
+    assert "{'" not in card  # a document for a person: no Python dict literals
+    json.dumps(m.to_dict(), default=str)

@@ -1,0 +1,134 @@
+"""`automl serve` on Ray Serve: real HTTP requests against exported image and text models, side by side."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automl import load
+from automl.ops.serve import ServeOptions, serve
+
+pytestmark = pytest.mark.slow
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKEN = "s3cret-token"
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.asarray(arr) * 16).clip(0, 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _post(url: str, body, token: str | None = TOKEN, raw: bytes | None = None):
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tmp_path_factory, free_port_factory):
+    d = tmp_path_factory.mktemp("serve")
+    (d / "token").write_text(TOKEN + "\n")
+    dirs = []
+    for name in ("v1_image_export", "v1_text_export"):
+        shutil.copytree(FIXTURES / name, d / name)
+        dirs.append(d / name)
+    opts = ServeOptions(port=free_port_factory(), cpus_per_replica=0, max_request_bytes=50_000, max_inputs=8, max_batch_size=8)
+    s = serve(dirs, names=["digits", "topics"], options=opts, token_file=d / "token")
+    yield s, {"digits": load(dirs[0]), "topics": load(dirs[1])}
+    s.shutdown()
+
+
+def test_health_and_model_list(server):
+    s, _ = server
+    with urllib.request.urlopen(f"{s.url}/healthz", timeout=30) as r:
+        assert json.loads(r.read()) == {"status": "ok", "models": 2}
+    req = urllib.request.Request(f"{s.url}/models", headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        listed = {m["name"]: m for m in json.loads(r.read())["models"]}
+    assert set(listed) == {"digits", "topics"}
+    assert listed["topics"]["modality"] == "text" and listed["topics"]["classes"] == ["food", "sport", "tech"]
+    assert listed["digits"]["classes"] == ["0", "1", "2"]
+
+
+def test_text_predictions_equal_load_predict_proba(server):
+    s, models = server
+    texts = ["the team scored a goal", "pizza for dinner", "my laptop runs new code"]
+    status, out = _post(f"{s.url}/models/topics/predict", {"inputs": texts})
+    assert status == 200, out
+    want = models["topics"].predict_proba(texts)
+    got = pd.DataFrame(out["probabilities"])[[str(c) for c in want.columns]].to_numpy()
+    np.testing.assert_allclose(got, want.to_numpy(), atol=1e-6)
+    assert out["predictions"] == list(models["topics"].predict(texts))
+
+
+def test_image_predictions_from_base64_and_data_urls_equal_load(server, digits_df):
+    s, models = server
+    pngs = [_png(a) for a in digits_df["image"].head(4)]
+    inputs = [base64.b64encode(pngs[0]).decode(), *("data:image/png;base64," + base64.b64encode(p).decode()
+                                                   for p in pngs[1:])]
+    status, out = _post(f"{s.url}/models/digits/predict", {"inputs": inputs})
+    assert status == 200, out
+    want = models["digits"].predict_proba(pd.DataFrame({"image": pngs}))
+    got = pd.DataFrame(out["probabilities"])[[str(c) for c in want.columns]].to_numpy()
+    np.testing.assert_allclose(got, want.to_numpy(), atol=1e-6)
+    assert out["predictions"] == [int(v) for v in models["digits"].predict(pd.DataFrame({"image": pngs}))]
+
+
+@pytest.mark.parametrize("model, kwargs, status, message", [
+    ("topics", {"token": None}, 401, "missing or wrong bearer token"),
+    ("topics", {"token": "wrong"}, 401, "missing or wrong bearer token"),
+    ("topics", {"raw": b"{not json"}, 400, "the body is not JSON"),
+    ("topics", {"body": {"inputs": []}}, 400, "non-empty list; got an empty list"),
+    ("topics", {"body": {"texts": ["a"]}}, 400, 'expected a JSON object {"inputs": [...]}'),
+    ("topics", {"body": {"inputs": ["data:image/png;base64,iVBORw0KGgo="]}}, 422, "this text model expects a list"),
+    ("digits", {"body": {"inputs": ["a plain sentence"]}}, 422, "is not base64 (a text sent to an image model?)"),
+    ("digits", {"body": {"inputs": [base64.b64encode(b"\x89PNG not really").decode()]}}, 422,
+     "is not a readable image"),
+    ("digits", {"body": {"inputs": [[1, 2, 3]]}}, 422, "expects images as base64"),
+    ("topics", {"body": {"inputs": ["x" * 60_000]}}, 413, "at most 50000"),
+    ("topics", {"body": {"inputs": ["a"] * 9}}, 413, "9 inputs in one request; at most 8"),
+    ("nope", {"body": {"inputs": ["a"]}}, 404, "no model named 'nope'"),
+])
+def test_bad_requests_get_a_4xx_saying_what_was_wrong_and_the_server_keeps_serving(server, model, kwargs, status,
+                                                                                  message):
+    s, models = server
+    body = kwargs.get("body", {"inputs": ["a goal"]})
+    got, out = _post(f"{s.url}/models/{model}/predict", body, token=kwargs.get("token", TOKEN), raw=kwargs.get("raw"))
+    assert got == status and message in out["error"], out
+    ok, again = _post(f"{s.url}/models/topics/predict", {"inputs": ["a goal"]})
+    assert ok == 200 and again["predictions"] == list(models["topics"].predict(["a goal"]))
+
+
+def test_concurrent_single_row_requests_are_each_answered_with_their_own_row(server):
+    s, models = server
+    texts = [f"{w} today" for w in ("goal", "pizza", "laptop", "coach", "salad", "server", "team", "soup")]
+    results: dict = {}
+
+    def call(i):
+        results[i] = _post(f"{s.url}/models/topics/predict", {"inputs": [texts[i]]})
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(texts))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    want = models["topics"].predict_proba(texts).to_numpy()
+    for i, (status, out) in results.items():
+        assert status == 200
+        got = np.array([out["probabilities"][0][str(c)] for c in models["topics"].classes])
+        np.testing.assert_allclose(got, want[i], atol=1e-6)
