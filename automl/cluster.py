@@ -100,7 +100,7 @@ class ClusterInfo:
 
         gpu = gpus if gpus is not None else (1.0 if self.gpus >= 1 else 0.0)
         out = {"cpu": float(cpus if cpus is not None else 1.0)}
-        if out["cpu"] > self.node_cpus or gpu > max(self.node_gpus, 0 if not gpu else 1):
+        if out["cpu"] > self.node_cpus or (gpu and gpu > max(self.node_gpus, 1.0 if self.node_gpus else 0.0)):
             raise AutoMLError(f"A trial asks for {out['cpu']:g} CPU(s) and {gpu:g} GPU(s), but the largest node of "
                               f"{self.source} has {self.node_cpus:g} CPU(s) and {self.node_gpus:g} GPU(s): it "
                               f"would never start. Fix: cpus_per_trial <= {self.node_cpus:g}.")

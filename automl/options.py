@@ -121,6 +121,10 @@ class SearchOptions:
     start_points: list | None = option(None, "configs to try first (e.g. earlier winners: a warm start)",
                                        CONFIGS | NONE, example='start_points=[{"lr": 3e-4}]', cli="json")
     resume: bool = option(False, "continue an interrupted search in output_dir", FLAG, example="resume=True")
+    retrain: Any = option("auto", "retrain the winner on train+validation ('auto': when the plan can afford it and "
+                          "still search well; False: export the best trial's weights, or a soup/ensemble of the top "
+                          "trials, chosen on validation)", FLAG | one_of("auto"), example="retrain=False",
+                          cli="auto-bool")
 
 
 @dataclass

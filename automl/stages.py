@@ -87,6 +87,10 @@ def prepare(dataset: Any, opts: FinetuneOptions) -> Prepared:
     task = read_task(dataset, d.label, inputs=d.inputs, seed=s.seed, drop_bad_images=d.drop_bad_images,
                      drop_rare_classes=d.drop_rare_classes, task=d.task, groups=d.groups,
                      known_classes=base.manifest.classes if base and not base.manifest.is_regression else None)
+    if base is not None and base.manifest.backbone.library == "ensemble":
+        raise AutoMLError(f"base_model {str(base.path)!r} is an ensemble of {len(base.manifest.backbone.kwargs['members'])}"
+                          " models; an update fine-tunes one model. Fix: update from an export of a single model "
+                          "(e.g. one made with retrain=True), or start afresh.")
     if base is not None and (base.manifest.modality != task.modality
                              or base.manifest.is_regression != (task.task == "regression")):
         raise AutoMLError(f"base_model {str(base.path)!r} is a {base.manifest.modality} {base.manifest.task} model, "
@@ -131,7 +135,10 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
 
     opts, task = prepared.options, prepared.task
     cluster.check_shared_storage(ray, opts.resources.storage_path, shared_dir(prepared))
-    space = _space(task, opts, prepared.base, gpu=ray.gpus > 0)
+    saved = prepared.out / "plan.json"
+    if opts.search.resume and saved.exists():
+        return Plan.load(saved, budget.elapsed())
+    space = _space(task, opts, prepared.base, gpu=ray.gpus > 0 and opts.resources.gpus_per_trial != 0)
     res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
     start = full_config(space.default_config())
     spec = models.resolve(start["backbone"])
@@ -158,12 +165,27 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                      max_trials=opts.search.max_trials, pretrained=spec.pretrained,
                      export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
                      cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
-                     node_cpus=int(ray.node_cpus))
+                     node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
+                     regression=task.task == "regression")
+    prepared.out.mkdir(parents=True, exist_ok=True)
+    planned.save(saved)
     ray.request(planned.resources, planned.concurrency)  # an autoscaling cluster starts the nodes now
     if ray.max_nodes > ray.nodes:
         planned.reasons.append(f"capacity from {ray.source}: up to {ray.cpus:g} CPUs / {ray.gpus:g} GPUs on "
                                f"{ray.max_nodes} nodes; asked the autoscaler for {planned.concurrency} trial slots")
     return planned
+
+
+def _retrain_choice(opts: FinetuneOptions):
+    """With results on a URI the trials' best weights are not kept (they live on the trial's node): retrain."""
+    storage = opts.resources.storage_path
+    if storage and "://" in str(storage):
+        if opts.search.retrain is False:
+            raise AutoMLError(f"storage_path {storage!r} is a URI, where automl keeps no trial weights, so "
+                              "retrain=False would leave nothing to export. Fix: allow the retrain, or use a "
+                              "filesystem path.")
+        return True
+    return opts.search.retrain
 
 
 def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int):
@@ -209,7 +231,8 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
         if hi.size == lo.size:
             return lo
         frac = (size ** 2 - MIN_IMAGE ** 2) / (hi.size ** 2 - MIN_IMAGE ** 2)
-        mix = lambda a, b: a + (b - a) * frac  # noqa: E731
+        # Monotone in the size: never below the cheaper probe (a GPU can time 96 px faster than 32 px).
+        mix = lambda a, b: max(min(a, b), a + (b - a) * frac)  # noqa: E731
         alone = mix(lo.step_s_alone, hi.step_s_alone) if lo.step_s_alone and hi.step_s_alone else None
         return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
                      lo.batch_size, size, alone)
@@ -274,8 +297,9 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
 
     opts, n_train = prepared.options, len(prepared.task.splits["train"])
     config = full_config(result.best_config)
-    if not plan.retrain or not budget.can_afford(plan.retrain_s):
-        why = "the plan had no time for a retrain" if not plan.retrain else "the search left no time for a retrain"
+    if not plan.retrain or (opts.search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
+        why = ("retrain=False" if opts.search.retrain is False else "the plan had no time for a retrain"
+               if not plan.retrain else "the search left no time for a retrain")
         return _best_weights(prepared, inputs, result, why)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
@@ -291,7 +315,8 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
-                       "rows": int(len(full.y_train)), "nodes": metrics.get("nodes")})
+                       "rows": int(len(full.y_train)), "nodes": metrics.get("nodes"),
+                       "weight_sums": metrics.get("weight_sums")})
 
 
 def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str) -> FinalModel:

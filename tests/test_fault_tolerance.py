@@ -23,7 +23,7 @@ def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, digits_tr
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "backbone": "timm/resnet10t:scratch",
                                               "_crash_once_after_epoch": f"2:{marker}"})
     result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="crash",
-                        time_budget_s=180, max_trials=1, resources={"cpu": 1}, concurrency=1, progress=False,
+                        time_budget_s=None, max_trials=1, resources={"cpu": 1}, concurrency=1, progress=False,
                         checkpoint_every_s=0)
     assert marker.exists()  # the worker process really died once
     row = result.trials.iloc[0]
@@ -39,16 +39,12 @@ def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, digits_tr
     assert not list(trial_dir.glob("checkpoint_*"))  # finished trial's checkpoints pruned
 
 
+SPACE = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 5}
 DRIVER = """
-import sys
-import numpy as np, pandas as pd
-from sklearn.datasets import load_digits
+import json, sys
 from automl import auto_finetune
-d = load_digits()
-keep = np.concatenate([np.flatnonzero(d.target == c)[:60] for c in range(4)])
-df = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
-auto_finetune(df, time_budget_s=600, max_trials=8, output_dir=sys.argv[1], find_label_errors=False,
-              export_formats=False, search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 5}, progress=False)
+auto_finetune(sys.argv[2], time_budget_s=None, max_trials=8, output_dir=sys.argv[1], find_label_errors=False,
+              export_formats=False, retrain=False, search_space=json.loads(sys.argv[3]), progress=False)
 """
 
 
@@ -72,9 +68,22 @@ def test_sigkilled_driver_resumes_keeping_finished_trials(ray_session, tmp_path)
     out = tmp_path / "run"
     # The driver joins this session's Ray cluster, so killing it kills only the driver (and its trials).
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "TUNE_GLOBAL_CHECKPOINT_S": "2"}
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rows = []
+    for c in range(4):
+        for i in np.flatnonzero(d.target == c)[:60]:
+            Image.fromarray((d.images[i] * 16).astype(np.uint8)).save(tmp_path / f"{i}.png")
+            rows.append({"image": f"{i}.png", "label": c})
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(tmp_path / "digits.csv", index=False)
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), str(tmp_path / "digits.csv"), json.dumps(SPACE)],
+                            env=env, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     before: dict = {}
     while time.time() < deadline and proc.poll() is None:
@@ -91,19 +100,61 @@ def test_sigkilled_driver_resumes_keeping_finished_trials(ray_session, tmp_path)
     assert 2 <= len(before) < 8, "the driver was not killed mid-search"
     assert not (out / "model").exists()
 
-    from automl import auto_finetune
-    from sklearn.datasets import load_digits
-    import pandas as pd
+    from automl import load
+    from automl.ops.cli import main as cli_main
 
-    d = load_digits()
-    keep = np.concatenate([np.flatnonzero(d.target == c)[:60] for c in range(4)])
-    df = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
-    model = auto_finetune(df, time_budget_s=600, max_trials=8, output_dir=out, find_label_errors=False,
-                          export_formats=False, search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 5}, resume=True,
-                          progress=False)
+    # The same command again with --resume, from the CLI.
+    assert cli_main(["finetune", str(tmp_path / "digits.csv"), "--output", str(out), "--resume", "--time-budget", "none",
+                     "--max-trials", "8", "--set", json.dumps(SPACE), "--quiet", "--retrain", "false",
+                     "--no-export-formats", "--find-label-errors", "false"]) == 0
+    model = load(out / "model")
     after = _terminated(exp)
     assert len(model.trials) == 8 and len(after) == 8 and (model.trials["status"] != "ERROR").all()
     for tid, last in before.items():  # finished trials are kept, not re-run
         assert after[tid]["timestamp"] == last["timestamp"] and after[tid]["epoch"] == last["epoch"]
-    assert (out / "model" / "config.json").exists()
-    assert model.meta["search"]["best_score"] >= max(r["val_accuracy"] for r in before.values())
+    assert model.manifest.search["best_score"] >= max(r["val_accuracy"] for r in before.values())
+
+
+def test_checkpoint_policy_at_its_production_values():
+    """Every >= 10 s, and >= 20x the last checkpoint's cost (so checkpoints take <= 5% of a trial's time)."""
+    from automl.search.tune import CHECKPOINT_EVERY_S, checkpoint_due
+
+    assert CHECKPOINT_EVERY_S == 10.0
+    assert not checkpoint_due(9.9, 0.1) and checkpoint_due(10.0, 0.1)
+    assert not checkpoint_due(15.0, 1.0) and checkpoint_due(20.0, 1.0)  # a 1 s checkpoint: next one after 20 s
+    assert checkpoint_due(0.0, 5.0, every_s=0)  # 0: every report (what the crash test uses)
+
+
+def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(ray_session, digits_trial_data, tmp_path,
+                                                                           monkeypatch):
+    from ray.tune import Callback
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Tune saves its state often: pruning may follow soon
+
+    class Watch(Callback):
+        """Looks, as results come in, for a finished trial whose checkpoints are gone while others still run."""
+
+        def __init__(self, exp: Path):
+            self.exp, self.finished, self.checkpointed, self.pruned_mid_search = exp, set(), set(), False
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.finished.add(trial.trial_id)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            for d in self.exp.glob("trial_*/checkpoint_*"):
+                self.checkpointed.add(d.parent.name[len("trial_"):])
+            running = any(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
+            for tid in self.finished & self.checkpointed:
+                if running and not list((self.exp / f"trial_{tid}").glob("checkpoint_*")):
+                    self.pruned_mid_search = True
+
+    watch = Watch(tmp_path / "prune")
+    # Trials of several seconds (6 reports of two passes), longer than the 5 s in which Tune's state reaches storage.
+    space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 6, "backbone": "timm/resnet10t:scratch",
+                                              "reduction_factor": 100,
+                                              "report_rows": 2 * len(digits_trial_data.y_train)})
+    result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="prune",
+                        time_budget_s=None, max_trials=4, resources={"cpu": 1}, concurrency=2, progress=False,
+                        checkpoint_every_s=0, callbacks=[watch])
+    assert watch.checkpointed and watch.pruned_mid_search
+    assert result.peak_disk_mb > 0 and not list((tmp_path / "prune").glob("trial_*/checkpoint_*"))

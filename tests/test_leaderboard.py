@@ -34,8 +34,16 @@ def suite(tmp_path_factory, digits_df):
                 rows.append({"image": f"{name}{i}.png", "label": int(y)})
         pd.DataFrame(rows).to_csv(root / f"{name}.csv", index=False)
         entries.append({"name": name, "data": str(root / f"{name}.csv"), "label": "label"})
-    suite = {"defaults": {"time_budget": 90, "max_trials": 1, "output_root": str(root / "out"),
-                          "set": {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1}},
+    # The space's own start point is a useless config (lr 1e-6): the first night's winner differs from it, so the
+    # second night can be seen to start from that winner.
+    space = {"name": "tiny", "parameters": {
+        "backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 16,
+        "lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log": True}},
+        "max_epochs": 2, "start_points": [{"lr": 1.0e-6}]}
+    (root / "space.yaml").write_text(yaml.safe_dump(space))
+    suite = {"defaults": {"time_budget": None, "max_trials": 3, "output_root": str(root / "out"), "retrain": False,
+                          "search_space": str(root / "space.yaml"), "find_label_errors": False,
+                          "export_formats": False},
              "datasets": entries}
     (root / "suite.yaml").write_text(yaml.safe_dump(suite))
     return root / "suite.yaml"
@@ -47,18 +55,23 @@ def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path):
     store = Store(url)
     first = store.leaderboard()
     assert sorted(first["dataset"]) == ["evens", "odds"] and first["is_champion"].all()
-    # Second night: the search starts from last night's winner (warm start) and competes with it.
-    assert cli_main(["leaderboard", "refresh", str(suite), "--db", url, "--force", "--quiet"]) == 0
+    winners = first.set_index("dataset")["hyperparameters"]
+    assert all(w["lr"] != pytest.approx(1e-6) for w in winners)  # the night's winner is not the start point
+    # Second night, one trial each: it must be last night's winner (the warm start), not the space's start point.
+    patched = yaml.safe_load(suite.read_text())
+    patched["defaults"]["max_trials"] = 1
+    night2 = tmp_path / "suite2.yaml"
+    night2.write_text(yaml.safe_dump(patched))
+    assert cli_main(["leaderboard", "refresh", str(night2), "--db", url, "--force", "--quiet"]) == 0
     board = store.leaderboard()
     assert len(board) == 4 and board.groupby("dataset")["is_champion"].sum().tolist() == [1, 1]
     assert board["reason"].str.len().gt(0).all()
     runs = store.table("runs").sort_values("started_at")
     trials = store.table("trials")
     for name in ("evens", "odds"):
-        prev = first.set_index("dataset").loc[name, "hyperparameters"]
         latest = runs[runs["dataset"] == name].iloc[-1]["id"]
-        cfg = trials[trials["run_id"] == latest].iloc[0]["config"]
-        assert cfg["lr"] == pytest.approx(prev["lr"]) and cfg["schedule"] == prev["schedule"]
+        (cfg,) = trials[trials["run_id"] == latest]["config"]
+        assert cfg["lr"] == pytest.approx(winners[name]["lr"])
     # Third run the same night: nothing left to do.
     assert {r["status"] for r in leaderboard.refresh(suite, store, progress=False)} == {"skipped"}
 
@@ -71,11 +84,21 @@ def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path):
     dom = subprocess.run([*chrome, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table class=\"leaderboard\"") == 2, dom[:2000]
     assert "★ champion" in dom and "data:image/png;base64" in dom and "MODEL_CARD.html" in dom
-    subprocess.run([*chrome, f"--screenshot={tmp_path / 'leaderboard.png'}", "--window-size=1200,1400", page.as_uri()],
-                   capture_output=True, timeout=120)
-    assert (tmp_path / "leaderboard.png").stat().st_size > 10_000
+    for name in ("evens", "odds"):  # each dataset's table lists its two models, the champion's row marked
+        section = dom.split(f"data-dataset=\"{name}\"")[1].split("</table>")[0]
+        assert section.count("<tr class=") == 2 and section.count("class=\"champion\"") == 1, section
     if os.environ.get("AUTOML_KEEP_SCREENSHOT"):
-        Path(os.environ["AUTOML_KEEP_SCREENSHOT"]).write_bytes((tmp_path / "leaderboard.png").read_bytes())
+        subprocess.run([*chrome, f"--screenshot={os.environ['AUTOML_KEEP_SCREENSHOT']}", "--window-size=1200,1400",
+                        page.as_uri()], capture_output=True, timeout=120)
+
+    # The data changed: the champion is re-scored on the new test split before the new model is compared.
+    csv = Path(yaml.safe_load(suite.read_text())["datasets"][0]["data"])
+    pd.read_csv(csv).iloc[::2].to_csv(csv.with_name("evens_half.csv"), index=False)
+    patched["datasets"] = [{**patched["datasets"][0], "data": str(csv.with_name("evens_half.csv"))}]
+    night3 = tmp_path / "suite3.yaml"
+    night3.write_text(yaml.safe_dump(patched))
+    (res,) = leaderboard.refresh(night3, store, force=True, progress=False)
+    assert "re-scored on the new test split" in res["reason"], res
 
 
 def test_killed_refresh_is_completed_by_the_next(ray_session, suite, tmp_path):
@@ -86,12 +109,14 @@ def test_killed_refresh_is_completed_by_the_next(ray_session, suite, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(suite), "--db", url,
                              "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = Store(url)
-    deadline = time.time() + 240
+    deadline = time.time() + 600  # a safety net: the kill waits for the event below, not for a time
     while time.time() < deadline and proc.poll() is None:
         runs = store.table("runs")
-        if len(runs) and (runs["status"] == "finished").sum() >= 1:
+        # The first dataset is finished and the second one running: kill now, mid-refresh.
+        if len(runs) == 2 and sorted(runs["status"]) == ["finished", "running"]:
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
+    assert proc.poll() is None, "the refresh ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
     runs = store.table("runs")

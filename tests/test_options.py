@@ -112,3 +112,13 @@ def test_cli_flags_given_beside_options_json_win():
     ns = parser.parse_args(["--options", json.dumps({"seed": 3, "max_trials": 4}), "--seed", "5"])
     opts = from_args(ns)
     assert (opts.search.seed, opts.search.max_trials) == (5, 4)
+
+
+def test_cli_lists_the_bundled_spaces(capsys):
+    from automl.ops.cli import main as cli_main
+    from automl.search.space import spaces_dir
+
+    assert cli_main(["spaces"]) == 0
+    listed = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert set(listed) == {"cpu_small", "image_classification", "regression", "text_classification"}
+    assert listed["cpu_small"] == str(spaces_dir() / "cpu_small.yaml")

@@ -10,15 +10,15 @@ from automl.search.space import load_space
 def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_data, tmp_path):
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2})
     result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="s",
-                        time_budget_s=240, max_trials=8, seed=0, resources={"cpu": 1}, concurrency=2,
+                        time_budget_s=None, max_trials=8, seed=0, resources={"cpu": 1}, concurrency=2,
                         progress=False)
     t = result.trials
     assert len(t) == 8
-    assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY"}  # budget is ample: nothing cut
+    assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY"}  # no time limit: nothing cut
     assert (t["status"] == "STOPPED_EARLY").sum() >= 1, t[["status", "epochs_run"]]  # stopped by ASHA, not the budget
     assert (t["epochs_run"] <= 4).all() and (t["status"] != "ERROR").all()
     assert {"config/backbone", "config/lr", "config/schedule", "best_val_accuracy", "epochs_run"} <= set(t.columns)
-    assert t["config/backbone"].nunique() >= 1 and t["config/lr"].nunique() == 8  # Optuna proposes distinct configs
+    assert t["config/lr"].nunique() == 8  # Optuna proposes distinct configs
     assert result.best_score == pytest.approx(t["best_val_accuracy"].max())
     assert 1 <= result.best_epoch <= 4
     assert result.best_config["image_size"] == 16

@@ -19,6 +19,9 @@ from PIL import Image, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+MAX_PIXELS = 40_000_000  # larger images are refused: decoding one would take gigabytes
+
+
 class ImageDecodeError(Exception):
     """One image could not be read; the message names the file and why."""
 
@@ -82,7 +85,7 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
         img = _to_rgb(img)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
     if max(img.size) > max_side:
         img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
@@ -116,7 +119,10 @@ def _raw_bytes(value, base_dir) -> tuple[bytes | None, object]:
             path = Path(base_dir) / path
         if not path.exists():
             raise ImageDecodeError(f"file does not exist: {path}")
-        return path.read_bytes(), path
+        try:
+            return path.read_bytes(), path
+        except OSError as exc:
+            raise ImageDecodeError(f"cannot read {path} ({type(exc).__name__}: {exc})") from exc
     return None, value
 
 
@@ -131,8 +137,10 @@ def inspect_image(value: object, base_dir: str | os.PathLike | None = None) -> t
         try:
             with Image.open(io.BytesIO(raw)) as img:
                 w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise ImageDecodeError(f"image of {w}x{h} pixels; at most {MAX_PIXELS} (a decompression bomb?)")
                 img.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
         return hashlib.sha1(raw).hexdigest(), h, w
     arr = decode_image(value)  # an array or a PIL image: already in memory

@@ -56,9 +56,10 @@ class ImageStore:
         return {"path": self.path, "size": self.size, "_array": None}
 
     @classmethod
-    def build(cls, task: TaskData, size: int, directory: Path) -> tuple["ImageStore", list[tuple[int, str]]]:
+    def build(cls, task: TaskData, size: int, directory: Path,
+              parallel: bool | None = None) -> tuple["ImageStore", list[tuple[int, str]]]:
         """Decode every image of `task` at `size` into directory/images-<fingerprint>-<size>.npy (reused when
-        there); in parallel Ray tasks when Ray is running, else here."""
+        there); in parallel Ray tasks when Ray is running (parallel=None), else here."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"images-{task.fingerprint()}-{size}.npy"
         if path.exists():
@@ -68,21 +69,21 @@ class ImageStore:
         np.lib.format.open_memmap(str(tmp), mode="w+", dtype=np.uint8, shape=(n, 3, size, size)).flush()
         chunks = [(s, task.images.values[s:s + CHUNK]) for s in range(0, n, CHUNK)]
         failures: list = []
-        try:
-            import ray
+        import ray
 
-            use_ray = ray.is_initialized() and len(chunks) > 1
-        except ImportError:  # pragma: no cover - ray is a dependency
-            use_ray = False
-        if use_ray:
-            task_fn = ray.remote(num_cpus=1)(_decode_into)
-            refs = [task_fn.remote(str(tmp), s, vals, task.images.base_dir, size) for s, vals in chunks]
-            for part in ray.get(refs):
-                failures += part
-        else:
-            for s, vals in chunks:
-                failures += _decode_into(str(tmp), s, vals, task.images.base_dir, size)
-        os.replace(tmp, path)
+        use_ray = (ray.is_initialized() and len(chunks) > 1) if parallel is None else parallel
+        try:
+            if use_ray:
+                task_fn = ray.remote(num_cpus=1)(_decode_into)
+                refs = [task_fn.remote(str(tmp), s, vals, task.images.base_dir, size) for s, vals in chunks]
+                for part in ray.get(refs):
+                    failures += part
+            else:
+                for s, vals in chunks:
+                    failures += _decode_into(str(tmp), s, vals, task.images.base_dir, size)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # gone already when it was renamed into place
         return cls(str(path), size), failures
 
 
@@ -158,6 +159,14 @@ class Rows:
         return hashlib.sha1(f"{store}|".encode() + np.ascontiguousarray(self.idx).tobytes()).hexdigest()
 
 
+def _sample(rows: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """About n of `rows`, each class in proportion and every class kept (a class with one row keeps it)."""
+    rng = np.random.default_rng(seed)
+    share = n / len(rows)
+    keep = [rng.permutation(rows[y == c])[:max(1, round(share * (y == c).sum()))] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep))
+
+
 @dataclass
 class Inputs:
     """Every row's input, materialised once: images in a memory-mapped store, texts with a token cache."""
@@ -175,7 +184,7 @@ class Inputs:
         if task.modality == "image":
             store, failures = ImageStore.build(task, int(storage_size), directory)
             for row, reason in failures:
-                task.report.notes.append(f"image at row {int(task.row_index[row]) if task.row_index is not None else row}"
+                task.report.notes.append(f"image at row {task.row_index[row] if task.row_index is not None else row}"
                                          f" did not decode ({reason}); trained on as a blank image")
         else:
             key = hashlib.sha1("\x1e".join("\x1f".join(t) for t in task.texts).encode("utf-8", "replace")).hexdigest()
@@ -209,11 +218,7 @@ class Inputs:
         tr = self.split(train)
         va = self.split(validation) if validation else None
         if va is not None and max_val and len(va) > max_val:
-            from sklearn.model_selection import train_test_split
-
-            strat = t.y[va] if t.task != "regression" else None
-            va, _ = train_test_split(va, train_size=max_val, stratify=strat, random_state=0)
-            va = np.sort(va)
+            va = _sample(va, t.y[va] if t.task != "regression" else np.zeros(len(va)), max_val)
         regression = t.task == "regression"
         return TrialData(t.modality, t.num_classes, self.rows(tr), t.y[tr],
                          self.rows(va) if va is not None else None, t.y[va] if va is not None else None,

@@ -287,8 +287,9 @@ def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: Da
     keys, sizes, keep = [], [], []
     for pos, (value, res) in enumerate(zip(values, results)):
         if isinstance(res, ImageDecodeError):
-            report.dropped_unreadable_images.append({"row": int(df.index[pos]), "file": str(value)[:200],
-                                                     "reason": str(res)})
+            row = df.index[pos]
+            report.dropped_unreadable_images.append({"row": row.item() if hasattr(row, "item") else row,
+                                                     "file": str(value)[:200], "reason": str(res)})
         else:
             keys.append(res[0])
             sizes.append(res[1:])

@@ -87,6 +87,9 @@ def _search(m: ExportManifest, trials: pd.DataFrame | None) -> list[str]:
     spent = (m.budget or {}).get("spent_s", {})
     if spent:
         out += ["", "Time per stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) + "."]
+    if m.search.get("peak_disk_mb") is not None:
+        out += ["", f"Peak disk used by the search's checkpoints: {m.search['peak_disk_mb']:.1f} MB (checkpoints "
+                "of finished trials are deleted as the search goes)."]
     out.append("")
     shown = m.searched_hyperparameters or m.hyperparameters
     out += ["## Winning configuration", "", _kv(shown), ""]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from automl.data.encoders import ImageEncoder, TextEncoder
-from automl.export.manifest import ExportManifest
+from automl.export.manifest import SCHEMA_VERSION, ExportManifest
 from automl.models.registry import family
 
 WEIGHTS = "model.safetensors"
@@ -168,10 +168,11 @@ def strip_test_split(path: str | Path) -> list[str]:
         for f in gone:
             (tmp / f).unlink()
         manifest.test_split = None
+        manifest.schema_version = SCHEMA_VERSION  # written in today's layout (an old export was read into it)
         trials = pd.read_csv(tmp / "trials.csv") if (tmp / "trials.csv").exists() else None
         write_card(tmp, manifest, trials, None)
         manifest.files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*"))
-                          if p.is_file() and p.name != "config.json"}
+                          if p.is_file() and str(p.relative_to(tmp)) != "config.json"}
         manifest.write(tmp)
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(path, old)

@@ -140,15 +140,24 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             self.predict.set_batch_wait_timeout_s(batch_wait_s)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def predict(self, requests: list[list]) -> list[list[dict]]:
+        async def predict(self, requests: list[list]) -> list:
             # Each element is one request's inputs: predict them all at once, hand each request its own rows.
-            flat = [x for r in requests for x in r]
-            results = answer(self.model, flat)
+            # If that fails, each request alone: one bad input must not fail the requests batched with it.
+            try:
+                results = answer(self.model, [x for r in requests for x in r])
+            except Exception:
+                return [self._alone(r) for r in requests]
             out, start = [], 0
             for r in requests:
                 out.append(results[start:start + len(r)])
                 start += len(r)
             return out
+
+        def _alone(self, inputs: list):
+            try:
+                return answer(self.model, inputs)
+            except Exception as exc:  # reported to this request's client as a 422
+                return {"error": f"the model could not read these inputs ({type(exc).__name__}: {str(exc)[:300]})"}
 
     app = FastAPI(title="automl", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -161,7 +170,8 @@ def _app(models: dict[str, dict], opts: ServeOptions):
         def _refuse(self, request: Request):
             if opts.token is not None:
                 given = request.headers.get("authorization", "")
-                if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip(), opts.token):
+                if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(),
+                                                                               opts.token.encode()):
                     return JSONResponse({"error": "missing or wrong bearer token; send the header "
                                                   "'Authorization: Bearer <token>' with the server's token"},
                                         status_code=401, headers={"WWW-Authenticate": "Bearer"})
@@ -187,9 +197,12 @@ def _app(models: dict[str, dict], opts: ServeOptions):
                 length = int(request.headers.get("content-length") or 0)
                 if length > opts.max_request_bytes:
                     raise RequestError(413, f"request body of {length} bytes; at most {opts.max_request_bytes}")
-                raw = await request.body()
-                if len(raw) > opts.max_request_bytes:
-                    raise RequestError(413, f"request body of {len(raw)} bytes; at most {opts.max_request_bytes}")
+                raw = b""
+                async for chunk in request.stream():  # a body sent without Content-Length is capped as it arrives
+                    raw += chunk
+                    if len(raw) > opts.max_request_bytes:
+                        raise RequestError(413, f"request body of over {opts.max_request_bytes} bytes; at most "
+                                                f"{opts.max_request_bytes}")
                 try:
                     import json
 
@@ -201,6 +214,8 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             except RequestError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
             rows = await self.handles[name].predict.remote(inputs)
+            if isinstance(rows, dict):
+                return JSONResponse({"error": rows["error"]}, status_code=422)
             result = {"predictions": [r["prediction"] for r in rows]}
             if not info["regression"]:
                 result["probabilities"] = [r["probabilities"] for r in rows]

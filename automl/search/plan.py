@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -96,11 +97,35 @@ class Plan:
     regime: str = "search"             # "search", "narrow" or "single" (see choose() in make_plan)
     val_rows: int | None = None        # trials score on a stratified sample of this many validation rows
     speed: dict = field(default_factory=dict)
+    planned_at_s: float = 0.0          # seconds after the run started when the plan was made
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["space"] = self.space.name
         return d
+
+    def save(self, path) -> None:
+        """The plan as JSON beside the search, so a resumed search keeps the trial length and sizes it began with."""
+        import json
+
+        d = asdict(self)
+        d["space"] = self.space.to_dict()
+        Path(path).write_text(json.dumps(d, default=str))
+
+    @classmethod
+    def load(cls, path, elapsed_s: float) -> "Plan":
+        """A saved plan, its deadlines moved to this run's clock (the time still left when it was interrupted
+        is not known: the search gets its planned length again)."""
+        import json
+
+        d = json.loads(Path(path).read_text())
+        d["space"] = SearchSpace.from_dict(d["space"], where=str(path))
+        shift = elapsed_s - d.pop("planned_at_s", elapsed_s)
+        for key in ("search_ends_at_s", "last_start_at_s"):
+            if d.get(key) is not None:
+                d[key] += shift
+        d["reasons"] = [*d["reasons"], "resumed with the plan the interrupted search began with"]
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 # ---------------------------------------------------------------------------- inputs from the data
@@ -148,7 +173,8 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
               budget_left_s: float | None, elapsed_s: float, costs: Costs, resources: dict, concurrency: int,
               retrain_cpus: int, max_trials: int | None, pretrained: bool, export_formats: bool,
               label_errors: bool | str, cv_folds: int | None, pinned_size: int | None = None,
-              max_length: int | None = None, node_cpus: int = 1) -> Plan:
+              max_length: int | None = None, node_cpus: int = 1, retrain: bool | str = "auto",
+              regression: bool = False) -> Plan:
     """Decide the plan. speed_at(size) gives the start point's measured speed (one trial's CPUs) at an image
     size (None for text); node_cpus is what one trial running alone may use."""
     reasons: list[str] = []
@@ -162,8 +188,9 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     sizes = _candidate_sizes(stats, pinned_size, gpu=bool(resources.get("gpu")))
     after = costs[f"export_{stats.modality}_s"] if export_formats else costs["evaluate_s"]
     # Finalising loads the top trials and scores them, a soup and an ensemble on validation.
-    sp = speed_at(sizes[-1])
-    after += costs["evaluate_s"] + 2.0 + TOP_TRIALS * (0.5 * sp.setup_s + 2 * stats.n_val * sp.eval_row_s)
+    sp = speed_at(sizes[0])
+    after += costs["evaluate_s"] + stats.n_test * sp.eval_row_s + 2.0 + TOP_TRIALS * (
+        0.5 * sp.setup_s + 2 * stats.n_val * sp.eval_row_s)
     more_cpus = node_cpus > resources.get("cpu", 1) and not resources.get("gpu")
 
     def seconds(size, steps: int, c: int) -> tuple[float, float]:
@@ -203,15 +230,19 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         return Choice(size, n, seconds(size, n, 1)[0], step_s, 1, "single")
 
     ratio = stats.n_full / max(1, stats.n_train)
+    if regression:  # label errors and cross-validation are for classification: nothing to reserve
+        label_errors, cv_folds = False, None
+    wanted = retrain
     if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
-        choice, search_s, retrain, retrain_s, cross_fit_s = choose(math.inf), 0.0, True, 0.0, 0.0
+        choice, search_s, retrain, retrain_s, cross_fit_s = choose(math.inf), 0.0, wanted is not False, 0.0, 0.0
         want_errors = label_errors is True or (label_errors == "auto" and stats.n_full <= 20000)
     else:
         total = budget_left_s - after - costs["ray_start_s"]
         choice = choose(total)
         for _ in range(2):  # reserves depend on the trial length, and the length on what the reserves leave
             retrain_s = costs["ray_train_startup_s"] + choice.trial_s * ratio
-            retrain = choice.regime == "search" and total - retrain_s >= MIN_FULL_TRIALS * choice.trial_s
+            retrain = wanted is True or (wanted == "auto" and choice.regime == "search"
+                                         and total - retrain_s >= MIN_FULL_TRIALS * choice.trial_s)
             # The cross-fit trains its folds side by side, each on part of train+validation.
             cross_fit_s = 5.0 + choice.trial_s * ratio * (cv_folds or 2) / max(2, concurrency)
             want_errors = label_errors is True or (
@@ -223,7 +254,11 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
             if again == choice:
                 break
             choice = again
-        if not retrain:
+        if not retrain and wanted is False:
+            reasons.append("no retrain on train+validation (retrain=False): the best trial's own weights, or a soup "
+                           "or an ensemble of the top trials, are exported")
+            retrain_s = 0.0
+        elif not retrain:
             reasons.append(f"no retrain on train+validation (~{retrain_s:.0f} s would leave the search less than "
                            f"{MIN_FULL_TRIALS:.0f} full-length trials): the winner's own best weights are exported")
             retrain_s = 0.0
@@ -283,13 +318,14 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     return Plan(planned, planned_size(planned) if stats.modality == "image" else None, resources, concurrency,
                 retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
-                val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)))
+                val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)),
+                planned_at_s=elapsed_s)
 
 
 def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:
     """As many reports as keep validation within EVAL_SHARE of the trial's training time."""
     sp = speed_at(choice.size)
-    eval_s = stats.n_val * sp.eval_row_s
+    eval_s = min(stats.n_val, VAL_ROWS) * sp.eval_row_s
     train_s = choice.steps * choice.step_s
     return EVAL_SHARE * train_s / max(eval_s, 1e-9)
 

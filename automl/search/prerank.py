@@ -83,7 +83,6 @@ def prerank_space(space, data, mode, seed: int):
     be loaded is dropped (better now than failing every trial).
     """
     from automl import models
-    from automl.errors import ModelLoadError
 
     spec = space.parameters.get("backbone", {})
     values = list(spec.get("values") or [])
@@ -94,15 +93,18 @@ def prerank_space(space, data, mode, seed: int):
     for v in values:
         try:
             ranking += rank_backbones([v], data, space.default_config(), seed=seed)
-        except ModelLoadError as exc:
-            failed.append({"backbone": v, "error": str(exc)[:300]})
+        except Exception as exc:  # weights that cannot load, or a model that cannot take these inputs
+            failed.append({"backbone": v, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
     ranking.sort(key=lambda r: r["logme"], reverse=True)
     if not ranking:
         return space, {"ranking": [], "failed": failed}
     names = [r["backbone"] for r in ranking]
     keep = names[: max(1, -(-len(names) // 2))] if len(names) >= 3 else names
     new = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
-    new.start_points = [{**p, "backbone": keep[0]} for p in new.start_points] or new.start_points
+    # A start point whose backbone was dropped starts from the best-ranked one instead.
+    new.start_points = [p if p.get("backbone") in keep else {**p, "backbone": keep[0]}
+                        for p in space.start_points]
+    new.start_points = [new.fit_point(p) for p in new.start_points]
     return new, {"ranking": ranking, "kept": keep, "failed": failed}
 
 

@@ -110,9 +110,16 @@ TRANSFER_PARAMS = ("unfreeze", "gradual_unfreeze_every", "layer_decay")
 
 
 def _scratch(backbone: Any) -> bool:
+    """A randomly initialised backbone (':scratch', or a registered alias or dict saying pretrained=False)."""
     if isinstance(backbone, dict):
         return backbone.get("pretrained") is False
-    return isinstance(backbone, str) and backbone.endswith(":scratch")
+    if not isinstance(backbone, str):
+        return False
+    if backbone.endswith(":scratch"):
+        return True
+    from automl.models.registry import _ALIASES
+
+    return backbone in _ALIASES and _ALIASES[backbone]().pretrained is False
 
 
 def _opt_int(v) -> int | None:

@@ -30,6 +30,12 @@ STATE_FILE = "state.pt"
 CHECKPOINT_EVERY_S = 10.0
 
 
+def checkpoint_due(since_last_s: float, last_cost_s: float, every_s: float = CHECKPOINT_EVERY_S) -> bool:
+    """Checkpoint when `every_s` have passed since the last one and at least 20x the time it took: a crash loses
+    at most that much of a trial, and writing checkpoints takes at most ~5% of its time (every_s=0: always)."""
+    return every_s <= 0 or since_last_s >= max(every_s, 20 * last_cost_s)
+
+
 def _node_id() -> str:
     import ray
 
@@ -68,7 +74,7 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
         if best_dir and score is not None and (len(snaps) < kept.SNAPSHOTS or score >= min(s["score"] for s in snaps)):
             kept.keep(best_dir, trial_id, state_fn(weights_only=True)["model"], score, int(metrics["epoch"]))
         now = time.monotonic()
-        due = checkpoint_every_s <= 0 or now - clock["last"] >= max(checkpoint_every_s, 20 * clock["cost"])
+        due = checkpoint_due(now - clock["last"], clock["cost"], checkpoint_every_s)
         # The last epoch needs none: a finished trial is not resumed.
         if not checkpoint or not due or metrics["epoch"] >= max_epochs:
             tune.report(metrics)
@@ -169,7 +175,8 @@ class CheckpointJanitor(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._prune_best(trials)
-        path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
+        # The trial's folder in storage (local_path is the driver's staging copy, not where checkpoints live).
+        path = getattr(trial, "path", None) or getattr(trial, "local_path", None)
         if path:
             self.pending[trial.trial_id] = (time.time(), path)
         self._visit()
@@ -198,6 +205,8 @@ class RecordingASHA(ASHAScheduler):
         super().on_trial_add(tune_controller, trial)
         if self.added < self.protected:  # start points are suggested first
             self.protected_ids.add(trial.trial_id)
+            with open(self.log_path + ".start", "a") as f:
+                f.write(trial.trial_id + "\n")
         self.added += 1
 
     def on_trial_result(self, tune_controller, trial, result):
@@ -219,6 +228,8 @@ class DeadlineOptunaSearch(OptunaSearch):
     def __init__(self, *args, deadline_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.deadline_file = deadline_file
+        self.starts = len(kwargs.get("points_to_evaluate") or [])
+        self.suggested = 0
 
     def suggest(self, trial_id):
         from ray.tune.search import Searcher
@@ -227,8 +238,10 @@ class DeadlineOptunaSearch(OptunaSearch):
             stop_at = float(Path(self.deadline_file).read_text().strip() or "inf") if self.deadline_file else math.inf
         except OSError:
             stop_at = math.inf
-        if time.time() > stop_at:
+        # The start points always run (a search without its sensible default would have nothing to stand on).
+        if time.time() > stop_at and self.suggested >= max(1, self.starts):
             return Searcher.FINISHED
+        self.suggested += 1
         return super().suggest(trial_id)
 
 
@@ -273,8 +286,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                start_points: list[dict] | None = None, local_dir: str | None = None,
                sampler: str = "tpe", early_stopping: bool = True,
                checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
-               last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None
-               ) -> SearchResult:
+               last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None,
+               callbacks: list | None = None) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
 
     checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
@@ -333,7 +346,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                     max_concurrent_trials=concurrency, reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=name, storage_path=storage, verbose=0,
-                    callbacks=[progress_cb] + ([janitor] if janitor else []),
+                    callbacks=[progress_cb] + ([janitor] if janitor else []) + list(callbacks or []),
                     # Locally Ray keeps every checkpoint and CheckpointJanitor deletes them once it is safe;
                     # on remote storage Ray keeps the last two (the saved state may lag one behind).
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None if janitor else 2),
@@ -379,13 +392,14 @@ def is_uri(path: str) -> bool:
 def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: str) -> SearchResult:
     val_metric = f"val_{metric}"
     rows, history = [], {}
-    log = Path(asha_log)
+    log, starts = Path(asha_log), Path(asha_log + ".start")
     asha_stopped = set(log.read_text().split()) if log.exists() else set()
+    start_ids = set(starts.read_text().split()) if starts.exists() else set()
     for res in grid:
         df = res.metrics_dataframe
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.replace("trial_", "")
         cfg = {k: v for k, v in space.active_config(res.config or {}).items() if not k.startswith("_")}
-        row = {"trial_id": trial_id, **{f"config/{k}": v for k, v in cfg.items()}}
+        row = {"trial_id": trial_id, "start_point": trial_id in start_ids, **{f"config/{k}": v for k, v in cfg.items()}}
         if df is not None and len(df) and val_metric in df:
             scores = df[val_metric].to_numpy()
             best_i = len(scores) - 1 - int(scores[::-1].argmax())  # of equal scores the later report, as kept

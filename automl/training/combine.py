@@ -100,13 +100,13 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
     # Greedy soup: the winner's other kept reports, then the other top trials of the same architecture.
     def state_of(weights_file: str) -> dict:
         m, _ = load_best(best.config, num_classes, weights_file)
-        return m.state_dict()
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
     ingredients = [(f"{best.trial_id}@{Path(f).stem.rsplit('.r', 1)[-1]}", f)
                    for f in kept.snapshot_files(best_dir, best.trial_id)[1:]]
     ingredients += [(m.trial_id, kept.best_file(best_dir, m.trial_id)) for m in members[1:] if m.key == best.key]
     soup_ids, soup_score, soup_model, tried = [best.trial_id], single, None, 0
-    states = [{k: v.detach().clone() for k, v in best.model.state_dict().items()}]
+    states = [{k: v.detach().cpu().clone() for k, v in best.model.state_dict().items()}]
     for name, weights in ingredients:
         candidate_states = states + [state_of(weights)]
         avg = {k: (sum(s[k].float() for s in candidate_states) / len(candidate_states)).to(v.dtype)

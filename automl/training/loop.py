@@ -110,7 +110,8 @@ def make_optimizer(model: nn.Module, groups: list[list[str]], config: dict) -> t
         if no_decay:
             param_groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
     if config["optimizer"] == "sgd":
-        return torch.optim.SGD(param_groups, lr=float(config["lr"]), momentum=float(config["momentum"]), nesterov=True)
+        momentum = float(config["momentum"])  # Nesterov needs a momentum: plain SGD at 0
+        return torch.optim.SGD(param_groups, lr=float(config["lr"]), momentum=momentum, nesterov=momentum > 0)
     if config["optimizer"] == "adamw":
         return torch.optim.AdamW(param_groups, lr=float(config["lr"]))
     raise ValueError(f"Unknown optimizer {config['optimizer']!r}; expected 'adamw' or 'sgd'.")

