@@ -140,6 +140,8 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
         return Plan.load(saved, budget.elapsed())
     space = _space(task, opts, prepared.base, gpu=ray.gpus > 0 and opts.resources.gpus_per_trial != 0)
     res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
+    # Before the start point is probed: pre-ranking drops backbones that cannot load, the start point's included.
+    space, transfer = _prerank(prepared, space)
     start = full_config(space.default_config())
     spec = models.resolve(start["backbone"])
     stats = DataStats(task.modality, *(len(task.splits[k]) for k in ("train", "validation")),
@@ -167,6 +169,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                      cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
                      node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
                      regression=task.task == "regression")
+    planned.transferability = transfer
     prepared.out.mkdir(parents=True, exist_ok=True)
     planned.save(saved)
     ray.request(planned.resources, planned.concurrency)  # an autoscaling cluster starts the nodes now
@@ -174,6 +177,30 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
         planned.reasons.append(f"capacity from {ray.source}: up to {ray.cpus:g} CPUs / {ray.gpus:g} GPUs on "
                                f"{ray.max_nodes} nodes; asked the autoscaler for {planned.concurrency} trial slots")
     return planned
+
+
+def _prerank(prepared: Prepared, space: SearchSpace) -> tuple[SearchSpace, dict | None]:
+    """LogME pre-ranking of the space's backbones on a sample of training rows (search/prerank.py)."""
+    from automl.data.images import stack_resized
+    from automl.data.trial_data import TrialData
+    from automl.search.prerank import PRERANK_IMAGE, PRERANK_ROWS, prerank_space
+
+    opts, task = prepared.options, prepared.task
+    if not opts.search.prerank or prepared.base is not None:
+        return space, None
+    tr = np.sort(np.random.default_rng(opts.search.seed).permutation(task.splits["train"])[:PRERANK_ROWS])
+    config = full_config(space.default_config())
+    if task.modality == "image":
+        # At the pinned size, else at a size every backbone sees enough of (the plan picks the real one later).
+        size = config["image_size"] if isinstance(config.get("image_size"), int) else PRERANK_IMAGE
+        config["image_size"] = size
+        x = stack_resized([task.images[i] for i in tr], size)
+    else:
+        x = [task.texts[i] for i in tr]
+        config["max_length"] = config["max_length"] if isinstance(config.get("max_length"), int) else 64
+    data = TrialData(task.modality, task.num_classes, x, task.y[tr],
+                     task="regression" if task.task == "regression" else "classification")
+    return prerank_space(space, data, opts.search.prerank, opts.search.seed, config)
 
 
 def _retrain_choice(opts: FinetuneOptions):
@@ -195,7 +222,7 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
 
     from automl.data.images import stack_resized
     from automl.data.trial_data import TrialData
-    from automl.search.plan import MIN_IMAGE, PROBE_MAX, Speed, image_side
+    from automl.search.plan import MIN_IMAGE, PROBE_MAX, Speed, image_side, min_image
     from automl.training.loop import measure_speed
 
     task = prepared.task
@@ -205,7 +232,8 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
     device = torch.device("cuda") if res.get("gpu") and torch.cuda.is_available() else torch.device("cpu")
     memo: dict = {}
     if task.modality == "image":
-        probe_hi = min(PROBE_MAX, max(MIN_IMAGE, -(-image_side(task.images) // 8) * 8))
+        smallest = min_image(models.resolve(start["backbone"]).pretrained)
+        probe_hi = min(PROBE_MAX, max(smallest, -(-image_side(task.images) // 8) * 8))
 
     def measure(size):
         if size not in memo:
@@ -255,19 +283,17 @@ def materialise(prepared: Prepared, plan: Plan) -> Inputs:
 # ---------------------------------------------------------------------------- search
 
 def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> SearchResult:
-    """Pre-rank backbones (LogME), then run the Ray Tune search of the plan."""
-    from automl.search.prerank import prerank_space
+    """Run the Ray Tune search of the plan."""
     from automl.search.tune import experiment_name, run_search
 
     opts = prepared.options
-    data = inputs.trial_data(cache_dir=str(shared_dir(prepared) / "feature_cache" / prepared.out.name),
+    cache = shared_dir(prepared) / "feature_cache"
+    # Beside other runs' caches on shared storage; inside the run's own folder otherwise.
+    data = inputs.trial_data(cache_dir=str(cache / prepared.out.name if shared_dir(prepared) != prepared.out else cache),
                              max_val=plan.val_rows)
-    space, transfer = plan.space, None
-    if opts.search.prerank and prepared.base is None:
-        space, transfer = prerank_space(space, data, opts.search.prerank, opts.search.seed)
     storage = opts.resources.storage_path or str(prepared.out / "ray_results")
     now = budget.elapsed()
-    result = run_search(data, space, metric=prepared.metric, storage_path=storage,
+    result = run_search(data, plan.space, metric=prepared.metric, storage_path=storage,
                         name=experiment_name(prepared.out, opts.search.resume), local_dir=str(prepared.out),
                         time_budget_s=None if plan.search_ends_at_s is None else max(5.0, plan.search_ends_at_s - now),
                         max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
@@ -276,7 +302,7 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Se
                         plan_lines=plan.reasons)
     # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
     shutil.rmtree(data.cache_dir, ignore_errors=True)
-    result.transferability = transfer
+    result.transferability = plan.transferability
     return result
 
 

@@ -130,6 +130,7 @@ def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(ray_
     from ray.tune import Callback
 
     monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")  # Tune saves its state often: pruning may follow soon
+    monkeypatch.setenv("AUTOML_SYNC_PERIOD_S", "1")
 
     class Watch(Callback):
         """Looks, as results come in, for a finished trial whose checkpoints are gone while others still run."""
@@ -149,9 +150,9 @@ def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(ray_
                     self.pruned_mid_search = True
 
     watch = Watch(tmp_path / "prune")
-    # Trials of several seconds (6 reports of two passes), longer than the 5 s in which Tune's state reaches storage.
-    space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 6, "backbone": "timm/resnet10t:scratch",
-                                              "reduction_factor": 100,
+    # Trials of several seconds (8 reports of two passes), longer than the 1 s in which Tune's state reaches storage.
+    space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 8, "backbone": "timm/resnet10t:scratch",
+                                              "grace_period": 8,  # ASHA's only rung is the end: no trial cut short
                                               "report_rows": 2 * len(digits_trial_data.y_train)})
     result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="prune",
                         time_budget_s=None, max_trials=4, resources={"cpu": 1}, concurrency=2, progress=False,

@@ -121,3 +121,11 @@ def test_when_one_sensible_run_is_all_the_budget_buys_the_start_point_trains_alo
 def test_narrow_search_keeps_the_start_point_at_full_length_in_its_own_slot():
     p = plan(TEXTS, budget=300, at=text_speed(0.45))  # one full-length trial fits each slot, three do not
     assert p.regime == "narrow" and p.concurrency == 2 and "start point trains at full length" in " ".join(p.reasons)
+
+
+def test_small_images_are_upscaled_for_a_pretrained_backbone_only():
+    icons = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=20)
+    pre, scratch = plan(icons, budget=900, pretrained=True), plan(icons, budget=900, pretrained=False)
+    assert (pre.storage_size, scratch.storage_size) == (48, 32)
+    assert "upscaled" in " ".join(pre.reasons) and "upscaled" not in " ".join(scratch.reasons)
+    assert plan(icons, budget=60, at=speed(2.0), pretrained=True).storage_size == 48  # never below, even when slow

@@ -33,3 +33,19 @@ def test_rank_backbones_runs_one_forward_pass_per_candidate(digits_df):
                              full_config({"image_size": 16}))
     assert [r["logme"] for r in ranking] == sorted((r["logme"] for r in ranking), reverse=True)
     assert {r["backbone"] for r in ranking} == {"timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch"}
+
+
+def test_a_pretrained_backbone_gets_a_zero_head_and_a_2_class_task_starts_at_chance():
+    """timm's EfficientNet init of a 2-class head gave logits in the tens on pretrained features."""
+    import torch
+
+    from automl import models
+
+    torch.manual_seed(0)
+    m = models.build("efficientnet-lite0", 2).eval()
+    logits = m(torch.rand(4, 3, 48, 48) * 2 - 1)
+    assert torch.equal(logits, torch.zeros(4, 2))
+    scratch = models.build("timm/resnet10t:scratch", 2).eval()  # from scratch: timm's own init, untouched
+    assert scratch(torch.rand(4, 3, 32, 32)).abs().sum() > 0
+    full = models.build("efficientnet-lite0", 1000).eval()  # ImageNet's own head is kept when the classes match
+    assert full.body.get_classifier().weight.abs().sum() > 0

@@ -13,14 +13,17 @@ import numpy as np
 import pandas as pd
 
 
-def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads: int) -> np.ndarray:
+def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads: int,
+          plugins: dict | None = None) -> np.ndarray:
     import torch
 
     from automl.data.encoders import predict_logits
+    from automl.plugins import install
     from automl.runtime import device, set_threads
     from automl.training.loop import encode_inputs, fit
 
     set_threads(threads)
+    install(plugins)
     res = fit(config, data, epochs=epochs, schedule_epochs=schedule_epochs)  # on the device Ray gave this task
     logits = predict_logits(res.model, res.encoder, encode_inputs(res.encoder, x_out), device())
     return torch.softmax(logits, 1).numpy()
@@ -47,8 +50,10 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
     if use_ray:
         import ray
 
-        remote = ray.remote(num_cpus=1)(_fold)
-        refs = [remote.remote(config, d, xo, epochs, schedule_epochs, 1) for _, d, xo in jobs]
+        from automl.plugins import snapshot
+
+        remote, plugins = ray.remote(num_cpus=1)(_fold), ray.put(snapshot())
+        refs = [remote.remote(config, d, xo, epochs, schedule_epochs, 1, plugins) for _, d, xo in jobs]
         results = ray.get(refs)
     else:
         results = [_fold(config, d, xo, epochs, schedule_epochs, 1) for _, d, xo in jobs]

@@ -49,7 +49,7 @@ class FinetunedModel:
                 f"test_{m.metric}={self.metrics.get(m.metric)}, export_dir={self.export_dir!r})")
 
     # ------------------------------------------------------------------ inputs
-    def _inputs(self, data: Any):
+    def _inputs(self, data: Any, base_dir: str | None = None):
         m = self.manifest
         if isinstance(data, (list, np.ndarray)) and not isinstance(data, tuple):
             col = m.input_columns[0]
@@ -57,7 +57,7 @@ class FinetunedModel:
                 data = pd.DataFrame({col: list(data)})
             else:
                 data = pd.DataFrame({col: list(data) if not isinstance(data, np.ndarray) or data.ndim > 2 else [data]})
-        raw = read_inputs(data, m.modality, m.input_columns)
+        raw = read_inputs(data, m.modality, m.input_columns, base_dir)
         if m.modality == "image":
             return stack_resized(raw, m.preprocessing.storage_size)
         return self.encoder.encode(raw)
@@ -66,17 +66,21 @@ class FinetunedModel:
     def is_regression(self) -> bool:
         return self.manifest.is_regression
 
-    def _outputs(self, data: Any) -> torch.Tensor:
-        x = self._inputs(data)
+    def _outputs(self, data: Any, base_dir: str | None = None) -> torch.Tensor:
+        x = self._inputs(data, base_dir)
         if len(x) == 0:
             return torch.zeros((0, max(1, len(self.classes))))
         return predict_logits(self.model, self.encoder, x, self._device)
 
-    def _proba(self, data: Any) -> np.ndarray:
+    def _proba(self, data: Any, base_dir: str | None = None) -> np.ndarray:
         if self.is_regression:
             raise DataError("This model predicts numbers (regression), so there are no class probabilities. "
                             "Fix: use predict().")
-        return torch.softmax(self._outputs(data), 1).numpy()
+        return torch.softmax(self._outputs(data, base_dir), 1).numpy()
+
+    def _numbers(self, data: Any, base_dir: str | None = None) -> np.ndarray:
+        mean, std = self.manifest.target_scale
+        return self._outputs(data, base_dir)[:, 0].numpy() * std + mean
 
     # ------------------------------------------------------------------ API
     def predict_proba(self, data: Any) -> pd.DataFrame:
@@ -86,8 +90,7 @@ class FinetunedModel:
     def predict(self, data: Any) -> np.ndarray:
         """Predicted labels, as the original label values (numbers, for regression)."""
         if self.is_regression:
-            mean, std = self.manifest.target_scale
-            return self._outputs(data)[:, 0].numpy() * std + mean
+            return self._numbers(data)
         proba = self._proba(data)
         return np.asarray(self.classes, dtype=object)[proba.argmax(1)] if len(proba) else np.asarray([], dtype=object)
 
@@ -99,14 +102,15 @@ class FinetunedModel:
         from automl.data.intake import find_label_column, to_dataframe
         from automl.metrics import group_metrics, regression_metrics
 
-        df, _ = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
+        # A CSV's relative image paths are read from beside the CSV.
+        df, base_dir = to_dataframe(data) if not isinstance(data, pd.DataFrame) else (data, None)
         own = self.manifest.label_column
         label_col = find_label_column(df, label or (own if own in df.columns else None))
         if groups is not None and groups not in df.columns:
             raise DataError(f"Groups column {groups!r} not found; the columns are {list(map(str, df.columns))}. "
                             "Fix: pass groups= one of these columns.")
         if self.is_regression:
-            y, scores = df[label_col].astype(float).to_numpy(), self.predict(df)
+            y, scores = df[label_col].astype(float).to_numpy(), self._numbers(df, base_dir)
             out = regression_metrics(y, scores)
         else:
             known = {str(c): i for i, c in enumerate(self.classes)}
@@ -115,7 +119,7 @@ class FinetunedModel:
                 unknown = sorted({str(v) for v, k in zip(df[label_col], y) if k < 0})[:10]
                 raise DataError(f"Labels {unknown} in column {label_col!r} were not seen in training; the model "
                                 f"knows {self.classes}. Fix: evaluate on data with known labels.")
-            scores = self._proba(df)
+            scores = self._proba(df, base_dir)
             out = classification_metrics(y, scores, len(self.classes))
         if groups is not None:
             out["groups"] = group_metrics(y, scores, df[groups].astype(str).to_numpy(), self.manifest.metric,

@@ -126,6 +126,13 @@ class TimmFamily(Family):
             if use_pretrained:
                 raise offline_hint(spec, exc) from exc
             raise
+        if use_pretrained and num_classes != body.pretrained_cfg.get("num_classes", 1000):
+            # A new head starts at zero (as in BiT): timm's EfficientNet init draws it from U(+-1/sqrt(classes)),
+            # which for 2 classes gives logits in the tens on pretrained features, and a head-only trial
+            # spends its steps undoing that instead of learning (2-class loss ~3-9 instead of ln 2).
+            with torch.no_grad():
+                for p in body.get_classifier().parameters():
+                    p.zero_()
         return ImageClassifier(body)
 
     def encoder(self, model, spec, config):

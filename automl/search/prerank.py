@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
+PRERANK_ROWS = 1000   # training rows LogME scores each backbone on
+PRERANK_IMAGE = 64    # image side they are scored at when the space does not pin one
+
 
 def _evidence(y: np.ndarray, f: np.ndarray, v: np.ndarray, s: np.ndarray, n: int, d: int) -> float:
     alpha, beta, eps = 1.0, 1.0, 1e-5
@@ -42,7 +45,7 @@ def logme(features: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([_evidence((y == c).astype(np.float64), f, v, s, n, d) for c in np.unique(y)]))
 
 
-def rank_backbones(candidates: list[str], data, config: dict, max_rows: int = 1000, seed: int = 0) -> list[dict]:
+def rank_backbones(candidates: list[str], data, config: dict, max_rows: int = PRERANK_ROWS, seed: int = 0) -> list[dict]:
     """LogME of each candidate on (a sample of) the training data, best first."""
     import torch
 
@@ -75,14 +78,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def prerank_space(space, data, mode, seed: int):
+def prerank_space(space, data, mode, seed: int, config: dict | None = None):
     """LogME pre-ranking of the space's pretrained backbones: keep the better half, best first.
 
     Returns (space, report). mode 'auto' ranks when the space offers two or more
     pretrained backbones; True ranks any choice; a backbone whose weights cannot
-    be loaded is dropped (better now than failing every trial).
+    be loaded is dropped (better now than failing every trial). config: the
+    hyperparameters features are taken with (default: the space's start point).
     """
     from automl import models
+    from automl.errors import ModelLoadError
 
     spec = space.parameters.get("backbone", {})
     values = list(spec.get("values") or [])
@@ -92,12 +97,15 @@ def prerank_space(space, data, mode, seed: int):
     ranking, failed = [], []
     for v in values:
         try:
-            ranking += rank_backbones([v], data, space.default_config(), seed=seed)
+            ranking += rank_backbones([v], data, config or space.default_config(), seed=seed)
         except Exception as exc:  # weights that cannot load, or a model that cannot take these inputs
             failed.append({"backbone": v, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
     ranking.sort(key=lambda r: r["logme"], reverse=True)
     if not ranking:
-        return space, {"ranking": [], "failed": failed}
+        reasons = "; ".join(f"{f['backbone']}: {f['error']}" for f in failed)
+        raise ModelLoadError(f"None of the space's {len(values)} backbones could be loaded ({reasons}). Fix: install "
+                             "or point at their weights (README: Offline weights), or use a space with "
+                             "efficientnet-lite0.")
     names = [r["backbone"] for r in ranking]
     keep = names[: max(1, -(-len(names) // 2))] if len(names) >= 3 else names
     new = space.with_overrides({"backbone": {"type": "choice", "values": keep}})

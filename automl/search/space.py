@@ -119,7 +119,12 @@ def _scratch(backbone: Any) -> bool:
         return True
     from automl.models.registry import _ALIASES
 
-    return backbone in _ALIASES and _ALIASES[backbone]().pretrained is False
+    from automl.errors import ModelLoadError
+
+    try:
+        return backbone in _ALIASES and _ALIASES[backbone]().pretrained is False
+    except ModelLoadError:  # an alias whose weights are missing is a pretrained one; building it says why it fails
+        return False
 
 
 def _opt_int(v) -> int | None:

@@ -16,6 +16,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.data.intake import plain
+from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
 from automl.search.space import SearchSpace
@@ -42,9 +43,15 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
+def sync_period_s() -> float:
+    """How often Tune's experiment state reaches storage (AUTOML_SYNC_PERIOD_S; 5 s by default). A finished
+    trial's checkpoints are pruned only after that, so a shorter period frees disk sooner."""
+    return float(os.environ.get("AUTOML_SYNC_PERIOD_S", "5"))
+
+
 def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
                    checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S,
-                   metric: str | None = None, best_dir: str | None = None) -> None:
+                   metric: str | None = None, best_dir: str | None = None, plugins: dict | None = None) -> None:
     """Ray Tune function trainable: `fit` with a report per epoch and periodic checkpoints, resumable.
 
     With `best_dir`, the weights of the trial's best report so far (by `metric`) are kept there, so the
@@ -52,8 +59,11 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
     """
     from ray import tune
 
+    from automl.plugins import install
+
     quiet_libraries()
     set_threads(threads)
+    install(plugins)
     resume = None
     ckpt = tune.get_checkpoint()
     if ckpt is not None:
@@ -319,7 +329,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
                              checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, metric=val_metric,
-                             best_dir=best_dir),
+                             best_dir=best_dir, plugins=snapshot()),
         resources)
     progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress, plan_lines=plan_lines)
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
@@ -353,7 +363,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                     failure_config=tune.FailureConfig(max_failures=1),
                     # Copy the experiment state to storage_path every few seconds: it is what a resume after
                     # a killed driver starts from (Ray's default is every 5 minutes).
-                    sync_config=tune.SyncConfig(sync_period=5)),
+                    sync_config=tune.SyncConfig(sync_period=sync_period_s())),
             )
         grid = tuner.fit()
     finally:

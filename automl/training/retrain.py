@@ -20,8 +20,11 @@ def _train_loop(cfg: dict) -> None:
     from ray.train.torch import get_device, prepare_model
     from safetensors.torch import save_model
 
+    from automl.plugins import install
+
     quiet_libraries()
     set_threads(cfg["threads"])
+    install(cfg.get("plugins"))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     data: TrialData = ray.get(cfg["data_ref"])
@@ -67,6 +70,7 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_model
 
+    from automl import plugins
     from automl.training.loop import build_model, full_config
 
     # Ray Train's controller polls its workers every 2 s by default, so a finished run idled ~2-4 s
@@ -76,7 +80,8 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
         _train_loop,
         train_loop_config={"config": config, "data_ref": ray.put(data), "epochs": int(epochs),
                            "schedule_epochs": int(schedule_epochs), "threads": int(cpus_per_worker),
-                           "initial_ref": ray.put(initial_state) if initial_state else None},
+                           "initial_ref": ray.put(initial_state) if initial_state else None,
+                           "plugins": plugins.snapshot()},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         # A reused run name silently resumes the old run: always use a fresh one.

@@ -1,0 +1,23 @@
+"""Registrations made in the user's process (register_backbone, register_schedule, register_image_policy,
+register_text_policy, register_family) carried to Ray workers, which import automl afresh and would not know
+them. Functions defined in a script travel by value (cloudpickle); built-ins travel as references."""
+from __future__ import annotations
+
+
+def _registries() -> dict[str, dict]:
+    from automl.models import registry
+    from automl.training import augment, schedules
+
+    return {"backbones": registry._ALIASES, "families": registry._FAMILIES, "schedules": schedules._SCHEDULES,
+            "image_policies": augment._IMAGE, "text_policies": augment._TEXT}
+
+
+def snapshot() -> dict[str, dict]:
+    """Every registry's entries as they are in this process."""
+    return {kind: dict(entries) for kind, entries in _registries().items()}
+
+
+def install(snap: dict[str, dict] | None) -> None:
+    """Make a snapshot's entries known here (a worker calls this before it builds anything)."""
+    for kind, entries in (snap or {}).items():
+        _registries()[kind].update(entries)
