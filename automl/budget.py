@@ -4,8 +4,9 @@ Every stage asks the budget before spending (`can_afford`, `available`), so
 the run ends within `time_budget_s`. Reserves come from measurements: the plan
 times the start point's training (search/plan.py) and the fixed costs of Ray
 Train's start-up and of exporting are learned from earlier runs on this
-machine (`Costs`, kept in ~/.cache/automl/costs.json), with defaults measured
-by benchmarks/run.py on a 2-core CPU.
+machine (`Costs`, kept in ~/.cache/automl/costs.json or $AUTOML_COSTS_FILE: each
+retrain and export updates them), with defaults measured by benchmarks/run.py on
+a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class Costs:
 
     @staticmethod
     def path() -> Path:
+        if os.environ.get("AUTOML_COSTS_FILE"):
+            return Path(os.environ["AUTOML_COSTS_FILE"])
         return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automl" / "costs.json"
 
     @classmethod

@@ -126,8 +126,24 @@ class ClusterInfo:
             return
         from ray.autoscaler.sdk import request_resources
 
+        global _REQUESTED
         bundle = {"CPU": res["cpu"], **({"GPU": res["gpu"]} if res.get("gpu") else {})}
         request_resources(bundles=[bundle] * concurrency)
+        _REQUESTED = True
+
+
+_REQUESTED = False
+
+
+def release() -> None:
+    """Withdraw the autoscaler request once the compute is done, so idle worker nodes can scale down (a request
+    stays in force until replaced)."""
+    global _REQUESTED
+    if _REQUESTED:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])
+        _REQUESTED = False
 
 
 def connect(address: str | None = None, *, cluster_config: str | None = None, verbose: bool = False) -> ClusterInfo:

@@ -338,6 +338,9 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     model, spec, metrics = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
                                    storage_path=storage, num_workers=opts.resources.retrain_workers,
                                    use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus)
+    # What the retrain took beyond its planned training is Ray Train's fixed cost on this machine: learn it.
+    costs = Costs.load()
+    costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (plan.retrain_s - plan.retrain_fixed_s)))
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
@@ -450,6 +453,7 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
     from automl.export.writer import write_export
     from automl.search.prerank import agreement
 
+    cluster.release()  # no compute is left to do: the cluster may scale down
     task, opts = prepared.task, prepared.options
     task.report.notes.extend(diagnostics.notes)
     trials = result.trials
@@ -487,8 +491,11 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
         say(f"exporting to {export_dir}")
     manifest.provenance.wall_time_s = budget.elapsed()
     manifest.budget = budget.to_dict()
+    t0 = time.monotonic()
     write_export(export_dir, final.model, final.encoder, manifest, tables=tables, formats=opts.output.export_formats,
                  writers=writers)
+    if opts.output.export_formats:  # the next plan reserves what exporting took here
+        Costs.load().observe(f"export_{task.modality}_s", time.monotonic() - t0)
     fm = FinetunedModel(final.model, final.encoder, ExportManifest.read(export_dir), export_dir=export_dir,
                         trials=trials, search=result)
     fm.label_errors = diagnostics.label_errors

@@ -77,7 +77,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
     from automl.export.manifest import ExportManifest, Preprocessing
     from automl.export.predictor import FinetunedModel
     from automl.models import resolve
-    from automl.search.plan import MIN_IMAGE, image_side, sensible_steps, token_p95
+    from automl.search.plan import image_side, min_image, sensible_steps, token_p95
     from automl.search.space import load_space
     from automl.training.loop import fit, full_config, measure_speed
 
@@ -91,14 +91,15 @@ def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
     steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))
     size = None
     if task.modality == "image":
-        size = min(224, max(MIN_IMAGE, -(-image_side(task.images) // 8) * 8))
+        # The native size, but not below what the backbone needs (search/plan.py's rule: 48 px when pretrained).
+        size = min(224, max(min_image(spec.pretrained), -(-image_side(task.images) // 8) * 8))
         work = Path(tempfile.mkdtemp(prefix="fixed-"))
         while True:  # the native size, shrunk until the run fits 80% of the budget
             probe = Inputs.materialise(task, size, work)
             sp = measure_speed({**cfg, "image_size": size}, probe.trial_data(), steps=3)
-            if sp["setup_s"] + steps * sp["step_s"] <= 0.8 * budget or size <= MIN_IMAGE:
+            if sp["setup_s"] + steps * sp["step_s"] <= 0.8 * budget or size <= min_image(spec.pretrained):
                 break
-            size = max(MIN_IMAGE, int(size * 0.75) // 8 * 8)
+            size = max(min_image(spec.pretrained), int(size * 0.75) // 8 * 8)
         cfg["image_size"] = size
     else:
         from automl.models.hf_family import load_tokenizer

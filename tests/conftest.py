@@ -4,6 +4,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Runs learn this machine's fixed costs; the suite keeps its own file so one test's run does not re-plan another's
+# and the user's ~/.cache is left alone.
+os.environ["AUTOML_COSTS_FILE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="automl-costs-"), "costs.json")
 
 import numpy as np
 import pandas as pd

@@ -129,3 +129,14 @@ def test_small_images_are_upscaled_for_a_pretrained_backbone_only():
     assert (pre.storage_size, scratch.storage_size) == (48, 32)
     assert "upscaled" in " ".join(pre.reasons) and "upscaled" not in " ".join(scratch.reasons)
     assert plan(icons, budget=60, at=speed(2.0), pretrained=True).storage_size == 48  # never below, even when slow
+
+
+def test_costs_learned_from_a_run_are_blended_saved_and_read_by_the_next_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOML_COSTS_FILE", str(tmp_path / "costs.json"))
+    c = Costs.load()
+    assert c["export_image_s"] == 4.0  # the default until this machine has measured its own
+    c.observe("export_image_s", 40.0)
+    assert Costs.load()["export_image_s"] == 22.0  # half the old, half the new, persisted
+    before = plan(budget=300, costs=Costs())
+    after = plan(budget=300, costs=Costs.load())
+    assert after.search_ends_at_s == pytest.approx(before.search_ends_at_s - 18.0, abs=0.5)  # the longer export

@@ -107,6 +107,7 @@ class Plan:
     speed: dict = field(default_factory=dict)
     planned_at_s: float = 0.0          # seconds after the run started when the plan was made
     transferability: dict | None = None  # LogME pre-ranking of the space's backbones, when it ran
+    retrain_fixed_s: float = 0.0       # the part of retrain_s that is Ray Train's start-up (Costs)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -330,7 +331,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
                 val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)),
-                planned_at_s=elapsed_s)
+                planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0)
 
 
 def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:

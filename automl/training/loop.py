@@ -18,7 +18,7 @@ from torch import nn
 
 from automl import models
 from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
-from automl.data.trial_data import TrialData
+from automl.data.trial_data import TrialData, subset
 from automl.metrics import classification_metrics
 from automl.runtime import amp_dtype, autocast
 from automl.runtime import device as default_device
@@ -465,7 +465,7 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
         torch.set_num_threads(threads[0])
         rows = s.x_val if s.x_val is not None else s.x_train
         n_eval = min(len(rows), 128)
-        part = rows[:n_eval] if isinstance(rows, np.ndarray) else [rows[i] for i in range(n_eval)]
+        part = subset(rows, np.arange(n_eval))  # an array, a list of texts or a store's row handle
         t2 = time.perf_counter()
         predict_logits(s.model, s.encoder, part, device)
         out["eval_row_s"] = (time.perf_counter() - t2) / max(1, n_eval)
