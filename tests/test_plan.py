@@ -110,7 +110,8 @@ def text_speed(step_s: float):
 def test_when_one_sensible_run_is_all_the_budget_buys_the_start_point_trains_alone_with_every_cpu():
     """A search of shortened trials loses to one well-trained config: the plan does not run one."""
     slow = plan(TEXTS, budget=300, at=text_speed(1.6))  # ~400 steps at 1.6 s: one run at best
-    assert slow.regime == "single" and slow.concurrency == 1 and slow.max_trials == 1
+    assert slow.regime == "single" and slow.concurrency == 1
+    assert slow.last_start_at_s < 5.0 + slow.trial_s  # nothing starts after the start point: no rung reachable
     assert slow.resources["cpu"] == 2 and not slow.retrain
     steps = slow.reports * math.ceil(slow.report_rows / 32)
     assert steps >= 0.5 * sensible_steps(True, math.ceil(1000 / 32))  # not cut to a fraction of an epoch
@@ -119,8 +120,16 @@ def test_when_one_sensible_run_is_all_the_budget_buys_the_start_point_trains_alo
 
 
 def test_narrow_search_keeps_the_start_point_at_full_length_in_its_own_slot():
-    p = plan(TEXTS, budget=300, at=text_speed(0.45))  # one full-length trial fits each slot, three do not
+    p = plan(TEXTS, budget=300, at=text_speed(0.3))  # one full-length trial fits each slot, three do not
     assert p.regime == "narrow" and p.concurrency == 2 and "start point trains at full length" in " ".join(p.reasons)
+    assert p.reports * p.report_rows >= sensible_steps(True, math.ceil(1000 / 32)) * 32  # not shortened
+
+
+def test_when_only_a_shortened_trial_fits_beside_another_the_start_point_trains_alone_at_full_length():
+    p = plan(TEXTS, budget=300, at=text_speed(0.45))  # 400 steps fit alone, not beside a rival
+    assert p.regime == "single" and p.concurrency == 1 and p.max_trials is None
+    assert p.reports * p.report_rows >= sensible_steps(True, math.ceil(1000 / 32)) * 32
+    assert p.last_start_at_s > 5.0 + p.trial_s  # time is left after it: other configs may follow, one at a time
 
 
 def test_small_images_are_upscaled_for_a_pretrained_backbone_only():
