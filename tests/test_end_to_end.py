@@ -35,6 +35,13 @@ def image_run(ray_session, digits_df, tmp_path_factory):
     weights = out / "resnet10t.safetensors"  # a second "pretrained" backbone, from a local weights file
     save_file(models.build("timm/resnet10t:scratch", 1000).body.state_dict(), str(weights))
     df = digits_df.assign(site=np.where(np.arange(len(digits_df)) % 3 == 0, "clinic", "home"))
+    # Four training rows get another digit's label: the label-error search must find them.
+    from automl.data.intake import prepare
+
+    train_rows = prepare(digits_df, seed=0).splits["train"]
+    flipped = [int(train_rows[i]) for i in (0, 15, 30, 45)]
+    df.loc[flipped, "label"] = (df.loc[flipped, "label"] + 1) % 4
+    df.attrs["flipped"] = flipped
     space = {"backbone": {"type": "choice", "values": ["efficientnet-lite0", f"timm/resnet10t@{weights}"]},
              "image_size": 32, "unfreeze": {"type": "choice", "values": [0, "all"]}, "augment": "none", "mix": "none",
              "gradual_unfreeze_every": 0, "max_epochs": 4}
@@ -117,11 +124,22 @@ def test_logme_ranks_the_pretrained_backbones_before_the_search(image_run):
 
 
 def test_suspected_label_errors_are_listed_in_the_csv_and_on_the_model(image_run):
-    m, _, _ = image_run
+    from automl.data.intake import prepare
+
+    m, _, df = image_run
     csv = pd.read_csv(os.path.join(m.export_dir, "suspected_label_errors.csv"))
     assert len(csv) == len(m.label_errors) == m.manifest.suspected_label_errors["count"]
     assert list(csv.columns) == ["row", "given_label", "suspected_label", "p_suspected", "p_given_label", "margin"]
     assert load(m.export_dir).label_errors.equals(csv)
+    # Rows are the user's own row numbers, with the label the user gave them.
+    assert (csv["given_label"].to_numpy() == df.loc[csv["row"], "label"].to_numpy()).all()
+    task = prepare(df.drop(columns=["site"]), seed=0)
+    searched = set(task.row_index[np.concatenate([task.splits["train"], task.splits["validation"]])])
+    planted = [r for r in df.attrs["flipped"] if r in searched]
+    assert len(planted) >= 3
+    found = set(csv["row"]) & set(planted)
+    assert len(found) >= len(planted) / 2, (planted, csv.head(10))
+    assert len(csv) <= 0.1 * len(searched)  # mostly the planted errors, not the model's own mistakes
 
 
 def test_cross_validation_and_per_group_metrics_reach_the_card(image_run):
@@ -136,6 +154,8 @@ def test_cross_validation_and_per_group_metrics_reach_the_card(image_run):
                     "Files in this export", "Peak disk used"):
         assert section in card, section
     assert "site" not in m.manifest.input_columns  # the group column is not an input
+    peak = m.manifest.search["peak_disk_mb"]
+    assert peak > 0 and f"Peak disk used by the search's checkpoints: {peak:.1f} MB" in card
 
 
 def test_cli_predict_batches_through_a_file_and_evaluate_reports_all_metrics(image_run, tmp_path, capsys):
@@ -229,16 +249,22 @@ def test_registered_schedule_policy_and_backbone_are_used_end_to_end_in_a_regres
 
     from automl import BackboneSpec, register_backbone, register_image_policy, register_schedule
 
+    ran = tmp_path / "ran"  # each registered function leaves a mark where it runs (the trials' Ray workers)
+    ran.mkdir()
+
     @register_schedule("halving")
     def halving(optimizer, total_steps, warmup_steps, config):
+        (ran / "schedule").touch()
         return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, total_steps // 2), gamma=0.5)
 
     @register_image_policy("tiny_shift")
     def tiny_shift(size):
+        (ran / "policy").touch()
         return T.RandomAffine(degrees=0, translate=(0.05, 0.05))
 
     @register_backbone("my-resnet")
     def my_resnet():
+        (ran / "backbone").touch()
         return BackboneSpec("timm", "resnet10t", pretrained=False)
 
     rng = np.random.default_rng(0)
@@ -249,6 +275,7 @@ def test_registered_schedule_policy_and_backbone_are_used_end_to_end_in_a_regres
                                     "image_size": 16, "max_epochs": 4, "lr": 3e-3})
     hp = m.manifest.hyperparameters
     assert (hp["backbone"], hp["schedule"], hp["augment"]) == ("my-resnet", "halving", "tiny_shift")
+    assert sorted(p.name for p in ran.iterdir()) == ["backbone", "policy", "schedule"]
     assert m.manifest.task == "regression" and m.manifest.metric == "r2" and m.metrics["r2"] > 0.3
     preds = load(m.export_dir).predict(df.head(10))
     assert preds.dtype.kind == "f" and np.allclose(preds, m.predict(df.head(10)), atol=1e-5)

@@ -97,8 +97,15 @@ def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path):
     patched["datasets"] = [{**patched["datasets"][0], "data": str(csv.with_name("evens_half.csv"))}]
     night3 = tmp_path / "suite3.yaml"
     night3.write_text(yaml.safe_dump(patched))
+    champion = store.champion("evens")
     (res,) = leaderboard.refresh(night3, store, force=True, progress=False)
-    assert "re-scored on the new test split" in res["reason"], res
+    # The champion's score on the new test split, as the public API computes it, is what the new model was held to.
+    from automl import load
+    from automl.diagnostics.update import load_test_split
+
+    x, labels = load_test_split(res["export"])
+    rescored = float(np.mean(load(champion["export_path"]).predict(list(x)) == np.array(labels)))
+    assert f"re-scored on the new test split: {rescored:.4f}" in res["reason"], (res, rescored)
 
 
 def test_killed_refresh_is_completed_by_the_next(ray_session, suite, tmp_path):

@@ -6,7 +6,6 @@ import glob
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 
@@ -109,15 +108,13 @@ def test_two_concurrent_refreshes_on_sqlite(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def postgres_url():
+def postgres_url(free_port_factory):
     """A real PostgreSQL server on 127.0.0.1, started for these tests (Debian's postgresql package)."""
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     assert bins, "PostgreSQL is not installed: tests/system_deps.sh installs Debian's postgresql package"
     bindir = bins[-1]
     data = tempfile.mkdtemp(prefix="pg-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port_factory()  # outside the ephemeral range: no outgoing connection takes it first
     as_pg = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_pg:
         shutil.chown(data, "postgres")
@@ -132,9 +129,11 @@ def postgres_url():
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow  # starts a PostgreSQL server
 def test_postgresql_store(postgres_url):
     _exercise(Store(postgres_url))
 
 
+@pytest.mark.slow
 def test_two_concurrent_refreshes_on_postgresql(postgres_url):
     _race(postgres_url)

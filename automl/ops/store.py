@@ -194,7 +194,7 @@ class Store:
                         else:
                             decision, reason = decide(new.score, base, metric=new.metric)
                             reason += f" (champion {champ.id[:8]}" + ("" if same_split else ", re-scored on the new "
-                                                                     "test split") + ")"
+                                                                     f"test split: {base:.4f}") + ")"
                     if decision == "champion":
                         if champ is not None:
                             c.execute(update(models).where(models.c.id == champ.id).values(is_champion=False))
