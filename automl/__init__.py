@@ -19,8 +19,20 @@ from automl.training.schedules import register_schedule
 from automl.search.space import SearchSpace, load_space
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Serving pulls in FastAPI and Ray Serve: loaded on first use, not with the package.
+    if name in ("serve", "ServeOptions"):
+        from automl.ops import serve as _serve
+
+        return getattr(_serve, name)
+    raise AttributeError(f"module 'automl' has no attribute {name!r}")
+
+
+
 __all__ = [
     "auto_finetune", "load", "FinetunedModel", "prepare", "DataReport", "load_space", "SearchSpace",
     "BackboneSpec", "register_backbone", "register_schedule", "register_image_policy", "register_text_policy",
-    "list_backbones", "FinetuneOptions", "ExportManifest", "Budget", "AutoMLError", "DataError", "ModelLoadError", "SearchSpaceError",
+    "list_backbones", "serve", "ServeOptions", "FinetuneOptions", "ExportManifest", "Budget", "AutoMLError", "DataError", "ModelLoadError", "SearchSpaceError",
 ]

@@ -6,7 +6,7 @@ from typing import Any
 
 from automl import stages
 from automl.budget import Budget
-from automl.cluster import connect
+from automl.cluster import connect, release
 from automl.export.predictor import FinetunedModel
 from automl.options import FinetuneOptions, options_doc
 from automl.runtime import quiet_libraries
@@ -23,19 +23,22 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
     with budget.stage("connect"):
         ray = connect(opts.resources.ray_address, cluster_config=opts.resources.cluster_config,
                       verbose=opts.output.verbose)
-    with budget.stage("plan"):
-        plan = stages.plan(prepared, ray, budget)
-        inputs = stages.materialise(prepared, plan)
-    with budget.stage("search"):
-        result = stages.search(prepared, plan, inputs, budget)
-    with budget.stage("finalise"):
-        final = stages.finalise(prepared, plan, inputs, result, budget)
-    with budget.stage("evaluate"):
-        test_metrics = stages.evaluate(prepared, inputs, final)
-    with budget.stage("diagnose"):
-        diagnostics = stages.diagnose(prepared, plan, inputs, result, final, budget)
-    with budget.stage("export"):
-        return stages.export(prepared, plan, inputs, result, final, test_metrics, diagnostics, budget)
+    try:
+        with budget.stage("plan"):
+            plan = stages.plan(prepared, ray, budget)
+            inputs = stages.materialise(prepared, plan)
+        with budget.stage("search"):
+            result = stages.search(prepared, plan, inputs, budget)
+        with budget.stage("finalise"):
+            final = stages.finalise(prepared, plan, inputs, result, budget)
+        with budget.stage("evaluate"):
+            test_metrics = stages.evaluate(prepared, inputs, final)
+        with budget.stage("diagnose"):
+            diagnostics = stages.diagnose(prepared, plan, inputs, result, final, budget)
+        with budget.stage("export"):
+            return stages.export(prepared, plan, inputs, result, final, test_metrics, diagnostics, budget)
+    finally:
+        release()  # a failed run must not keep the autoscaler's nodes up either
 
 
 auto_finetune.__doc__ = f"""Fine-tune the best model for `dataset` within the time budget and export it.

@@ -151,7 +151,10 @@ def connect(address: str | None = None, *, cluster_config: str | None = None, ve
     the one given, or the one Ray's head keeps at ~/ray_bootstrap_config.yaml)."""
     ensure_ray(address, verbose=verbose)
     now = ClusterInfo.current()
-    config = cluster_config or (os.path.expanduser(BOOTSTRAP_CONFIG) if address and
+    # On a cluster (an address given, or RAY_ADDRESS as inside a Ray Job) the head's autoscaler config says what
+    # the cluster can grow to; the instantaneous snapshot of an autoscaling cluster may be nothing at all.
+    joined = address or os.environ.get("RAY_ADDRESS")
+    config = cluster_config or (os.path.expanduser(BOOTSTRAP_CONFIG) if joined and
                                 os.path.exists(os.path.expanduser(BOOTSTRAP_CONFIG)) else None)
     if config is None:
         return now

@@ -218,18 +218,14 @@ def _retrain_choice(opts: FinetuneOptions):
 def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int):
     """speed_at(size): the start point's measured speed on a sample of real rows (images: at two sizes, scaled
     with the pixel count in between)."""
-    import torch
-
     from automl.data.images import stack_resized
     from automl.data.trial_data import TrialData
     from automl.search.plan import MIN_IMAGE, PROBE_MAX, Speed, image_side, min_image
-    from automl.training.loop import measure_speed
 
     task = prepared.task
     rng = np.random.default_rng(0)
     tr = rng.permutation(task.splits["train"])[:64]
     va = rng.permutation(task.splits["validation"])[:64]
-    device = torch.device("cuda") if res.get("gpu") and torch.cuda.is_available() else torch.device("cpu")
     memo: dict = {}
     if task.modality == "image":
         smallest = min_image(models.resolve(start["backbone"]).pretrained)
@@ -246,7 +242,7 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
             cfg = {**start, "image_size": size or start.get("image_size"), "max_length": max_length or 64}
             # As a trial will run: with its own CPUs, and with a whole node's when it runs alone.
             mine, alone = int(res.get("cpu", 1)), int(node_cpus)
-            m = measure_speed(cfg, data, device=device, steps=3, threads=(mine, alone) if alone > mine else (mine,))
+            m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
             memo[size] = Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size,
                                m.get(f"step_s_{alone}"))
         return memo[size]
@@ -266,6 +262,34 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
                      lo.batch_size, size, alone)
 
     return speed_at
+
+
+def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...]) -> dict:
+    """measure_speed on the device trials will use: here when this process has it (or trials use no GPU), else
+    in a Ray task holding a trial's GPU (a cluster whose driver has none must not plan GPU trials at CPU speed)."""
+    import torch
+
+    from automl.runtime import device
+    from automl.training.loop import measure_speed
+
+    if not res.get("gpu"):
+        return measure_speed(cfg, data, device=torch.device("cpu"), steps=3, threads=threads)
+    if device().type != "cpu":
+        return measure_speed(cfg, data, device=device(), steps=3, threads=threads)
+    import ray
+
+    from automl.plugins import snapshot
+
+    task = ray.remote(num_cpus=res.get("cpu", 1), num_gpus=res["gpu"])(_measure_in_worker)
+    return ray.get(task.remote(cfg, data, threads, snapshot()))
+
+
+def _measure_in_worker(cfg: dict, data, threads: tuple[int, ...], plugins: dict) -> dict:
+    from automl.plugins import install
+    from automl.training.loop import measure_speed
+
+    install(plugins)  # the user's registered backbones and policies, as trials get them
+    return measure_speed(cfg, data, steps=3, threads=threads)
 
 
 def shared_dir(prepared: Prepared) -> Path:
@@ -299,7 +323,7 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Se
                         max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
                         concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
                         last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
-                        plan_lines=plan.reasons)
+                        plan_lines=plan.reasons, trial_s=plan.trial_s or None)
     # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
     shutil.rmtree(data.cache_dir, ignore_errors=True)
     result.transferability = plan.transferability
@@ -427,7 +451,8 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         config = _scaled(full_config(result.best_config), fold_rows, len(task.splits["train"]))
         proba, fold_of = out_of_fold_proba(config, inputs.rows(full), task.y[full], task.num_classes,
                                            epochs=plan.reports, schedule_epochs=plan.reports, modality=task.modality,
-                                           seed=opts.search.seed, folds=folds, return_folds=True)
+                                           seed=opts.search.seed, folds=folds, return_folds=True,
+                                           gpus=float(plan.resources.get("gpu") or 0))
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
             out.label_errors = suspects(proba, task.y[full], prepared.classes, rows)

@@ -31,8 +31,9 @@ def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads:
 
 def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epochs: int, schedule_epochs: int,
                       folds: int = 2, seed: int = 0, use_ray: bool = True, return_folds: bool = False,
-                      modality: str | None = None):
-    """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold)."""
+                      modality: str | None = None, gpus: float = 0.0):
+    """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold).
+    gpus: what each fold's Ray task holds (a trial's share, where trials train on GPUs)."""
     from sklearn.model_selection import StratifiedKFold
 
     from automl.data.trial_data import TrialData, subset
@@ -52,7 +53,7 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
 
         from automl.plugins import snapshot
 
-        remote, plugins = ray.remote(num_cpus=1)(_fold), ray.put(snapshot())
+        remote, plugins = ray.remote(num_cpus=1, num_gpus=gpus)(_fold), ray.put(snapshot())
         refs = [remote.remote(config, d, xo, epochs, schedule_epochs, 1, plugins) for _, d, xo in jobs]
         results = ray.get(refs)
     else:

@@ -15,6 +15,7 @@ concurrent requests (serve.batch) by one deployment per model.
 import base64
 import binascii
 import hmac
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -136,6 +137,10 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             quiet_libraries()
             set_threads(max(1, int(opts.cpus_per_replica)))
             self.model = load(export_dir)
+            if opts.gpus_per_replica:  # the replica was given a GPU: predict on it
+                from automl.runtime import device
+
+                self.model.to(device())
             self.predict.set_max_batch_size(max_batch_size)
             self.predict.set_batch_wait_timeout_s(batch_wait_s)
 
@@ -235,21 +240,27 @@ class Server:
 
     url: str
     names: list[str]
+    app: str = "automl"
+    local: bool = True                 # Serve was started in an embedded local Ray, not on a cluster
 
     def shutdown(self) -> None:
-        """Stop the app and Serve's proxy (so a later server may take another port)."""
+        """Stop this server's app; on the embedded local Ray also Serve's proxy (so a later server may take another
+        port). On a cluster other apps keep serving."""
         from ray import serve
 
-        serve.shutdown()
+        serve.delete(self.app)
+        if self.local:
+            serve.shutdown()
 
 
 def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, address: str | None = None,
           options: ServeOptions | None = None, token_file: str | Path | None = None,
-          timeout_s: float = 180.0) -> Server:
+          timeout_s: float = 180.0, app_name: str = "automl") -> Server:
     """Serve exported models over HTTP on Ray Serve (an embedded local Ray, or the cluster at `address`).
 
     names: one per export (default: each export folder's name). token_file: a file holding the bearer token
-    every request must send. Binds 127.0.0.1 unless options.host says otherwise.
+    every request must send. Binds 127.0.0.1 unless options.host says otherwise. app_name: the Serve application
+    (serving again under the same name replaces it; another name serves beside it, on the same HTTP port).
     """
     from ray import serve as rs
 
@@ -277,13 +288,15 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
     ensure_ray(address)
     rs.start(http_options={"host": opts.host, "port": opts.port})
     t0 = time.monotonic()
-    rs.run(_app(models, opts), name="automl", route_prefix="/", blocking=False)
+    prefix = "/" if app_name == "automl" else f"/{app_name}"
+    rs.run(_app(models, opts), name=app_name, route_prefix=prefix, blocking=False)
     while True:  # serve.run returns once deployed; wait for the replicas to be healthy, within a limit
-        status = rs.status().applications["automl"].status
+        status = rs.status().applications[app_name].status
         if str(status).endswith("RUNNING"):
             break
         if time.monotonic() - t0 > timeout_s:
             raise AutoMLError(f"The models did not start within {timeout_s:.0f} s (status {status}). Fix: ask for "
                               "fewer CPUs/GPUs per replica than the cluster has free.")
         time.sleep(0.5)
-    return Server(f"http://{opts.host}:{opts.port}", names)
+    return Server(f"http://{opts.host}:{opts.port}{prefix.rstrip('/')}", names, app_name,
+                  local=address is None and not os.environ.get("RAY_ADDRESS"))

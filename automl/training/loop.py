@@ -287,9 +287,12 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
         model.to(memory_format=torch.channels_last)  # matches the batches (ImageEncoder.batch)
     encoder = build_encoder(config, model, spec)
     groups = models.family(model).layer_groups(model)
-    optimizer = make_optimizer(model, groups, config)
-    # Data parallel: the global batch is the config's batch size, so the searched LR still fits it.
+    # Data parallel: the global batch is the config's batch size, so the searched LR still fits it; when the
+    # workers do not divide it, the LR follows the global batch they make (linear scaling).
     local_bs = max(1, int(config["batch_size"]) // world_size)
+    if local_bs * world_size != int(config["batch_size"]):
+        config = {**config, "lr": float(config["lr"]) * local_bs * world_size / int(config["batch_size"])}
+    optimizer = make_optimizer(model, groups, config)
     shard = shard_of(len(data.y_train), rank, world_size)
     per_report = steps_per_report(config, len(shard), local_bs, world_size)
     scheduler = schedules.create(config["schedule"], optimizer, per_report * reports, float(config["warmup_frac"]),
