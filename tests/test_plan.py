@@ -149,3 +149,35 @@ def test_costs_learned_from_a_run_are_blended_saved_and_read_by_the_next_plan(tm
     before = plan(budget=300, costs=Costs())
     after = plan(budget=300, costs=Costs.load())
     assert after.search_ends_at_s == pytest.approx(before.search_ends_at_s - 18.0, abs=0.5)  # the longer export
+
+
+def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path):
+    """The searcher gives a late trial fewer rows per report (same reports: ASHA's rungs stay), never below half
+    its length; the start point always trains at full length; nothing starts after the last start time."""
+    from ray.tune.search import Searcher
+
+    from automl.search.clock import FIT_MARGIN, MIN_FIT, fitted_rows, write_deadlines
+    from automl.search.tune import DeadlineOptunaSearch, _sampler
+
+    assert fitted_rows(400, 100.0, 200.0) == 400                                # fits: full length
+    assert fitted_rows(400, 100.0, 60.0) == int(400 * FIT_MARGIN * 0.6)           # shortened to the time left
+    assert fitted_rows(400, 100.0, 10.0) == int(400 * MIN_FIT)                    # never below half
+    space = load_space("cpu_small", "text", {"max_epochs": 8, "report_rows": 400})
+    clock = tmp_path / "clock.json"
+
+    def searcher():
+        return DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+                                    points_to_evaluate=[space.sampling_point(space.start_points[0])],
+                                    deadline_file=str(clock))
+
+    write_deadlines(str(clock), last_start_s=30.0, ends_in_s=60.0, trial_s=100.0)  # the full length no longer fits
+    s = searcher()
+    start, late = s.suggest("a"), s.suggest("b")
+    assert start["report_rows"] == 400 and start["lr"] == space.start_points[0]["lr"]
+    assert int(400 * FIT_MARGIN * 0.55) <= late["report_rows"] <= int(400 * FIT_MARGIN * 0.6)
+    write_deadlines(str(clock), last_start_s=1000.0, ends_in_s=2000.0, trial_s=100.0)
+    assert s.suggest("c")["report_rows"] == 400                                  # time enough: full length
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
+    assert s.suggest("d") == Searcher.FINISHED
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
+    assert searcher().suggest("e")["report_rows"] == 400                         # a start point starts regardless

@@ -30,6 +30,7 @@ import numpy as np
 
 from automl.budget import Costs
 from automl.search.space import SearchSpace
+from automl.search.clock import FIT_MARGIN, MIN_FIT
 
 # A full-length trial may take this share of a slot's search time (the start point runs at full length first);
 # narrow: one full-length trial per slot; single: the start point alone.
@@ -321,12 +322,14 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     ends_at = last_start = None
     if budget_left_s is not None:
         ends_at = elapsed_s + costs["ray_start_s"] + search_s
-        # A trial started later could not reach its first rung before the search ends.
-        last_start = ends_at - choice.trial_s * pins["grace_period"] / reports
+        # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end.
+        last_start = ends_at - choice.trial_s * MIN_FIT / FIT_MARGIN
         capacity = search_s * concurrency / max(choice.trial_s, 1e-9)
         reasons.append(f"search: ~{search_s:.0f} s on {concurrency} trial slot(s), room for ~{capacity:.1f} "
                        "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"
-                                               if choice.regime == "search" else ""))
+                                               if choice.regime == "search" else "")
+                       + f"; a trial that starts when its full length no longer fits trains a schedule shortened "
+                         f"to end in time (down to {MIN_FIT:.0%} of the length), none starts later than that")
     val_rows = VAL_ROWS if stats.n_val > VAL_ROWS else None
     if val_rows:
         reasons.append(f"trials score on a stratified {val_rows} of the {stats.n_val} validation rows (enough to rank "

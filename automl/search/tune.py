@@ -19,6 +19,7 @@ from automl.data.intake import plain
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
+from automl.search.clock import fitted_rows, write_deadlines
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -231,9 +232,10 @@ class RecordingASHA(ASHAScheduler):
 
 
 class DeadlineOptunaSearch(OptunaSearch):
-    """Optuna's proposals, but no trial starts after the wall-clock time in `deadline_file`: a trial started then
-    could not reach its first rung before the budget ends, so its compute would be wasted. The time lives in a
-    file, not in this (pickled) searcher, so a resumed search gets a fresh deadline."""
+    """Optuna's proposals, but no trial starts after the last start time in `deadline_file` (a trial started then
+    could not train a useful schedule before the budget ends), and a trial started when its full length no longer
+    fits trains a shortened schedule that does (`fitted_rows`). The times live in a file, not in this (pickled)
+    searcher, so a resumed search gets fresh ones."""
 
     def __init__(self, *args, deadline_file: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -241,18 +243,29 @@ class DeadlineOptunaSearch(OptunaSearch):
         self.starts = len(kwargs.get("points_to_evaluate") or [])
         self.suggested = 0
 
+    def _clock(self) -> dict:
+        import json
+
+        try:
+            return json.loads(Path(self.deadline_file).read_text()) if self.deadline_file else {}
+        except (OSError, ValueError):
+            return {}
+
     def suggest(self, trial_id):
         from ray.tune.search import Searcher
 
-        try:
-            stop_at = float(Path(self.deadline_file).read_text().strip() or "inf") if self.deadline_file else math.inf
-        except OSError:
-            stop_at = math.inf
+        clock = self._clock()
+        stop_at = clock.get("last_start") or math.inf
         # The start points always run (a search without its sensible default would have nothing to stand on).
-        if time.time() > stop_at and self.suggested >= max(1, self.starts):
+        start_point = self.suggested < max(1, self.starts)
+        if time.time() > stop_at and not start_point:
             return Searcher.FINISHED
         self.suggested += 1
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and not start_point and clock.get("ends_at") and config.get("report_rows"):
+            rows = fitted_rows(int(config["report_rows"]), clock.get("trial_s"), clock["ends_at"] - time.time())
+            config = {**config, "report_rows": rows}
+        return config
 
 
 def experiment_name(out: Path, resume: bool) -> str:
@@ -297,12 +310,14 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                sampler: str = "tpe", early_stopping: bool = True,
                checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
                last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None,
-               callbacks: list | None = None) -> SearchResult:
+               callbacks: list | None = None, trial_s: float | None = None) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
 
     checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
     protect_start_points: ASHA never stops the start points. last_start_s: start no trial later than this many
-    seconds from now. keep_best: the best weights of this many top trials are kept (in <experiment>/best).
+    seconds from now. trial_s: a full-length trial's planned time; with time_budget_s, a trial that starts when
+    it no longer fits trains a shortened schedule that does. keep_best: the best weights of this many top trials
+    are kept (in <experiment>/best).
     """
     from ray import tune
 
@@ -323,8 +338,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     local = Path(local_dir or (exp_path if not remote else tempfile.mkdtemp()))
     local.mkdir(parents=True, exist_ok=True)
     asha_log = str(local / (ASHA_LOG if not local_dir else f"{name}_{ASHA_LOG}"))
-    deadline_file = str(local / f"{name}_last_start.txt")
-    Path(deadline_file).write_text(str(time.time() + last_start_s) if last_start_s is not None else "inf")
+    deadline_file = str(local / f"{name}_deadlines.json")
+    write_deadlines(deadline_file, last_start_s=last_start_s, ends_in_s=time_budget_s, trial_s=trial_s)
     best_dir = None if remote else f"{exp_path}/best"
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,

@@ -1,0 +1,30 @@
+"""The search's clock: when trials may start, and how long a late one trains (no Ray here: the plan uses it)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+# A trial that starts too late for its full length trains a shorter schedule that ends with the search (a trial
+# cut mid-schedule, its LR still high, is a poor model to pick, soup or ensemble), but not shorter than this share
+# of the full length; its planned time is scaled by FIT_MARGIN to leave room for estimation error.
+MIN_FIT, FIT_MARGIN = 0.5, 0.85
+
+
+def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float | None,
+                    trial_s: float | None) -> None:
+    """The search's clock for the searcher, as wall-clock times in a file (the pickled searcher of a resumed
+    search reads fresh ones): no trial starts after `last_start`; the search ends at `ends_at`; a full-length
+    trial takes `trial_s`."""
+    now = time.time()
+    Path(path).write_text(json.dumps({"last_start": None if last_start_s is None else now + last_start_s,
+                                      "ends_at": None if ends_in_s is None else now + ends_in_s,
+                                      "trial_s": trial_s}))
+
+
+def fitted_rows(report_rows: int, trial_s: float | None, left_s: float) -> int:
+    """Rows per report for a trial with `left_s` seconds left: its full length when that fits, else a schedule
+    shortened to fit (the same number of reports, so ASHA's rungs stay where they are)."""
+    if not trial_s or not report_rows or left_s >= trial_s / FIT_MARGIN:
+        return report_rows
+    return max(1, int(report_rows * max(MIN_FIT, FIT_MARGIN * left_s / trial_s)))
