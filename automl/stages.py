@@ -346,17 +346,17 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     from automl.training.retrain import retrain
 
     opts, n_train = prepared.options, len(prepared.task.splits["train"])
-    config = full_config(result.best_config)
     if not plan.retrain or (opts.search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
         why = ("retrain=False" if opts.search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
         return _best_weights(prepared, inputs, result, why)
+    config, decision = _config_to_retrain(prepared, inputs, result)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
     if opts.output.progress:
-        say(f"best trial: val {prepared.metric} {result.best_score:.4f}; retraining its config for its full "
-            f"{plan.reports} reports on {len(full.y_train)} rows with Ray Train "
-            f"({opts.resources.retrain_workers} worker(s))")
+        say(f"best trial: val {prepared.metric} {result.best_score:.4f}" + (f"; {decision}" if decision else "")
+            + f"; retraining the chosen config for its full {plan.reports} reports on {len(full.y_train)} rows with "
+              f"Ray Train ({opts.resources.retrain_workers} worker(s))")
     t0 = time.monotonic()
     storage = opts.resources.storage_path or str(prepared.out / "ray_results")
     model, spec, metrics = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
@@ -369,13 +369,30 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
                        "rows": int(len(full.y_train)), "nodes": metrics.get("nodes"),
-                       "weight_sums": metrics.get("weight_sums")})
+                       "weight_sums": metrics.get("weight_sums"), "decision": decision})
+
+
+def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult) -> tuple[dict, str]:
+    """The winner's config, unless it does not beat the start point by more than validation noise: then the
+    start point's (training/combine.py)."""
+    from automl.training.combine import combine, start_reference, top_trials
+
+    task, metric = prepared.task, prepared.metric
+    ref = start_reference(result.trials, result.best_dir, metric) if task.task != "regression" else None
+    top = top_trials(result.trials, result.best_dir, metric, k=1)
+    if ref is None or not top or top[0][0] == ref[0]:
+        return full_config(result.best_config), ""
+    va = inputs.split("validation")
+    x_val = inputs.rows(va)
+    c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val, reference=ref,
+                kinds=("single",))
+    return full_config(c.config), c.decision
 
 
 def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str) -> FinalModel:
     """The winner's own best weights, or a soup or an ensemble of the top trials when that scores better on
     validation (training/combine.py)."""
-    from automl.training.combine import combine, top_trials
+    from automl.training.combine import combine, start_reference, top_trials
     from automl.training.loop import build_encoder, load_best
 
     task, metric = prepared.task, prepared.metric
@@ -383,18 +400,20 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
     if top:
         va = inputs.split("validation")
         x_val = inputs.rows(va)
-        c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val)
+        c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val,
+                    reference=start_reference(result.trials, result.best_dir, metric))
         spec = c.spec
         if c.kind == "ensemble":
             spec = models.BackboneSpec("ensemble", "+".join(str(m.config["backbone"]) for m in c.members), False,
                                        kwargs={"members": [{"backbone": models.family(m.spec).underlying(m.spec)
                                                             .to_dict(), "hyperparameters": m.config,
                                                             "preprocessing": m.encoder.to_dict()} for m in c.members]})
-        training = {"how": "checkpoint" if c.kind == "single" else c.kind, "reason": why, "trials": c.trial_ids,
-                    "val_scores": c.scores}
+        training = {"how": "checkpoint" if c.kind in ("single", "start point") else c.kind, "reason": why,
+                    "trials": c.trial_ids, "val_scores": c.scores, "decision": c.decision}
         if prepared.options.output.progress:
             say(f"final model: {c.kind} of {len(c.trial_ids)} trial(s), val {metric} {c.val_score:.4f} "
-                f"(options scored: {', '.join(f'{k} {v:.4f}' for k, v in c.scores.items())}); {why}")
+                f"(options scored: {', '.join(f'{k} {v:.4f}' for k, v in c.scores.items())}); {why}"
+                + (f"; {c.decision}" if c.decision else ""))
         return FinalModel(c.model, c.encoder, spec, c.config, training)
     config = full_config(result.best_config)
     model, spec = load_best(config, task.num_classes, result.best_weights)

@@ -62,9 +62,13 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
     m = auto_finetune(df, label="label", time_budget_s=budget, seed=seed, output_dir=out, progress=False)
     wall = time.monotonic() - t0
     p = m.manifest.plan
-    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": m.manifest.training.get("how"),
-            "plan": f"{p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}{p['reports']}x"
-                    f"{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
+    decision = str(m.manifest.training.get("decision") or "")
+    how = m.manifest.training.get("how")
+    how = f"{how}, start point kept" if decision.startswith("start point kept") else (
+        f"{how}, beat the start point" if "chosen over the start point" in decision else how)
+    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": how,
+            "plan": f"{p['regime']}, {p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}"
+                    f"{p['reports']}x{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
             "winner": str(m.manifest.searched_hyperparameters.get("backbone"))}
 
 

@@ -147,3 +147,46 @@ def test_a_retrain_worker_asks_for_at_most_one_nodes_cpus():
     two_small_nodes = ClusterInfo(cpus=2, gpus=0, node_cpus=1, node_gpus=0, nodes=2, max_nodes=2)
     assert two_small_nodes.retrain_cpus({"cpu": 1}, 1) == 1  # not the cluster's 2: no node has 2 CPUs
     assert ClusterInfo(32, 0, 16, 0, 2, 2).retrain_cpus({"cpu": 1}, 2) == 8
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "f1_macro", "balanced_accuracy"])
+def test_bootstrap_scores_are_the_metrics_sklearn_defines(metric):
+    from automl.metrics import classification_metrics
+    from automl.training.combine import _fast_scores
+
+    rng = np.random.default_rng(0)
+    y, pred = rng.integers(0, 5, (4, 60)), rng.integers(0, 5, (4, 60))
+    y[0] = np.where(y[0] == 4, 3, y[0])  # a class absent from one sample
+    got = _fast_scores(y, pred, metric, 5)
+    want = [classification_metrics(y[i], np.eye(5)[pred[i]], 5)[metric] for i in range(4)]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_the_start_point_is_replaced_only_by_an_option_better_beyond_validation_noise():
+    from automl.training.combine import Combined, Member, _decide, p_not_better
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 100)
+    right = np.eye(3)[y]
+    ref = np.where(rng.random(100)[:, None] < 0.6, right, np.eye(3)[(y + 1) % 3])  # ~60% right
+    # Two more rows right than the reference: within the noise of 100 rows.
+    slightly = ref.copy()
+    wrong = np.flatnonzero(ref.argmax(1) != y)[:2]
+    slightly[wrong] = right[wrong]
+    clearly = ref.copy()
+    wrong = np.flatnonzero(ref.argmax(1) != y)[:20]
+    clearly[wrong] = right[wrong]                                   # 20 rows more right
+    assert p_not_better(y, ref, ref, "accuracy", 3) == 1.0             # a tie is not better
+    assert p_not_better(y, slightly, ref, "accuracy", 3) > 0.1
+    assert p_not_better(y, clearly, ref, "accuracy", 3) < 0.01
+
+    def option(kind, proba):
+        return Combined(kind, None, None, None, {}, float((proba.argmax(1) == y).mean()), [kind]), proba
+
+    start = Member("start", {"lr": 1e-3}, 0.7, model="start-model", proba=ref)
+    kept = _decide([option("single", slightly)], start, y, "accuracy", 3, alpha=0.1)
+    assert kept.kind == "start point" and kept.model == "start-model" and kept.trial_ids == ["start"]
+    assert "within the noise of 100 validation rows" in kept.decision
+    won = _decide([option("single", slightly), option("ensemble", clearly)], start, y, "accuracy", 3, alpha=0.1)
+    assert won.kind == "ensemble" and "chosen over the start point" in won.decision
+    assert won.val_score == pytest.approx((clearly.argmax(1) == y).mean())

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from automl import auto_finetune, load, prepare
-from automl.data.intake import LABEL_NAMES
 
 QUICK = dict(time_budget_s=None, max_trials=1, progress=False, find_label_errors=False, export_formats=False,
              retrain=False)
@@ -34,7 +33,7 @@ def test_image_folder_with_split_subfolders_end_to_end(ray_session, tmp_path):
     m = auto_finetune(str(root), output_dir=tmp_path / "out", search_space=TINY_IMG, **QUICK)
     assert m.data_report["split_sizes"] == {"train": 12, "validation": 4, "test": 4}
     preds = load(m.export_dir).predict(str(root / "test"))
-    assert (preds == np.array(["blue"] * 2 + ["red"] * 2)).mean() >= 0.75  # red vs blue: easy to learn
+    assert (preds == np.array(["blue"] * 2 + ["red"] * 2)).all()  # red vs blue: every test image right
 
 
 @pytest.mark.slow
@@ -73,7 +72,9 @@ def test_xy_arrays_of_flattened_square_images():
     assert t.modality == "image" and t.images[0].shape == (8, 8, 3) and sorted(set(t.classes)) == list(range(10))
 
 
-@pytest.mark.parametrize("name", LABEL_NAMES)
+# The README's list, written out: a name dropped from the code must fail here, not vanish from the test.
+@pytest.mark.parametrize("name", ["label", "labels", "target", "class", "y", "category", "sentiment", "intent",
+                                  "topic", "emotion"])
 def test_the_label_column_is_found_by_each_documented_name(name, text_df):
     t = prepare(text_df.rename(columns={"label": name.upper() if name == "target" else name}))
     assert t.label_column.lower() == name and t.classes == ["food", "sport", "tech"]

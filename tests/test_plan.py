@@ -52,13 +52,20 @@ def test_budgets_from_a_minute_to_hours_all_plan_a_run_that_fits():
         assert p.reports >= 4 and p.report_rows >= 1 and p.last_start_at_s < p.search_ends_at_s
 
 
-def test_slower_steps_first_shorten_trials_to_half_then_shrink_the_images():
+def test_slower_steps_narrow_the_search_then_shorten_the_single_run_and_only_then_shrink_the_images():
+    """Resolution first: smaller images only when not even the start point alone fits at the data's own size."""
     steps = lambda p: p.reports * math.ceil(p.report_rows / 32)  # noqa: E731
     sensible = sensible_steps(True, math.ceil(500 / 32))
-    fastest, fast, slow = plan(at=speed(0.005), budget=900), plan(at=speed(0.02)), plan(at=speed(0.1))
-    assert fastest.storage_size == 128 and steps(fastest) == pytest.approx(sensible, rel=0.1)  # native, full length
-    assert fast.storage_size == 128 and steps(fast) < 0.8 * sensible  # shorter trials before smaller images
-    assert slow.storage_size < 128 and steps(slow) >= 0.45 * sensible  # never below half the sensible length
+    fastest, fast = plan(at=speed(0.005), budget=900), plan(at=speed(0.02))
+    slow, slower, slowest = plan(at=speed(0.1)), plan(at=speed(1.0)), plan(at=speed(2.0))
+    assert (fastest.storage_size, fastest.regime) == (128, "search")  # native size, full length
+    assert steps(fastest) == pytest.approx(sensible, rel=0.1)
+    for p in (fast, slow):  # then a narrow search, its trials still at full length
+        assert (p.storage_size, p.regime) == (128, "narrow") and steps(p) >= sensible
+    assert (slower.storage_size, slower.regime) == (128, "single")  # then the start point alone, shortened
+    assert 0.45 * sensible <= steps(slower) < 0.8 * sensible
+    assert slowest.storage_size < 128 and slowest.regime == "single"  # only then smaller images
+    assert steps(slowest) >= 0.45 * sensible  # never below half the sensible length
 
 
 def test_no_rung_judges_a_trial_before_a_quarter_of_its_length():

@@ -132,3 +132,17 @@ def test_concurrent_single_row_requests_are_each_answered_with_their_own_row(ser
         assert status == 200
         got = np.array([out["probabilities"][0][str(c)] for c in models["topics"].classes])
         np.testing.assert_allclose(got, want[i], atol=1e-6)
+
+
+def test_a_second_app_serves_beside_the_first_and_stopping_it_leaves_the_first_serving(server, tmp_path):
+    s, models = server
+    shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
+    port = int(s.url.rsplit(":", 1)[1])
+    other = serve([tmp_path / "topics"], options=ServeOptions(port=port, cpus_per_replica=0), app_name="second")
+    assert other.url.endswith(f":{port}/second") and other.names == ["topics"]
+    status, out = _post(f"{other.url}/models/topics/predict", {"inputs": ["a goal"]}, token=None)  # no token here
+    assert status == 200 and out["predictions"] == list(models["topics"].predict(["a goal"]))
+    other.shutdown()
+    assert _post(f"{other.url}/models/topics/predict", {"inputs": ["a goal"]}, token=None)[0] == 404
+    ok, again = _post(f"{s.url}/models/topics/predict", {"inputs": ["a goal"]})
+    assert ok == 200 and again["predictions"] == list(models["topics"].predict(["a goal"]))

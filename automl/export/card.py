@@ -47,6 +47,8 @@ def _summary(m: ExportManifest) -> list[str]:
     trained = {"retrain": f"then retrained on train+validation for {m.training.get('epochs', '?')} epochs",
                "checkpoint": "the winning trial's own weights are exported (no retrain: " +
                              str(m.training.get("reason", "")) + ")"}.get(how, m.training.get("description", how))
+    if m.training.get("decision"):  # the start point kept, or what beat it and how surely
+        trained += "; " + str(m.training["decision"])
     return ["## Summary", "",
             f"This model does {what}. It fine-tunes `{m.backbone.model}` ({m.backbone.library}, "
             f"{'pretrained' if m.backbone.pretrained else 'trained from scratch'}).", "",

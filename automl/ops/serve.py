@@ -244,12 +244,12 @@ class Server:
     local: bool = True                 # Serve was started in an embedded local Ray, not on a cluster
 
     def shutdown(self) -> None:
-        """Stop this server's app; on the embedded local Ray also Serve's proxy (so a later server may take another
-        port). On a cluster other apps keep serving."""
+        """Stop this server's app; other apps keep serving. On the embedded local Ray, once no app is left, also
+        Serve's proxy (so a later server may take another port); on a cluster Serve itself stays up."""
         from ray import serve
 
         serve.delete(self.app)
-        if self.local:
+        if self.local and not serve.status().applications:
             serve.shutdown()
 
 

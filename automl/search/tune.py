@@ -114,9 +114,10 @@ class CheckpointJanitor(Callback):
     before that would otherwise resume the trial with its checkpoint gone.
     """
 
-    def __init__(self, exp_path: str, keep_best: int = 5):
+    def __init__(self, exp_path: str, keep_best: int = 5, start_file: str | None = None):
         self.exp_path = exp_path
         self.keep_best = keep_best
+        self.start_file = start_file  # the start points' trial ids: their weights are the reference, always kept
         self.peak_bytes = 0
         self.pending: dict[str, tuple[float, str]] = {}
         self.last_visit = 0.0
@@ -175,13 +176,15 @@ class CheckpointJanitor(Callback):
         self._visit()
 
     def _prune_best(self, trials) -> None:
-        """Kept weights of finished trials outside the top `keep_best` are not needed (the winner, a soup or an
-        ensemble of the top trials is all that is built from them)."""
+        """Kept weights of finished trials outside the top `keep_best` are not needed (the start points, the winner,
+        a soup or an ensemble of the top trials is all that is built from them)."""
         best = str(Path(self.exp_path) / "best")
         running = {t.trial_id for t in trials if t.status in ("RUNNING", "PENDING", "PAUSED")}
+        starts = set(Path(self.start_file).read_text().split()) if self.start_file and Path(self.start_file).exists() \
+            else set()
         ranked = sorted(kept.scores(best).items(), key=lambda kv: kv[1], reverse=True)
         for tid, _ in ranked[self.keep_best:]:
-            if tid not in running:
+            if tid not in running and tid not in starts:
                 kept.drop(best, tid)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -348,7 +351,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
         resources)
     progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress, plan_lines=plan_lines)
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
-    janitor = CheckpointJanitor(exp_path, keep_best=keep_best) if not remote else None
+    janitor = CheckpointJanitor(exp_path, keep_best=keep_best, start_file=asha_log + ".start") if not remote else None
     try:
         if resume and tune.Tuner.can_restore(exp_path):
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
