@@ -53,7 +53,6 @@ MIN_IMAGE_PRETRAINED = 48
 def min_image(pretrained: bool) -> int:
     """The smallest side a backbone is trained at."""
     return MIN_IMAGE_PRETRAINED if pretrained else MIN_IMAGE
-PROBE_MAX = 96               # images: the start point is timed at 32 px and at most this (cost grows with pixels)
 
 
 @dataclass

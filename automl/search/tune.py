@@ -102,7 +102,8 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
                 open(marker, "w").close()
                 os._exit(1)
 
-    fit(config, data, epochs=max_epochs, report=report, resume=resume)
+    # The search's end (set by the searcher): a trial running late compresses the rest of its schedule to end by it.
+    fit(config, data, epochs=max_epochs, report=report, resume=resume, deadline=config.get("_deadline"))
 
 
 class CheckpointJanitor(Callback):
@@ -265,9 +266,11 @@ class DeadlineOptunaSearch(OptunaSearch):
             return Searcher.FINISHED
         self.suggested += 1
         config = super().suggest(trial_id)
-        if isinstance(config, dict) and not start_point and clock.get("ends_at") and config.get("report_rows"):
-            rows = fitted_rows(int(config["report_rows"]), clock.get("trial_s"), clock["ends_at"] - time.time())
-            config = {**config, "report_rows": rows}
+        if isinstance(config, dict) and clock.get("ends_at"):
+            config = {**config, "_deadline": clock["ends_at"]}  # the trial ends its schedule by then (loop.Pace)
+            if not start_point and config.get("report_rows"):
+                rows = fitted_rows(int(config["report_rows"]), clock.get("trial_s"), clock["ends_at"] - time.time())
+                config["report_rows"] = rows
         return config
 
 

@@ -238,8 +238,9 @@ class _Setup:
     device: torch.device
     scaler: Any = None       # fp16 on a GPU without bf16: scales the loss so small gradients survive
 
-    def step(self, fwd_model: nn.Module, run_encoder, step: int) -> float:
-        """One optimizer step on batch number `step` (mixed precision on a GPU); returns the batch loss."""
+    def step(self, fwd_model: nn.Module, run_encoder, step: int, advance: int = 1) -> float:
+        """One optimizer step on batch number `step` (mixed precision on a GPU), moving the LR schedule on by
+        `advance` steps (more than one when a deadline compresses the schedule); returns the batch loss."""
         idx = self.batches(step)
         target = self.y_train[idx].to(self.device, non_blocking=True)
         if self.mixup is not None and len(idx) % 2 == 0:
@@ -269,7 +270,8 @@ class _Setup:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+        for _ in range(advance):
+            self.scheduler.step()
         return float(loss.detach())
 
 
@@ -331,10 +333,60 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
                   x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device, scaler)
 
 
+class Pace:
+    """Steps per report, and how far each step moves the LR schedule, for a run that must end by a deadline.
+
+    Without a deadline (or while the reports left fit before it) every report trains the planned steps and each
+    step moves the schedule one step. When the measured pace says the reports left would overrun, the steps per
+    report shrink to what fits and each step moves the schedule on by the ratio, so the schedule (warm-up, decay)
+    still ends at the last report. Same reports: ASHA's rungs and the trial's length in reports do not change.
+    """
+
+    MARGIN = 0.9         # aim to end this share of the time left before the deadline
+
+    def __init__(self, per_report: int, reports: int, done: int, deadline: float | None, state: dict | None = None):
+        self.reports, self.deadline, self.end = reports, deadline, per_report * reports  # the schedule's last step
+        self.per_report, self.step, self.position, self.ratio, self.carry = per_report, done * per_report, \
+            done * per_report, 1.0, 0.0
+        self.compressed = 0
+        if state:  # a resumed run continues at the pace it had
+            for k in ("per_report", "step", "position", "ratio", "carry", "compressed"):
+                setattr(self, k, type(getattr(self, k))(state[k]))
+        if deadline is not None and time.time() >= deadline:
+            self.deadline = None  # a deadline already past when the run (re)starts is stale: ignore it
+
+    def advance(self) -> int:
+        """Schedule steps for the next optimizer step (`ratio` on average; never past the schedule's end)."""
+        self.carry += self.ratio
+        n = min(int(self.carry), self.end - self.position)
+        self.carry -= int(self.carry)
+        self.position += n
+        return n
+
+    def observe(self, step_s: float, eval_s: float, reports_done: int) -> None:
+        """After a report: if the reports left at this pace would overrun the deadline, compress the rest."""
+        left = self.reports - reports_done
+        if self.deadline is None or left <= 0:
+            return
+        time_left = self.MARGIN * (self.deadline - time.time()) - left * eval_s
+        if left * self.per_report * step_s <= time_left:
+            return
+        per = max(1, int(time_left / max(step_s, 1e-9) / left))
+        if per >= self.per_report:
+            return
+        self.per_report, self.compressed = per, self.compressed + 1
+        self.ratio, self.carry = max(1.0, (self.end - self.position) / (per * left)), 0.0
+
+    def state(self) -> dict:
+        return {"per_report": self.per_report, "step": self.step, "position": self.position, "ratio": self.ratio,
+                "carry": self.carry, "compressed": self.compressed}
+
+
 def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | None = None,
         report: Callable[[dict, Callable[..., dict]], None] | None = None, resume: dict | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1,
-        device: torch.device | None = None, initial_state: dict | None = None) -> FitResult:
+        device: torch.device | None = None, initial_state: dict | None = None,
+        deadline: float | None = None) -> FitResult:
     """Train `config` for `epochs` reports of `steps_per_report` optimizer steps each (one pass over the data when
     the config sets none), evaluating on the validation set after each.
 
@@ -343,6 +395,9 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     state_fn(weights_only=True) just the trained weights. resume: such a state, to continue from.
     wrap_model / rank / world_size: hooks for data-parallel training (ranks get equal shards of the data
     and batch_size / world_size rows per step). initial_state: weights to start from (a base model).
+    deadline: a wall-clock time (time.time()) the run must end by: when the reports left would not fit, the rest
+    of the schedule is compressed into fewer steps per report (`Pace`), so the run ends its schedule in time
+    instead of being cut mid-schedule with its learning rate still high.
     """
     config = full_config(config)
     device = device or default_device()
@@ -358,6 +413,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         s.optimizer.load_state_dict(resume["optimizer"])
         s.scheduler.load_state_dict(resume["scheduler"])
         start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
+    pace = Pace(s.steps_per_report, epochs, start_epoch, deadline, resume.get("pace") if resume else None)
 
     # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
     run_model, run_encoder, x_val = model, s.encoder, s.x_val
@@ -377,7 +433,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             hit = featcache.STATS["hits"] > hits
             cache_use = f"{split.tag}:hit" if hit else f"{split.tag}:computed"
             cache_from = featcache.STATS["from"] if hit else ""
-    fwd_model, current_k, seed, per = model, -1, int(config["seed"]) + rank, s.steps_per_report
+    fwd_model, current_k, seed = model, -1, int(config["seed"]) + rank
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
         # Per-report seeds: a run resumed from a checkpoint augments exactly as the original.
@@ -391,13 +447,14 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             fwd_model = wrap_model(run_model) if wrap_model else run_model
         fwd_model.train()
         eval_frozen(model)
-        losses = [s.step(fwd_model, run_encoder, step) for step in range(epoch * per, (epoch + 1) * per)]
+        first, per = pace.step, pace.per_report
+        losses = [s.step(fwd_model, run_encoder, step, pace.advance()) for step in range(first, first + per)]
+        pace.step += per
         train_s = time.perf_counter() - t0
-        seen = np.concatenate([s.batches(step) for step in range(max(epoch * per, (epoch + 1) * per - 8),
-                                                                  (epoch + 1) * per)])
+        seen = np.concatenate([s.batches(step) for step in range(max(first, pace.step - 8), pace.step)])
         recalibrate_bn(run_model, run_encoder, s.x_train, seen, device, s.batches.bs, max_batches=min(8, max(2, per)))
-        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "steps": per * (epoch + 1),
-                   "epochs_seen": per * (epoch + 1) * s.batches.bs / len(s.batches.shard),
+        metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "steps": pace.step,
+                   "epochs_seen": pace.step * s.batches.bs / len(s.batches.shard),
                    "lr": s.optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
                    "epoch_time_s": train_s, "feature_cache": cache_use, "feature_cache_from": cache_from}
         if x_val is not None and data.y_val is not None and len(data.y_val):
@@ -405,6 +462,9 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
                            target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)
             metrics.update({f"val_{kk}": v for kk, v in val.items()})
         metrics["report_time_s"] = time.perf_counter() - t0
+        pace.observe(train_s / per, metrics["report_time_s"] - train_s, epoch + 1)
+        if pace.compressed:
+            metrics["schedule_compressed"] = pace.compressed
         history.append(metrics)
         if report is not None:
             def state_fn(weights_only: bool = False, epoch_now=epoch + 1, k=k):
@@ -412,7 +472,7 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
                     return {"model": trainable_state(model)}
                 return {"model": trainable_state(model), "optimizer": copy.deepcopy(s.optimizer.state_dict()),
                         "scheduler": s.scheduler.state_dict(), "epoch": epoch_now, "trainable_k": k,
-                        "history": list(history)}
+                        "history": list(history), "pace": pace.state()}
 
             report(metrics, state_fn)
     model.eval()
