@@ -190,3 +190,22 @@ def test_the_start_point_is_replaced_only_by_an_option_better_beyond_validation_
     won = _decide([option("single", slightly), option("ensemble", clearly)], start, y, "accuracy", 3, alpha=0.1)
     assert won.kind == "ensemble" and "chosen over the start point" in won.decision
     assert won.val_score == pytest.approx((clearly.argmax(1) == y).mean())
+
+
+def test_a_trial_that_finished_its_schedule_is_its_last_report_not_its_best_scoring_one(tmp_path):
+    from automl.search import kept
+
+    w = lambda v: {"w": torch.full((2,), float(v))}  # noqa: E731
+    d = str(tmp_path)
+    kept.keep(d, "t", w(1), 0.5, 1)
+    kept.keep(d, "t", w(2), 0.9, 2)          # a mid-schedule report that scored best on validation
+    assert kept.model_file(d, "t") == kept.best_file(d, "t") and kept.model_score(d, "t") == 0.9  # unfinished
+    kept.keep(d, "t", w(3), 0.7, 3)
+    kept.keep_final(d, "t", w(3), 0.7, 3)    # the last report: the end of the schedule
+    from safetensors.torch import load_file
+
+    assert load_file(kept.model_file(d, "t"))["w"][0] == 3 and kept.model_score(d, "t") == 0.7
+    assert load_file(kept.best_file(d, "t"))["w"][0] == 2  # the best report is still there for soups
+    assert len(kept.snapshot_files(d, "t")) == 3
+    kept.drop(d, "t")
+    assert kept.model_file(d, "t") is None and not list(tmp_path.iterdir())

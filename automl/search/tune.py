@@ -84,6 +84,8 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
         # Among the trial's best few reports (of equal scores the later one: trained longer)?
         if best_dir and score is not None and (len(snaps) < kept.SNAPSHOTS or score >= min(s["score"] for s in snaps)):
             kept.keep(best_dir, trial_id, state_fn(weights_only=True)["model"], score, int(metrics["epoch"]))
+        if best_dir and score is not None and metrics["epoch"] >= max_epochs:  # the end of its schedule: its model
+            kept.keep_final(best_dir, trial_id, state_fn(weights_only=True)["model"], score, int(metrics["epoch"]))
         now = time.monotonic()
         due = checkpoint_due(now - clock["last"], clock["cost"], checkpoint_every_s)
         # The last epoch needs none: a finished trial is not resumed.
@@ -301,8 +303,9 @@ class SearchResult:
 
     @property
     def best_weights(self) -> str | None:
-        """The winner's best weights, when the search kept them."""
-        return kept.best_file(self.best_dir, self.best_trial_id)
+        """The winner's model (its last report's weights, or its best report's when it did not finish), when the
+        search kept them."""
+        return kept.model_file(self.best_dir, self.best_trial_id)
 
 
 def _searchable_point(space: SearchSpace, point: dict) -> dict:

@@ -1,6 +1,8 @@
 """After the search: the start point, the winner alone, a greedy soup, or a greedy ensemble of the top trials.
 
-The start point is the reference: anything else replaces it only when it scores better on validation by more than
+A trial's model is its last report's weights when it trained its whole schedule (search/kept.py says why), else
+its best report's. The start point is the reference: anything else replaces it only when it scores better on
+validation by more than
 the noise of a validation set that size (a one-sided paired bootstrap over the validation rows, `ALPHA`). On small
 data the validation score moves by several points with a handful of rows, and a search that follows that noise
 exports models worse than its own sensible default (Tux Paint stamps, 105 validation rows: a config 5 points
@@ -9,8 +11,8 @@ wins (ties go to the simpler model).
 
 Greedy soup (Wortsman et al., ICML 2022): average the weights of fine-tuned models of one architecture, adding
 one only if the average scores better on validation. Its ingredients are the winner's own best few reports
-(snapshots of one run, as AutoGluon MultiModal soups its top checkpoints) and the best weights of the other top
-trials that share the winner's architecture. Greedy ensemble (Caruana et al., 2004): average the probabilities
+(snapshots of one run, as AutoGluon MultiModal soups its top checkpoints) and the models of the other top trials
+that share the winner's architecture. Greedy ensemble (Caruana et al., 2004): average the probabilities
 of models, adding one only if validation improves; at most three members.
 """
 from __future__ import annotations
@@ -124,7 +126,7 @@ def _proba(model, encoder, x) -> np.ndarray:
 
 def _member(tid: str, cfg: dict, score: float, best_dir: str, num_classes: int, inputs_for) -> Member:
     cfg = full_config(cfg)
-    model, spec = load_best(cfg, num_classes, kept.best_file(best_dir, tid))
+    model, spec = load_best(cfg, num_classes, kept.model_file(best_dir, tid))
     enc = build_encoder(cfg, model, spec)
     m = Member(tid, cfg, score, model, enc, spec)
     m.proba = _proba(model, enc, inputs_for(cfg))
@@ -158,16 +160,17 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
         m, _ = load_best(best.config, num_classes, weights_file)
         return {k: v.detach().cpu() for k, v in m.state_dict().items()}
 
+    own = kept.model_file(best_dir, best.trial_id)
     ingredients = [(f"{best.trial_id}@{Path(f).stem.rsplit('.r', 1)[-1]}", f)
-                   for f in kept.snapshot_files(best_dir, best.trial_id)[1:]]
-    ingredients += [(m.trial_id, kept.best_file(best_dir, m.trial_id)) for m in members[1:] if m.key == best.key]
+                   for f in kept.snapshot_files(best_dir, best.trial_id) if f != own]
+    ingredients += [(m.trial_id, kept.model_file(best_dir, m.trial_id)) for m in members[1:] if m.key == best.key]
     soup_ids, soup_score, soup_model, tried = [best.trial_id], single, None, 0
     states = [{k: v.detach().cpu().clone() for k, v in best.model.state_dict().items()}]
     for name, weights in ingredients if "soup" in kinds else []:
         candidate_states = states + [state_of(weights)]
         avg = {k: (sum(s[k].float() for s in candidate_states) / len(candidate_states)).to(v.dtype)
                for k, v in states[0].items()}
-        candidate, _ = load_best(best.config, num_classes, kept.best_file(best_dir, best.trial_id))
+        candidate, _ = load_best(best.config, num_classes, own)
         candidate.load_state_dict(avg)
         s = _score(y_val, _proba(candidate.eval(), best.encoder, inputs_for(best.config)), metric, num_classes)
         tried += 1

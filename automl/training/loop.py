@@ -342,7 +342,7 @@ class Pace:
     still ends at the last report. Same reports: ASHA's rungs and the trial's length in reports do not change.
     """
 
-    MARGIN = 0.9         # aim to end this share of the time left before the deadline
+    MARGIN = 0.95        # aim to end within this share of the time left before the deadline (re-aimed each report)
 
     def __init__(self, per_report: int, reports: int, done: int, deadline: float | None, state: dict | None = None):
         self.reports, self.deadline, self.end = reports, deadline, per_report * reports  # the schedule's last step
