@@ -72,8 +72,10 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
             "winner": str(m.manifest.searched_hyperparameters.get("backbone"))}
 
 
-def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
-    """The space's start point, trained once for a sensible length that fits the budget, 2 threads, no Ray."""
+def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False) -> dict:
+    """The space's start point, trained once for a sensible length that fits the budget, 2 threads, no Ray.
+    Images: at their native size, shrunk until the full sensible length fits; with native=True ("fixed_native")
+    at their native size as the plan caps it on a CPU (128 px), as many steps as fit instead."""
     import torch
 
     from automl.data.inputs import Inputs
@@ -81,7 +83,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
     from automl.export.manifest import ExportManifest, Preprocessing
     from automl.export.predictor import FinetunedModel
     from automl.models import resolve
-    from automl.search.plan import image_side, min_image, sensible_steps, token_p95
+    from automl.search.plan import MAX_IMAGE_CPU, image_side, min_image, sensible_steps, token_p95
     from automl.search.space import load_space
     from automl.training.loop import fit, full_config, measure_speed
 
@@ -96,9 +98,10 @@ def fixed(df: pd.DataFrame, budget: float, seed: int) -> dict:
     size = None
     if task.modality == "image":
         # The native size, but not below what the backbone needs (search/plan.py's rule: 48 px when pretrained).
-        size = min(224, max(min_image(spec.pretrained), -(-image_side(task.images) // 8) * 8))
+        size = min(MAX_IMAGE_CPU if native else 224, max(min_image(spec.pretrained),
+                                                         -(-image_side(task.images) // 8) * 8))
         work = Path(tempfile.mkdtemp(prefix="fixed-"))
-        while True:  # the native size, shrunk until the run fits 80% of the budget
+        while not native:  # the native size, shrunk until the run fits 80% of the budget
             probe = Inputs.materialise(task, size, work)
             # Timed as it trains: with both threads (timing one thread made it shrink images it had time for).
             sp = measure_speed({**cfg, "image_size": size}, probe.trial_data(), steps=3, threads=(2,))
@@ -211,8 +214,10 @@ def main() -> None:
                 t = time.monotonic()
                 if method == "ours":
                     r = ours(df, args.budget, seed, tmp / "ours")
-                elif method == "fixed":
-                    r = fixed(df, args.budget, seed)
+                elif method in ("fixed", "fixed_native"):
+                    if method == "fixed_native" and base.columns[0] != "image":
+                        continue
+                    r = fixed(df, args.budget, seed, native=method == "fixed_native")
                 elif method == "random":
                     r = random_search(df, args.budget, seed, tmp / "random")
                 else:
