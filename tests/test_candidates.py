@@ -120,6 +120,27 @@ def test_images_are_checked_without_decoding_and_decoded_once_at_the_planned_siz
     assert again.path == store.path and len(decoded) == 12
 
 
+@pytest.mark.slow  # uses the session's Ray
+def test_images_decoded_by_parallel_ray_tasks_equal_the_serial_store(ray_session, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from automl.data import inputs as inputs_mod
+    from automl.data.inputs import ImageStore
+    from automl.data.intake import prepare
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": str(tmp_path / f"{i}.png"), "label": "ab"[i % 2]})
+    task = prepare(pd.DataFrame(rows))
+    monkeypatch.setattr(inputs_mod, "CHUNK", 3)  # four decoding tasks, the last one short
+    serial, _ = ImageStore.build(task, 16, tmp_path / "serial", parallel=False)
+    parallel, failures = ImageStore.build(task, 16, tmp_path / "parallel", parallel=True)
+    assert not failures and np.array_equal(np.asarray(parallel.array()), np.asarray(serial.array()))
+    assert np.asarray(parallel.array()).std() > 10  # real pixels, not the blank the file starts as
+
+
 def test_texts_are_tokenised_once_per_tokenizer_and_length_and_keyed_by_content(tmp_path, minilm_dir):
     from automl.data.encoders import TextEncoder
     from automl.data.inputs import Rows, TextStore

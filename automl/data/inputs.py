@@ -74,7 +74,12 @@ class ImageStore:
         use_ray = (ray.is_initialized() and len(chunks) > 1) if parallel is None else parallel
         try:
             if use_ray:
-                task_fn = ray.remote(num_cpus=1)(_decode_into)
+                # On this node only: tasks on other nodes writing parts of one memory-mapped file over a network
+                # filesystem could write back whole pages over each other's rows at the chunk boundaries.
+                from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+                here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                task_fn = ray.remote(num_cpus=1)(_decode_into).options(scheduling_strategy=here)
                 refs = [task_fn.remote(str(tmp), s, vals, task.images.base_dir, size) for s, vals in chunks]
                 for part in ray.get(refs):
                     failures += part
