@@ -97,7 +97,7 @@ def combine(budget: float, seed: int) -> list[str]:
                           output_dir=tempfile.mkdtemp())
         best = m.trials.iloc[0]
         cfg = full_config({k[7:]: v for k, v in best.items() if k.startswith("config/") and not pd.isna(v)})
-        model, spec = load_best(cfg, len(m.classes), kept.best_file(m.search.best_dir, best["trial_id"]))
+        model, spec = load_best(cfg, len(m.classes), kept.model_file(m.search.best_dir, best["trial_id"]))
         enc = build_encoder(cfg, model, spec)
         single = FinetunedModel(model, enc, ExportManifest(
             task=m.manifest.task, modality=m.manifest.modality, classes=m.classes, label_column="label",
