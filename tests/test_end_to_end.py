@@ -294,15 +294,18 @@ def test_the_retrain_keeps_the_validated_schedule_and_its_two_ddp_ranks_identica
     (the same reports, each scaled to the larger data: the same epochs), on two Ray Train workers."""
     from automl.data.intake import prepare
 
+    # Rows per report pinned small: the plan's sensible length from scratch (~1500 steps) adds nothing here.
     m = auto_finetune(digits_df, time_budget_s=None, max_trials=2, output_dir=tmp_path, retrain=True,
                       retrain_workers=2, progress=False, find_label_errors=False, export_formats=False,
-                      search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3})
+                      search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3,
+                                    "report_rows": 400})
     plan, train, hp = m.manifest.plan, m.manifest.training, m.manifest.hyperparameters
     assert train["how"] == "retrain" and train["workers"] == 2
     assert train["epochs"] == train["schedule_epochs"] == plan["reports"]  # not cut mid-schedule
     t = prepare(digits_df)
     n_train, n_full = len(t.splits["train"]), len(t.splits["train"]) + len(t.splits["validation"])
-    assert hp["report_rows"] == round(plan["report_rows"] * n_full / n_train) and train["rows"] == n_full
+    assert m.manifest.searched_hyperparameters["report_rows"] == 400
+    assert hp["report_rows"] == round(400 * n_full / n_train) and train["rows"] == n_full
     assert hp["schedule"] == m.manifest.searched_hyperparameters["schedule"]
     sums = train["weight_sums"]
     assert len(sums) == 2 and sums[0] == sums[1]  # DDP kept both ranks' weights identical

@@ -74,3 +74,13 @@ def test_the_card_lists_every_file_and_whether_it_holds_user_data(tmp_path):
     assert rows["model.safetensors"].split("|")[3].strip() == "no"
     assert "{'" not in card  # a document for a person: no Python dict literals
     json.dumps(m.to_dict(), default=str)
+
+
+def test_the_card_says_when_the_suspected_label_errors_are_mostly_model_confusion():
+    from automl.export.card import model_card
+
+    m = load(FIXTURES / "v1_text_export").manifest
+    m.suspected_label_errors = {"count": 30, "share": 0.03, "expected_precision": 0.9}
+    assert "Expected precision: 0.90" in model_card(m, None) and "model confuses" not in model_card(m, None)
+    m.suspected_label_errors = {"count": 300, "share": 0.3, "expected_precision": 0.95}
+    assert "That is 30% of the rows, more than label noise usually explains" in model_card(m, None)

@@ -44,7 +44,18 @@ def test_only_rows_whose_label_is_not_confidently_predicted_are_flagged():
     found = suspects(proba, y, ["a", "b"])
     assert found["row"].tolist() == [2] and found["suspected_label"].tolist() == ["b"]
     assert found["margin"].iloc[0] == 0.8 - 0.2
+    # The precision the card states: the mean probability, over flagged rows, that the given label is wrong.
+    assert summary(found, len(y))["expected_precision"] == pytest.approx(1 - 0.2)
     assert isinstance(found, pd.DataFrame)
+
+
+def test_a_confidently_predicted_other_class_is_flagged_only_by_a_wide_margin():
+    """A weak model's thresholds are low: a row it merely leans away from is not called an error."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.35, 0.65],  # t_0 = 0.5375
+                      [0.3, 0.7], [0.4, 0.6], [0.45, 0.55]])             # t_1 = 0.6167
+    assert suspects(proba, y, ["a", "b"], min_margin=-1.0)["row"].tolist() == [2, 3]  # confident learning alone
+    assert suspects(proba, y, ["a", "b"])["row"].tolist() == [2]         # row 3: margin 0.3 < 0.5
 
 
 def test_expected_calibration_error_against_a_hand_computed_value():

@@ -2,15 +2,22 @@
 
 Confident learning (Northcutt et al., JAIR 2021): each class j has a threshold t_j, the average probability the
 model gives class j on rows labelled j (its self-confidence). A row labelled y is flagged only when another class
-j is *confidently* predicted (p_j >= t_j, the largest such) and its own label is not (p_y < t_y); flagged rows are
-ranked by the margin p_j - p_y. The probabilities come from a cross-fit of the winning config: every row is scored
-by a model that never saw it. The expected precision reported is the mean, over flagged rows, of the probability
-that the given label is wrong (1 - p_y), which holds when those probabilities are calibrated.
+j is *confidently* predicted (p_j >= t_j, the largest such) and its own label is not (p_y < t_y), and the model
+prefers j by a wide margin (p_j - p_y >= MIN_MARGIN); flagged rows are ranked by that margin. The margin bar matters
+when the model is weak and its thresholds low: confident learning alone then flags rows the model merely leans
+away from (Tux Paint stamps, 69% out-of-fold accuracy, 5% planted flips: precision 0.18 without the bar, 0.41 with
+it, recall 0.77 -> 0.71; digits unchanged). Where classes overlap and the model is confidently wrong (fortunes),
+no bar helps: the card then says the list is mostly rows the model confuses. The probabilities come from a
+cross-fit of the winning config: every row is scored by a model that never saw it. The expected precision reported
+is the mean, over flagged rows, of the probability that the given label is wrong (1 - p_y), which holds only when
+those probabilities are calibrated.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+MIN_MARGIN = 0.5  # the suspected class at least this much more probable than the given label
 
 
 def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads: int,
@@ -77,7 +84,8 @@ def cv_summary(proba: np.ndarray, y: np.ndarray, fold_of: np.ndarray, num_classe
                             "std": float(np.std([m[k] for m in per_fold]))} for k in keys}}
 
 
-def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndarray | None = None) -> pd.DataFrame:
+def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndarray | None = None,
+             min_margin: float = MIN_MARGIN) -> pd.DataFrame:
     """Rows whose label confident learning finds likely wrong, most likely first (see the module docstring)."""
     n, c = proba.shape
     thresholds = np.array([proba[y == k, k].mean() if (y == k).any() else 1.0 for k in range(c)])
@@ -85,8 +93,8 @@ def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndar
     confident = proba >= thresholds[None, :]
     confident[np.arange(n), y] = False                 # another class than the given one
     other = np.where(confident, proba, -1.0).argmax(1)
-    flag = confident.any(1) & (p_given < thresholds[y])
     margin = proba[np.arange(n), other] - p_given
+    flag = confident.any(1) & (p_given < thresholds[y]) & (margin >= min_margin)
     order = np.flatnonzero(flag)[np.argsort(-margin[flag], kind="stable")]
     rows = row_index if row_index is not None else np.arange(n)
     return pd.DataFrame({
@@ -100,4 +108,5 @@ def summary(found: pd.DataFrame, n_rows: int) -> dict:
     """Count, share of the rows and expected precision of the flagged list."""
     return {"count": int(len(found)), "share": float(len(found) / max(1, n_rows)),
             "expected_precision": float((1.0 - found["p_given_label"]).mean()) if len(found) else None,
-            "method": "confident learning (per-class thresholds) on 2-fold out-of-fold probabilities"}
+            "method": f"confident learning (per-class thresholds, margin >= {MIN_MARGIN}) on 2-fold out-of-fold "
+                      "probabilities"}

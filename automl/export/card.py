@@ -9,6 +9,8 @@ import pandas as pd
 from automl.export.manifest import ExportManifest
 
 # Files that hold the user's data (rows, texts, images), as opposed to weights and summaries.
+NOISY_SHARE = 0.10  # flagged share above which the list is more model confusion than label noise
+
 USER_DATA_FILES = {"test_split.npz": "the test split's images and labels",
                    "test_split.jsonl": "the test split's texts and labels",
                    "suspected_label_errors.csv": "row numbers and labels of suspected label errors",
@@ -150,7 +152,11 @@ def _evaluation(m: ExportManifest) -> list[str]:
         out += ["## Suspected label errors", "",
                 f"{le['count']} training rows have labels the model finds unlikely (out-of-fold probabilities, "
                 "confident learning); see `suspected_label_errors.csv`."
-                + (f" Expected precision: {le['expected_precision']:.2f}." if le.get("expected_precision") else ""), ""]
+                + (f" Expected precision: {le['expected_precision']:.2f} (if the model's probabilities are "
+                   "calibrated)." if le.get("expected_precision") else "")
+                + (f" That is {le['share']:.0%} of the rows, more than label noise usually explains: many are "
+                   "likely rows the model confuses (overlapping classes), not wrong labels."
+                   if le.get("share", 0) > NOISY_SHARE else ""), ""]
     return out
 
 
