@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 MIN_MARGIN = 0.5  # the suspected class at least this much more probable than the given label
+NOISY_SHARE = 0.10  # flagged share above which the list is more model confusion than label noise
 
 
 def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads: int,

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from automl.diagnostics.labelnoise import NOISY_SHARE
 from automl.export.manifest import ExportManifest
 
 # Files that hold the user's data (rows, texts, images), as opposed to weights and summaries.
-NOISY_SHARE = 0.10  # flagged share above which the list is more model confusion than label noise
-
 USER_DATA_FILES = {"test_split.npz": "the test split's images and labels",
                    "test_split.jsonl": "the test split's texts and labels",
                    "suspected_label_errors.csv": "row numbers and labels of suspected label errors",
