@@ -478,7 +478,7 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
             out.label_errors = suspects(proba, task.y[full], prepared.classes, rows)
-            out.label_error_summary = summary(out.label_errors, len(full))
+            out.label_error_summary = summary(out.label_errors, len(full), folds)
         if opts.diagnostics.cv_folds:
             out.cross_validation = cv_summary(proba, task.y[full], fold_of, task.num_classes)
     if prepared.base is not None:

@@ -289,31 +289,6 @@ def test_registered_schedule_policy_and_backbone_are_used_end_to_end_in_a_regres
         m.predict_proba(df.head(2))
 
 
-def test_the_retrain_keeps_the_validated_schedule_and_its_two_ddp_ranks_identical(ray_session, digits_df, tmp_path):
-    """retrain=True: the winner trains again on train+validation for the length and schedule it was validated with
-    (the same reports, each scaled to the larger data: the same epochs), on two Ray Train workers."""
-    from automl.data.intake import prepare
-
-    # Rows per report pinned small: the plan's sensible length from scratch (~1500 steps) adds nothing here.
-    m = auto_finetune(digits_df, time_budget_s=None, max_trials=2, output_dir=tmp_path, retrain=True,
-                      retrain_workers=2, progress=False, find_label_errors=False, export_formats=False,
-                      search_space={"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3,
-                                    "report_rows": 400})
-    plan, train, hp = m.manifest.plan, m.manifest.training, m.manifest.hyperparameters
-    assert train["how"] == "retrain" and train["workers"] == 2
-    assert train["epochs"] == train["schedule_epochs"] == plan["reports"]  # not cut mid-schedule
-    t = prepare(digits_df)
-    n_train, n_full = len(t.splits["train"]), len(t.splits["train"]) + len(t.splits["validation"])
-    assert m.manifest.searched_hyperparameters["report_rows"] == 400
-    assert hp["report_rows"] == round(400 * n_full / n_train) and train["rows"] == n_full
-    assert hp["schedule"] == m.manifest.searched_hyperparameters["schedule"]
-    sums = train["weight_sums"]
-    assert len(sums) == 2 and sums[0] == sums[1]  # DDP kept both ranks' weights identical
-    got = float(sum(p.detach().double().sum() for p in load(m.export_dir).model.parameters()))
-    assert got == pytest.approx(sums[0], rel=1e-6)  # rank 0's weights are what was exported
-    assert m.metrics["accuracy"] > 0.6
-
-
 # ---------------------------------------------------------------------------------------------- model updates
 
 @pytest.fixture(scope="module")

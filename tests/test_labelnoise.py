@@ -31,7 +31,8 @@ def test_planted_label_flips_are_found(digits_df):
     if first["row"] in flipped:
         assert digits_df.loc[first["row"], "label"] == first["suspected_label"]
     s = summary(found, len(df))
-    assert s["count"] == len(found)
+    assert s["count"] == len(found) and "on 2-fold out-of-fold" in s["method"]
+    assert "on 3-fold out-of-fold" in summary(found, len(df), folds=3)["method"]  # says the folds it was given
     # The precision the card promises is the one measured on the planted flips, within what 12 rows can tell.
     assert abs(s["expected_precision"] - precision) <= 0.25, (s, precision)
 

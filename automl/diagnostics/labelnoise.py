@@ -105,9 +105,9 @@ def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndar
     })
 
 
-def summary(found: pd.DataFrame, n_rows: int) -> dict:
+def summary(found: pd.DataFrame, n_rows: int, folds: int = 2) -> dict:
     """Count, share of the rows and expected precision of the flagged list."""
     return {"count": int(len(found)), "share": float(len(found) / max(1, n_rows)),
             "expected_precision": float((1.0 - found["p_given_label"]).mean()) if len(found) else None,
-            "method": f"confident learning (per-class thresholds, margin >= {MIN_MARGIN}) on 2-fold out-of-fold "
-                      "probabilities"}
+            "method": f"confident learning (per-class thresholds, margin >= {MIN_MARGIN}) on {folds}-fold "
+                      "out-of-fold probabilities"}
