@@ -5,30 +5,56 @@
     model.predict(new_df); model.export_dir
     same = load(model.export_dir)
 """
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from automl import runtime as _runtime  # noqa: F401  (offline-hub defaults before any hub library loads)
-from automl.api import auto_finetune
-from automl.models import BackboneSpec, list_backbones, register_backbone
-from automl.training.augment import register_image_policy, register_text_policy
-from automl.data.intake import DataReport, prepare
-from automl.errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
-from automl.export.manifest import ExportManifest
-from automl.export.predictor import FinetunedModel, load
-from automl.options import FinetuneOptions
 from automl.budget import Budget
-from automl.training.schedules import register_schedule
-from automl.search.space import SearchSpace, load_space
+from automl.errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
+from automl.options import FinetuneOptions
+
+if TYPE_CHECKING:
+    from automl.api import auto_finetune
+    from automl.data.intake import DataReport, prepare
+    from automl.export.manifest import ExportManifest
+    from automl.export.predictor import FinetunedModel, load
+    from automl.models import BackboneSpec, list_backbones, register_backbone
+    from automl.ops.serve import ServeOptions, serve
+    from automl.search.space import SearchSpace, load_space
+    from automl.training.augment import register_image_policy, register_text_policy
+    from automl.training.schedules import register_schedule
 
 __version__ = "0.1.0"
 
+# The heavy names load on first use (PEP 562), so `import automl`, `automl.load(dir).predict(...)` and
+# `automl --help` do not pull in torch, Ray Tune or Optuna before they are needed. Serving pulls in FastAPI
+# and Ray Serve.
+_LAZY = {
+    "auto_finetune": "automl.api",
+    "load": "automl.export.predictor", "FinetunedModel": "automl.export.predictor",
+    "prepare": "automl.data.intake", "DataReport": "automl.data.intake",
+    "load_space": "automl.search.space", "SearchSpace": "automl.search.space",
+    "BackboneSpec": "automl.models", "register_backbone": "automl.models", "list_backbones": "automl.models",
+    "register_schedule": "automl.training.schedules",
+    "register_image_policy": "automl.training.augment", "register_text_policy": "automl.training.augment",
+    "ExportManifest": "automl.export.manifest",
+    "serve": "automl.ops.serve", "ServeOptions": "automl.ops.serve",
+}
+
 
 def __getattr__(name: str):
-    # Serving pulls in FastAPI and Ray Serve: loaded on first use, not with the package.
-    if name in ("serve", "ServeOptions"):
-        from automl.ops import serve as _serve
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'automl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
-        return getattr(_serve, name)
-    raise AttributeError(f"module 'automl' has no attribute {name!r}")
 
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

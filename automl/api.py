@@ -27,8 +27,10 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
         with budget.stage("plan"):
             plan = stages.plan(prepared, ray, budget)
             inputs = stages.materialise(prepared, plan)
+        with budget.stage("rung 0"):
+            rung0 = stages.probe(prepared, plan, inputs, budget)  # frozen features + linear heads, every backbone
         with budget.stage("search"):
-            result = stages.search(prepared, plan, inputs, budget)
+            result = stages.search(prepared, plan, inputs, budget, rung0)
         with budget.stage("finalise"):
             final = stages.finalise(prepared, plan, inputs, result, budget)
         with budget.stage("evaluate"):

@@ -21,6 +21,10 @@ class ModelLoadError(AutoMLError, OSError):
     """A backbone or an exported model cannot be loaded."""
 
 
+class NoTrialScored(AutoMLError, RuntimeError):
+    """The search ended without a single validation score."""
+
+
 def problem(what: str, got: object, expected: str, fix: str) -> str:
     """Format an error message in the house style."""
     return f"{what}: got {got!r}; expected {expected}. Fix: {fix}"

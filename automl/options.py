@@ -118,6 +118,9 @@ class SearchOptions:
     prerank: Any = option("auto", "rank pretrained backbones with LogME first and drop the worse half "
                           "('auto': when the space offers two or more)", FLAG | one_of("auto"),
                           example="prerank=False", cli="auto-bool")
+    ladder: bool = option(True, "rung 0 first: linear heads on every pretrained backbone's frozen features, scored "
+                          "on validation; fine-tunes start from the best heads (False: fine-tunes only)", FLAG,
+                          example="ladder=False")
     start_points: list | None = option(None, "configs to try first (e.g. earlier winners: a warm start)",
                                        CONFIGS | NONE, example='start_points=[{"lr": 3e-4}]', cli="json")
     resume: bool = option(False, "continue an interrupted search in output_dir", FLAG, example="resume=True")

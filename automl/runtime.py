@@ -21,16 +21,20 @@ def configure_offline_hubs() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def quiet_libraries() -> None:
-    """Silence chatty third-party logs; users see our progress view instead."""
+def quiet_libraries(search: bool = True) -> None:
+    """Silence chatty third-party logs; users see our progress view instead.
+
+    search=False: for a process that never searches (a serving replica), which then does not import Optuna
+    (Optuna resets its log level when it is first imported, so a searching process must import it here)."""
     for name in ("ray", "ray.tune", "ray.train", "ray.data", "transformers", "timm", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import optuna
+    if search:
+        try:
+            import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-    except ImportError:  # pragma: no cover - optuna is a hard dependency
-        pass
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+        except ImportError:  # pragma: no cover - optuna is a hard dependency
+            pass
     try:
         from transformers.utils import logging as hf_logging
 

@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -16,7 +16,7 @@ from automl import cluster, models
 from automl.budget import Budget, Costs
 from automl.data.inputs import Inputs
 from automl.data.intake import TaskData, plain, prepare as read_task
-from automl.errors import AutoMLError
+from automl.errors import AutoMLError, NoTrialScored
 from automl.export.manifest import ExportManifest, Preprocessing, Provenance
 from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
@@ -25,7 +25,10 @@ from automl.runtime import device
 from automl.search.plan import Plan, make_plan
 from automl.training.loop import full_config
 from automl.search.space import SearchSpace, load_space
-from automl.search.tune import SearchResult
+
+if TYPE_CHECKING:
+    from automl.search.ladder import Rung0
+    from automl.search.tune import SearchResult  # annotations only: Ray Tune loads with the search
 
 
 def say(msg: str) -> None:
@@ -168,7 +171,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                      export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
                      cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
                      node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
-                     regression=task.task == "regression")
+                     regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space))
     planned.transferability = transfer
     prepared.out.mkdir(parents=True, exist_ok=True)
     planned.save(saved)
@@ -179,6 +182,17 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     return planned
 
 
+def _rung0_backbones(prepared: Prepared, space: SearchSpace) -> int:
+    """How many pretrained backbones rung 0 (search/ladder.py) will fit heads on: 0 when it does not run (ladder
+    off, regression, an update of an earlier export, or a start point trained from scratch)."""
+    if not prepared.options.search.ladder or prepared.task.task == "regression" or prepared.base is not None:
+        return 0
+    spec = space.parameters.get("backbone", {})
+    values = list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
+    start = full_config(space.default_config())["backbone"]
+    return len({v for v in values + [start] if _pretrained(v)}) if _pretrained(start) else 0
+
+
 def _prerank(prepared: Prepared, space: SearchSpace) -> tuple[SearchSpace, dict | None]:
     """LogME pre-ranking of the space's backbones on a sample of training rows (search/prerank.py)."""
     from automl.data.images import stack_resized
@@ -186,8 +200,9 @@ def _prerank(prepared: Prepared, space: SearchSpace) -> tuple[SearchSpace, dict 
     from automl.search.prerank import PRERANK_IMAGE, PRERANK_ROWS, prerank_space
 
     opts, task = prepared.options, prepared.task
-    if not opts.search.prerank or prepared.base is not None:
-        return space, None
+    if not opts.search.prerank or prepared.base is not None or (opts.search.prerank == "auto"
+                                                                  and _rung0_backbones(prepared, space)):
+        return space, None  # rung 0 scores the backbones on validation itself (stages.probe)
     tr = np.sort(np.random.default_rng(opts.search.seed).permutation(task.splits["train"])[:PRERANK_ROWS])
     config = full_config(space.default_config())
     if task.modality == "image":
@@ -264,6 +279,9 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
         return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
                      lo.batch_size, size, alone)
 
+    # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
+    # size the search for seconds the probes then spend.
+    speed_at(probe_hi if task.modality == "image" else None)
     return speed_at
 
 
@@ -307,10 +325,60 @@ def materialise(prepared: Prepared, plan: Plan) -> Inputs:
     return Inputs.materialise(prepared.task, plan.storage_size, shared_dir(prepared) / "inputs")
 
 
+# ---------------------------------------------------------------------------- rung 0
+
+def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Rung0 | None:
+    """Rung 0 of the ladder (search/ladder.py): linear heads on every pretrained backbone's frozen features. The
+    search then fine-tunes the backbones it promotes, each from its best head, and the start point fine-tunes
+    the probe validation favours (plan.space is updated in place)."""
+    from automl.search import ladder
+    from automl.training.combine import ALPHA
+
+    task, opts = prepared.task, prepared.options
+    if not _rung0_backbones(prepared, space := plan.space) or (budget.total_s is not None and not plan.rung0_s):
+        return None
+    start = full_config(space.default_config())
+    values = list(space.parameters.get("backbone", {}).get("values") or [start["backbone"]])
+    pretrained = [v for v in values if _pretrained(v)]
+    candidates = [start["backbone"]] + [v for v in pretrained if v != start["backbone"]]
+    data = inputs.trial_data(max_val=plan.val_rows)
+    allowance = None if budget.total_s is None else plan.rung0_s
+    rung0 = ladder.probe(candidates, start, data.x_train, data.y_train, data.x_val, data.y_val,
+                         num_classes=task.num_classes, metric=prepared.metric, allowance_s=allowance,
+                         out_dir=shared_dir(prepared) / "rung0", seed=opts.search.seed,
+                         progress=say if opts.output.progress else None)
+    if not rung0.probes:
+        plan.reasons.append(rung0.summary())
+        return rung0
+    chosen, why = ladder.choose_start(rung0, start["backbone"], data.y_val, prepared.metric, task.num_classes, ALPHA)
+    keep = ladder.promoted(rung0, chosen) + [v for v in values if not _pretrained(v)]
+    plan.space = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
+    plan.space.start_points = [plan.space.fit_point({**p, "backbone": chosen} if p.get("backbone") == start["backbone"]
+                                                    else p) for p in space.start_points
+                               if p.get("backbone") in keep or p.get("backbone") == start["backbone"]]
+    if len(data.y_val) == len(inputs.split("validation")):
+        found = ladder.out_of_fold(rung0.best, task.y[inputs.split("full")], task.num_classes, seed=opts.search.seed)
+        if found is not None:
+            rung0.oof_proba, rung0.oof_folds = found
+    plan.reasons.append(f"{rung0.summary()}; the fine-tuning rungs search {', '.join(keep)}; {why}")
+    if opts.output.progress:
+        say(plan.reasons[-1])
+    return rung0
+
+
+def _pretrained(name) -> bool:
+    try:
+        return models.resolve(name).pretrained
+    except AutoMLError:
+        return False
+
+
 # ---------------------------------------------------------------------------- search
 
-def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> SearchResult:
-    """Run the Ray Tune search of the plan."""
+def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0: Rung0 | None = None) -> SearchResult:
+    """Run the Ray Tune search of the plan (fine-tunes start from their backbone's rung-0 head); the trial table
+    lists rung 0's heads too."""
+    from automl.search.ladder import with_rung0
     from automl.search.tune import experiment_name, run_search
 
     opts = prepared.options
@@ -319,16 +387,27 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Se
     data = inputs.trial_data(cache_dir=str(cache / prepared.out.name if shared_dir(prepared) != prepared.out else cache),
                              max_val=plan.val_rows)
     storage = opts.resources.storage_path or str(prepared.out / "ray_results")
+    name = experiment_name(prepared.out, opts.search.resume)
     now = budget.elapsed()
-    result = run_search(data, plan.space, metric=prepared.metric, storage_path=storage,
-                        name=experiment_name(prepared.out, opts.search.resume), local_dir=str(prepared.out),
-                        time_budget_s=None if plan.search_ends_at_s is None else max(5.0, plan.search_ends_at_s - now),
-                        max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
-                        concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
-                        last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
-                        plan_lines=plan.reasons, trial_s=plan.trial_s or None)
-    # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
-    shutil.rmtree(data.cache_dir, ignore_errors=True)
+    result = None
+    try:
+        result = run_search(data, plan.space, metric=prepared.metric, storage_path=storage, name=name,
+                            local_dir=str(prepared.out),
+                            time_budget_s=None if plan.search_ends_at_s is None else max(5.0, plan.search_ends_at_s - now),
+                            max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
+                            concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
+                            last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
+                            plan_lines=plan.reasons, trial_s=plan.trial_s or None,
+                            init_heads=rung0.head_files() if rung0 else None)
+    except NoTrialScored:
+        if not rung0 or not rung0.probes:
+            raise
+        # No fine-tune reported in time: rung 0's best head is the model (better than no model at all).
+    finally:
+        # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
+        shutil.rmtree(data.cache_dir, ignore_errors=True)
+    if rung0 and rung0.probes:
+        result = with_rung0(result, rung0, prepared.metric, f"{storage}/{name}")
     result.transferability = plan.transferability
     return result
 
@@ -381,8 +460,9 @@ def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult)
     from automl.training.combine import combine, start_reference, top_trials
 
     task, metric = prepared.task, prepared.metric
-    ref = start_reference(result.trials, result.best_dir, metric) if task.task != "regression" else None
-    top = top_trials(result.trials, result.best_dir, metric, k=1)
+    tuned = result.trials[result.trials.get("rung", 2) != 0] if "rung" in result.trials else result.trials
+    ref = start_reference(tuned, result.best_dir, metric) if task.task != "regression" else None
+    top = top_trials(tuned, result.best_dir, metric, k=1)
     if ref is None or not top or top[0][0] == ref[0]:
         return full_config(result.best_config), ""
     va = inputs.split("validation")
@@ -455,13 +535,23 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     opts, task, out = prepared.options, prepared.task, Diagnostics()
     regression = task.task == "regression"
     full = inputs.split("full")
-    want = not regression and (opts.diagnostics.find_label_errors is True or plan.label_errors)
+    oof = getattr(result, "rung0", None)
+    if not regression and oof is not None and oof.oof_proba is not None and opts.diagnostics.find_label_errors \
+            is not False:
+        # Rung 0's best head, refitted on 5 folds of train+validation: out-of-fold probabilities for seconds.
+        rows = task.row_index[full] if task.row_index is not None else full
+        out.label_errors = suspects(oof.oof_proba, task.y[full], prepared.classes, rows)
+        out.label_error_summary = summary(out.label_errors, len(full), oof.oof_folds)
+        out.label_error_summary["model"] = f"rung 0: {oof.best.backbone} frozen features + logistic regression"
+    want = not regression and out.label_errors is None and (opts.diagnostics.find_label_errors is True
+                                                             or plan.label_errors)
     if opts.diagnostics.find_label_errors == "auto" and want and not budget.can_afford(plan.cross_fit_s):
         want = False
         out.notes.append(f"suspected-label-error search skipped: ~{plan.cross_fit_s:.0f} s needed, "
                          f"{max(budget.available(), 0):.0f} s of the time budget left "
                          "(pass find_label_errors=True to force)")
-    elif opts.diagnostics.find_label_errors == "auto" and not plan.label_errors and not regression:
+    elif opts.diagnostics.find_label_errors == "auto" and not plan.label_errors and not regression \
+            and out.label_errors is None:
         out.notes.append("suspected-label-error search skipped: the plan gave its time to the search "
                          "(pass find_label_errors=True to force)")
     if not regression and (want or opts.diagnostics.cv_folds):
@@ -483,10 +573,10 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
             out.cross_validation = cv_summary(proba, task.y[full], fold_of, task.num_classes)
     if prepared.base is not None:
         te = inputs.split("test")
-        labels = [prepared.classes[i] for i in task.y[te]]
+        labels = [float(v) for v in task.y[te]] if regression else [prepared.classes[i] for i in task.y[te]]
         out.update = compare_with_base(prepared.base.path, final.model, final.encoder, prepared.classes,
                                        inputs.pick(te), labels, prepared.metric, opts.update.promote_tolerance,
-                                       task.modality == "image")
+                                       task.modality == "image", target_scale=inputs.target_scale)
     return out
 
 

@@ -17,7 +17,12 @@ def main(budget: float = 240) -> None:
     model = auto_finetune(df, label="label", time_budget_s=budget, output_dir="demo_output/digits")
     print(f"exported model: {model.export_dir}")
     print(f"test accuracy:  {model.metrics['accuracy']:.4f}")
-    print(f"trials: {len(model.trials)}, stopped early by ASHA: {(model.trials['status'] == 'STOPPED_EARLY').sum()}")
+    t = model.trials
+    rung = t["rung"] if "rung" in t else 2
+    print(f"configurations tried: {len(t)} on {t['config/backbone'].nunique()} backbones "
+          f"({(rung == 0).sum()} linear heads on frozen features, {(rung != 0).sum()} fine-tunes; "
+          f"stopped early by ASHA: {(t['status'] == 'STOPPED_EARLY').sum()})")
+    print(f"final model: {model.manifest.training.get('decision') or model.manifest.training.get('how')}")
     again = load(model.export_dir)
     print("reloaded model predicts:", again.predict(df.head(10)).tolist(), "true:", df["label"].head(10).tolist())
 

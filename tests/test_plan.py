@@ -188,3 +188,23 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
     assert s.suggest("d") == Searcher.FINISHED
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
     assert searcher().suggest("e")["report_rows"] == 400                         # a start point starts regardless
+
+
+def test_rung0_gets_its_time_first_but_never_the_images_resolution():
+    """Rung 0 (frozen features + linear heads) is reserved before the search and the search ends that much later;
+    where its full reserve would shrink the images, it gets less (or nothing)."""
+    without, with_ = plan(at=speed(0.02)), plan(at=speed(0.02), rung0_backbones=3)
+    assert without.rung0_s == 0 and with_.rung0_s > 0
+    assert with_.storage_size == without.storage_size == 128
+    assert any(r.startswith("rung 0:") for r in with_.reasons)
+    # The search's end moves by the reserve: the time before it is rung 0's, not the search's.
+    assert with_.search_ends_at_s <= without.search_ends_at_s
+    search = lambda p: p.search_ends_at_s - 5.0 - p.rung0_s  # noqa: E731
+    assert search(with_) == pytest.approx(search(without) - with_.rung0_s, abs=1.0)
+    # A step so slow that the single run barely fits at 128 px: rung 0 must not push the images smaller.
+    for step in (0.4, 0.7, 0.8, 0.95):
+        tight, tight0 = plan(at=speed(step)), plan(at=speed(step), rung0_backbones=3)
+        assert tight0.storage_size == tight.storage_size
+    # Label errors come from rung 0's out-of-fold heads: no cross-fit is planned for them.
+    assert not with_.label_errors
+

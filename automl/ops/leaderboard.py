@@ -64,7 +64,8 @@ def _rescore_champion(champion: dict, export_dir: Path) -> float | None:
         return None
     model, encoder, manifest = load_model(champion["export_path"])
     x, labels = split
-    return score(model, encoder, manifest.classes, x, labels, champion["metric"], manifest.modality == "image")
+    return score(model, encoder, manifest.classes, x, labels, champion["metric"], manifest.modality == "image",
+                 manifest.target_scale)
 
 
 def refresh(suite: str | Path, store: Store, *, address: str | None = None, force: bool = False,
@@ -129,16 +130,27 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
     if db_url == "sqlite://" or (db_url.startswith("sqlite") and ":memory:" in db_url):
         raise AutoMLError("A refresh on a cluster needs a database the jobs can reach: a SQLite file on a shared "
                           "filesystem or a database server URL, not an in-memory SQLite.")
+    if db_url.startswith("sqlite"):
+        import warnings
+
+        from sqlalchemy.engine import make_url
+
+        from automl.ops.store import sqlite_journal_mode
+
+        path = make_url(db_url).database or ""
+        local_address = any(h in address for h in ("//127.0.0.1", "//localhost", "//[::1]"))
+        if sqlite_journal_mode(path) == "wal" and not local_address:  # "wal": not on a shared filesystem
+            warnings.warn(f"The leaderboard database {path} is on this machine's own disk: jobs that run on other "
+                          "machines of the cluster cannot reach it. Pass --db a SQLite file on a filesystem the "
+                          "cluster shares, or a database server URL.")
     entries = [e for e in load_suite(suite) if not only or e["name"] in only]
     c = jobs.client(address)
     batch = time.strftime("%Y%m%d-%H%M%S")
-    env = jobs.runtime_env()
     submitted = []
     for e in entries:
-        args = ["python", "-m", "automl", "leaderboard", "refresh", str(Path(suite).resolve()), "--db", db_url,
-                "--only", e["name"], "--quiet"] + (["--force"] if force else [])
+        entrypoint, env = refresh_job(suite, db_url, e["name"], force=force)
         sid = f"automl-refresh-{batch}-{e['name']}"
-        c.submit_job(entrypoint=jobs.command(args), submission_id=sid, runtime_env=env, entrypoint_num_cpus=0,
+        c.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=env, entrypoint_num_cpus=0,
                      metadata={"automl_batch": f"refresh-{batch}", "name": e["name"],
                                "output": e["options"].output.output_dir})
         submitted.append({"dataset": e["name"], "submission_id": sid})
@@ -147,6 +159,28 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
         for s_ in submitted:
             s_["status"] = status.get(s_["submission_id"], "UNKNOWN")
     return submitted
+
+
+def refresh_job(suite: str | Path, db_url: str, name: str, *, force: bool = False,
+                ship_package: bool = True) -> tuple[str, dict]:
+    """(entrypoint, runtime_env) of the Ray Job that refreshes one dataset of the suite.
+
+    The database URL, which may hold a password, is not in the entrypoint (a command line: shown by `ps` on the
+    node, in `ray job list` and on the dashboard) but in the job's environment (AUTOML_LEADERBOARD_DB, read by
+    `automl leaderboard`). Ray still shows a job's runtime_env to whoever can reach the dashboard or the job API:
+    on a cluster others use, prefer a URL without a password and give the password on the cluster (e.g.
+    PostgreSQL's ~/.pgpass or PGPASSWORD in the nodes' environment). A SQLite file shared by the jobs keeps the
+    rollback journal (AUTOML_SQLITE_JOURNAL=delete): SQLite's WAL mode does not work on a network filesystem."""
+    from automl.ops import jobs
+
+    args = ["python", "-m", "automl", "leaderboard", "refresh", str(Path(suite).resolve()),
+            "--only", name, "--quiet"] + (["--force"] if force else [])
+    env = jobs.runtime_env(ship_package)
+    env_vars = {**env.get("env_vars", {}), "AUTOML_LEADERBOARD_DB": db_url}
+    if db_url.startswith("sqlite"):
+        env_vars["AUTOML_SQLITE_JOURNAL"] = "delete"
+    env["env_vars"] = env_vars
+    return jobs.command(args), env
 
 
 KEY_HPS = ("unfreeze", "lr", "schedule", "augment", "text_augment")

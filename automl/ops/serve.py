@@ -134,7 +134,7 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             from automl.export.predictor import load
             from automl.runtime import quiet_libraries, set_threads
 
-            quiet_libraries()
+            quiet_libraries(search=False)  # a replica starts without Optuna, Ray Tune or Ray Train
             set_threads(max(1, int(opts.cpus_per_replica)))
             self.model = load(export_dir)
             if opts.gpus_per_replica:  # the replica was given a GPU: predict on it

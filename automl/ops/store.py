@@ -1,4 +1,5 @@
-"""The results store behind the leaderboard: SQLAlchemy, SQLite (WAL) by default, any URL.
+"""The results store behind the leaderboard: SQLAlchemy, SQLite by default (WAL on a local disk, the
+rollback journal on a shared filesystem), any URL.
 
     Store()                                   # ./automl_leaderboard.db
     Store("postgresql+psycopg://u@host/db")   # a shared database
@@ -78,6 +79,50 @@ def _aware(t):
     return t.replace(tzinfo=dt.timezone.utc) if t is not None and t.tzinfo is None else t
 
 
+# Filesystems that several machines share: SQLite's WAL mode needs shared memory between the processes that open
+# the database, which such filesystems do not give (https://www.sqlite.org/wal.html), so a database there keeps
+# SQLite's rollback journal.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ncpfs", "afs", "lustre", "gpfs", "ceph", "glusterfs",
+                       "beegfs", "9p", "virtiofs", "wekafs", "panfs", "ocfs2", "gfs2"}
+JOURNAL_ENV = "AUTOML_SQLITE_JOURNAL"  # "wal" or "delete": overrides the choice (a refresh on a cluster: delete)
+
+
+def filesystem_type(path: str, mounts: str | None = None) -> str | None:
+    """The type of the filesystem holding `path` (from /proc/mounts, or `mounts` in that format), or None."""
+    import os
+
+    if mounts is None:
+        try:
+            with open("/proc/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return None
+    path = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, parts[2]
+    return kind
+
+
+def sqlite_journal_mode(db_path: str, mounts: str | None = None) -> str:
+    """'wal' on a local disk (readers never block the nightly writer), 'delete' on a filesystem several machines
+    share (SQLite's WAL does not work there), unless AUTOML_SQLITE_JOURNAL says."""
+    import os
+
+    forced = os.environ.get(JOURNAL_ENV, "").strip().lower()
+    if forced in ("wal", "delete"):
+        return forced
+    kind = (filesystem_type(os.path.dirname(os.path.abspath(db_path)) or ".", mounts) or "").lower()
+    shared = kind in NETWORK_FILESYSTEMS or (kind.startswith("fuse") and kind != "fuseblk")
+    return "delete" if shared else "wal"
+
+
 class Store:
     """Datasets, runs, trials and models, with champion/challenger bookkeeping."""
 
@@ -87,11 +132,19 @@ class Store:
             engine_kwargs.setdefault("connect_args", {"timeout": 60, "check_same_thread": False})
         self.engine = create_engine(url, future=True, **engine_kwargs)
         if url.startswith("sqlite"):
+            db_path = self.engine.url.database
+            journal = sqlite_journal_mode(db_path) if db_path and db_path != ":memory:" else None
+
             @event.listens_for(self.engine, "connect")
             def _pragmas(dbapi_conn, _):
+                import sqlite3
+
                 cur = dbapi_conn.cursor()
-                if url not in ("sqlite://", "sqlite:///:memory:"):
-                    cur.execute("PRAGMA journal_mode=WAL")  # readers never block the nightly writer
+                if journal is not None:
+                    try:
+                        cur.execute(f"PRAGMA journal_mode={journal.upper()}")
+                    except sqlite3.OperationalError:
+                        pass  # leaving WAL needs the only connection: the next connection that is alone switches
                 cur.execute("PRAGMA busy_timeout=60000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()

@@ -44,6 +44,9 @@ EVAL_SHARE = 0.2             # most of a trial's time validation may take
 FIRST_RUNG = 0.25            # ASHA's first rung, as a share of the full length
 REDUCTION_FACTOR = 3
 TOP_TRIALS = 5               # trials whose best weights are kept for the winner, a soup or an ensemble
+# Rung 0 (search/ladder.py) takes at most this share of the budget; per backbone, a build and the heads' fits,
+# and its rows at this multiple of the start point's validation cost a row (a larger backbone, data loading).
+RUNG0_SHARE, RUNG0_SETUP_S, RUNG0_ROW_FACTOR = 0.3, 3.0, 1.2
 MIN_IMAGE, MAX_IMAGE, MAX_IMAGE_CPU = 32, 224, 128  # on a CPU larger images cost more than they give
 # ImageNet backbones downsample 32x: at 32 px their last map is 1x1 and the features nearly collapse (EfficientNet-
 # Lite0 on digits: linear-probe accuracy 0.67 at 32 px, 0.76-0.81 at 40-48 px), so small images are upscaled.
@@ -108,6 +111,7 @@ class Plan:
     planned_at_s: float = 0.0          # seconds after the run started when the plan was made
     transferability: dict | None = None  # LogME pre-ranking of the space's backbones, when it ran
     retrain_fixed_s: float = 0.0       # the part of retrain_s that is Ray Train's start-up (Costs)
+    rung0_s: float = 0.0               # reserved for the ladder's rung 0 (frozen features + linear heads)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -184,9 +188,11 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
               retrain_cpus: int, max_trials: int | None, pretrained: bool, export_formats: bool,
               label_errors: bool | str, cv_folds: int | None, pinned_size: int | None = None,
               max_length: int | None = None, node_cpus: int = 1, retrain: bool | str = "auto",
-              regression: bool = False) -> Plan:
+              regression: bool = False, rung0_backbones: int = 0) -> Plan:
     """Decide the plan. speed_at(size) gives the start point's measured speed (one trial's CPUs) at an image
-    size (None for text); node_cpus is what one trial running alone may use."""
+    size (None for text); node_cpus is what one trial running alone may use. rung0_backbones: pretrained
+    backbones rung 0 fits heads on (search/ladder.py): its time is reserved first, and suspected label errors
+    come from it instead of a cross-fit."""
     reasons: list[str] = []
     bs = speed_at(pinned_size if stats.modality == "image" else None).batch_size
     steps_per_pass = max(1, math.ceil(stats.n_train / bs))
@@ -250,7 +256,21 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
 
     ratio = stats.n_full / max(1, stats.n_train)
     if regression:  # label errors and cross-validation are for classification: nothing to reserve
-        label_errors, cv_folds = False, None
+        label_errors, cv_folds, rung0_backbones = False, None, 0
+    rung0_s = 0.0
+    if rung0_backbones and budget_left_s is not None:
+        total = budget_left_s - after - costs["ray_start_s"]
+        want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, stats, speed_at(sizes[0])))
+        # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()): it
+        # gets what it needs, or half, or a quarter (it then probes fewer rows or backbones), or nothing.
+        size = choose(total).size
+        rung0_s = next((r for r in (want, want / 2, want / 4) if choose(total - r).size == size), 0.0)
+        budget_left_s -= rung0_s
+    if rung0_s:
+        reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
+                       "pretrained backbone(s), before any fine-tune (the fine-tunes start from the best heads)")
+    if rung0_backbones and (rung0_s or budget_left_s is None) and label_errors == "auto":
+        label_errors = False  # rung 0's out-of-fold heads list them for seconds: no cross-fit to plan
     wanted = retrain
     if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
         choice, search_s, retrain, retrain_s, cross_fit_s = choose(math.inf), 0.0, wanted is not False, 0.0, 0.0
@@ -327,7 +347,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                            _round8(stats.image_side), sizes[0]) else " to fit the budget"))
     ends_at = last_start = None
     if budget_left_s is not None:
-        ends_at = elapsed_s + costs["ray_start_s"] + search_s
+        ends_at = elapsed_s + rung0_s + costs["ray_start_s"] + search_s
         # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end.
         last_start = ends_at - choice.trial_s * MIN_FIT / FIT_MARGIN
         capacity = search_s * concurrency / max(choice.trial_s, 1e-9)
@@ -344,7 +364,21 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
                 val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)),
-                planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0)
+                planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0,
+                rung0_s=rung0_s)
+
+
+def rung0_cost(backbones: int, stats: DataStats, sp: Speed) -> float:
+    """Rung 0's time: each backbone's build, its features for the training (at most ladder.MAX_ROWS) and
+    validation rows at about the start point's cost a row (dearer backbones cost more: RUNG0_ROW_FACTOR), and
+    its heads."""
+    from automl.search.ladder import MAX_ROWS
+
+    rows = min(stats.n_train, MAX_ROWS) + min(stats.n_val, VAL_ROWS)
+    # A forward pass costs about a third of a training step (forward + backward); the validation timing of a
+    # few rows alone runs warm and under-prices it.
+    row_s = max(sp.eval_row_s, sp.step_s / (3.0 * max(1, sp.batch_size)))
+    return backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s)
 
 
 def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:

@@ -7,6 +7,7 @@ import shutil
 import time
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.data.intake import plain
+from automl.errors import NoTrialScored
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
@@ -52,13 +54,17 @@ def sync_period_s() -> float:
 
 def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
                    checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S,
-                   metric: str | None = None, best_dir: str | None = None, plugins: dict | None = None) -> None:
+                   metric: str | None = None, best_dir: str | None = None, plugins: dict | None = None,
+                   init_heads: dict | None = None) -> None:
     """Ray Tune function trainable: `fit` with a report per epoch and periodic checkpoints, resumable.
 
     With `best_dir`, the weights of the trial's best report so far (by `metric`) are kept there, so the
-    winner can be exported (or souped) without training it again.
+    winner can be exported (or souped) without training it again. init_heads: backbone -> its rung-0 head
+    (search/ladder.py), which a fresh trial of that backbone starts from (LP-FT).
     """
     from ray import tune
+
+    from safetensors.torch import load_file
 
     from automl.plugins import install
 
@@ -105,7 +111,9 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
                 os._exit(1)
 
     # The search's end (set by the searcher): a trial running late compresses the rest of its schedule to end by it.
-    fit(config, data, epochs=max_epochs, report=report, resume=resume, deadline=config.get("_deadline"))
+    head = (init_heads or {}).get(config.get("backbone")) if resume is None else None
+    fit(config, data, epochs=max_epochs, report=report, resume=resume, deadline=config.get("_deadline"),
+        initial_state=load_file(head) if head else None)
 
 
 class CheckpointJanitor(Callback):
@@ -300,6 +308,7 @@ class SearchResult:
     transferability: dict | None = None   # LogME pre-ranking of the backbones, when it ran
     best_trial_id: str = ""
     best_dir: str | None = None  # the top trials' best weights: <trial_id>.safetensors (+ .json: score, report)
+    rung0: Any = None            # the ladder's rung 0 (search/ladder.py: Rung0), when it ran
 
     @property
     def best_weights(self) -> str | None:
@@ -319,7 +328,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                sampler: str = "tpe", early_stopping: bool = True,
                checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
                last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None,
-               callbacks: list | None = None, trial_s: float | None = None) -> SearchResult:
+               callbacks: list | None = None, trial_s: float | None = None,
+               init_heads: dict | None = None) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
 
     checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
@@ -353,7 +363,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
                              checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, metric=val_metric,
-                             best_dir=best_dir, plugins=snapshot()),
+                             best_dir=best_dir, plugins=snapshot(), init_heads=init_heads),
         resources)
     progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress, plan_lines=plan_lines)
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
@@ -433,7 +443,10 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
         df = res.metrics_dataframe
         trial_id = (res.metrics or {}).get("trial_id") or Path(res.path).name.replace("trial_", "")
         cfg = {k: v for k, v in space.active_config(res.config or {}).items() if not k.startswith("_")}
-        row = {"trial_id": trial_id, "start_point": trial_id in start_ids, **{f"config/{k}": v for k, v in cfg.items()}}
+        # The ladder's rung: partial fine-tunes (top blocks, or the head on the cached body) are rung 1, full ones 2.
+        rung = 2 if str(cfg.get("unfreeze", "all")) in ("all", "-1") else 1
+        row = {"trial_id": trial_id, "rung": rung, "start_point": trial_id in start_ids,
+               **{f"config/{k}": v for k, v in cfg.items()}}
         if df is not None and len(df) and val_metric in df:
             scores = df[val_metric].to_numpy()
             best_i = len(scores) - 1 - int(scores[::-1].argmax())  # of equal scores the later report, as kept
@@ -466,7 +479,7 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
     ok = trials[trials[f"best_{val_metric}"].notna()] if len(trials) else trials
     if not len(ok):
         errors = "; ".join(sorted(set(trials.get("error", pd.Series(dtype=str)).dropna().astype(str))))[:1000]
-        raise RuntimeError(f"No trial produced a validation score ({len(trials)} trials). Errors: {errors or 'none'}. "
+        raise NoTrialScored(f"No trial produced a validation score ({len(trials)} trials). Errors: {errors or 'none'}. "
                            "Fix: check the backbones can be loaded, or give the search more time.")
     # Best score first; among ties, lower validation loss.
     ranked = ok.sort_values([f"best_{val_metric}", "best_val_loss"], ascending=[False, True])

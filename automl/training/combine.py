@@ -183,10 +183,12 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
             options.append((Combined("soup", soup_model, best.encoder, best.spec, best.config, soup_score, soup_ids),
                             soup_proba))
 
-    # Greedy ensemble of probabilities (one tokenizer for text: members share the winner's backbone).
+    # Greedy ensemble of probabilities (one tokenizer for text: members share the winner's checkpoint and length,
+    # and may differ in pooling, head and fine-tuning).
     chosen = [best]
     for m in members[1:] if "ensemble" in kinds else []:
-        if len(chosen) == MAX_MEMBERS or (best.config.get("max_length") and m.key != best.key):
+        if len(chosen) == MAX_MEMBERS or (best.config.get("max_length") and (
+                m.spec.model != best.spec.model or m.config.get("max_length") != best.config.get("max_length"))):
             continue
         s = _score(y_val, np.mean([c.proba for c in chosen + [m]], axis=0), metric, num_classes)
         if s > _score(y_val, np.mean([c.proba for c in chosen], axis=0), metric, num_classes):

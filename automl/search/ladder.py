@@ -1,0 +1,309 @@
+"""Rung 0 of the search's cost ladder: every pretrained backbone's frozen features, linear heads fitted in seconds.
+
+The cheapest honest fidelity of "how many layers to unfreeze" is zero. For each pretrained backbone of the space
+(images: EfficientNet-Lite0/1/2; text: MiniLM mean- and first-token-pooled) the frozen body's pooled features
+are computed once for the training and validation rows, and class-weighted or plain logistic regressions with a
+few regularisation strengths are fitted on them (scikit-learn, on standardised features) and scored on
+validation. What that buys:
+
+- every pretrained backbone is judged on the data before a fine-tune is spent on it: the fine-tunes (rungs 1-2,
+  Ray Tune with ASHA) search only the backbones rung 0 promotes, beside the cheap scratch nets;
+- each promoted backbone's best head becomes the starting head of its fine-tunes (LP-FT, Kumar et al., ICLR
+  2022): a fine-tune starts at its probe's score instead of a zero head;
+- a probe is a model in its own right (the backbone with that linear head): on small or few-shot data it can be
+  the best one, and the final choice (training/combine.py) weighs it beside the fine-tunes, alone or in an
+  ensemble;
+- out-of-fold probabilities of the best probe (5 folds over train+validation) list suspected label errors for
+  seconds of work (diagnostics/labelnoise.py), where a cross-fit of fine-tunes costs minutes.
+
+Rung 0 is priced as it runs: each backbone's validation features are timed first, and its training features are
+computed only for as many rows as the rung's allowance still pays for (a stratified sample), or it is skipped
+with a reason. `probe` is a plain function (no Ray): the driver runs it between the plan and the search.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+C_GRID = (0.01, 0.1, 1.0, 10.0)   # inverse L2 strengths tried, on standardised features
+MAX_ROWS = 6000                   # training rows a probe sees at most (a stratified sample beyond)
+MIN_ROWS_PER_CLASS = 5            # a probe whose allowance buys fewer training rows than this per class is skipped
+LABEL_ERROR_FOLDS = 5
+PROMOTE = 2                       # pretrained backbones promoted to the fine-tuning rungs
+MAX_COST_RATIO = 2.0              # a start backbone dearer than this per row than the space's own is not taken
+
+
+@dataclass
+class Probe:
+    """One backbone's best head on its frozen features."""
+
+    backbone: str
+    val_score: float
+    C: float
+    balanced: bool
+    row_s: float                      # seconds of features per row (the backbone's price at this input size)
+    seconds: float                    # features + fits
+    rows: int                         # training rows it was fitted on
+    weight: np.ndarray                # [classes, features], on the raw (unstandardised) features
+    bias: np.ndarray
+    val_proba: np.ndarray
+    head_file: str | None = None      # the head as the model's own parameters (safetensors), for LP-FT and export
+    full_features: np.ndarray | None = None   # train+validation features (when every row was seen)
+
+
+@dataclass
+class Rung0:
+    """What rung 0 found: probes best first, one table row per head fitted, and what it skipped."""
+
+    probes: list[Probe] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    oof_proba: np.ndarray | None = None   # out-of-fold probabilities of train+validation (best probe), or None
+    oof_folds: int = 0
+
+    @property
+    def best(self) -> Probe | None:
+        return self.probes[0] if self.probes else None
+
+    def head_files(self) -> dict[str, str]:
+        """backbone -> its best head's file: the starting head of that backbone's fine-tunes."""
+        return {p.backbone: p.head_file for p in self.probes if p.head_file}
+
+    def summary(self) -> str:
+        if not self.probes:
+            return "rung 0: no pretrained backbone probed" + (f" ({'; '.join(self.skipped)})" if self.skipped else "")
+        backbones = len(self.probes)
+        return (f"rung 0: {len(self.rows)} linear heads on {backbones} backbone{'s' * (backbones > 1)}'s frozen "
+                f"features in {self.seconds:.0f} s; best {self.best.backbone} (val {self.best.val_score:.4f})"
+                + (f"; skipped {'; '.join(self.skipped)}" if self.skipped else ""))
+
+
+def standardised_fit(f_train: np.ndarray, y: np.ndarray, num_classes: int, C: float, balanced: bool,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A multinomial logistic regression on standardised features, returned as (W, b) over the raw features
+    for all `num_classes` classes (a class absent from y gets a bias that never wins)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    lr = LogisticRegression(C=C, class_weight="balanced" if balanced else None, max_iter=300, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at small C on separable data: the head is still fine
+        lr.fit((f_train - mean) / std, y)
+    coef, intercept = lr.coef_, lr.intercept_
+    if coef.shape[0] == 1:  # binary: one logit; as two symmetric ones the softmax is the same sigmoid
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    w = np.zeros((num_classes, f_train.shape[1]))
+    b = np.full(num_classes, -30.0)
+    w[lr.classes_] = coef / std
+    b[lr.classes_] = intercept - (coef / std) @ mean
+    return w.astype(np.float32), b.astype(np.float32)
+
+
+def proba(features: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    z = features @ w.T + b
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_heads(f_train, y_train, f_val, y_val, num_classes: int, metric: str, balanced_options=(False, True),
+              seed: int = 0) -> list[dict]:
+    """Every head of the grid, scored on validation: dicts with C, balanced, score, w, b, proba, fit_s."""
+    from automl.metrics import classification_metrics
+
+    out = []
+    for balanced in balanced_options:
+        for C in C_GRID:
+            t0 = time.monotonic()
+            w, b = standardised_fit(f_train, y_train, num_classes, C, balanced, seed)
+            p = proba(f_val, w, b)
+            out.append({"C": C, "balanced": balanced, "w": w, "b": b, "proba": p, "fit_s": time.monotonic() - t0,
+                        "score": float(classification_metrics(y_val, p, num_classes)[metric])})
+    return out
+
+
+def _sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """About n row positions of y, each class in proportion, every class kept."""
+    if n >= len(y):
+        return np.arange(len(y))
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y if np.bincount(y).min() >= 2 else None,
+                               random_state=seed)
+    return np.sort(keep)
+
+
+def _head_state(model, w: np.ndarray, b: np.ndarray) -> dict:
+    """The head as the model's own parameters: its family's linear head, named as the model names it."""
+    import torch
+
+    from automl import models
+
+    head = models.family(model).head(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(head.weight)]: torch.from_numpy(np.ascontiguousarray(w)),
+            names[id(head.bias)]: torch.from_numpy(np.ascontiguousarray(b))}
+
+
+def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_val, y_val: np.ndarray, *,
+          num_classes: int, metric: str, allowance_s: float | None, out_dir: str | Path, seed: int = 0,
+          progress=None) -> Rung0:
+    """Rung 0 over `candidates` (pretrained backbone names, the space's start backbone first): each backbone's
+    frozen features and its heads, within `allowance_s` seconds (None: no limit). `config` gives the input size
+    or length and the preprocessing. Heads are written to `out_dir`/<trial id>.head.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    from automl.runtime import device
+    from automl.training.featcache import body_features
+    from automl.training.loop import build_encoder, build_model, encode_inputs, full_config
+    from automl.data.trial_data import subset
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    result = Rung0()
+    # Class weighting may pay where the metric weighs classes equally (stamps: it won on two backbones of three,
+    # plain heads on the third); where the metric weighs rows, plain heads only.
+    balanced_options = (False, True) if metric in ("f1_macro", "balanced_accuracy") else (False,)
+    dev = device()
+    n_train = len(y_train)
+    for i, name in enumerate(candidates):
+        spent = time.monotonic() - t_start
+        left = math.inf if allowance_s is None else allowance_s - spent
+        if left <= 0:
+            result.skipped.append(f"{name}: rung 0's {allowance_s:.0f} s were spent")
+            continue
+        t0 = time.monotonic()
+        try:
+            cfg = full_config({**config, "backbone": name, "unfreeze": 0})
+            torch.manual_seed(seed)
+            model, spec = build_model(cfg, num_classes)
+            model.to(dev).eval()
+            enc = build_encoder(cfg, model, spec)
+            t_rows = time.monotonic()
+            f_val = body_features(model, enc, encode_inputs(enc, x_val), dev).float().numpy()
+        except Exception as exc:  # weights that cannot load, or inputs the model cannot take: judged, not fatal
+            result.skipped.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
+            continue
+        row_s = (time.monotonic() - t_rows) / max(1, len(y_val))
+        # The training rows this backbone's features can still be paid for (the fits take about a fifth more).
+        affordable = n_train if allowance_s is None else int((left - (time.monotonic() - t0)) / (1.2 * row_s))
+        rows = min(n_train, MAX_ROWS, max(0, affordable))
+        if rows < MIN_ROWS_PER_CLASS * num_classes and rows < n_train:
+            result.skipped.append(f"{name}: its features cost {row_s * 1000:.1f} ms a row, rung 0 had time for "
+                                  f"{rows} of {n_train} training rows")
+            continue
+        pick = _sample(y_train, rows, seed)
+        f_train = body_features(model, enc, encode_inputs(enc, subset(x_train, pick)), dev).float().numpy()
+        heads = fit_heads(f_train, y_train[pick], f_val, y_val, num_classes, metric, balanced_options, seed)
+        best = max(heads, key=lambda h: (h["score"], -abs(math.log10(h["C"]))))
+        tid = f"r0_{i}"
+        head_file = out_dir / f"{tid}.head.safetensors"
+        save_file(_head_state(model, best["w"], best["b"]), str(head_file))
+        seconds = time.monotonic() - t0
+        p = Probe(name, best["score"], best["C"], best["balanced"], row_s, seconds, len(pick), best["w"], best["b"],
+                  best["proba"], str(head_file),
+                  np.concatenate([f_train, f_val]) if len(pick) == n_train else None)
+        result.probes.append(p)
+        input_cols = {k: config[k] for k in ("image_size", "max_length") if config.get(k) is not None}
+        for j, h in enumerate(heads):
+            result.rows.append({"trial_id": tid if h is best else f"{tid}_{j}", "rung": 0, "start_point": False,
+                                "config/backbone": name, "config/unfreeze": 0, **{f"config/{k}": v for k, v in
+                                                                                   input_cols.items()},
+                                "config/class_weighted": h["balanced"], "head": f"logistic C={h['C']:g}",
+                                f"best_val_{metric}": h["score"], "best_epoch": 0, "best_val_loss": math.nan,
+                                "epochs_run": 0, "time_s": h["fit_s"] + (seconds - sum(x["fit_s"] for x in heads))
+                                / len(heads), "status": "COMPLETED", "rows": len(pick)})
+        if progress:
+            progress(f"rung 0: {name} features {row_s * 1000:.1f} ms/row, {len(heads)} heads on {len(pick)} rows, "
+                     f"best val {metric} {best['score']:.4f} (C={best['C']:g}"
+                     f"{', class-weighted' if best['balanced'] else ''}) in {seconds:.0f} s")
+        del model
+    result.probes.sort(key=lambda p: p.val_score, reverse=True)
+    result.seconds = time.monotonic() - t_start
+    return result
+
+
+def out_of_fold(probe_: Probe, y_full: np.ndarray, num_classes: int, folds: int = LABEL_ERROR_FOLDS,
+                seed: int = 0) -> tuple[np.ndarray, int] | None:
+    """Out-of-fold probabilities of train+validation from the probe's head config refitted per fold (seconds),
+    and the folds used (fewer when a class is smaller; None when the probe did not see every row)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    f = probe_.full_features
+    if f is None or len(f) != len(y_full):
+        return None
+    counts = np.bincount(y_full, minlength=num_classes)
+    k = int(min(folds, counts[counts > 0].min()))
+    if k < 2:
+        return None
+    out = np.zeros((len(y_full), num_classes))
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(f, y_full):
+        w, b = standardised_fit(f[tr], y_full[tr], num_classes, probe_.C, probe_.balanced, seed)
+        out[te] = proba(f[te], w, b)
+    return out, k
+
+
+def choose_start(rung0: Rung0, reference: str, y_val: np.ndarray, metric: str, num_classes: int,
+                 alpha: float) -> tuple[str, str]:
+    """The backbone the protected start point fine-tunes from its probe: the space's own (`reference`), unless
+    another's probe beats it on validation beyond noise (the same paired bootstrap as the final choice) and costs
+    at most MAX_COST_RATIO times as much a row. Returns (backbone, why)."""
+    from automl.training.combine import p_not_better
+
+    ref = next((p for p in rung0.probes if p.backbone == reference), None)
+    if ref is None:
+        best = rung0.best
+        return (best.backbone, f"the start point's {reference} could not be probed; fine-tuning {best.backbone}, "
+                               "rung 0's best") if best else (reference, "")
+    for p in rung0.probes:
+        if p is ref:
+            break
+        if p.row_s > MAX_COST_RATIO * ref.row_s:
+            continue
+        pnb = p_not_better(y_val, p.val_proba, ref.val_proba, metric, num_classes)
+        if pnb <= alpha:
+            return p.backbone, (f"{p.backbone}'s probe beat {reference}'s on validation ({p.val_score:.4f} vs "
+                                f"{ref.val_score:.4f}, P(not better) {pnb:.2f}): the start point fine-tunes it")
+    return reference, f"the start point fine-tunes {reference} from its probe (val {ref.val_score:.4f})"
+
+
+def promoted(rung0: Rung0, start: str, k: int = PROMOTE) -> list[str]:
+    """The pretrained backbones the fine-tuning rungs search: the start point's and the best of the rest."""
+    names = [start] + [p.backbone for p in rung0.probes if p.backbone != start]
+    return names[:k]
+
+
+def with_rung0(result, rung0: Rung0, metric: str, experiment_path: str):
+    """The search's result with rung 0's heads in its trial table and each backbone's best head kept beside the
+    trials' weights (so the final choice weighs probes as models); without a search result (no fine-tune
+    reported in time), rung 0's best head is the winner."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from automl.search import kept
+    from automl.search.tune import SearchResult
+
+    best_dir = result.best_dir if result is not None and result.best_dir else f"{experiment_path}/best"
+    for p in rung0.probes:
+        tid = Path(p.head_file).name.split(".")[0]
+        kept.keep(best_dir, tid, load_file(p.head_file), p.val_score, 0)
+    rows = pd.DataFrame(rung0.rows)
+    col = f"best_val_{metric}"
+    if result is None:
+        best = rows.loc[rows[col].idxmax()]
+        config = {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/") and not pd.isna(v)}
+        result = SearchResult(trials=rows.iloc[0:0], best_config=config, best_epoch=0, best_score=float(best[col]),
+                              metric=metric, experiment_path=experiment_path, history={},
+                              best_trial_id=str(best["trial_id"]), best_dir=best_dir)
+    trials = pd.concat([result.trials, rows], ignore_index=True)
+    result.trials = trials.sort_values(col, ascending=False, na_position="last").reset_index(drop=True)
+    result.rung0 = rung0
+    return result

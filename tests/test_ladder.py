@@ -1,0 +1,127 @@
+"""Rung 0 of the search ladder (search/ladder.py): heads on frozen features, LP-FT starts, the promoted backbone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from automl.data.images import stack_resized
+from automl.search import ladder
+from automl.training.featcache import body_features
+from automl.training.loop import build_encoder, build_model, encode_inputs, evaluate, fit, full_config, load_best
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def digits48(digits_df):
+    """digits_df prepared and split, at the pretrained backbones' smallest size."""
+    from automl.data.intake import prepare
+
+    t = prepare(digits_df)
+    x = stack_resized(t.images, SIZE)
+    tr, va = t.splits["train"], t.splits["validation"]
+    return x[tr], t.y[tr], x[va], t.y[va], t.num_classes
+
+
+def _config(backbone: str = "efficientnet-lite0") -> dict:
+    return full_config({"backbone": backbone, "image_size": SIZE, "unfreeze": 0, "batch_size": 32, "seed": 0})
+
+
+def _features(backbone, x, num_classes):
+    cfg = _config(backbone)
+    model, spec = build_model(cfg, num_classes)
+    enc = build_encoder(cfg, model, spec)
+    return body_features(model.eval(), enc, encode_inputs(enc, x), torch.device("cpu")).numpy()
+
+
+def test_rung0_heads_equal_a_scikit_learn_fit_on_the_same_features_and_the_kept_model_predicts_them(
+        digits48, tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0"], _config(), xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                     allowance_s=None, out_dir=tmp_path)
+    p = r.best
+    ft, fv = _features("efficientnet-lite0", xt, k), _features("efficientnet-lite0", xv, k)
+    scaler = StandardScaler().fit(ft)
+    sk = LogisticRegression(C=p.C, max_iter=300).fit(scaler.transform(ft), yt)
+    want = sk.predict_proba(scaler.transform(fv))
+    np.testing.assert_allclose(p.val_proba, want, atol=2e-3)
+    # The head kept for export and LP-FT is the same function: the backbone with it predicts sklearn's probabilities.
+    model, spec = load_best(_config(), k, p.head_file)
+    enc = build_encoder(_config(), model, spec)
+    got = evaluate(model, enc, xv, yv, k, torch.device("cpu"), keep_scores=True)["scores"]
+    np.testing.assert_allclose(got, want, atol=2e-3)
+    # One row per head fitted, each with the backbone, its rung and its validation score.
+    assert len(r.rows) == len(ladder.C_GRID) and {row["rung"] for row in r.rows} == {0}
+    assert max(row["best_val_accuracy"] for row in r.rows) == pytest.approx(p.val_score)
+
+
+def test_a_fine_tune_started_from_its_probe_starts_at_the_probe_score(digits48, tmp_path):
+    from automl.data.trial_data import TrialData
+    from safetensors.torch import load_file
+
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0"], _config(), xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                     allowance_s=None, out_dir=tmp_path)
+    data = TrialData("image", k, xt, yt, xv, yv)
+    # lr 0: one report changes no weight, so the report scores the starting model itself.
+    cfg = {**_config(), "lr": 0.0, "report_rows": 32, "dropout": 0.0}
+    scores = {}
+    for start in ("probe", "zero head"):
+        init = load_file(r.best.head_file) if start == "probe" else None
+        out = fit(cfg, data, epochs=1, initial_state=init)
+        scores[start] = out.history[0]["val_accuracy"]
+    assert scores["probe"] == pytest.approx(r.best.val_score, abs=1e-9)
+    assert scores["zero head"] < scores["probe"] - 0.3  # a zero head predicts one class
+
+
+def test_the_ladder_promotes_the_backbone_whose_features_separate_the_classes(digits48, tmp_path):
+    """Planted: a copy of EfficientNet-Lite0 whose last conv is zeroed (constant features) is the space's start
+    backbone; rung 0 scores it at chance, promotes the real one and moves the start point to it."""
+    from safetensors.torch import load_file, save_file
+
+    from automl.models import efficientnet_lite, register_backbone
+    from automl.models.registry import BackboneSpec, _ALIASES
+    from automl.training.combine import ALPHA
+
+    state = load_file(efficientnet_lite.weights_file(0))
+    state = {n: (torch.zeros_like(v) if n.startswith("conv_head") else v) for n, v in state.items()}
+    blind = tmp_path / "blind.safetensors"
+    save_file(state, str(blind))
+    register_backbone("planted-blind")(lambda: BackboneSpec("timm", "tf_efficientnet_lite0", weights=str(blind),
+                                                              data_config={"mean": [0.5] * 3, "std": [0.5] * 3}))
+    try:
+        xt, yt, xv, yv, k = digits48
+        r = ladder.probe(["planted-blind", "efficientnet-lite0"], _config(), xt, yt, xv, yv, num_classes=k,
+                         metric="accuracy", allowance_s=None, out_dir=tmp_path)
+        scores = {p.backbone: p.val_score for p in r.probes}
+        assert scores["planted-blind"] <= 1.5 / k and scores["efficientnet-lite0"] >= 0.8
+        chosen, why = ladder.choose_start(r, "planted-blind", yv, "accuracy", k, ALPHA)
+        assert chosen == "efficientnet-lite0" and "beat planted-blind" in why
+        assert ladder.promoted(r, chosen, k=1) == ["efficientnet-lite0"]
+    finally:
+        _ALIASES.pop("planted-blind", None)
+
+
+def test_rung0_skips_what_its_allowance_cannot_pay_for_and_says_so(digits48, tmp_path):
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0", "efficientnet-lite1"], _config(), xt, yt, xv, yv, num_classes=k,
+                     metric="accuracy", allowance_s=0.0, out_dir=tmp_path)
+    assert r.probes == [] and len(r.skipped) == 2 and all("spent" in s for s in r.skipped)
+
+
+def test_out_of_fold_probabilities_come_from_the_probe_head_refitted_per_fold(digits48, tmp_path):
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0"], _config(), xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                     allowance_s=None, out_dir=tmp_path)
+    y = np.concatenate([yt, yv])
+    proba, folds = ladder.out_of_fold(r.best, y, k)
+    assert folds == 5 and proba.shape == (len(y), k)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+    # Out of fold: each row scored by a head that never saw it, so accuracy is below the in-sample fit's.
+    assert (proba.argmax(1) == y).mean() > 0.8
+    w, b = ladder.standardised_fit(r.best.full_features, y, k, r.best.C, r.best.balanced)
+    assert (ladder.proba(r.best.full_features, w, b).argmax(1) == y).mean() >= (proba.argmax(1) == y).mean()

@@ -1,0 +1,119 @@
+"""A light import: `import automl`, load(dir).predict(...), a serving replica and `automl --help` start without the
+search engine (Ray Tune, Ray Train, Optuna), and the CLI's help without torch. Each check runs in a fresh
+interpreter, since this test process has imported everything already."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+SEARCH_ENGINE = ("ray.tune", "optuna", "ray.train", "ray.serve")
+
+
+def _run(code: str) -> dict:
+    """Run `code` in a fresh interpreter; it prints one JSON line last."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_every_public_name_still_resolves():
+    import automl
+
+    for name in automl.__all__:
+        assert getattr(automl, name) is not None, name
+    assert set(automl.__all__) <= set(dir(automl))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        automl.nope  # noqa: B018
+
+
+def test_import_automl_loads_no_search_engine():
+    out = _run(f"""
+        import json, sys
+        import automl
+        automl.load
+        print(json.dumps([m for m in {SEARCH_ENGINE!r} if m in sys.modules]))
+    """)
+    assert out == []
+
+
+def test_load_and_predict_load_no_search_engine():
+    out = _run(f"""
+        import json, sys
+        import pandas as pd
+        from sklearn.datasets import load_digits
+        import automl
+
+        expected = json.loads(open({str(FIXTURES / "v1_expected.json")!r}).read())
+        img = automl.load({str(FIXTURES / "v1_image_export")!r})
+        d = load_digits()
+        image = img.predict_proba(pd.DataFrame({{"image": [d.images[i] for i in expected["image_rows"]]}}))
+        txt = automl.load({str(FIXTURES / "v1_text_export")!r})
+        text = txt.predict(pd.DataFrame({{"text": expected["texts"]}}))
+        print(json.dumps({{"modules": [m for m in {SEARCH_ENGINE!r} if m in sys.modules],
+                          "image_proba": image.to_numpy().tolist(), "text": [str(t) for t in text]}}))
+    """)
+    assert out["modules"] == []
+    expected = json.loads((FIXTURES / "v1_expected.json").read_text())
+    np.testing.assert_allclose(out["image_proba"], expected["image_proba"], atol=1e-6)
+    assert len(out["text"]) == len(expected["texts"])
+
+
+def test_a_serving_replica_starts_without_the_search_engine():
+    """The replica's own code (ModelServer.__init__, then what its batched predict calls), outside Ray Serve."""
+    out = _run(f"""
+        import json, sys
+        from ray import serve
+
+        deployed = {{}}
+        real = serve.deployment
+
+        def deployment(*args, **kwargs):  # keep each deployment's class, to run it here
+            wrap = real(*args, **kwargs)
+
+            def keep(cls):
+                deployed[cls.__name__] = cls
+                return wrap(cls)
+            return keep
+
+        serve.deployment = deployment
+        from automl.ops import serve as automl_serve
+
+        export = {str(FIXTURES / "v1_text_export")!r}
+        automl_serve._app({{"topics": {{"dir": export, "info": {{}}}}}}, automl_serve.ServeOptions(cpus_per_replica=0))
+        replica = deployed["ModelServer"](export, 8, 0.005)
+        rows = automl_serve.answer(replica.model, [["pizza for dinner"]])
+        print(json.dumps({{"modules": [m for m in ("ray.tune", "optuna", "ray.train") if m in sys.modules],
+                          "rows": rows}}))
+    """)
+    assert out["modules"] == []
+    assert len(out["rows"]) == 1 and set(out["rows"][0]["probabilities"]) == {"food", "sport", "tech"}
+
+
+def test_cli_help_imports_neither_torch_nor_the_engines():
+    out = _run("""
+        import contextlib, io, json, sys
+        from automl.ops.cli import build_parser, main  # the `automl` entry point
+
+        verbs = sorted(build_parser()._subparsers._group_actions[0].choices)
+        helped = []
+        for argv in [["--help"]] + [[verb, "--help"] for verb in verbs]:
+            with contextlib.redirect_stdout(io.StringIO()) as text, contextlib.suppress(SystemExit):
+                main(argv)
+            helped.append(bool(text.getvalue().startswith("usage: automl")))
+        heavy = ("torch", "ray", "transformers", "timm", "optuna", "pandas")
+        print(json.dumps({"verbs": verbs, "helped": helped, "modules": [m for m in heavy if m in sys.modules]}))
+    """)
+    assert "finetune" in out["verbs"] and all(out["helped"]), out
+    assert out["modules"] == []
+    done = subprocess.run([sys.executable, "-m", "automl.ops.cli", "finetune", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--time-budget" in done.stdout, done.stderr[-2000:]

@@ -1,0 +1,401 @@
+"""Issue 25: data that must not be lost or leak between splits, checks that must be enforced, and exports that
+must load where they are promised to (fast: tiny data, no search)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from automl import DataError, prepare
+
+
+def _split_of(t) -> dict:
+    """{text: split name} of a prepared text task; asserts that every kept row is in exactly one split."""
+    where: dict = {}
+    for name, idx in t.splits.items():
+        for i in idx:
+            key = t.texts[i][0]
+            assert key not in where, f"row {key!r} is in both {where[key]} and {name}"
+            where[key] = name
+    assert len(where) == len(t.y) == t.report.rows_used == sum(t.report.split_sizes.values())
+    return where
+
+
+# ---------------------------------------------------------------------------- 1. a split column missing a split
+
+def test_split_column_without_test_carves_only_a_test_part_and_loses_no_row():
+    df = pd.DataFrame({"text": [f"row {i}" for i in range(130)], "label": ["a", "b"] * 65,
+                       "split": ["train"] * 100 + ["validation"] * 30})
+    t = prepare(df)
+    where = _split_of(t)
+    assert len(where) == len(df)  # every input row is in exactly one split: none lost
+    given_val = {f"row {i}" for i in range(100, 130)}
+    assert {k for k, s in where.items() if s == "validation"} == given_val  # validation as the user gave it
+    n_test = len(t.splits["test"])
+    assert 0 < n_test < 40 and len(t.splits["train"]) == 100 - n_test
+    assert set(t.y[t.splits["test"]]) == {0, 1}
+    assert t.report.split_sizes == {"train": 100 - n_test, "validation": 30, "test": n_test}
+    assert any(f"{n_test} test rows were carved out of the {100} train rows" in n for n in t.report.notes)
+
+
+def test_split_column_without_validation_never_empties_a_small_class_from_train():
+    rows = [{"text": f"a{i}", "label": "a", "split": "train"} for i in range(40)]
+    rows += [{"text": f"b{i}", "label": "b", "split": "train"} for i in range(2)]   # 2 training rows
+    rows += [{"text": f"c{i}", "label": "c", "split": "train"} for i in range(1)]   # 1 training row
+    rows += [{"text": f"t{i}", "label": "abc"[i % 3], "split": "test"} for i in range(9)]
+    df = pd.DataFrame(rows)
+    t = prepare(df)
+    where = _split_of(t)
+    assert len(where) == len(df)
+    assert {k for k, s in where.items() if s == "test"} == {f"t{i}" for i in range(9)}  # test as the user gave it
+    train_classes = {t.classes[c] for c in t.y[t.splits["train"]]}
+    assert train_classes == {"a", "b", "c"}  # no class vanished from train
+    assert "c0" in where and where["c0"] == "train"
+    n_val = len(t.splits["validation"])
+    assert n_val > 0 and t.report.split_sizes == {"train": 43 - n_val, "validation": n_val, "test": 9}
+    assert any("validation rows were carved out of the 43 train rows" in n for n in t.report.notes)
+    assert any("'c'" in n and "no validation row" in n for n in t.report.notes)
+
+
+# ---------------------------------------------------------------------------- 2. splits stable as data grows
+
+def _grown(n_old: int, n_new: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    labels = np.array(["x", "y", "z"])[rng.integers(0, 3, n_old + n_new)]
+    labels[:3] = ["x", "y", "z"]
+    df = pd.DataFrame({"text": [f"sample number {i}" for i in range(n_old + n_new)], "label": labels})
+    old = df.iloc[:n_old]
+    new = df.sample(frac=1.0, random_state=1).reset_index(drop=True)  # grown by 10%, rows in another order
+    return old, new
+
+
+def test_a_row_keeps_its_split_when_the_data_grows():
+    old_df, new_df = _grown(1000, 100)
+    before, after = _split_of(prepare(old_df)), _split_of(prepare(new_df))
+    moved = {k: (before[k], after[k]) for k in before if before[k] != after[k]}
+    into_test = [k for k, (b, a) in moved.items() if a == "test"]
+    out_of_test = [k for k, (b, a) in moved.items() if b == "test"]
+    assert not into_test, f"{len(into_test)} rows that a model trained on are now test rows"
+    assert not out_of_test, f"{len(out_of_test)} old test rows are now trained on"
+    assert not moved  # the same fractions: every old row keeps its split
+    t = prepare(new_df)
+    for c in range(3):  # the fractions stay about right in every class
+        n_c = (t.y == c).sum()
+        for name, frac in (("test", 0.15), ("validation", 0.15)):
+            share = (t.y[t.splits[name]] == c).sum() / n_c
+            assert abs(share - frac) < 0.07, (c, name, share)
+
+
+def test_splits_keep_their_stratification_seed_and_dedup():
+    old_df, _ = _grown(300, 0)
+    a, b = prepare(old_df, seed=0), prepare(old_df.sample(frac=1.0, random_state=3), seed=0)
+    assert _split_of(a) == _split_of(b)  # a row's split depends on the row, not on its position
+    assert _split_of(prepare(old_df, seed=1)) != _split_of(a)
+    dup = pd.concat([old_df, old_df.head(10)], ignore_index=True)
+    t = prepare(dup)
+    assert t.report.dropped_duplicates == 10 and _split_of(t) == _split_of(a)
+    small = pd.DataFrame({"text": [f"s{i}" for i in range(9)], "label": [0, 1, 2] * 3})
+    t = prepare(small)
+    for idx in t.splits.values():  # every class in every split, even with 3 rows a class
+        assert set(t.y[idx]) == {0, 1, 2}
+    _split_of(t)
+
+
+# ---------------------------------------------------------------------------- 8. a truncated JPEG
+
+def _jpegs(tmp_path, n=4):
+    rng = np.random.default_rng(0)
+    rows = []
+    for c in ("cat", "dog"):
+        for i in range(n):
+            p = tmp_path / f"{c}_{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(p, quality=90)
+            rows.append({"file": p.name, "label": c})
+    return rows
+
+
+def test_a_truncated_jpeg_is_refused_or_dropped_not_trained_on_as_a_blank_image(tmp_path):
+    rows = _jpegs(tmp_path)
+    raw = (tmp_path / "cat_0.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(raw[: len(raw) // 2])  # a download that stopped half way
+    with Image.open(tmp_path / "cut.jpg") as img:
+        img.verify()  # what intake checked before: passes
+    rows.append({"file": "cut.jpg", "label": "dog"})
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"cut\.jpg") as err:
+        prepare(str(tmp_path / "d.csv"), drop_bad_images=False)
+    assert "row 8" in str(err.value) and "truncated" in str(err.value)
+    t = prepare(str(tmp_path / "d.csv"))  # drop_bad_images=True: dropped and reported
+    assert [d["file"] for d in t.report.dropped_unreadable_images] == ["cut.jpg"]
+    assert len(t.y) == 8 and all(not v.endswith("cut.jpg") for v in t.images.values)
+    as_bytes = pd.DataFrame({"img": [(tmp_path / r["file"]).read_bytes() for r in rows],
+                             "label": [r["label"] for r in rows]})
+    with pytest.raises(DataError, match="row 8"):
+        prepare(as_bytes, drop_bad_images=False)
+
+
+# ---------------------------------------------------------------------------- 7. TorchScript parity enforced
+
+def _image_export_parts(classes=("a", "b", "c")):
+    import torch
+
+    from automl import models
+    from automl.data.encoders import ImageEncoder
+    from automl.export.manifest import ExportManifest, Preprocessing
+
+    torch.manual_seed(0)
+    model = models.build("timm/resnet10t:scratch", len(classes)).eval()
+    manifest = ExportManifest(task="multiclass", modality="image", classes=list(classes), label_column="label",
+                              input_columns=["image"], metric="accuracy",
+                              backbone=models.BackboneSpec("timm", "resnet10t", pretrained=False),
+                              preprocessing=Preprocessing("image", size=16, mean=[0.5] * 3, std=[0.5] * 3,
+                                                          storage_size=16),
+                              hyperparameters={"dropout": 0.0})
+    return model, ImageEncoder(16, [0.5] * 3, [0.5] * 3), manifest
+
+
+def test_a_torchscript_copy_that_disagrees_with_pytorch_is_not_kept(tmp_path):
+    import json
+
+    from automl import load
+    from automl.export.writer import write_export
+
+    model, enc, manifest = _image_export_parts()
+    good = write_export(tmp_path / "good", model, enc, manifest, formats=True)
+    assert (good / "model.pt").exists()
+    assert json.loads((good / "config.json").read_text())["exports"]["torchscript"]["max_abs_diff"] < 1e-3
+
+    class Drifting(type(model)):
+        """Python-side state that tracing freezes: the traced copy computes something else than the model."""
+
+        def forward(self, x):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().forward(x) + self.calls
+
+    model, enc, manifest = _image_export_parts()
+    model.__class__ = Drifting
+    with pytest.warns(UserWarning, match="TorchScript"):
+        bad = write_export(tmp_path / "bad", model, enc, manifest, formats=True)
+    cfg = json.loads((bad / "config.json").read_text())
+    assert not (bad / "model.pt").exists() and "model.pt" not in cfg["files"]
+    assert "differs from PyTorch" in cfg["exports"]["torchscript"]["error"]
+    assert load(bad).classes == ["a", "b", "c"]  # the safetensors export still stands
+
+
+# ---------------------------------------------------------------------------- 3. regression updates and re-scores
+
+def _regression_export(path, seed: int, x: np.ndarray, y: np.ndarray, scale=(10.0, 2.0)):
+    """A real (untrained) one-output image model exported as a regression model, with its test split stored."""
+    import torch
+
+    from automl import models
+    from automl.data.encoders import ImageEncoder
+    from automl.diagnostics.update import save_test_split
+    from automl.export.manifest import ExportManifest, Preprocessing
+    from automl.export.writer import write_export
+
+    torch.manual_seed(seed)
+    model = models.build("timm/resnet10t:scratch", 1).eval()
+    manifest = ExportManifest(task="regression", modality="image", classes=[], label_column="price",
+                              input_columns=["image"], metric="r2", target_scale=list(scale),
+                              backbone=models.BackboneSpec("timm", "resnet10t", pretrained=False),
+                              preprocessing=Preprocessing("image", size=16, mean=[0.5] * 3, std=[0.5] * 3,
+                                                          storage_size=16),
+                              hyperparameters={"dropout": 0.0})
+    store = [lambda d, m: setattr(m, "test_split", save_test_split(d, "image", x, y, []))]
+    return write_export(path, model, ImageEncoder(16, [0.5] * 3, [0.5] * 3), manifest, formats=False,
+                        writers=store)
+
+
+def _regression_images(n: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    hwc = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+    return hwc, np.ascontiguousarray(hwc.transpose(0, 3, 1, 2))
+
+
+def test_a_regression_champion_is_rescored_with_r2(tmp_path):
+    from sklearn.metrics import r2_score
+
+    from automl import load
+    from automl.ops.leaderboard import _rescore_champion
+
+    hwc, x = _regression_images()
+    champ_dir = _regression_export(tmp_path / "champ", 0, x, np.zeros(len(x), np.float32))
+    pred = load(champ_dir).predict(list(hwc))  # what a user gets from the champion on these images
+    y = (pred + np.linspace(-0.05, 0.05, len(pred))).astype(np.float32)
+    new_dir = _regression_export(tmp_path / "new", 1, x, y)  # the new model's stored test split
+    got = _rescore_champion({"export_path": str(champ_dir), "metric": "r2"}, new_dir)
+    assert got == pytest.approx(r2_score(y.astype(np.float64), pred), abs=1e-4)
+    neg = _rescore_champion({"export_path": str(champ_dir), "metric": "neg_rmse"}, new_dir)
+    assert neg == pytest.approx(-np.sqrt(np.mean((y.astype(np.float64) - pred) ** 2)), abs=1e-4)
+
+
+def test_a_regression_update_is_compared_with_its_base_with_r2(tmp_path):
+    from automl import load
+    from automl.diagnostics.update import compare_with_base
+
+    hwc, x = _regression_images()
+    base_dir = _regression_export(tmp_path / "base", 0, x, np.zeros(len(x), np.float32))
+    base_pred = load(base_dir).predict(list(hwc))
+    y_old = base_pred.astype(np.float32)  # the base is perfect on its own test split
+    base_dir = _regression_export(tmp_path / "base", 0, x, y_old)
+    new = load(_regression_export(tmp_path / "new", 1, x, y_old, scale=(10.0, 3.0)))
+    p = new.predict(list(hwc))
+    y_new = (p + 0.05 * p.std() * np.linspace(-1, 1, len(x))).astype(np.float32)
+    out = compare_with_base(base_dir, new.model, new.encoder, [], x, [float(v) for v in y_new], "r2", 0.05, True,
+                            target_scale=[10.0, 3.0])
+    assert out["old_test"]["old"] == pytest.approx(1.0, abs=1e-5)  # the base on its own stored test split
+    assert out["new_test"]["new"] > 0.99 > out["new_test"]["old"]
+    assert out["forgetting"] == pytest.approx(1.0 - out["old_test"]["new"])
+    assert out["decision"] == ("champion" if out["forgetting"] <= 0.05 else "challenger")
+
+
+def test_diagnose_of_a_regression_update_does_not_crash(tmp_path):
+    import pandas as pd
+
+    from automl import load, stages
+    from automl.data.inputs import Inputs
+    from automl.options import FinetuneOptions
+
+    hwc, x = _regression_images(40, seed=3)
+    base_dir = _regression_export(tmp_path / "base", 0, x[:6], np.linspace(8, 12, 6).astype(np.float32))
+    df = pd.DataFrame({"image": list(hwc), "label": np.linspace(5.0, 15.0, len(hwc)) + 0.123})
+    opts = FinetuneOptions.from_kwargs(output_dir=str(tmp_path / "out"), base_model=str(base_dir),
+                                       task="regression", find_label_errors=False)
+    prepared = stages.prepare(df, opts)
+    inputs = Inputs.materialise(prepared.task, 16, tmp_path / "cache")
+    update = load(base_dir)
+    final = stages.FinalModel(update.model, update.encoder, update.manifest.backbone, {})
+    diag = stages.diagnose(prepared, None, inputs, None, final, None)
+    assert diag.update["metric"] == "r2" and diag.update["forgetting_checked"]
+
+
+# ---------------------------------------------------------------------------- 11. a text export in plain transformers
+
+TEXTS = [["good match today"], ["a spicy pizza recipe"], ["my new laptop and phone"], ["the coach of the team"]]
+
+
+def _text_export(tmp_path, minilm_dir, pooling: str, classes=("food", "sport", "tech")):
+    """A MiniLM classifier with moved ('fine-tuned') encoder weights, exported."""
+    import torch
+    from transformers import AutoModel
+
+    from automl import models
+    from automl.data.encoders import TextEncoder
+    from automl.export.manifest import ExportManifest, Preprocessing
+    from automl.export.writer import write_export
+    from automl.models.hf_family import TextClassifier, load_tokenizer
+
+    torch.manual_seed(0)
+    encoder = AutoModel.from_pretrained(minilm_dir)
+    encoder.pooler = None
+    model = TextClassifier(encoder, len(classes), pooling).eval()
+    with torch.no_grad():
+        for p in model.encoder.encoder.layer[-1].parameters():  # weights the original checkpoint does not have
+            p.add_(torch.randn_like(p) * 0.05)
+        model.head.weight.normal_(0, 0.5)
+    manifest = ExportManifest(task="multiclass", modality="text", classes=list(classes), label_column="label",
+                              input_columns=["text"], metric="accuracy",
+                              backbone=models.BackboneSpec("hf", minilm_dir, pretrained=False),
+                              preprocessing=Preprocessing("text", max_length=32, pooling=pooling),
+                              hyperparameters={"dropout": 0.0})
+    enc = TextEncoder(load_tokenizer(minilm_dir), 32)
+    return write_export(tmp_path / f"text-{pooling}", model, enc, manifest, formats=False), model
+
+
+def test_a_first_token_text_export_loads_in_transformers_with_the_same_probabilities(tmp_path, minilm_dir):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from automl import load
+
+    export, _ = _text_export(tmp_path, minilm_dir, "cls")
+    hf = AutoModelForSequenceClassification.from_pretrained(str(export / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(export / "hf"))
+    assert hf.config.id2label == {0: "food", 1: "sport", 2: "tech"} and hf.config.num_labels == 3
+    batch = tok([t[0] for t in TEXTS], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        theirs = torch.softmax(hf(**batch).logits, 1).numpy()
+    ours = load(export).predict_proba(pd.DataFrame({"text": [t[0] for t in TEXTS]}))
+    assert list(ours.columns) == ["food", "sport", "tech"]
+    np.testing.assert_allclose(theirs, ours.to_numpy(), atol=1e-4)
+    assert load(export).manifest.exports["transformers"]["loads_with"] == "AutoModelForSequenceClassification"
+
+
+def test_a_mean_pooled_text_export_holds_the_fine_tuned_encoder_and_says_how_to_use_it(tmp_path, minilm_dir):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    from automl import load
+
+    export, model = _text_export(tmp_path, minilm_dir, "mean")
+    info = load(export).manifest.exports["transformers"]
+    assert info["loads_with"] == "AutoModel" and "mean pooling" in info["why_not_sequence_classification"]
+    cfg = AutoConfig.from_pretrained(str(export / "hf"))
+    assert cfg.num_labels == 3 and cfg.id2label == {0: "food", 1: "sport", 2: "tech"}
+    readme = (export / "hf" / "README.md").read_text()
+    assert "mean pooling" in readme and "head.weight" in readme
+    # What the README promises, done as it says: the fine-tuned encoder, mean pooling, the head from the export.
+    encoder = AutoModel.from_pretrained(str(export / "hf")).eval()
+    tok = AutoTokenizer.from_pretrained(str(export / "hf"))
+    w = load_file(str(export / "model.safetensors"))
+    batch = tok([t[0] for t in TEXTS], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    logits = ((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)) @ w["head.weight"].T + w["head.bias"]
+    ours = load(export).predict_proba(pd.DataFrame({"text": [t[0] for t in TEXTS]})).to_numpy()
+    np.testing.assert_allclose(torch.softmax(logits, 1).numpy(), ours, atol=1e-4)
+    original = AutoModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():  # the weights in hf/ are the fine-tuned ones, not the checkpoint's
+        assert (original(**batch).last_hidden_state - hidden).abs().max() > 1e-2
+
+
+# ---------------------------------------------------------------------------- 10. the leaderboard on a cluster
+
+def test_a_cluster_refresh_keeps_the_database_password_out_of_the_job_command(tmp_path):
+    from automl.ops.leaderboard import refresh_job
+
+    url = "postgresql+psycopg://nightly:s3cret-pw@db.internal/automl"
+    entrypoint, env = refresh_job(tmp_path / "suite.yaml", url, "digits", force=True)
+    assert "s3cret-pw" not in entrypoint and "--db" not in entrypoint
+    assert "--only digits" in entrypoint and "--force" in entrypoint
+    assert env["env_vars"]["AUTOML_LEADERBOARD_DB"] == url and "AUTOML_SQLITE_JOURNAL" not in env["env_vars"]
+    _, env = refresh_job(tmp_path / "suite.yaml", f"sqlite:///{tmp_path}/lb.db", "digits")
+    assert env["env_vars"]["AUTOML_SQLITE_JOURNAL"] == "delete"  # a SQLite file the jobs share: no WAL
+
+
+def test_the_leaderboard_cli_reads_its_database_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "from-env.db"
+    env = {**os.environ, "AUTOML_LEADERBOARD_DB": f"sqlite:///{db}"}
+    out = subprocess.run([sys.executable, "-m", "automl", "leaderboard", "show"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert db.exists() and not (tmp_path / "automl_leaderboard.db").exists()
+
+
+def test_sqlite_on_a_shared_filesystem_keeps_the_rollback_journal(tmp_path, monkeypatch):
+    from automl.ops.store import Store, sqlite_journal_mode
+
+    mounts = "/dev/sda1 / ext4 rw 0 0\nnas:/export/automl /shared nfs4 rw 0 0\nfs /mnt/x fuse.sshfs rw 0 0\n"
+    assert sqlite_journal_mode("/shared/lb/automl_leaderboard.db", mounts) == "delete"
+    assert sqlite_journal_mode("/mnt/x/lb.db", mounts) == "delete"
+    assert sqlite_journal_mode("/home/me/lb.db", mounts) == "wal"
+    assert sqlite_journal_mode("/sharedness/lb.db", mounts) == "wal"  # a prefix of the name is not the mount
+
+    def mode(store):
+        with store.engine.connect() as c:
+            return c.exec_driver_sql("PRAGMA journal_mode").scalar()
+
+    monkeypatch.delenv("AUTOML_SQLITE_JOURNAL", raising=False)
+    local = Store(f"sqlite:///{tmp_path}/local.db")
+    assert mode(local) == "wal"  # tmp_path is on a local disk here
+    local.engine.dispose()
+    monkeypatch.setenv("AUTOML_SQLITE_JOURNAL", "delete")
+    assert mode(Store(f"sqlite:///{tmp_path}/local.db")) == "delete"  # and an old WAL database is switched back
