@@ -152,10 +152,10 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     pinned_size = max_length = None
     if task.modality == "image":
         stats.image_side = image_side(task.images)
-        size = space.parameters.get("image_size", {}).get("value")
+        size = space.pinned("image_size")
         pinned_size = size if isinstance(size, int) else None
     else:
-        length = space.parameters.get("max_length", {}).get("value")
+        length = space.pinned("max_length")
         arch = models.family(spec).underlying(spec)
         tokenizer = models.family(arch).encoder(None, arch, {"max_length": 8}).tokenizer
         stats.token_p95 = token_p95(tokenizer, [task.texts[i] for i in task.splits["train"]], seed=opts.search.seed)
@@ -398,7 +398,7 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0
                             concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
                             last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
                             plan_lines=plan.reasons, trial_s=plan.trial_s or None,
-                            init_heads=rung0.head_files() if rung0 else None)
+                            init_heads=rung0.head_files() if rung0 else None, stretch_rows=plan.stretch_rows)
     except NoTrialScored:
         if not rung0 or not rung0.probes:
             raise
@@ -428,6 +428,11 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     from automl.training.retrain import retrain
 
     opts, n_train = prepared.options, len(prepared.task.splits["train"])
+    # Evaluating and exporting come after: their time is held back from the retrain and the cross-fit (each stage
+    # releases its own reserve when it starts).
+    costs = Costs.load()
+    budget.reserve("evaluate", costs["evaluate_s"])
+    budget.reserve("export", costs[f"export_{prepared.task.modality}_s"] if opts.output.export_formats else 0.0)
     if not plan.retrain or (opts.search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
         why = ("retrain=False" if opts.search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")

@@ -66,7 +66,11 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
     how = m.manifest.training.get("how")
     how = f"{how}, start point kept" if decision.startswith("start point kept") else (
         f"{how}, beat the start point" if "chosen over the start point" in decision else how)
-    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": how,
+    rung = m.trials["rung"] if "rung" in m.trials else pd.Series(2, index=m.trials.index)
+    ladder = (f"{(rung == 0).sum()} heads + {(rung != 0).sum()} fine-tunes on "
+              f"{m.trials['config/backbone'].nunique()} backbones")
+    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": how, "ladder": ladder,
+            "rung0": next((r for r in p["reasons"] if r.startswith("rung 0:") and "heads on" in r), ""),
             "plan": f"{p['regime']}, {p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}"
                     f"{p['reports']}x{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
             "winner": str(m.manifest.searched_hyperparameters.get("backbone"))}
@@ -246,7 +250,7 @@ def report(rows: list[dict], methods: list[str], budget: float) -> list[str]:
             cells.append("" if not v else ("error" if "error" in v else f"{v['f1']:.4f} ({v['wall']:.0f})"))
         delta = (r["ours"]["f1"] - r["fixed"]["f1"]) * 100 if "ours" in r and "fixed" in r else float("nan")
         out.append(f"| {r['set']} | {r['seed']} | " + " | ".join(cells) + f" | {delta:+.1f} | "
-                   f"{r.get('ours', {}).get('plan', '')}, {r.get('ours', {}).get('trials', '')} trials, "
+                   f"{r.get('ours', {}).get('plan', '')}, {r.get('ours', {}).get('ladder', '')}, "
                    f"{r.get('ours', {}).get('how', '')} |")
     out.append("")
     for name in dict.fromkeys(r["set"] for r in rows):

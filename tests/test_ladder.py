@@ -125,3 +125,23 @@ def test_out_of_fold_probabilities_come_from_the_probe_head_refitted_per_fold(di
     assert (proba.argmax(1) == y).mean() > 0.8
     w, b = ladder.standardised_fit(r.best.full_features, y, k, r.best.C, r.best.balanced)
     assert (ladder.proba(r.best.full_features, w, b).argmax(1) == y).mean() >= (proba.argmax(1) == y).mean()
+
+
+def test_when_no_fine_tune_reports_in_time_rung0s_best_head_is_the_model(digits48, tmp_path):
+    """Issue 25.12: a short budget whose search ends before any trial reports still exports a model: rung 0's
+    best head, listed in the trial table and kept where the final choice loads trials from."""
+    from automl.search import kept
+    from automl.training.combine import top_trials
+
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0"], _config(), xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                     allowance_s=None, out_dir=tmp_path / "rung0")
+    result = ladder.with_rung0(None, r, "accuracy", str(tmp_path / "search"))
+    assert result.best_trial_id == "r0_0" and result.best_score == pytest.approx(r.best.val_score)
+    assert list(result.trials["rung"].unique()) == [0] and len(result.trials) == len(r.rows)
+    top = top_trials(result.trials, result.best_dir, "accuracy", k=1)
+    assert top[0][0] == "r0_0" and top[0][1]["backbone"] == "efficientnet-lite0" and top[0][1]["unfreeze"] == 0
+    model, spec = load_best(top[0][1], k, kept.model_file(result.best_dir, "r0_0"))
+    enc = build_encoder(full_config(top[0][1]), model, spec)
+    got = evaluate(model, enc, xv, yv, k, torch.device("cpu"), keep_scores=True)["scores"]
+    np.testing.assert_allclose(got, r.best.val_proba, atol=2e-3)

@@ -158,13 +158,25 @@ def test_costs_learned_from_a_run_are_blended_saved_and_read_by_the_next_plan(tm
     assert after.search_ends_at_s == pytest.approx(before.search_ends_at_s - 18.0, abs=0.5)  # the longer export
 
 
-def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path):
+def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path, monkeypatch):
     """The searcher gives a late trial fewer rows per report (same reports: ASHA's rungs stay), never below half
-    its length; the start point always trains at full length; nothing starts after the last start time."""
+    its length; the start point always trains at full length; nothing starts after the last start time.
+    The clock is frozen (the file's deadlines and the searcher's "now" read the same instant), so the time left
+    is exactly what the test wrote, however loaded the machine."""
+    import time
+    import types
+
     from ray.tune.search import Searcher
 
+    from automl.search import clock as clock_mod
+    from automl.search import tune as tune_mod
     from automl.search.clock import FIT_MARGIN, MIN_FIT, fitted_rows, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, _sampler
+
+    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    frozen.time = lambda: 1.7e9
+    monkeypatch.setattr(clock_mod, "time", frozen)
+    monkeypatch.setattr(tune_mod, "time", frozen)
 
     assert fitted_rows(400, 100.0, 200.0) == 400                                # fits: full length
     assert fitted_rows(400, 100.0, 60.0) == int(400 * FIT_MARGIN * 0.6)           # shortened to the time left
@@ -181,7 +193,8 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
     s = searcher()
     start, late = s.suggest("a"), s.suggest("b")
     assert start["report_rows"] == 400 and start["lr"] == space.start_points[0]["lr"]
-    assert int(400 * FIT_MARGIN * 0.55) <= late["report_rows"] <= int(400 * FIT_MARGIN * 0.6)
+    assert late["report_rows"] == int(400 * FIT_MARGIN * 0.6)                   # 60 s left of a 100 s trial
+    assert late["_deadline"] == start["_deadline"] == 1.7e9 + 60.0               # both end their schedule then
     write_deadlines(str(clock), last_start_s=1000.0, ends_in_s=2000.0, trial_s=100.0)
     assert s.suggest("c")["report_rows"] == 400                                  # time enough: full length
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
@@ -208,3 +221,24 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
     # Label errors come from rung 0's out-of-fold heads: no cross-fit is planned for them.
     assert not with_.label_errors
 
+
+
+def test_without_a_time_limit_the_retrain_still_has_its_planned_training_time():
+    """What a retrain takes beyond its planned training is learned as Ray Train's start-up (stages.finalise):
+    with no planned training (a run without a time budget), the whole retrain was recorded as start-up and
+    later budgeted runs on that machine reserved far too much."""
+    p = plan(budget=None)
+    assert p.retrain and p.trial_s > 0
+    assert p.retrain_fixed_s == Costs()["ray_train_startup_s"]
+    assert p.retrain_s - p.retrain_fixed_s == pytest.approx(p.trial_s * IMAGES.n_full / IMAGES.n_train)
+
+
+def test_a_start_point_shortened_to_fit_may_grow_back_to_its_sensible_length():
+    """Alone all search long, the start point is planned as long as the probe says fits; if it runs ahead of
+    that plan it may grow to its sensible length (loop.Pace), so an over-estimated probe leaves no time unused."""
+    sensible = sensible_steps(True, math.ceil(500 / 32))
+    single = plan(at=speed(0.8))
+    assert single.regime == "single" and single.storage_size == 128
+    assert single.report_rows * single.reports < 0.7 * sensible * 32
+    assert single.stretch_rows == math.ceil(sensible * 32 / single.reports)
+    assert plan(budget=3 * 3600).stretch_rows == 0  # a search's trials keep the length they are compared at

@@ -399,3 +399,39 @@ def test_sqlite_on_a_shared_filesystem_keeps_the_rollback_journal(tmp_path, monk
     local.engine.dispose()
     monkeypatch.setenv("AUTOML_SQLITE_JOURNAL", "delete")
     assert mode(Store(f"sqlite:///{tmp_path}/local.db")) == "delete"  # and an old WAL database is switched back
+
+
+def test_input_size_and_length_with_when_variants_leave_the_choice_to_the_plan():
+    """Issue 25.9: `image_size` / `max_length` given as `when` variants crashed after Ray started (`.get` on a
+    list); a variant is not a pin, and the planned size covers every variant's values."""
+    from automl.search.plan import planned_size
+    from automl.search.space import SearchSpace, load_space
+
+    def with_variants(modality, name, variants):
+        d = load_space("cpu_small", modality).to_dict()
+        d["parameters"][name] = variants
+        return SearchSpace.from_dict(d)
+
+    image = with_variants("image", "image_size", [
+        {"type": "choice", "values": [64, 96], "when": {"backbone": ["efficientnet-lite0"]}},
+        {"type": "fixed", "value": 32}])
+    text = with_variants("text", "max_length", [
+        {"type": "fixed", "value": 128, "when": {"backbone": ["minilm-l6"]}}, {"type": "fixed", "value": 64}])
+    assert image.pinned("image_size") is None and text.pinned("max_length") is None
+    assert planned_size(image) == 96
+    assert load_space("cpu_small", "image", {"image_size": 40}).pinned("image_size") == 40
+
+
+def test_a_later_stages_reserve_holds_until_that_stage_starts():
+    """Issue 25.6: finalise holds back evaluate's and export's time (Budget.reserve) before it asks whether a
+    retrain or a cross-fit is affordable; each stage releases its own reserve when it starts."""
+    from automl.budget import Budget
+
+    b = Budget(100.0)
+    b.reserve("evaluate", 5.0)
+    b.reserve("export", 30.0)
+    assert not b.can_afford(70.0) and b.can_afford(60.0)
+    with b.stage("evaluate"):
+        assert b.can_afford(66.0) and not b.can_afford(70.0)
+    with b.stage("export"):
+        assert b.can_afford(90.0)

@@ -12,14 +12,14 @@ MIN_FIT, FIT_MARGIN = 0.5, 0.85
 
 
 def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float | None,
-                    trial_s: float | None) -> None:
+                    trial_s: float | None, stretch_rows: int = 0) -> None:
     """The search's clock for the searcher, as wall-clock times in a file (the pickled searcher of a resumed
     search reads fresh ones): no trial starts after `last_start`; the search ends at `ends_at`; a full-length
-    trial takes `trial_s`."""
+    trial takes `trial_s`; a start point may grow to `stretch_rows` rows a report when it runs ahead."""
     now = time.time()
     Path(path).write_text(json.dumps({"last_start": None if last_start_s is None else now + last_start_s,
                                       "ends_at": None if ends_in_s is None else now + ends_in_s,
-                                      "trial_s": trial_s}))
+                                      "trial_s": trial_s, "stretch_rows": stretch_rows}))
 
 
 def fitted_rows(report_rows: int, trial_s: float | None, left_s: float) -> int:

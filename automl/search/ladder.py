@@ -298,7 +298,7 @@ def with_rung0(result, rung0: Rung0, metric: str, experiment_path: str):
     rows = pd.DataFrame(rung0.rows)
     col = f"best_val_{metric}"
     if result is None:
-        best = rows.loc[rows[col].idxmax()]
+        best = rows[rows["trial_id"] == Path(rung0.best.head_file).name.split(".")[0]].iloc[0]
         config = {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/") and not pd.isna(v)}
         result = SearchResult(trials=rows.iloc[0:0], best_config=config, best_epoch=0, best_score=float(best[col]),
                               metric=metric, experiment_path=experiment_path, history={},

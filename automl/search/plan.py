@@ -112,6 +112,7 @@ class Plan:
     transferability: dict | None = None  # LogME pre-ranking of the space's backbones, when it ran
     retrain_fixed_s: float = 0.0       # the part of retrain_s that is Ray Train's start-up (Costs)
     rung0_s: float = 0.0               # reserved for the ladder's rung 0 (frozen features + linear heads)
+    stretch_rows: int = 0              # the start point, running all search long, may grow to this (its sensible length)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -273,7 +274,10 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         label_errors = False  # rung 0's out-of-fold heads list them for seconds: no cross-fit to plan
     wanted = retrain
     if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
-        choice, search_s, retrain, retrain_s, cross_fit_s = choose(math.inf), 0.0, wanted is not False, 0.0, 0.0
+        choice, search_s, retrain, cross_fit_s = choose(math.inf), 0.0, wanted is not False, 0.0
+        # Not a reserve (nothing to fit into) but the retrain's planned training: what a retrain takes beyond it
+        # is learned as Ray Train's start-up (stages.finalise), which budgeted runs then reserve.
+        retrain_s = costs["ray_train_startup_s"] + choice.trial_s * ratio if retrain else 0.0
         want_errors = label_errors is True or (label_errors == "auto" and stats.n_full <= 20000)
     else:
         total = budget_left_s - after - costs["ray_start_s"]
@@ -318,6 +322,10 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
 
     reports = fixed_reports or int(min(REPORTS[1], max(REPORTS[0], _reports_for_eval(choice, stats, speed_at))))
     report_rows = 0 if fixed_reports else max(1, math.ceil(choice.steps * bs / reports))
+    # Shortened to fit, the start point may still grow back towards its sensible length when it runs ahead of the
+    # plan (a speed probe of a few steps is often 15-40% off; loop.Pace), instead of leaving that time unused.
+    stretch_rows = math.ceil(sensible * bs / reports) if report_rows and choice.regime != "search" else 0
+    stretch_rows = stretch_rows if stretch_rows > report_rows else 0
     grace = space.grace_period or max(1, math.ceil(FIRST_RUNG * reports))
     rf = space.reduction_factor or REDUCTION_FACTOR
     pins = {"max_epochs": reports, "grace_period": min(grace, reports), "reduction_factor": rf}
@@ -365,7 +373,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
                 val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)),
                 planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0,
-                rung0_s=rung0_s)
+                rung0_s=rung0_s, stretch_rows=stretch_rows)
 
 
 def rung0_cost(backbones: int, stats: DataStats, sp: Speed) -> float:
@@ -404,5 +412,6 @@ def _candidate_sizes(stats: DataStats, pinned: int | None, gpu: bool = False,
 
 def planned_size(space: SearchSpace) -> int:
     spec = space.parameters.get("image_size", {"type": "fixed", "value": MIN_IMAGE})
-    values = spec.get("values") or [spec.get("value") or spec.get("high") or MIN_IMAGE]
+    values = [v for s in (spec if isinstance(spec, list) else [spec])  # `when` variants: every variant's sizes
+              for v in (s.get("values") or [s.get("value") or s.get("high") or MIN_IMAGE])]
     return int(max(v for v in values if isinstance(v, (int, float))))

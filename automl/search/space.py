@@ -232,6 +232,12 @@ class SearchSpace:
                 cfg[name] = int(round(mid)) if kind == "int" else mid
         return cfg
 
+    def pinned(self, name: str):
+        """The value a parameter is pinned to (a single `fixed` spec), else None: a range, a choice or `when`
+        variants leave it to the search."""
+        spec = self.parameters.get(name)
+        return spec.get("value") if isinstance(spec, dict) and spec.get("type") == "fixed" else None
+
     def searchable(self) -> list[str]:
         return [n for n, s in self.parameters.items()
                 if any(v["type"] != "fixed" for v in (s if isinstance(s, list) else [s]))]

@@ -113,7 +113,7 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
     # The search's end (set by the searcher): a trial running late compresses the rest of its schedule to end by it.
     head = (init_heads or {}).get(config.get("backbone")) if resume is None else None
     fit(config, data, epochs=max_epochs, report=report, resume=resume, deadline=config.get("_deadline"),
-        initial_state=load_file(head) if head else None)
+        initial_state=load_file(head) if head else None, max_report_rows=config.get("_stretch_rows"))
 
 
 class CheckpointJanitor(Callback):
@@ -278,6 +278,8 @@ class DeadlineOptunaSearch(OptunaSearch):
         config = super().suggest(trial_id)
         if isinstance(config, dict) and clock.get("ends_at"):
             config = {**config, "_deadline": clock["ends_at"]}  # the trial ends its schedule by then (loop.Pace)
+            if start_point and clock.get("stretch_rows"):
+                config["_stretch_rows"] = clock["stretch_rows"]  # alone all search long: may grow (loop.Pace)
             if not start_point and config.get("report_rows"):
                 rows = fitted_rows(int(config["report_rows"]), clock.get("trial_s"), clock["ends_at"] - time.time())
                 config["report_rows"] = rows
@@ -329,7 +331,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
                last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None,
                callbacks: list | None = None, trial_s: float | None = None,
-               init_heads: dict | None = None) -> SearchResult:
+               init_heads: dict | None = None, stretch_rows: int = 0) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
 
     checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
@@ -358,7 +360,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     local.mkdir(parents=True, exist_ok=True)
     asha_log = str(local / (ASHA_LOG if not local_dir else f"{name}_{ASHA_LOG}"))
     deadline_file = str(local / f"{name}_deadlines.json")
-    write_deadlines(deadline_file, last_start_s=last_start_s, ends_in_s=time_budget_s, trial_s=trial_s)
+    write_deadlines(deadline_file, last_start_s=last_start_s, ends_in_s=time_budget_s, trial_s=trial_s,
+                    stretch_rows=stretch_rows)
     best_dir = None if remote else f"{exp_path}/best"
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,

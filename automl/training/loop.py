@@ -340,18 +340,25 @@ class Pace:
     step moves the schedule one step. When the measured pace says the reports left would overrun, the steps per
     report shrink to what fits and each step moves the schedule on by the ratio, so the schedule (warm-up, decay)
     still ends at the last report. Same reports: ASHA's rungs and the trial's length in reports do not change.
+    With `max_per_report` (a run allowed to grow, e.g. the start point training alone), a run ahead of its plan
+    stretches the other way, up to that many steps per report, each step moving the schedule on by less than one:
+    the time a probe over-estimated is trained, not left unused.
     """
 
     MARGIN = 0.95        # aim to end within this share of the time left before the deadline (re-aimed each report)
 
-    def __init__(self, per_report: int, reports: int, done: int, deadline: float | None, state: dict | None = None):
+    STRETCH = 1.1        # grow only when the reports left could train at least this much longer
+
+    def __init__(self, per_report: int, reports: int, done: int, deadline: float | None, state: dict | None = None,
+                 max_per_report: int | None = None):
         self.reports, self.deadline, self.end = reports, deadline, per_report * reports  # the schedule's last step
+        self.max_per_report = max_per_report or per_report
         self.per_report, self.step, self.position, self.ratio, self.carry = per_report, done * per_report, \
             done * per_report, 1.0, 0.0
-        self.compressed = 0
+        self.compressed = self.stretched = 0
         if state:  # a resumed run continues at the pace it had
-            for k in ("per_report", "step", "position", "ratio", "carry", "compressed"):
-                setattr(self, k, type(getattr(self, k))(state[k]))
+            for k in ("per_report", "step", "position", "ratio", "carry", "compressed", "stretched"):
+                setattr(self, k, type(getattr(self, k))(state.get(k, getattr(self, k))))
         if deadline is not None and time.time() >= deadline:
             self.deadline = None  # a deadline already past when the run (re)starts is stale: ignore it
 
@@ -363,30 +370,39 @@ class Pace:
         self.position += n
         return n
 
+    def _pace(self, per: int, left: int) -> None:
+        if per < self.per_report:
+            self.compressed += 1
+        else:
+            self.stretched += 1
+        self.per_report = per
+        self.ratio, self.carry = (self.end - self.position) / (per * left), 0.0
+
     def observe(self, step_s: float, eval_s: float, reports_done: int) -> None:
         """After a report: if the reports left at this pace would overrun the deadline, compress the rest."""
         left = self.reports - reports_done
         if self.deadline is None or left <= 0:
             return
         time_left = self.MARGIN * (self.deadline - time.time()) - left * eval_s
+        fits = int(time_left / max(step_s, 1e-9) / left)
         if left * self.per_report * step_s <= time_left:
+            if self.max_per_report > self.per_report and fits >= self.STRETCH * self.per_report:
+                self._pace(min(self.max_per_report, fits), left)  # ahead of plan: train the time it has
             return
-        per = max(1, int(time_left / max(step_s, 1e-9) / left))
-        if per >= self.per_report:
-            return
-        self.per_report, self.compressed = per, self.compressed + 1
-        self.ratio, self.carry = max(1.0, (self.end - self.position) / (per * left)), 0.0
+        per = max(1, fits)
+        if per < self.per_report:
+            self._pace(per, left)
 
     def state(self) -> dict:
         return {"per_report": self.per_report, "step": self.step, "position": self.position, "ratio": self.ratio,
-                "carry": self.carry, "compressed": self.compressed}
+                "carry": self.carry, "compressed": self.compressed, "stretched": self.stretched}
 
 
 def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | None = None,
         report: Callable[[dict, Callable[..., dict]], None] | None = None, resume: dict | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1,
         device: torch.device | None = None, initial_state: dict | None = None,
-        deadline: float | None = None) -> FitResult:
+        deadline: float | None = None, max_report_rows: int | None = None) -> FitResult:
     """Train `config` for `epochs` reports of `steps_per_report` optimizer steps each (one pass over the data when
     the config sets none), evaluating on the validation set after each.
 
@@ -397,7 +413,8 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     and batch_size / world_size rows per step). initial_state: weights to start from (a base model).
     deadline: a wall-clock time (time.time()) the run must end by: when the reports left would not fit, the rest
     of the schedule is compressed into fewer steps per report (`Pace`), so the run ends its schedule in time
-    instead of being cut mid-schedule with its learning rate still high.
+    instead of being cut mid-schedule with its learning rate still high. max_report_rows: with a deadline, a run
+    ahead of its plan may grow to this many rows per report (schedule stretched to match), to use its time.
     """
     config = full_config(config)
     device = device or default_device()
@@ -413,7 +430,10 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         s.optimizer.load_state_dict(resume["optimizer"])
         s.scheduler.load_state_dict(resume["scheduler"])
         start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
-    pace = Pace(s.steps_per_report, epochs, start_epoch, deadline, resume.get("pace") if resume else None)
+    stretch = steps_per_report({"report_rows": max_report_rows}, 0, s.batches.bs, world_size) if max_report_rows \
+        else None
+    pace = Pace(s.steps_per_report, epochs, start_epoch, deadline, resume.get("pace") if resume else None,
+                max_per_report=stretch)
 
     # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
     run_model, run_encoder, x_val = model, s.encoder, s.x_val
@@ -465,6 +485,8 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
         pace.observe(train_s / per, metrics["report_time_s"] - train_s, epoch + 1)
         if pace.compressed:
             metrics["schedule_compressed"] = pace.compressed
+        if pace.stretched:
+            metrics["schedule_stretched"] = pace.stretched
         history.append(metrics)
         if report is not None:
             def state_fn(weights_only: bool = False, epoch_now=epoch + 1, k=k):
