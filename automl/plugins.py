@@ -3,6 +3,16 @@ register_text_policy, register_family) carried to Ray workers, which import auto
 them. Functions defined in a script travel by value (cloudpickle); built-ins travel as references."""
 from __future__ import annotations
 
+import warnings
+
+
+def put(table: dict, name: str, value, what: str) -> None:
+    """Register `value` under `name`, warning when it replaces another entry (as timm's registry does): a
+    misspelt or shadowed name should not change behaviour silently."""
+    if name in table and table[name] is not value:
+        warnings.warn(f"{what} {name!r} was already registered; the new registration replaces it.", stacklevel=3)
+    table[name] = value
+
 
 def _registries() -> dict[str, dict]:
     from automl.models import registry

@@ -16,7 +16,7 @@ from automl import cluster, models
 from automl.budget import Budget, Costs
 from automl.data.inputs import Inputs
 from automl.data.intake import TaskData, plain, prepare as read_task
-from automl.errors import AutoMLError, NoTrialScored
+from automl.errors import AutoMLError, ModelLoadError, NoTrialScored
 from automl.export.manifest import ExportManifest, Preprocessing, Provenance
 from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
@@ -134,8 +134,6 @@ def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None, gpu: b
 
 def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     """Decide how the budget is spent, from the data and the start point's measured speed (search/plan.py)."""
-    from automl.search.plan import DataStats, image_side, token_p95
-
     opts, task = prepared.options, prepared.task
     cluster.check_shared_storage(ray, opts.resources.storage_path, shared_dir(prepared))
     saved = prepared.out / "plan.json"
@@ -145,6 +143,40 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
     # Before the start point is probed: pre-ranking drops backbones that cannot load, the start point's included.
     space, transfer = _prerank(prepared, space)
+    dropped = []
+    while True:  # without pre-ranking (rung 0 runs), a start backbone that cannot load gives way to the next
+        try:
+            start, spec, stats, pinned_size, max_length, speed_at = _start_and_speed(prepared, space, res, ray)
+            break
+        except ModelLoadError as exc:
+            space = _without_backbone(space, full_config(space.default_config())["backbone"], exc)
+            dropped.append(str(exc).split(". Fix:")[0])
+    planned = make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
+                     elapsed_s=budget.elapsed(), costs=Costs.load(), resources=res,
+                     concurrency=ray.max_concurrency(res),
+                     retrain_cpus=ray.retrain_cpus(res, opts.resources.retrain_workers),
+                     max_trials=opts.search.max_trials, pretrained=spec.pretrained,
+                     export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
+                     cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
+                     node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
+                     regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space))
+    planned.transferability = transfer
+    planned.reasons += [f"dropped before the search: {d}" for d in dropped]
+    prepared.out.mkdir(parents=True, exist_ok=True)
+    planned.save(saved)
+    ray.request(planned.resources, planned.concurrency)  # an autoscaling cluster starts the nodes now
+    if ray.max_nodes > ray.nodes:
+        planned.reasons.append(f"capacity from {ray.source}: up to {ray.cpus:g} CPUs / {ray.gpus:g} GPUs on "
+                               f"{ray.max_nodes} nodes; asked the autoscaler for {planned.concurrency} trial slots")
+    return planned
+
+
+def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo):
+    """The start point, its backbone, the data's statistics, the pinned input size or length and the start
+    point's measured speed (raises ModelLoadError when the start backbone cannot load)."""
+    from automl.search.plan import DataStats, image_side, token_p95
+
+    task, opts = prepared.task, prepared.options
     start = full_config(space.default_config())
     spec = models.resolve(start["backbone"])
     stats = DataStats(task.modality, *(len(task.splits[k]) for k in ("train", "validation")),
@@ -163,23 +195,19 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
         max_length = length if isinstance(length, int) else min(512 if res.get("gpu") else 256,
                                                                 max(16, -(-stats.token_p95 // 8) * 8))
     speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus))
-    planned = make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
-                     elapsed_s=budget.elapsed(), costs=Costs.load(), resources=res,
-                     concurrency=ray.max_concurrency(res),
-                     retrain_cpus=ray.retrain_cpus(res, opts.resources.retrain_workers),
-                     max_trials=opts.search.max_trials, pretrained=spec.pretrained,
-                     export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
-                     cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
-                     node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
-                     regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space))
-    planned.transferability = transfer
-    prepared.out.mkdir(parents=True, exist_ok=True)
-    planned.save(saved)
-    ray.request(planned.resources, planned.concurrency)  # an autoscaling cluster starts the nodes now
-    if ray.max_nodes > ray.nodes:
-        planned.reasons.append(f"capacity from {ray.source}: up to {ray.cpus:g} CPUs / {ray.gpus:g} GPUs on "
-                               f"{ray.max_nodes} nodes; asked the autoscaler for {planned.concurrency} trial slots")
-    return planned
+    return start, spec, stats, pinned_size, max_length, speed_at
+
+
+def _without_backbone(space: SearchSpace, name: str, exc: Exception) -> SearchSpace:
+    """The space without a backbone whose weights cannot load; its start points move to the next backbone."""
+    spec = space.parameters.get("backbone", {})
+    values = [v for v in (spec.get("values") or []) if v != name] if isinstance(spec, dict) else []
+    if not values:
+        raise exc
+    new = space.with_overrides({"backbone": {"type": "choice", "values": values}})
+    new.start_points = [new.fit_point(p if p.get("backbone") in values else {**p, "backbone": values[0]})
+                        for p in space.start_points]
+    return new
 
 
 def _rung0_backbones(prepared: Prepared, space: SearchSpace) -> int:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Forced, not defaulted: a user's HF_HUB_OFFLINE=0 must not send the tests to the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
 # Runs learn this machine's fixed costs; the suite keeps its own file so one test's run does not re-plan another's
 # and the user's ~/.cache is left alone.
 os.environ["AUTOML_COSTS_FILE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="automl-costs-"), "costs.json")
@@ -12,6 +13,23 @@ import numpy as np
 import pandas as pd
 import pytest
 
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that trains in this process (use_ray=False) calls set_threads(n), which sets torch's thread count and
+    OMP_NUM_THREADS: neither may leak into the tests after it (or into the processes they start), or their speed
+    would depend on the order they run in."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if os.environ.get("OMP_NUM_THREADS") != omp:
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture(scope="session")

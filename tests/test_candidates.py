@@ -231,3 +231,25 @@ def test_a_trial_that_finished_its_schedule_is_its_last_report_not_its_best_scor
     assert len(kept.snapshot_files(d, "t")) == 3
     kept.drop(d, "t")
     assert kept.model_file(d, "t") is None and not list(tmp_path.iterdir())
+
+
+def test_trials_are_ranked_by_the_score_of_the_model_they_export_not_their_best_report(tmp_path):
+    """A run that peaked mid-schedule then diverged exports its last weights: it must not outrank a steady run."""
+    import pandas as pd
+
+    from automl.search import kept
+    from automl.training.combine import top_trials
+
+    w = {"w": torch.zeros(2)}
+    d = str(tmp_path)
+    kept.keep(d, "diverged", w, 1.0, 3)
+    kept.keep_final(d, "diverged", w, 0.33, 8)
+    kept.keep(d, "steady", w, 0.9, 8)
+    kept.keep_final(d, "steady", w, 0.9, 8)
+    kept.keep(d, "unfinished", w, 0.8, 2)     # stopped early: its model is its best report
+    trials = pd.DataFrame({"trial_id": ["diverged", "steady", "unfinished", "no-weights"],
+                           "best_val_accuracy": [1.0, 0.9, 0.8, 0.95], "config/lr": [0.01, 3e-4, 1e-3, 1e-3]})
+    top = top_trials(trials, d, "accuracy")
+    assert [(t, s) for t, _, s in top] == [("steady", 0.9), ("unfinished", 0.8), ("diverged", 0.33)]
+    assert top[0][1] == {"lr": 3e-4}
+    assert [t for t, _, _ in top_trials(trials, d, "accuracy", k=1)] == ["steady"]

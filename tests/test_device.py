@@ -50,6 +50,17 @@ def test_the_evaluate_stage_runs_model_and_inputs_on_the_chosen_device(monkeypat
                               {"image_size": 16})
     metrics = stages.evaluate(prepared, inputs, final)  # the real device: a score comes back
     assert set(metrics) >= {"accuracy", "f1_macro", "log_loss", "per_class"}
+    # The scores are the model's own on the test split: its forward pass here, scored by scikit-learn.
+    from sklearn.metrics import accuracy_score, f1_score, log_loss
+
+    te = inputs.split("test")
+    x = inputs.pick(te)
+    with torch.no_grad():
+        proba = torch.softmax(model.cpu()(final.encoder.batch(x, np.arange(len(x)))), 1).numpy()
+    y = task.y[te]
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y, proba.argmax(1)))
+    assert metrics["f1_macro"] == pytest.approx(f1_score(y, proba.argmax(1), average="macro", labels=range(4), zero_division=0))
+    assert metrics["log_loss"] == pytest.approx(log_loss(y, np.clip(proba, 1e-7, 1), labels=range(4)), rel=1e-5)
     monkeypatch.setenv("AUTOML_DEVICE", "meta")  # a stand-in for a GPU
     with pytest.raises(NotImplementedError, match="meta tensor"):
         stages.evaluate(prepared, inputs, final)

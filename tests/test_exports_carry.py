@@ -73,7 +73,24 @@ def test_the_card_lists_every_file_and_whether_it_holds_user_data(tmp_path):
     assert "the test split's texts and labels" in rows["test_split.jsonl"]
     assert rows["model.safetensors"].split("|")[3].strip() == "no"
     assert "{'" not in card  # a document for a person: no Python dict literals
-    json.dumps(m.to_dict(), default=str)
+    # The manifest as written to config.json (JSON) reads back with the same file list and gives the same card.
+    from automl.export.manifest import ExportManifest
+
+    m.write(tmp_path)
+    again = ExportManifest.read(tmp_path, check_files=False)
+    assert again.files == m.files and json.loads((tmp_path / "config.json").read_text())["files"] == m.files
+    assert all(f"| {name} |" in model_card(again, None) for name in m.files)
+
+
+def test_a_schema_1_manifest_written_back_reads_back_the_same(tmp_path):
+    from automl.export.card import model_card
+    from automl.export.manifest import ExportManifest
+
+    m = load(FIXTURES / "v1_text_export").manifest
+    m.write(tmp_path)
+    again = ExportManifest.read(tmp_path, check_files=False)
+    assert again.provenance == m.provenance and again.training == m.training
+    assert model_card(again, None) == model_card(m, None)
 
 
 def test_the_card_says_when_the_suspected_label_errors_are_mostly_model_confusion():

@@ -45,19 +45,35 @@ def test_frozen_prefix_cached_and_uncached_agree(digits_trial_data, tmp_path, ba
     assert cached.history[-1]["feature_cache"].startswith("timm") and cached.history[-1]["feature_cache"] != "timm0"
 
 
+def _cache_counts() -> tuple[int, int]:
+    from automl.training import featcache
+
+    return featcache.STATS["hits"], featcache.STATS["misses"]
+
+
 def test_not_cached_when_inputs_change_between_epochs(digits_trial_data, tmp_path):
     data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
+    base = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "unfreeze": 0}
+    before = _cache_counts()
     for extra in ({"augment": "crop"}, {"mix": "mixup"}, {"gradual_unfreeze_every": 1}, {"unfreeze": "all"}):
-        fit({"backbone": "timm/resnet10t:scratch", "image_size": 16, "unfreeze": 0, **extra}, data, epochs=1)
-    assert not list(tmp_path.glob("*.npy"))
+        r = fit({**base, **extra}, data, epochs=1)
+        assert r.history[-1]["feature_cache"] == "off", extra  # trained on the images themselves
+    assert _cache_counts() == before and not list(tmp_path.glob("*.npy"))  # never read nor computed a cache
+    # The same trial on un-augmented inputs does use it: what the four above were refused is real.
+    assert fit(base, data, epochs=1).history[-1]["feature_cache"] == "head:computed"
+    assert _cache_counts() == (before[0], before[1] + 2) and len(list(tmp_path.glob("*.npy"))) == 2
 
 
 def test_no_cut_where_forward_features_is_not_a_chain(digits_trial_data, tmp_path):
     # A ViT adds position embeddings between its children: the probe check must refuse the cut.
     cfg = {"backbone": "timm/test_vit:scratch", "image_size": 16, "unfreeze": 1, "batch_size": 16}
     data = TrialData(**{**digits_trial_data.__dict__, "cache_dir": str(tmp_path)})
-    r = fit({**cfg, "backbone": "timm/test_vit:scratch"}, data, epochs=1)
-    assert r.history and not list(tmp_path.glob("*.npy"))
+    before = _cache_counts()
+    r = fit(cfg, data, epochs=1)
+    assert r.history[-1]["feature_cache"] == "off" and _cache_counts() == before
+    assert not list(tmp_path.glob("*.npy"))
+    # Refused, it trains as without a cache: the same weights as a run given none.
+    _same_params(fit(cfg, digits_trial_data, epochs=1).model, r.model, atol=0)
 
 
 def test_cached_text_head_matches_with_real_minilm(text_df, tmp_path):

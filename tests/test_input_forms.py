@@ -43,7 +43,18 @@ def test_parquet_with_a_text_pair_end_to_end(ray_session, tmp_path, text_df):
     m = auto_finetune(str(tmp_path / "pairs.parquet"), output_dir=tmp_path / "out",
                       search_space={"max_epochs": 2, "max_length": 16, "unfreeze": 1, "lr": 3e-4}, **QUICK)
     assert m.manifest.input_columns == ["sentence", "context"] and m.manifest.modality == "text"
-    assert load(m.export_dir).predict(df.head(3)).shape == (3,)
+    same = load(m.export_dir)
+    head = df.head(5)
+    preds, proba = same.predict(head), same.predict_proba(head)
+    # The reloaded export predicts what the trained model does, a class per row: its most probable one.
+    assert list(preds) == list(m.predict(head)) and set(preds) <= {"food", "sport", "tech"}
+    assert list(preds) == [proba.columns[i] for i in proba.to_numpy().argmax(1)]
+    np.testing.assert_allclose(proba.to_numpy(), m.predict_proba(head).to_numpy(), atol=1e-5)
+    # Each row is read as a pair, sentence first and context second (the tokenizer's own pair encoding).
+    tok, n, first = same.encoder.tokenizer, same.encoder.max_length, head["sentence"].iloc[0]
+    ids = same._inputs(head.iloc[:1])[0]
+    assert ids == tok(first, "short note", truncation=True, max_length=n)["input_ids"]
+    assert ids != tok(first, truncation=True, max_length=n)["input_ids"]
 
 
 def test_image_bytes_column():

@@ -19,7 +19,8 @@ from automl import AutoMLError
 from automl.ops import jobs
 from automl.ops.cli import main as cli_main
 
-pytestmark = pytest.mark.slow
+# Every test here but the manifest check uses the token-protected Ray head and is marked slow; the manifest check
+# starts nothing.
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,7 @@ def token_head(free_port_factory):
     proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_submission_without_the_token_is_refused(token_head, monkeypatch):
     url, _ = token_head
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -77,6 +79,7 @@ def test_submission_without_the_token_is_refused(token_head, monkeypatch):
         jobs.client(url, token="not-the-token")
 
 
+@pytest.mark.slow
 def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digits_df, capsys):
     url, token = token_head
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
@@ -115,6 +118,7 @@ def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digi
     assert capsys.readouterr().out.strip().startswith(f"{listed['digits']['submission_id']}: SUCCEEDED")
 
 
+@pytest.mark.slow
 def test_a_running_job_can_be_stopped(token_head, tmp_path, monkeypatch, capsys):
     url, token = token_head
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
@@ -137,6 +141,7 @@ def test_manifest_errors_name_the_job_and_key(tmp_path):
         jobs.load_manifest(tmp_path / "m.yaml")
 
 
+@pytest.mark.slow
 def test_leaderboard_refresh_as_ray_jobs(token_head, tmp_path, monkeypatch, digits_df):
     from automl.ops.store import Store
 

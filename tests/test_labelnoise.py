@@ -25,11 +25,12 @@ def test_planted_label_flips_are_found(digits_df):
     precision, recall = hits / max(1, len(found)), hits / len(flipped)
     assert precision >= 0.6 and recall >= 0.5, (precision, recall, found)
     assert found["margin"].is_monotonic_decreasing  # most likely errors first
-    # Reported given labels are the (wrong) ones in the table, by original row index; the suspected one is the truth.
-    first = found.iloc[0]
-    assert df.loc[first["row"], "label"] == first["given_label"]
-    if first["row"] in flipped:
-        assert digits_df.loc[first["row"], "label"] == first["suspected_label"]
+    # Reported given labels are the (wrong) ones in the table, by original row index; for a planted flip the
+    # suspected label is the truth.
+    assert (found["given_label"].to_numpy() == df.loc[found["row"], "label"].to_numpy()).all()
+    planted = found[found["row"].isin(flipped)]
+    assert len(planted) == hits and hits > 0
+    assert (planted["suspected_label"].to_numpy() == digits_df.loc[planted["row"], "label"].to_numpy()).all(), planted
     s = summary(found, len(df))
     assert s["count"] == len(found) and "on 2-fold out-of-fold" in s["method"]
     assert "on 3-fold out-of-fold" in summary(found, len(df), folds=3)["method"]  # says the folds it was given

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -145,3 +146,49 @@ def test_when_no_fine_tune_reports_in_time_rung0s_best_head_is_the_model(digits4
     enc = build_encoder(full_config(top[0][1]), model, spec)
     got = evaluate(model, enc, xv, yv, k, torch.device("cpu"), keep_scores=True)["scores"]
     np.testing.assert_allclose(got, r.best.val_proba, atol=2e-3)
+
+
+def test_registries_warn_when_a_name_is_registered_again_with_something_else():
+    from automl.training.schedules import _SCHEDULES, register_schedule
+
+    def mine(optimizer, total_steps, warmup_steps, config):  # pragma: no cover (never trained with)
+        raise AssertionError
+
+    original = _SCHEDULES["cosine"]
+    try:
+        with pytest.warns(UserWarning, match="schedule 'cosine' was already registered"):
+            register_schedule("cosine")(mine)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            register_schedule("cosine")(mine)  # the same function again (a plugin re-installed): no warning
+    finally:
+        _SCHEDULES["cosine"] = original
+
+
+def test_the_poolings_of_one_checkpoint_share_one_forward_pass_and_equal_their_own(text_df, monkeypatch, tmp_path):
+    """Rung 0 on text: MiniLM mean- and first-token-pooled features come from one pass over the rows, and each
+    equals the features of its own model (so each pooling's heads are what a separate pass would have fitted)."""
+    from automl.data.trial_data import subset
+    from automl.models.hf_family import HFFamily
+
+    x = [(t,) for t in text_df["text"]]
+    y = pd.factorize(text_df["label"])[0]
+    k = int(y.max()) + 1
+    tr, va = np.arange(0, len(x), 2), np.arange(1, len(x), 2)
+    cfg = full_config({"backbone": "minilm-l6", "max_length": 32, "unfreeze": 0, "seed": 0})
+    passes = []
+    real = HFFamily.pooled_features
+    monkeypatch.setattr(HFFamily, "pooled_features", lambda self, *a, **kw: passes.append(a[-1]) or real(self, *a, **kw))
+    r = ladder.probe(["minilm-l6", "minilm-l6-cls"], cfg, subset(x, tr), y[tr], subset(x, va), y[va],
+                     num_classes=k, metric="accuracy", allowance_s=None, out_dir=tmp_path)
+    assert passes == [["mean", "cls"], ["mean", "cls"]]  # validation rows once, training rows once
+    assert {p.backbone for p in r.probes} == {"minilm-l6", "minilm-l6-cls"}
+    for name in ("minilm-l6", "minilm-l6-cls"):
+        c = full_config({**cfg, "backbone": name})
+        model, spec = build_model(c, k)
+        enc = build_encoder(c, model, spec)
+        own = body_features(model.eval(), enc, encode_inputs(enc, subset(x, va)), torch.device("cpu")).numpy()
+        probe_ = next(p for p in r.probes if p.backbone == name)
+        np.testing.assert_allclose(probe_.full_features[len(tr):], own, atol=1e-5)

@@ -3,6 +3,7 @@ a killed refresh completed by the next one, and the static HTML page checked in 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def suite(tmp_path_factory, digits_df):
     return root / "suite.yaml"
 
 
-def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path):
+def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path, capsys, monkeypatch):
     url = f"sqlite:///{tmp_path / 'lb.db'}"
     assert cli_main(["leaderboard", "refresh", str(suite), "--db", url, "--quiet"]) == 0
     store = Store(url)
@@ -65,7 +66,15 @@ def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path):
     assert cli_main(["leaderboard", "refresh", str(night2), "--db", url, "--force", "--quiet"]) == 0
     board = store.leaderboard()
     assert len(board) == 4 and board.groupby("dataset")["is_champion"].sum().tolist() == [1, 1]
-    assert board["reason"].str.len().gt(0).all()
+    for name, rows in board.sort_values("created_at").groupby("dataset"):
+        night1, night2 = rows.iloc[0], rows.iloc[1]
+        assert night1["reason"] == "first model for this dataset", night1["reason"]
+        # Night 2 was held to night 1's test score: the reason states both, the verdict and the champion it met.
+        beats = night2["score"] > night1["score"]
+        assert night2["reason"] == (f"test {night2['metric']} {night2['score']:.4f} {'beats' if beats else 'does not beat'}"
+                                    f" the current model's {night1['score']:.4f} (champion {night1['id'][:8]})"), \
+            (name, night2["reason"])
+        assert bool(night2["is_champion"]) == beats and bool(night1["is_champion"]) != beats
     runs = store.table("runs").sort_values("started_at")
     trials = store.table("trials")
     for name in ("evens", "odds"):
@@ -75,7 +84,17 @@ def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path):
     # Third run the same night: nothing left to do.
     assert {r["status"] for r in leaderboard.refresh(suite, store, progress=False)} == {"skipped"}
 
+    monkeypatch.setenv("COLUMNS", "250")  # rich sizes its table to the terminal: wide enough for every cell
+    capsys.readouterr()
     assert cli_main(["leaderboard", "show", "--db", url]) == 0
+    shown = capsys.readouterr().out
+    board = store.leaderboard()
+    assert shown.count("★") == 2, shown  # one champion per dataset
+    cells = [[c.strip() for c in re.split("[│|┃]", line)[1:-1]] for line in shown.splitlines()]
+    rows = {(c[0], c[1]): c for c in cells if len(c) == 8}  # (dataset, rank) -> the row's cells
+    for _, r in board.iterrows():  # every model's row: its test score, and the star on the champion only
+        row = rows[(r["dataset"], str(r["rank"]))]
+        assert row[4] == f"{r['metric']} {r['score']:.4f}" and (row[7] == "★") == bool(r["is_champion"]), row
     assert cli_main(["leaderboard", "html", str(tmp_path / "html"), "--db", url]) == 0
     page = tmp_path / "html" / "index.html"
     chrome = ["/usr/bin/chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

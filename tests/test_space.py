@@ -65,23 +65,28 @@ def test_overrides_change_ranges_pin_values_and_keep_start_points():
 B = "timm/resnet10t:scratch"
 
 
-@pytest.mark.parametrize("bad, needle", [
-    ({"parameters": {"backbone": {"type": "choice", "values": []}}}, "non-empty list"),
-    ({"parameters": {"backbone": B, "lr": {"type": "float", "low": "1e-4", "high": 1.0}}}, "numeric low/high"),
-    ({"parameters": {"backbone": B, "lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "low must be > 0"),
-    ({"parameters": {"backbone": B, "batch_size": {"type": "int", "low": 5, "high": 1}}}, "low=5 > high=1"),
-    ({"parameters": {"backbone": B, "dropout": {"type": "weird"}}}, "has type 'weird'"),
-    ({"parameters": {"backbone": B, "lr": {"values": [0.1], "when": {"dropout": [0.1]}}, "dropout": 0.1}},
-     "not defined before it"),
-    ({"parameters": {"backbone": B}, "colour": 1}, "unknown top-level keys ['colour']"),
-    ({"parameters": {"lr": 0.1}}, "no 'backbone' parameter"),
+@pytest.mark.parametrize("bad, key, needle", [
+    ({"parameters": {"backbone": {"type": "choice", "values": []}}}, "backbone", "non-empty list"),
+    ({"parameters": {"backbone": B, "lr": {"type": "float", "low": "1e-4", "high": 1.0}}}, "lr", "numeric low/high"),
+    ({"parameters": {"backbone": B, "lr": {"type": "float", "low": 0.0, "high": 1.0, "log": True}}}, "lr",
+     "low must be > 0"),
+    ({"parameters": {"backbone": B, "batch_size": {"type": "int", "low": 5, "high": 1}}}, "batch_size",
+     "low=5 > high=1"),
+    ({"parameters": {"backbone": B, "dropout": {"type": "weird"}}}, "dropout", "has type 'weird'"),
+    ({"parameters": {"backbone": B, "lr": {"values": [0.1], "when": {"dropout": [0.1]}}, "dropout": 0.1}}, "lr",
+     "depends on 'dropout', which is not defined before it"),
+    ({"parameters": {"backbone": B}, "colour": 1}, None, "unknown top-level keys ['colour']"),
+    ({"parameters": {"lr": 0.1}}, None, "no 'backbone' parameter"),
 ])
-def test_invalid_spaces_name_the_file_key_and_problem(tmp_path, bad, needle):
+def test_invalid_spaces_name_the_file_key_and_problem(tmp_path, bad, key, needle):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(bad, sort_keys=False))
     with pytest.raises(SearchSpaceError) as err:
         load_space(str(path), "image")
-    assert needle in str(err.value) and str(path) in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: "), msg  # the file first
+    assert key is None or f"{path}: parameter {key!r}" in msg, msg  # then the key
+    assert needle in msg, msg  # then the problem
 
 
 def test_unknown_space_name_lists_the_available_ones():

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 
 import pandas as pd
 import pytest
@@ -69,13 +70,16 @@ def test_sqlite_file_store_uses_wal(tmp_path):
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
+RACE_TIMEOUT_S = 120
+
+
 def _racer(url: str, dataset: str, scores: list[float], barrier, log: str) -> None:
     import traceback
 
     try:
         store = Store(url)
         ids = [_add(store, dataset, s) for s in scores]
-        barrier.wait()
+        barrier.wait(timeout=RACE_TIMEOUT_S)  # a racer that died before it broke the barrier: no wait forever
         for mid in ids:
             store.decide(mid)
     except BaseException:
@@ -92,10 +96,19 @@ def _race(url: str) -> None:
     procs = [ctx.Process(target=_racer, args=(url, "race", [0.5 + 0.01 * i + 0.001 * k for i in range(10)], barrier, log))
              for k in range(2)]
     for p in procs:
+        p.daemon = True  # never outlives pytest, even if the kill below could not reap it
         p.start()
+    give_up_at = time.monotonic() + 2 * RACE_TIMEOUT_S  # one limit for both: after the barrier's own timeout
     for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs), open(log).read() if os.path.exists(log) else "no log"
+        p.join(max(0.0, give_up_at - time.monotonic()))
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+    errors = open(log).read() if os.path.exists(log) else "no log"
+    assert not hung, f"racer processes {hung} still ran after {RACE_TIMEOUT_S * 2} s and were killed\n{errors}"
+    assert all(p.exitcode == 0 for p in procs), errors
     store = Store(url)
     board = store.leaderboard("race")
     assert len(board) == 20  # no row lost

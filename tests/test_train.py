@@ -147,19 +147,30 @@ def test_local_weight_file_is_used_as_pretrained_source(tmp_path):
 
 
 OFFLINE_PROBE = """
-import os, time
+import os, socket
+# Every attempt to reach the network (a name look-up or a connection) is recorded and refused at once, so the
+# probe sees whether the hub was tried at all, whatever this machine's network and however loaded it is.
+attempts = []
+def _refuse(what):
+    def refuse(*args, **kwargs):
+        attempts.append(what + " " + repr(args[:2])[:120])
+        raise OSError("network refused by the offline probe")
+    return refuse
+socket.getaddrinfo = _refuse("getaddrinfo")
+socket.create_connection = _refuse("create_connection")
+socket.socket.connect = _refuse("connect")
+socket.socket.connect_ex = _refuse("connect_ex")
 import automl  # the package itself must make hub look-ups offline, before timm/transformers load
 from automl import models
 from automl.errors import ModelLoadError
 print("HF_HUB_OFFLINE=" + str(os.environ.get("HF_HUB_OFFLINE")))
-t0 = time.time()
 for name, fix in (("timm/resnet18.a1_in1k", "weights="), ("hf/some-org/not-downloaded-model", "local dir")):
     try:
         models.build(name, 3)
         print("LOADED", name)
     except ModelLoadError as exc:
         print("REFUSED", name, fix in str(exc))
-print(f"SECONDS {time.time() - t0:.1f}")
+print("NETWORK ATTEMPTS", len(attempts), attempts[:3])
 """
 
 
@@ -173,8 +184,8 @@ def test_hub_lookups_are_offline_by_default_and_fail_fast_with_a_fix():
     out = r.stdout.splitlines()
     assert "HF_HUB_OFFLINE=1" in out, r.stderr[-2000:]
     assert "REFUSED timm/resnet18.a1_in1k True" in out and "REFUSED hf/some-org/not-downloaded-model True" in out
-    seconds = float(next(line for line in out if line.startswith("SECONDS")).split()[1])
-    assert seconds < 30  # online retries would take about a minute per model
+    # Fails fast: the refusal comes without trying the hub (online retries would take about a minute per model).
+    assert "NETWORK ATTEMPTS 0 []" in out, out
 
 
 def test_unknown_backbone_names_say_which_forms_exist():
@@ -224,7 +235,7 @@ def test_a_run_that_would_overrun_its_deadline_compresses_the_rest_of_its_schedu
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 16, "report_rows": 16 * 12,
            "schedule": schedule, "warmup_frac": 0.1, "lr": 1e-2}
     full = fit(cfg, digits_trial_data, epochs=4).history
-    monkeypatch.setattr(loop.Pace, "MARGIN", 1e-4)  # as if the deadline were almost here
+    monkeypatch.setattr(loop.Pace, "MARGIN", 0.0)  # as if the deadline were here: no time left, however fast
     late = fit(cfg, digits_trial_data, epochs=4, deadline=time.time() + 600).history
     assert [h["steps"] for h in full] == [12, 24, 36, 48]
     assert [h["steps"] for h in late] == [12, 13, 14, 15] and late[-1]["schedule_compressed"] == 1
@@ -238,8 +249,11 @@ def test_batches_stream_through_shuffled_passes_and_ranks_get_equal_shards():
     from automl.training.loop import Batches, shard_of
 
     b = Batches(np.arange(10), 4, seed=0)
-    first_pass = np.concatenate([b(0), b(1)])[:10] if False else np.concatenate([b(0), b(1), b(2)])[:10]
+    assert [len(b(i)) for i in range(3)] == [4, 4, 4]
+    first_pass = np.concatenate([b(0), b(1), b(2)])[:10]
     assert sorted(first_pass.tolist()) == list(range(10))  # every row once per pass
+    stream = np.concatenate([b(i) for i in range(5)])  # 20 rows: two whole passes, the second one reshuffled
+    assert sorted(stream[10:20].tolist()) == list(range(10)) and not np.array_equal(stream[:10], stream[10:20])
     assert np.array_equal(Batches(np.arange(10), 4, seed=0)(5), b(5))  # a resumed run draws the same batch
     shards = [shard_of(11, r, 3) for r in range(3)]
     assert {len(s) for s in shards} == {4} and set(np.concatenate(shards)) == set(range(11))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from automl.search.prerank import logme, rank_backbones, spearman
 
@@ -20,19 +21,46 @@ def test_logme_prefers_features_that_separate_the_labels(global_random_seed):
     assert logme(good, t) > logme(bad, t)
 
 
-def test_rank_backbones_runs_one_forward_pass_per_candidate(digits_df):
+def _classifier_inputs(name: str, size: int, x, num_classes: int) -> np.ndarray:
+    """The features a backbone's classifier sees for images x (its pooled body output), taken with a hook on the
+    classifier itself: a path independent of the feature extraction rank_backbones uses."""
+    import torch
+
+    from automl import models
+    from automl.training.loop import build_encoder, build_model, full_config
+
+    cfg = full_config({"backbone": name, "image_size": size})
+    torch.manual_seed(0)  # rank_backbones' seed: the same random-init bodies
+    model, spec = build_model(cfg, num_classes)
+    model.eval()
+    enc = build_encoder(cfg, model, spec)
+    seen = []
+    hook = models.family(model).head(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(enc.batch(x, np.arange(len(x))))
+    hook.remove()
+    return seen[0].numpy()
+
+
+def test_rank_backbones_scores_each_backbones_features_with_logme(digits_df):
+    """Each score is LogME of that backbone's frozen features on the training rows, and ImageNet weights rank
+    above the same kind of body trained from nothing."""
     from automl.data.intake import prepare
     from automl.data.images import stack_resized
     from automl.data.trial_data import TrialData
     from automl.training.loop import full_config
 
     t = prepare(digits_df)
-    X = stack_resized(t.images, 16)
-    data = TrialData("image", t.num_classes, X[t.splits["train"]], t.y[t.splits["train"]])
-    ranking = rank_backbones(["timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch"], data,
-                             full_config({"image_size": 16}))
-    assert [r["logme"] for r in ranking] == sorted((r["logme"] for r in ranking), reverse=True)
-    assert {r["backbone"] for r in ranking} == {"timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch"}
+    X = stack_resized(t.images, 32)
+    x, y = X[t.splits["train"]], t.y[t.splits["train"]]  # fewer than PRERANK_ROWS: every row is scored
+    data = TrialData("image", t.num_classes, x, y)
+    names = ["timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch", "efficientnet-lite0"]
+    ranking = rank_backbones(names, data, full_config({"image_size": 32}))
+    assert sorted(r["backbone"] for r in ranking) == sorted(names)
+    for r in ranking:
+        want = logme(_classifier_inputs(r["backbone"], 32, x, t.num_classes), y)
+        assert r["logme"] == pytest.approx(want, rel=1e-3, abs=1e-3), r
+    assert ranking[0]["backbone"] == "efficientnet-lite0", ranking
 
 
 def test_a_pretrained_backbone_gets_a_zero_head_and_a_2_class_task_starts_at_chance():

@@ -132,7 +132,7 @@ class ExportManifest:
 def _from_schema_1(d: dict) -> dict[str, Any]:
     """Schema 1 kept provenance and the retrain at the top level; text models were HF sequence classifiers."""
     out = dict(d)
-    out["schema_version"] = 1
+    out["schema_version"] = SCHEMA_VERSION  # converted: written back, it must not be converted again
     out["provenance"] = {"fingerprint": d.get("fingerprint"), "seed": d.get("seed"), "command": d.get("command", ""),
                          "wall_time_s": d.get("wall_time_s", 0.0), "versions": d.get("versions", {}),
                          "base_model": d.get("base_model")}

@@ -114,6 +114,15 @@ class Family:
         """The cut below the top k trainable body groups (k=0: the pooled features), or None."""
         return None
 
+    def pooling(self, spec: BackboneSpec) -> tuple[str, str] | None:
+        """(checkpoint, pooling) when the spec's features are one pooling of a checkpoint's outputs, so that the
+        features of its other poolings come from the same forward pass (pooled_features); else None."""
+        return None
+
+    def pooled_features(self, model: nn.Module, encoder, x, device, poolings: list[str]) -> dict[str, torch.Tensor]:
+        """The frozen body's features for every row of x, pooled each way in `poolings`, from one forward pass."""
+        raise NotImplementedError
+
     def head(self, model: nn.Module) -> nn.Linear:
         raise NotImplementedError
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from automl.data.encoders import TextEncoder
-from automl.models.base import Family, Ragged, Split
+from automl.models.base import Family, Ragged, Split, eval_mode
 from automl.models.registry import BackboneSpec, offline_hint, register_family
 
 POOLING_FILE = "automl_pooling.json"
@@ -255,6 +255,21 @@ class HFFamily(Family):
 
     def encoder(self, model, spec, config):
         return TextEncoder(load_tokenizer(spec.model), int(config["max_length"]))
+
+    def pooling(self, spec):
+        rest = json.dumps({k: v for k, v in spec.kwargs.items() if k != "pooling"}, sort_keys=True)
+        return f"{spec.model}|{spec.weights}|{rest}", spec.kwargs.get("pooling") or read_pooling(spec.model)
+
+    def pooled_features(self, model, encoder, x, device, poolings, batch_size: int = 128):
+        out = {p: [] for p in poolings}
+        with eval_mode(model), torch.no_grad():
+            for s in range(0, len(x), batch_size):
+                ids, mask = encoder.batch(x, np.arange(s, min(s + batch_size, len(x))))
+                ids, mask = ids.to(device), mask.to(device)
+                hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+                for p in poolings:
+                    out[p].append(pool(hidden, mask, p).float().cpu())
+        return {p: torch.cat(v) for p, v in out.items()}
 
     def layer_groups(self, model):
         layers = _layers(model.encoder)

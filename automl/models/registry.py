@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from automl.errors import ModelLoadError
+from automl.plugins import put
 
 if TYPE_CHECKING:
     from automl.models.base import Family
@@ -45,14 +46,14 @@ _FAMILIES: dict[str, "Family"] = {}
 def register_backbone(name: str):
     """Decorator: register a zero-argument function returning a BackboneSpec under `name`."""
     def deco(fn: Callable[[], BackboneSpec]):
-        _ALIASES[name] = fn
+        put(_ALIASES, name, fn, "backbone")
         return fn
     return deco
 
 
 def register_family(family: "Family") -> "Family":
     """Register a backbone family (an adapter) under its `library` name."""
-    _FAMILIES[family.library] = family
+    put(_FAMILIES, family.library, family, "backbone family")
     return family
 
 

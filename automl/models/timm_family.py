@@ -196,7 +196,3 @@ def _head_names(body: nn.Module) -> list[str]:
 
 register_family(TimmFamily())
 
-
-def local_weights_spec(model: str, weights: str, **data_config) -> BackboneSpec:
-    """A timm spec whose pretrained weights come from a local file."""
-    return BackboneSpec("timm", model, weights=weights, data_config=data_config)

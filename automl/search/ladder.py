@@ -151,6 +151,50 @@ def _head_state(model, w: np.ndarray, b: np.ndarray) -> dict:
             names[id(head.bias)]: torch.from_numpy(np.ascontiguousarray(b))}
 
 
+class _SharedPasses:
+    """Features of backbones that are poolings of one checkpoint (MiniLM mean- and first-token-pooled) come from
+    one forward pass: the first of them computes every pooling, the others read theirs (rung 0 on text costs
+    one pass per checkpoint, not one per pooling)."""
+
+    def __init__(self, candidates: list[str], dev):
+        from automl import models
+
+        self.dev, self.of, self.row_s, self.rows, self._memo = dev, {}, {}, {}, {}
+        groups: dict[str, list[str]] = {}
+        for name in candidates:
+            try:
+                spec = models.resolve(name)
+                found = models.family(spec).pooling(spec)
+            except Exception:  # judged when the backbone is probed
+                found = None
+            if found:
+                self.of[name] = found
+                if found[1] not in groups.setdefault(found[0], []):
+                    groups[found[0]].append(found[1])
+        self.groups = {k: v for k, v in groups.items() if len(v) > 1}
+
+    def features(self, name: str, model, enc, x, tag) -> np.ndarray:
+        from automl import models
+        from automl.training.featcache import body_features
+        from automl.training.loop import encode_inputs
+
+        key, pooling = self.of.get(name, (None, None))
+        if key not in self.groups:
+            return body_features(model, enc, encode_inputs(enc, x), self.dev).float().numpy()
+        if (key, tag, pooling) not in self._memo:
+            got = models.family(model).pooled_features(model, enc, encode_inputs(enc, x), self.dev, self.groups[key])
+            self._memo.update({(key, tag, p): f.numpy() for p, f in got.items()})
+        return self._memo[(key, tag, pooling)]
+
+    def done(self, name: str, row_s: float, rows: int) -> None:
+        """The siblings of `name` reuse its measured cost a row and its training rows."""
+        key = self.of.get(name, (None,))[0]
+        for other, (k, _) in self.of.items():
+            if k == key and key in self.groups and other != name:
+                self.row_s.setdefault(other, row_s)
+                self.rows.setdefault(other, rows)
+
+
 def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_val, y_val: np.ndarray, *,
           num_classes: int, metric: str, allowance_s: float | None, out_dir: str | Path, seed: int = 0,
           progress=None) -> Rung0:
@@ -160,10 +204,9 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
     import torch
     from safetensors.torch import save_file
 
-    from automl.runtime import device
-    from automl.training.featcache import body_features
-    from automl.training.loop import build_encoder, build_model, encode_inputs, full_config
     from automl.data.trial_data import subset
+    from automl.runtime import device
+    from automl.training.loop import build_encoder, build_model, full_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -174,6 +217,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
     balanced_options = (False, True) if metric in ("f1_macro", "balanced_accuracy") else (False,)
     dev = device()
     n_train = len(y_train)
+    shared = _SharedPasses(candidates, dev)
     for i, name in enumerate(candidates):
         spent = time.monotonic() - t_start
         left = math.inf if allowance_s is None else allowance_s - spent
@@ -188,20 +232,22 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
             model.to(dev).eval()
             enc = build_encoder(cfg, model, spec)
             t_rows = time.monotonic()
-            f_val = body_features(model, enc, encode_inputs(enc, x_val), dev).float().numpy()
+            f_val = shared.features(name, model, enc, x_val, "val")
         except Exception as exc:  # weights that cannot load, or inputs the model cannot take: judged, not fatal
             result.skipped.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
-        row_s = (time.monotonic() - t_rows) / max(1, len(y_val))
-        # The training rows this backbone's features can still be paid for (the fits take about a fifth more).
+        row_s = shared.row_s.get(name) or (time.monotonic() - t_rows) / max(1, len(y_val))
+        # The training rows this backbone's features can still be paid for (the fits take about a fifth more);
+        # another pooling of a checkpoint already probed reuses its rows, whose features are already there.
         affordable = n_train if allowance_s is None else int((left - (time.monotonic() - t0)) / (1.2 * row_s))
-        rows = min(n_train, MAX_ROWS, max(0, affordable))
+        rows = shared.rows.get(name) or min(n_train, MAX_ROWS, max(0, affordable))
         if rows < MIN_ROWS_PER_CLASS * num_classes and rows < n_train:
             result.skipped.append(f"{name}: its features cost {row_s * 1000:.1f} ms a row, rung 0 had time for "
                                   f"{rows} of {n_train} training rows")
             continue
         pick = _sample(y_train, rows, seed)
-        f_train = body_features(model, enc, encode_inputs(enc, subset(x_train, pick)), dev).float().numpy()
+        f_train = shared.features(name, model, enc, subset(x_train, pick), ("train", rows))
+        shared.done(name, row_s, rows)
         heads = fit_heads(f_train, y_train[pick], f_val, y_val, num_classes, metric, balanced_options, seed)
         best = max(heads, key=lambda h: (h["score"], -abs(math.log10(h["C"]))))
         tid = f"r0_{i}"
@@ -289,13 +335,13 @@ def with_rung0(result, rung0: Rung0, metric: str, experiment_path: str):
     from safetensors.torch import load_file
 
     from automl.search import kept
-    from automl.search.tune import SearchResult
+    from automl.search.tune import SearchResult, node_id
 
     best_dir = result.best_dir if result is not None and result.best_dir else f"{experiment_path}/best"
     for p in rung0.probes:
         tid = Path(p.head_file).name.split(".")[0]
         kept.keep(best_dir, tid, load_file(p.head_file), p.val_score, 0)
-    rows = pd.DataFrame(rung0.rows)
+    rows = pd.DataFrame(rung0.rows).assign(node=node_id())  # the driver fitted the heads
     col = f"best_val_{metric}"
     if result is None:
         best = rows[rows["trial_id"] == Path(rung0.best.head_file).name.split(".")[0]].iloc[0]

@@ -238,10 +238,6 @@ class SearchSpace:
         spec = self.parameters.get(name)
         return spec.get("value") if isinstance(spec, dict) and spec.get("type") == "fixed" else None
 
-    def searchable(self) -> list[str]:
-        return [n for n, s in self.parameters.items()
-                if any(v["type"] != "fixed" for v in (s if isinstance(s, list) else [s]))]
-
     # -------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
         return {"name": self.name, "modality": self.modality, "max_epochs": self.max_epochs,

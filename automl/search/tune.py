@@ -40,7 +40,7 @@ def checkpoint_due(since_last_s: float, last_cost_s: float, every_s: float = CHE
     return every_s <= 0 or since_last_s >= max(every_s, 20 * last_cost_s)
 
 
-def _node_id() -> str:
+def node_id() -> str:
     import ray
 
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -80,7 +80,7 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
     crash = str(config.get("_crash_once_after_epoch") or "")
     clock = {"last": time.monotonic(), "cost": 0.0}
     trial_id = tune.get_context().get_trial_id()
-    node = _node_id()
+    node = node_id()
 
     def report(metrics, state_fn):
         metrics["node_id"] = node

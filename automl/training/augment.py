@@ -12,20 +12,22 @@ from typing import Callable
 
 import torch
 
+from automl.plugins import put
+
 _IMAGE: dict[str, Callable[[int], Callable]] = {}
 _TEXT: dict[str, Callable[[float, int], Callable]] = {}
 
 
 def register_image_policy(name: str):
     def deco(fn):
-        _IMAGE[name] = fn
+        put(_IMAGE, name, fn, "image policy")
         return fn
     return deco
 
 
 def register_text_policy(name: str):
     def deco(fn):
-        _TEXT[name] = fn
+        put(_TEXT, name, fn, "text policy")
         return fn
     return deco
 

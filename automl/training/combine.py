@@ -65,19 +65,23 @@ class Combined:
 
 
 def top_trials(trials, best_dir: str | None, metric: str, k: int = 5) -> list[tuple[str, dict, float]]:
-    """(trial id, config, best val score) of the best `k` trials whose best weights were kept."""
+    """(trial id, config, validation score of its model) of the `k` trials whose models score best, among those
+    whose weights were kept. A trial's model is its last report's weights when it ran its whole schedule: ranked
+    by its best report instead, a run that peaked mid-schedule and then diverged would be picked for weights that
+    no longer score that (search/kept.py)."""
     if not best_dir:
         return []
     col = f"best_val_{metric}"
     out = []
-    for _, row in trials.dropna(subset=[col]).sort_values(col, ascending=False).iterrows():
-        if kept.best_file(best_dir, str(row["trial_id"])):
+    for _, row in trials.dropna(subset=[col]).iterrows():
+        tid = str(row["trial_id"])
+        if kept.best_file(best_dir, tid):
             cfg = {c[len("config/"):]: v for c, v in row.items() if c.startswith("config/")
                    and not (isinstance(v, float) and np.isnan(v))}
-            out.append((str(row["trial_id"]), cfg, float(row[col])))
-        if len(out) == k:
-            break
-    return out
+            score = kept.model_score(best_dir, tid)
+            out.append((tid, cfg, float(row[col] if score is None else score)))
+    out.sort(key=lambda t: t[2], reverse=True)  # stable: among equal scores, the table's order
+    return out[:k]
 
 
 def _score(y: np.ndarray, proba: np.ndarray, metric: str, num_classes: int) -> float:

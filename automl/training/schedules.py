@@ -10,13 +10,15 @@ from typing import Callable
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
+from automl.plugins import put
+
 ScheduleFn = Callable[[torch.optim.Optimizer, int, int, dict], LRScheduler]
 _SCHEDULES: dict[str, ScheduleFn] = {}
 
 
 def register_schedule(name: str):
     def deco(fn: ScheduleFn) -> ScheduleFn:
-        _SCHEDULES[name] = fn
+        put(_SCHEDULES, name, fn, "schedule")
         return fn
     return deco
 
