@@ -73,7 +73,10 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
             "rung0": next((r for r in p["reasons"] if r.startswith("rung 0:") and "heads on" in r), ""),
             "plan": f"{p['regime']}, {p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}"
                     f"{p['reports']}x{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
-            "winner": str(m.manifest.searched_hyperparameters.get("backbone"))}
+            "winner": str(m.manifest.searched_hyperparameters.get("backbone")),
+            "final": {"trials": m.manifest.training.get("trials"), "val": m.manifest.training.get("val_scores"),
+                      "rungs": {str(t): int(r) for t, r in zip(m.trials["trial_id"], rung)
+                                if str(t) in (m.manifest.training.get("trials") or [])}}}
 
 
 def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False) -> dict:
@@ -200,6 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=300)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only-seed", type=int, default=None, help="run this one seed of the --seeds")
     ap.add_argument("--sets", default="digits,stamps,fortunes")
     ap.add_argument("--methods", default="ours,fixed,random,autogluon")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md as it is")
@@ -208,7 +212,7 @@ def main() -> None:
     rows = []
     for name in args.sets.split(","):
         base = SETS[name]()
-        for seed in range(args.seeds):
+        for seed in range(args.seeds) if args.only_seed is None else [args.only_seed]:
             df = split(base, seed)
             tmp = Path(tempfile.mkdtemp(prefix=f"quality-{name}-{seed}-"))
             row = {"set": name, "seed": seed}
