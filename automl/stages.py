@@ -204,10 +204,7 @@ def _without_backbone(space: SearchSpace, name: str, exc: Exception) -> SearchSp
     values = [v for v in (spec.get("values") or []) if v != name] if isinstance(spec, dict) else []
     if not values:
         raise exc
-    new = space.with_overrides({"backbone": {"type": "choice", "values": values}})
-    new.start_points = [new.fit_point(p if p.get("backbone") in values else {**p, "backbone": values[0]})
-                        for p in space.start_points]
-    return new
+    return space.with_backbones(values)
 
 
 def _rung0_backbones(prepared: Prepared, space: SearchSpace) -> int:

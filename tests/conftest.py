@@ -124,3 +124,30 @@ def _free_port() -> int:
             except OSError:
                 continue
     raise RuntimeError("no free port in 20000-30000")
+
+
+@pytest.fixture(scope="session")
+def classifier_inputs():
+    """features(name, size, x, num_classes): what a backbone's classifier sees for images x."""
+    return _classifier_inputs
+
+
+def _classifier_inputs(name: str, size: int, x, num_classes: int) -> np.ndarray:
+    """The features a backbone's classifier sees for images x (its pooled body output), taken with a hook on the
+    classifier itself: a path independent of the feature extraction rank_backbones uses."""
+    import torch
+
+    from automl import models
+    from automl.training.loop import build_encoder, build_model, full_config
+
+    cfg = full_config({"backbone": name, "image_size": size})
+    torch.manual_seed(0)  # rank_backbones' seed: the same random-init bodies
+    model, spec = build_model(cfg, num_classes)
+    model.eval()
+    enc = build_encoder(cfg, model, spec)
+    seen = []
+    hook = models.family(model).head(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(enc.batch(x, np.arange(len(x))))
+    hook.remove()
+    return seen[0].numpy()

@@ -142,14 +142,12 @@ def test_head_only_trials_are_served_by_the_feature_cache(image_run):
 
 
 @pytest.mark.slow
-def test_logme_ranks_the_pretrained_backbones_before_the_search(image_run):
+def test_logme_ranks_the_pretrained_backbones_before_the_search(image_run, classifier_inputs):
     """The ImageNet EfficientNet-Lite0 ranks above a random-init ResNet, and each score is LogME of that backbone's
     frozen features (taken here from the input of its classifier) on the training rows it was ranked on."""
-    from automl import models
     from automl.data.images import stack_resized
     from automl.data.intake import prepare
     from automl.search.prerank import logme
-    from automl.training.loop import build_encoder, build_model, full_config
 
     m, _, df = image_run
     tr = m.manifest.transferability
@@ -159,17 +157,8 @@ def test_logme_ranks_the_pretrained_backbones_before_the_search(image_run):
     rows = np.sort(task.splits["train"])  # fewer than the 1,000 LogME samples: every training row, in order
     x = stack_resized([task.images[i] for i in rows], 32)
     for r in tr["ranking"]:
-        cfg = full_config({"backbone": r["backbone"], "image_size": 32})
-        torch.manual_seed(0)
-        model, spec = build_model(cfg, 4)
-        model.eval()
-        enc = build_encoder(cfg, model, spec)
-        feats = []
-        hook = models.family(model).head(model).register_forward_pre_hook(lambda mod, args: feats.append(args[0]))
-        with torch.no_grad():
-            model(enc.batch(x, np.arange(len(x))))
-        hook.remove()
-        assert r["logme"] == pytest.approx(logme(feats[0].numpy(), task.y[rows]), rel=1e-3, abs=1e-3), r
+        feats = classifier_inputs(r["backbone"], 32, x, 4)
+        assert r["logme"] == pytest.approx(logme(feats, task.y[rows]), rel=1e-3, abs=1e-3), r
 
 
 @pytest.mark.slow

@@ -21,28 +21,7 @@ def test_logme_prefers_features_that_separate_the_labels(global_random_seed):
     assert logme(good, t) > logme(bad, t)
 
 
-def _classifier_inputs(name: str, size: int, x, num_classes: int) -> np.ndarray:
-    """The features a backbone's classifier sees for images x (its pooled body output), taken with a hook on the
-    classifier itself: a path independent of the feature extraction rank_backbones uses."""
-    import torch
-
-    from automl import models
-    from automl.training.loop import build_encoder, build_model, full_config
-
-    cfg = full_config({"backbone": name, "image_size": size})
-    torch.manual_seed(0)  # rank_backbones' seed: the same random-init bodies
-    model, spec = build_model(cfg, num_classes)
-    model.eval()
-    enc = build_encoder(cfg, model, spec)
-    seen = []
-    hook = models.family(model).head(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
-    with torch.no_grad():
-        model(enc.batch(x, np.arange(len(x))))
-    hook.remove()
-    return seen[0].numpy()
-
-
-def test_rank_backbones_scores_each_backbones_features_with_logme(digits_df):
+def test_rank_backbones_scores_each_backbones_features_with_logme(digits_df, classifier_inputs):
     """Each score is LogME of that backbone's frozen features on the training rows, and ImageNet weights rank
     above the same kind of body trained from nothing."""
     from automl.data.intake import prepare
@@ -58,7 +37,7 @@ def test_rank_backbones_scores_each_backbones_features_with_logme(digits_df):
     ranking = rank_backbones(names, data, full_config({"image_size": 32}))
     assert sorted(r["backbone"] for r in ranking) == sorted(names)
     for r in ranking:
-        want = logme(_classifier_inputs(r["backbone"], 32, x, t.num_classes), y)
+        want = logme(classifier_inputs(r["backbone"], 32, x, t.num_classes), y)
         assert r["logme"] == pytest.approx(want, rel=1e-3, abs=1e-3), r
     assert ranking[0]["backbone"] == "efficientnet-lite0", ranking
 

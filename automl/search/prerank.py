@@ -108,11 +108,8 @@ def prerank_space(space, data, mode, seed: int, config: dict | None = None):
                              "efficientnet-lite0.")
     names = [r["backbone"] for r in ranking]
     keep = names[: max(1, -(-len(names) // 2))] if len(names) >= 3 else names
-    new = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
     # A start point whose backbone was dropped starts from the best-ranked one instead.
-    new.start_points = [p if p.get("backbone") in keep else {**p, "backbone": keep[0]}
-                        for p in space.start_points]
-    new.start_points = [new.fit_point(p) for p in new.start_points]
+    new = space.with_backbones(keep)
     return new, {"ranking": ranking, "kept": keep, "failed": failed}
 
 

@@ -295,6 +295,14 @@ class SearchSpace:
         space.start_points = [space.fit_point(p) for p in self.start_points]
         return space
 
+    def with_backbones(self, values: list) -> "SearchSpace":
+        """The space choosing among the backbones `values` only; a start point whose backbone is not among them
+        starts from values[0] instead."""
+        new = self.with_overrides({"backbone": {"type": "choice", "values": list(values)}})
+        new.start_points = [new.fit_point(p if p.get("backbone") in values else {**p, "backbone": values[0]})
+                            for p in self.start_points]
+        return new
+
     def fit_point(self, point: dict) -> dict:
         """Adapt a start point to this space: pinned values win, out-of-range values are dropped."""
         out = {}

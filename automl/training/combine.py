@@ -78,8 +78,7 @@ def top_trials(trials, best_dir: str | None, metric: str, k: int = 5) -> list[tu
         if kept.best_file(best_dir, tid):
             cfg = {c[len("config/"):]: v for c, v in row.items() if c.startswith("config/")
                    and not (isinstance(v, float) and np.isnan(v))}
-            score = kept.model_score(best_dir, tid)
-            out.append((tid, cfg, float(row[col] if score is None else score)))
+            out.append((tid, cfg, kept.model_score(best_dir, tid)))
     out.sort(key=lambda t: t[2], reverse=True)  # stable: among equal scores, the table's order
     return out[:k]
 
