@@ -513,8 +513,10 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
     if top:
         va = inputs.split("validation")
         x_val = inputs.rows(va)
+        rung0 = getattr(result, "rung0", None)
         c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val,
-                    reference=start_reference(result.trials, result.best_dir, metric))
+                    reference=start_reference(result.trials, result.best_dir, metric),
+                    pool=rung0.pool(task.y[va]) if rung0 is not None else None)
         spec = c.spec
         if c.kind == "ensemble":
             spec = models.BackboneSpec("ensemble", "+".join(str(m.config["backbone"]) for m in c.members), False,

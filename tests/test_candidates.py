@@ -214,6 +214,40 @@ def test_the_start_point_is_replaced_only_by_an_option_better_beyond_validation_
     assert won.val_score == pytest.approx((clearly.argmax(1) == y).mean())
 
 
+def test_the_best_of_many_equally_good_candidates_does_not_replace_the_start_point_but_a_clearly_better_one_does():
+    """Selection: the best of 24 candidates as good as the reference beats it on 100 validation rows by luck,
+    enough for the plain paired bootstrap; judged as the best of its pool (White's reality check) it is not taken,
+    while a candidate 25 points better still is, from the same pool."""
+    from automl.training.combine import ALPHA, Combined, Member, _decide, p_not_better
+
+    rng = np.random.default_rng(9)
+    n, k = 100, 4
+    y = rng.integers(0, k, n)
+
+    def model(acc: float) -> np.ndarray:
+        right = np.zeros(n, bool)
+        right[rng.permutation(n)[:int(acc * n)]] = True
+        return np.eye(k)[np.where(right, y, (y + rng.integers(1, k, n)) % k)]
+
+    ref = model(0.7)
+    pool = [model(0.7 + rng.normal(0, 0.04)) for _ in range(24)]
+    lucky = max(pool, key=lambda q: (q.argmax(1) == y).mean())
+    assert (lucky.argmax(1) == y).mean() >= 0.78
+    assert p_not_better(y, lucky, ref, "accuracy", k) <= ALPHA             # fooled by the selection
+    assert p_not_better(y, lucky, ref, "accuracy", k, pool=pool) > 3 * ALPHA
+    better = model(0.95)
+    assert p_not_better(y, better, ref, "accuracy", k, pool=pool + [better]) <= ALPHA / 10
+
+    def option(kind, proba):
+        return Combined(kind, None, None, None, {}, float((proba.argmax(1) == y).mean()), [kind]), proba
+
+    start = Member("start", {}, 0.7, model="start-model", proba=ref)
+    kept = _decide([option("single", lucky)], start, y, "accuracy", k, ALPHA, pool)
+    assert kept.kind == "start point" and kept.model == "start-model"
+    won = _decide([option("single", better)], start, y, "accuracy", k, ALPHA, pool + [better])
+    assert won.kind == "single" and "as the best of 25 candidates" in won.decision
+
+
 def test_a_trial_that_finished_its_schedule_is_its_last_report_not_its_best_scoring_one(tmp_path):
     from automl.search import kept
 

@@ -107,6 +107,29 @@ def test_the_ladder_promotes_the_backbone_whose_features_separate_the_classes(di
         _ALIASES.pop("planted-blind", None)
 
 
+def test_the_start_point_is_priced_by_counted_flops_not_by_a_timing_of_a_few_rows(digits48, tmp_path):
+    """A probe that wins beyond noise is taken as the start backbone when its counted FLOPs are within
+    MAX_COST_RATIO of the reference's, however slow a busy machine timed its rows; a dearer one is not taken."""
+    import dataclasses
+
+    from automl.training.combine import ALPHA
+
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0", "efficientnet-lite2"], _config(), xt, yt, xv, yv, num_classes=k,
+                     metric="accuracy", allowance_s=None, out_dir=tmp_path)
+    by = {p.backbone: p for p in r.probes}
+    lite0, lite2 = by["efficientnet-lite0"], by["efficientnet-lite2"]
+    assert lite2.row_flops > 1.2 * lite0.row_flops > 0  # lite2 is deeper and wider at the same input size
+    chance = np.full_like(lite0.val_proba, 1.0 / k)
+    ref = dataclasses.replace(lite0, backbone="ref", val_score=1.0 / k, val_proba=chance)
+    timed_slow = dataclasses.replace(lite0, row_s=10 * lite0.row_s)  # same network, timed 10x slower
+    chosen, why = ladder.choose_start(ladder.Rung0([timed_slow, ref]), "ref", yv, "accuracy", k, ALPHA)
+    assert chosen == "efficientnet-lite0" and "beat ref" in why
+    cheap_ref = dataclasses.replace(ref, row_flops=lite2.row_flops / (ladder.MAX_COST_RATIO + 0.5))
+    chosen, _ = ladder.choose_start(ladder.Rung0([lite2, cheap_ref]), "ref", yv, "accuracy", k, ALPHA)
+    assert chosen == "ref"
+
+
 def test_rung0_skips_what_its_allowance_cannot_pay_for_and_says_so(digits48, tmp_path):
     xt, yt, xv, yv, k = digits48
     r = ladder.probe(["efficientnet-lite0", "efficientnet-lite1"], _config(), xt, yt, xv, yv, num_classes=k,

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from automl.budget import Costs
-from automl.search.plan import FIRST_RUNG, FULL_TRIAL_SHARE, DataStats, Speed, make_plan, sensible_steps
+from automl.search.plan import FIRST_RUNG, FULL_TRIAL_SHARE, RUNG0_MAX_STEP_LOSS, DataStats, Speed, make_plan, sensible_steps
 from automl.search.space import load_space
 
 IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=130)
@@ -215,9 +215,13 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
     search = lambda p: p.search_ends_at_s - 5.0 - p.rung0_s  # noqa: E731
     assert search(with_) == pytest.approx(search(without) - with_.rung0_s, abs=1.0)
     # A step so slow that the single run barely fits at 128 px: rung 0 must not push the images smaller.
+    # Nor take more than RUNG0_MAX_STEP_LOSS of the start point's steps where it cannot train its sensible length.
     for step in (0.4, 0.7, 0.8, 0.95):
         tight, tight0 = plan(at=speed(step)), plan(at=speed(step), rung0_backbones=3)
         assert tight0.storage_size == tight.storage_size
+        steps = lambda p: p.reports * p.report_rows  # noqa: E731  (rows trained; the batch size is the same)
+        assert steps(tight0) >= (1 - RUNG0_MAX_STEP_LOSS) * steps(tight) - tight.report_rows
+    assert plan(at=speed(0.8), rung0_backbones=3).rung0_s < with_.rung0_s  # it got less there, not nothing
     # Label errors come from rung 0's out-of-fold heads: no cross-fit is planned for them.
     assert not with_.label_errors
 

@@ -54,6 +54,10 @@ class Probe:
     val_proba: np.ndarray
     head_file: str | None = None      # the head as the model's own parameters (safetensors), for LP-FT and export
     full_features: np.ndarray | None = None   # train+validation features (when every row was seen)
+    head_probas: list = field(default_factory=list)   # validation probabilities of every head fitted (the pool
+                                      # this probe was picked from, for selection-aware gates)
+    row_flops: float = 0.0            # FLOPs of one row's features: the price compared between backbones (a timing
+                                      # of a few rows on a busy machine can be off by more than MAX_COST_RATIO)
 
 
 @dataclass
@@ -66,6 +70,13 @@ class Rung0:
     seconds: float = 0.0
     oof_proba: np.ndarray | None = None   # out-of-fold probabilities of train+validation (best probe), or None
     oof_folds: int = 0
+    y_val: np.ndarray | None = None       # the validation labels the heads were scored on, in their order
+
+    def pool(self, y_val: np.ndarray) -> list[np.ndarray]:
+        """Validation probabilities of every head fitted, if they were scored on `y_val`'s rows (else none)."""
+        if self.y_val is None or len(self.y_val) != len(y_val) or not np.array_equal(self.y_val, y_val):
+            return []
+        return [q for p in self.probes for q in p.head_probas]
 
     @property
     def best(self) -> Probe | None:
@@ -211,7 +222,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    result = Rung0()
+    result = Rung0(y_val=np.asarray(y_val))
     # Class weighting may pay where the metric weighs classes equally (stamps: it won on two backbones of three,
     # plain heads on the third); where the metric weighs rows, plain heads only.
     balanced_options = (False, True) if metric in ("f1_macro", "balanced_accuracy") else (False,)
@@ -237,6 +248,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
             result.skipped.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         row_s = shared.row_s.get(name) or (time.monotonic() - t_rows) / max(1, len(y_val))
+        flops = row_flops(model, enc, subset(x_val, np.arange(1)), dev)
         # The training rows this backbone's features can still be paid for (the fits take about a fifth more);
         # another pooling of a checkpoint already probed reuses its rows, whose features are already there.
         affordable = n_train if allowance_s is None else int((left - (time.monotonic() - t0)) / (1.2 * row_s))
@@ -256,7 +268,8 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
         seconds = time.monotonic() - t0
         p = Probe(name, best["score"], best["C"], best["balanced"], row_s, seconds, len(pick), best["w"], best["b"],
                   best["proba"], str(head_file),
-                  np.concatenate([f_train, f_val]) if len(pick) == n_train else None)
+                  np.concatenate([f_train, f_val]) if len(pick) == n_train else None, [h["proba"] for h in heads],
+                  flops)
         result.probes.append(p)
         input_cols = {k: config[k] for k in ("image_size", "max_length") if config.get(k) is not None}
         for j, h in enumerate(heads):
@@ -297,10 +310,33 @@ def out_of_fold(probe_: Probe, y_full: np.ndarray, num_classes: int, folds: int 
     return out, k
 
 
+def row_flops(model, enc, x_one, dev) -> float:
+    """FLOPs of the frozen features of one row (0 when the counter cannot trace the model)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from automl.training.featcache import body_features
+    from automl.training.loop import encode_inputs
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            body_features(model, enc, encode_inputs(enc, x_one), dev)
+        return float(counter.get_total_flops())
+    except Exception:
+        return 0.0
+
+
+def _cost(p: Probe, ref: Probe) -> float:
+    """How many times `ref`'s price a row `p` costs: counted FLOPs where both have them, else timed seconds."""
+    if p.row_flops > 0 and ref.row_flops > 0:
+        return p.row_flops / ref.row_flops
+    return p.row_s / max(ref.row_s, 1e-12)
+
+
 def choose_start(rung0: Rung0, reference: str, y_val: np.ndarray, metric: str, num_classes: int,
                  alpha: float) -> tuple[str, str]:
     """The backbone the protected start point fine-tunes from its probe: the space's own (`reference`), unless
-    another's probe beats it on validation beyond noise (the same paired bootstrap as the final choice) and costs
+    another's probe beats it on validation beyond noise (the same paired bootstrap as the final choice, judged as
+    the best of every head fitted) and costs
     at most MAX_COST_RATIO times as much a row. Returns (backbone, why)."""
     from automl.training.combine import p_not_better
 
@@ -312,9 +348,9 @@ def choose_start(rung0: Rung0, reference: str, y_val: np.ndarray, metric: str, n
     for p in rung0.probes:
         if p is ref:
             break
-        if p.row_s > MAX_COST_RATIO * ref.row_s:
+        if _cost(p, ref) > MAX_COST_RATIO:
             continue
-        pnb = p_not_better(y_val, p.val_proba, ref.val_proba, metric, num_classes)
+        pnb = p_not_better(y_val, p.val_proba, ref.val_proba, metric, num_classes, pool=rung0.pool(y_val))
         if pnb <= alpha:
             return p.backbone, (f"{p.backbone}'s probe beat {reference}'s on validation ({p.val_score:.4f} vs "
                                 f"{ref.val_score:.4f}, P(not better) {pnb:.2f}): the start point fine-tunes it")

@@ -113,14 +113,31 @@ def _fast_scores(y: np.ndarray, pred: np.ndarray, metric: str, k: int) -> np.nda
 
 
 def p_not_better(y: np.ndarray, proba: np.ndarray, reference: np.ndarray, metric: str, num_classes: int,
-                 n: int = BOOTSTRAPS, seed: int = 0) -> float:
+                 n: int = BOOTSTRAPS, seed: int = 0, pool: list[np.ndarray] | None = None) -> float:
     """The share of bootstrap resamples of the validation rows on which `proba` does not score above `reference`
-    (paired: both are scored on the same resampled rows)."""
+    (paired: both are scored on the same resampled rows).
+
+    pool: the validation probabilities of every candidate `proba` was picked from (itself included). The best of
+    many candidates scores above the reference on validation by luck more often than one does, so the gain is
+    then judged against the largest gain any candidate shows on resamples centred on its own (White's reality
+    check, Econometrica 2000): the p-value is for "no candidate of the pool beats the reference"."""
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(y), (n, len(y)))
-    a = _fast_scores(y[idx], proba.argmax(1)[idx], metric, num_classes)
-    b = _fast_scores(y[idx], reference.argmax(1)[idx], metric, num_classes)
-    return float((a <= b).mean())
+    yb = y[idx]
+    b = _fast_scores(yb, reference.argmax(1)[idx], metric, num_classes)
+    if not pool or len(pool) < 2:
+        a = _fast_scores(yb, proba.argmax(1)[idx], metric, num_classes)
+        return float((a <= b).mean())
+    ref_score = _fast_scores(y[None], reference.argmax(1)[None], metric, num_classes)[0]
+    gain = _fast_scores(y[None], proba.argmax(1)[None], metric, num_classes)[0] - ref_score
+    if gain <= 0:
+        return 1.0
+    centred_max = np.full(n, -np.inf)
+    for q in pool:
+        pred = q.argmax(1)
+        d_obs = _fast_scores(y[None], pred[None], metric, num_classes)[0] - ref_score
+        centred_max = np.maximum(centred_max, _fast_scores(yb, pred[idx], metric, num_classes) - b - d_obs)
+    return float((centred_max >= gain).mean())
 
 
 def _proba(model, encoder, x) -> np.ndarray:
@@ -139,12 +156,14 @@ def _member(tid: str, cfg: dict, score: float, best_dir: str, num_classes: int, 
 def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int, y_val: np.ndarray,
             metric: str, inputs_for, reference: tuple[str, dict, float] | None = None,
             kinds: tuple[str, ...] = ("single", "soup", "ensemble"),
-            alpha: float = ALPHA) -> Combined:  # noqa: C901  (three greedy passes, read top to bottom)
+            alpha: float = ALPHA, pool: list[np.ndarray] | None = None) -> Combined:  # noqa: C901  (three greedy passes, read top to bottom)
     """Pick, on the validation split, the start point (`reference`) or the best of the winner, a soup and an
     ensemble that beats it by more than validation noise (see the module docstring); without a reference, the
     best of the options.
 
-    inputs_for(config) gives the validation inputs for a member's preprocessing (image size)."""
+    inputs_for(config) gives the validation inputs for a member's preprocessing (image size). pool: validation
+    probabilities of other candidates the top trials were picked from (rung 0's heads): with the members and the
+    options, the pool an option is judged as the best of (p_not_better)."""
     from automl.models.ensemble import EnsembleClassifier
 
     members = [_member(tid, cfg, score, best_dir, num_classes, inputs_for) for tid, cfg, score in top]
@@ -203,13 +222,14 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
         model = EnsembleClassifier([c.model for c in chosen], [c.encoder.to_dict() for c in chosen]).eval()
         options.append((Combined("ensemble", model, best.encoder, best.spec, best.config, ens_score,
                                  [c.trial_id for c in chosen], members=chosen), ens_proba))
-    result = _decide(options, ref, y_val, metric, num_classes, alpha)
+    candidates = [m.proba for m in members] + [p for _, p in options[1:]] + list(pool or [])
+    result = _decide(options, ref, y_val, metric, num_classes, alpha, candidates)
     result.scores = {**scores, **({"start point": result.scores["start point"]} if ref is not None else {})}
     return result
 
 
 def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_val: np.ndarray, metric: str,
-            num_classes: int, alpha: float) -> Combined:
+            num_classes: int, alpha: float, pool: list[np.ndarray] | None = None) -> Combined:
     """The best-scoring option (the first, the simplest, among equals) that beats the reference surely enough."""
     ranked = sorted(enumerate(options), key=lambda io: (-io[1][0].val_score, io[0]))
     if ref is None:
@@ -223,11 +243,13 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
             continue  # the winner is the start point itself
         if option.val_score <= ref_score:
             break
-        p = p_not_better(y_val, proba, ref.proba, metric, num_classes)
+        p = p_not_better(y_val, proba, ref.proba, metric, num_classes, pool=pool)
         if p <= alpha:
             option.decision = (f"{option.kind} chosen over the start point: validation {metric} {option.val_score:.4f}"
                                f" vs {ref_score:.4f}, no better in {p:.0%} of {BOOTSTRAPS} bootstrap resamples of the "
-                               f"{len(y_val)} validation rows (at most {alpha:.0%} allowed)")
+                               f"{len(y_val)} validation rows (at most {alpha:.0%} allowed"
+                               + (f"; as the best of {len(pool)} candidates" if pool and len(pool) > 1 else "")
+                               + ")")
             option.scores = {"start point": ref_score}
             return option
         tried.append(f"{option.kind} {option.val_score:.4f} (no better in {p:.0%} of resamples)")
