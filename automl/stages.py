@@ -16,7 +16,7 @@ from automl import cluster, models
 from automl.budget import Budget, Costs
 from automl.data.inputs import Inputs
 from automl.data.intake import TaskData, plain, prepare as read_task
-from automl.errors import AutoMLError, ModelLoadError, NoTrialScored
+from automl.errors import AutoMLError, DataError, ModelLoadError, NoTrialScored
 from automl.export.manifest import ExportManifest, Preprocessing, Provenance
 from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
@@ -138,7 +138,13 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     cluster.check_shared_storage(ray, opts.resources.storage_path, shared_dir(prepared))
     saved = prepared.out / "plan.json"
     if opts.search.resume and saved.exists():
-        return Plan.load(saved, budget.elapsed())
+        old = Plan.load(saved, budget.elapsed(), budget.total_s)
+        if old.fingerprint and old.fingerprint != task.fingerprint():
+            raise DataError(f"resume=True, but the data differ from those the interrupted run in {prepared.out} "
+                            f"began with (fingerprint {task.fingerprint()[:12]}, the run's {old.fingerprint[:12]}): "
+                            "its trials were trained and scored on other rows. Fix: resume with the same data, or "
+                            "start afresh (resume=False, or another output_dir).")
+        return old
     space = _space(task, opts, prepared.base, gpu=ray.gpus > 0 and opts.resources.gpus_per_trial != 0)
     res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
     # Before the start point is probed: pre-ranking drops backbones that cannot load, the start point's included.
@@ -161,6 +167,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                      node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
                      regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space))
     planned.transferability = transfer
+    planned.fingerprint, planned.budget_s = task.fingerprint(), budget.total_s
     planned.reasons += [f"dropped before the search: {d}" for d in dropped]
     prepared.out.mkdir(parents=True, exist_ok=True)
     planned.save(saved)
@@ -194,6 +201,10 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
         # Cut at the 95th percentile of the data's own lengths (in steps of 8; at most 256 on a CPU).
         max_length = length if isinstance(length, int) else min(512 if res.get("gpu") else 256,
                                                                 max(16, -(-stats.token_p95 // 8) * 8))
+        # Never past the model's positions (tokenizers without a limit report a huge sentinel).
+        limit = getattr(tokenizer, "model_max_length", None)
+        if isinstance(limit, int) and 0 < limit < 100_000 and max_length > limit:
+            max_length = limit
     speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus))
     return start, spec, stats, pinned_size, max_length, speed_at
 
@@ -381,6 +392,8 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Run
     plan.space.start_points = [plan.space.fit_point({**p, "backbone": chosen} if p.get("backbone") == start["backbone"]
                                                     else p) for p in space.start_points
                                if p.get("backbone") in keep or p.get("backbone") == start["backbone"]]
+    ladder.cross_validate(rung0, np.concatenate([data.y_train, data.y_val]), task.num_classes, prepared.metric,
+                          seed=opts.search.seed)
     if len(data.y_val) == len(inputs.split("validation")):
         found = ladder.out_of_fold(rung0.best, task.y[inputs.split("full")], task.num_classes, seed=opts.search.seed)
         if found is not None:
@@ -461,8 +474,8 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     if not plan.retrain or (opts.search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
         why = ("retrain=False" if opts.search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
-        return _best_weights(prepared, inputs, result, why)
-    config, decision = _config_to_retrain(prepared, inputs, result)
+        return _best_weights(prepared, inputs, result, why, plan.val_rows)
+    config, decision = _config_to_retrain(prepared, inputs, result, plan.val_rows)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
     if opts.output.progress:
@@ -484,7 +497,8 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                        "weight_sums": metrics.get("weight_sums"), "decision": decision})
 
 
-def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult) -> tuple[dict, str]:
+def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult,
+                       val_rows: int | None = None) -> tuple[dict, str]:
     """The winner's config, unless it does not beat the start point by more than validation noise: then the
     start point's (training/combine.py)."""
     from automl.training.combine import combine, start_reference, top_trials
@@ -495,28 +509,38 @@ def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult)
     top = top_trials(tuned, result.best_dir, metric, k=1)
     if ref is None or not top or top[0][0] == ref[0]:
         return full_config(result.best_config), ""
-    va = inputs.split("validation")
+    va = inputs.scored("validation", val_rows)
     x_val = inputs.rows(va)
     c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val, reference=ref,
                 kinds=("single",))
     return full_config(c.config), c.decision
 
 
-def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str) -> FinalModel:
+def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str,
+                  val_rows: int | None = None) -> FinalModel:
     """The winner's own best weights, or a soup or an ensemble of the top trials when that scores better on
     validation (training/combine.py)."""
     from automl.training.combine import combine, start_reference, top_trials
     from automl.training.loop import build_encoder, load_best
 
+    from automl.search.ladder import doubtful
+
     task, metric = prepared.task, prepared.metric
-    top = top_trials(result.trials, result.best_dir, metric) if task.task != "regression" else []
+    regression = task.task == "regression"
+    ref = start_reference(result.trials, result.best_dir, metric) if not regression else None
+    rung0 = getattr(result, "rung0", None)
+    left_out = doubtful(rung0, ref[2]) if ref is not None else {}
+    trials = result.trials[~result.trials["trial_id"].astype(str).isin(left_out)]
+    top = top_trials(trials, result.best_dir, metric) if not regression else []
     if top:
-        va = inputs.split("validation")
+        va = inputs.scored("validation", val_rows)  # the rows the trials scored on (plan.val_rows)
         x_val = inputs.rows(va)
-        rung0 = getattr(result, "rung0", None)
-        c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val,
-                    reference=start_reference(result.trials, result.best_dir, metric),
+        c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val, reference=ref,
                     pool=rung0.pool(task.y[va]) if rung0 is not None else None)
+        if left_out:
+            c.decision += ("; rung-0 heads left out (cross-validated on train+validation below the start point's "
+                           f"validation {metric} {ref[2]:.4f}): " + ", ".join(
+                               f"{p.backbone} {p.cv_score:.4f} (val {p.val_score:.4f})" for p in left_out.values()))
         spec = c.spec
         if c.kind == "ensemble":
             spec = models.BackboneSpec("ensemble", "+".join(str(m.config["backbone"]) for m in c.members), False,
@@ -600,7 +624,8 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
             out.label_errors = suspects(proba, task.y[full], prepared.classes, rows)
-            out.label_error_summary = summary(out.label_errors, len(full), folds)
+            # The folds actually used: fewer where a class has fewer rows than the folds asked for.
+            out.label_error_summary = summary(out.label_errors, len(full), len(np.unique(fold_of)))
         if opts.diagnostics.cv_folds:
             out.cross_validation = cv_summary(proba, task.y[full], fold_of, task.num_classes)
     if prepared.base is not None:

@@ -287,3 +287,21 @@ def test_trials_are_ranked_by_the_score_of_the_model_they_export_not_their_best_
     assert [(t, s) for t, _, s in top] == [("steady", 0.9), ("unfinished", 0.8), ("diverged", 0.33)]
     assert top[0][1] == {"lr": 3e-4}
     assert [t for t, _, _ in top_trials(trials, d, "accuracy", k=1)] == ["steady"]
+
+
+def test_a_trial_that_errored_after_a_good_report_does_not_win(tmp_path):
+    """A NaN loss after a high early report: the run errored, its config would fail again when retrained; it wins
+    only when nothing else scored."""
+    import pandas as pd
+
+    from automl.search import kept
+    from automl.training.combine import top_trials
+
+    w = {"w": torch.zeros(2)}
+    d = str(tmp_path)
+    kept.keep(d, "nan", w, 0.99, 2)
+    kept.keep(d, "ok", w, 0.7, 8)
+    trials = pd.DataFrame({"trial_id": ["nan", "ok"], "best_val_accuracy": [0.99, 0.7], "config/lr": [1.0, 1e-3],
+                           "status": ["ERROR", "COMPLETED"]})
+    assert [t for t, _, _ in top_trials(trials, d, "accuracy")] == ["ok"]
+    assert [t for t, _, _ in top_trials(trials.iloc[:1], d, "accuracy")] == ["nan"]

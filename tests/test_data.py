@@ -160,7 +160,33 @@ def test_split_column_is_respected():
     assert list(t.splits["test"]) == [9, 10, 11] and list(t.splits["validation"]) == [6, 7, 8]
 
 
+def test_a_split_column_whose_training_rows_hold_one_class_is_refused_and_a_missing_class_is_noted():
+    one = pd.DataFrame({"text": [f"t{i}" for i in range(12)], "label": ["a"] * 6 + ["b"] * 6,
+                        "split": ["train"] * 6 + ["validation"] * 3 + ["test"] * 3})
+    with pytest.raises(DataError, match="training split holds 1 class"):
+        prepare(one)
+    some = pd.DataFrame({"text": [f"t{i}" for i in range(15)], "label": ["a", "b"] * 5 + ["c"] * 5,
+                         "split": ["train"] * 10 + ["validation"] * 2 + ["test"] * 3})
+    t = prepare(some)
+    assert any("no training row" in n and n.endswith(": c") for n in t.report.notes)
+
+
+@pytest.mark.parametrize("labels", [[["a", "b"], ["a"]] * 6, [{"x": 1}, {"x": 2}] * 6])
+def test_list_or_dict_labels_get_a_clear_error(labels):
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(12)], "label": labels})
+    with pytest.raises(DataError, match="expected one label per row"):
+        prepare(df)
+
+
 def test_two_text_columns_are_kept_as_pairs():
     df = pd.DataFrame({"question": [f"q{i}" for i in range(9)], "answer": [f"a{i}" for i in range(9)], "label": [0, 1, 2] * 3})
     t = prepare(df)
     assert t.input_columns == ["question", "answer"] and t.texts[0] == ["q0", "a0"]
+
+
+def test_texts_to_predict_are_stripped_as_training_texts_are():
+    from automl.data.intake import read_inputs
+
+    df = pd.DataFrame({"text": ["  good movie \n", "bad"], "label": [1, 0]})
+    assert read_inputs(df[["text"]], "text", ["text"]) == [["good movie"], ["bad"]]
+    assert prepare(pd.concat([df] * 6, ignore_index=True)).texts[0] == ["good movie"]

@@ -64,6 +64,29 @@ def test_half_written_export_is_refused(tmp_path):
         load(target)
 
 
+@pytest.mark.parametrize("backbone, refused", [
+    ({"library": "automl", "model": "SELF"}, "backbone library 'automl'"),          # itself: endless recursion
+    ({"library": "timm", "model": "resnet10t", "kwargs": {"checkpoint_path": "SECRET"}}, "checkpoint_path"),
+    ({"library": "ensemble", "model": "a+b", "kwargs": {"members": [
+        {"backbone": {"library": "automl", "model": "SELF"}, "hyperparameters": {}, "preprocessing": {}}]}},
+     "ensemble member of library 'automl'"),
+])
+def test_an_export_whose_config_names_other_files_is_refused_before_anything_is_read(tmp_path, backbone, refused):
+    """Loading an export reads its own files only: a config.json edited to point at another export (or itself) or
+    to make timm read a checkpoint is refused with the reason (before: endless recursion, or timm loading it)."""
+    target = tmp_path / "exp"
+    write_export(target, _model(), ENC, _manifest(), formats=False)
+    secret = tmp_path / "secret.pth"
+    secret.write_bytes(b"not a checkpoint")
+    cfg = json.loads((target / "config.json").read_text())
+    text = json.dumps(backbone).replace("SELF", str(target)).replace("SECRET", str(secret))
+    cfg["backbone"] = {**cfg["backbone"], "pretrained": False, **json.loads(text)}
+    (target / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="not a loadable automl export") as err:
+        load(target)
+    assert refused in str(err.value)
+
+
 def test_export_as_backbone_keeps_old_head_rows_and_appends_classes(tmp_path):
     m = _model()
     write_export(tmp_path / "exp", m, ENC, _manifest(), formats=False)

@@ -130,6 +130,37 @@ def test_the_start_point_is_priced_by_counted_flops_not_by_a_timing_of_a_few_row
     assert chosen == "ref"
 
 
+def test_a_probe_is_cross_validated_on_every_row_it_saw_and_left_out_below_the_fine_tuned_start_point(
+        digits48, tmp_path):
+    """cv_score is the probe's head config refitted per fold over train+validation (5-fold, the same folds as
+    scikit-learn's StratifiedKFold), scored out of fold; a probe whose cv_score is below the start point's
+    validation score is left out of the final choice, whatever its validation score."""
+    import dataclasses
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from automl.metrics import classification_metrics
+
+    xt, yt, xv, yv, k = digits48
+    r = ladder.probe(["efficientnet-lite0"], _config(), xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                     allowance_s=None, out_dir=tmp_path)
+    y_seen = np.concatenate([yt, yv])
+    ladder.cross_validate(r, y_seen, k, "accuracy", seed=0)
+    p = r.best
+    sk = make_pipeline(StandardScaler(), LogisticRegression(C=p.C, max_iter=300, random_state=0))
+    oof = cross_val_predict(sk, p.full_features, y_seen, cv=StratifiedKFold(5, shuffle=True, random_state=0),
+                            method="predict_proba")
+    assert p.cv_score == pytest.approx(classification_metrics(y_seen, oof, k)["accuracy"], abs=0.02)
+    lucky = dataclasses.replace(p, val_score=1.0)
+    r.probes = [lucky]
+    assert list(ladder.doubtful(r, p.cv_score + 0.01).values()) == [lucky]   # the start point scored above it
+    assert ladder.doubtful(r, p.cv_score - 0.01) == {}
+    assert ladder.doubtful(None, 0.5) == {}
+
+
 def test_rung0_skips_what_its_allowance_cannot_pay_for_and_says_so(digits48, tmp_path):
     xt, yt, xv, yv, k = digits48
     r = ladder.probe(["efficientnet-lite0", "efficientnet-lite1"], _config(), xt, yt, xv, yv, num_classes=k,

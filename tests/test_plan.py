@@ -246,3 +246,36 @@ def test_a_start_point_shortened_to_fit_may_grow_back_to_its_sensible_length():
     assert single.report_rows * single.reports < 0.7 * sensible * 32
     assert single.stretch_rows == math.ceil(sensible * 32 / single.reports)
     assert plan(budget=3 * 3600).stretch_rows == 0  # a search's trials keep the length they are compared at
+
+
+def test_a_pinned_large_image_size_on_20000_images_plans_a_run_inside_a_four_minute_budget():
+    """Measured (#25.13): 20,000 images pinned at 128 px, 3 s a step and 30 ms a validation row, 240 s: the plan
+    ended its search at ~930 s (a validation of 2,000 rows per report, a search floored at one full trial) and the
+    run took 902 s. Now validation is sized to the budget and the search ends inside it."""
+    big = DataStats("image", n_train=16000, n_val=2000, n_full=18000, n_test=2000, image_side=128)
+    slow = lambda size: Speed(5.0, 3.052, 0.03, 32, size or 128)  # noqa: E731
+    pinned = load_space("cpu_small", "image", {"image_size": 128})
+    p = plan(stats=big, budget=240.0, at=slow, pinned_size=128, space=pinned)
+    assert p.storage_size == 128 and p.val_rows is not None and p.val_rows < 2000
+    assert p.search_ends_at_s <= 5.0 + 240.0 - 2000 * 0.03  # the test split's scoring still fits after it
+    assert p.trial_s <= p.search_ends_at_s - 5.0
+    with pytest.warns(UserWarning, match="cannot pay for the shortest run"):
+        tiny = plan(stats=big, budget=30.0, at=slow, pinned_size=128, space=pinned)
+    assert any("cannot pay for the shortest run" in r for r in tiny.reasons)
+
+
+def test_a_resumed_plan_ends_its_search_within_the_new_budget(tmp_path):
+    """Resumed with a smaller budget, the saved plan's search ends as long before the new budget's end as it was
+    planned to end before the old one's (before: the search got its old length again and overran)."""
+    from automl.search.plan import Plan
+
+    p = plan(budget=600.0)
+    p.budget_s = 600.0
+    p.save(tmp_path / "plan.json")
+    tail = 600.0 - p.search_ends_at_s
+    same = Plan.load(tmp_path / "plan.json", elapsed_s=5.0, budget_s=600.0)
+    assert same.search_ends_at_s == pytest.approx(p.search_ends_at_s)
+    less = Plan.load(tmp_path / "plan.json", elapsed_s=5.0, budget_s=300.0)
+    assert less.search_ends_at_s == pytest.approx(300.0 - tail)
+    assert less.last_start_at_s == pytest.approx(p.last_start_at_s - (600.0 - 300.0))
+    assert any("ends 300 s earlier" in r for r in less.reasons)

@@ -435,3 +435,30 @@ def test_a_later_stages_reserve_holds_until_that_stage_starts():
         assert b.can_afford(66.0) and not b.can_afford(70.0)
     with b.stage("export"):
         assert b.can_afford(90.0)
+
+
+def test_a_request_whose_images_decode_to_too_many_pixels_is_refused_before_decoding():
+    """A PNG of a few KB can decode to 36 MP; a request of such images is refused (413) from the headers alone, and
+    decode_image refuses an image over MAX_PIXELS before decoding it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from automl.data.images import MAX_PIXELS, ImageDecodeError, decode_image
+    from automl.ops.serve import MAX_REQUEST_PIXELS, RequestError, parse_inputs
+
+    def png(side: int) -> bytes:
+        buf = io.BytesIO()
+        Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
+
+    big = png(6000)
+    assert len(big) < 200_000 and 6000 * 6000 < MAX_PIXELS < 2 * 6000 * 6000
+    one = parse_inputs({"inputs": [base64.b64encode(big).decode()]}, "image", 1, 8)
+    assert one == [big]
+    with pytest.raises(RequestError) as err:
+        parse_inputs({"inputs": [base64.b64encode(big).decode()] * 2}, "image", 1, 8)
+    assert err.value.status == 413 and f"at most {MAX_REQUEST_PIXELS:,}" in str(err.value)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(png(7000))

@@ -81,6 +81,9 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
             img = Image.open(path)
         else:
             raise ImageDecodeError(f"unsupported image value of type {type(value).__name__}")
+        if img.size[0] * img.size[1] > MAX_PIXELS:  # read from the header, before a pixel is decoded
+            raise ImageDecodeError(f"image of {img.size[0]}x{img.size[1]} pixels; at most {MAX_PIXELS} "
+                                   "(a decompression bomb?)")
         img.load()
         img = _to_rgb(img)
     except ImageDecodeError:

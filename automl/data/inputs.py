@@ -213,6 +213,14 @@ class Inputs:
             return np.concatenate([self.task.splits["train"], self.task.splits["validation"]])
         return self.task.splits[name]
 
+    def scored(self, split: str = "validation", max_rows: int | None = None) -> np.ndarray:
+        """The rows of `split` that are scored: all, or a stratified sample of `max_rows` (the same sample each
+        time, so trials, rung 0 and the final choice score the same rows)."""
+        rows, t = self.split(split), self.task
+        if max_rows and len(rows) > max_rows:
+            rows = _sample(rows, t.y[rows] if t.task != "regression" else np.zeros(len(rows)), max_rows)
+        return rows
+
     def trial_data(self, train: str = "train", validation: str | None = "validation",
                    cache_dir: str | None = None, max_val: int | None = None) -> TrialData:
         """What a trial (train on `train`, score on `validation`) or a retrain (`full`, no validation) needs.
@@ -221,9 +229,7 @@ class Inputs:
         would cost more than the training between two reports)."""
         t = self.task
         tr = self.split(train)
-        va = self.split(validation) if validation else None
-        if va is not None and max_val and len(va) > max_val:
-            va = _sample(va, t.y[va] if t.task != "regression" else np.zeros(len(va)), max_val)
+        va = self.scored(validation, max_val) if validation else None
         regression = t.task == "regression"
         return TrialData(t.modality, t.num_classes, self.rows(tr), t.y[tr],
                          self.rows(va) if va is not None else None, t.y[va] if va is not None else None,

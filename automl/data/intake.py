@@ -258,6 +258,12 @@ def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.Da
     if missing.all():
         raise DataError(f"All {len(df)} labels in column {label_col!r} are missing. Fix: fill in the labels.")
     df = df[~missing]
+    nested = df[label_col].map(lambda v: isinstance(v, (list, tuple, dict, set, np.ndarray)))
+    if nested.any():
+        raise DataError(f"Label column {label_col!r} holds {type(df[label_col][nested].iloc[0]).__name__} values "
+                        f"(e.g. {str(df[label_col][nested].iloc[0])[:80]}); expected one label per row (a string or "
+                        "a number). Multi-label targets are not supported. Fix: one row per label, or join the "
+                        f"labels into one string, e.g. df[{label_col!r}].map('|'.join).")
     types = set(df[label_col].map(lambda v: "number" if isinstance(v, (int, float, np.number, bool)) else type(v).__name__))
     if len(types) > 1:
         examples = {t: str(df[label_col][df[label_col].map(
@@ -533,6 +539,16 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         splits = _split(strata, u, val_frac or default, test_frac or default)
 
     report.rows_used = int(len(y))
+    if task != "regression":
+        in_train = set(np.unique(y[splits["train"]]).tolist())
+        if len(in_train) < 2:
+            names = ", ".join(str(classes[i]) for i in in_train)
+            raise DataError(f"The training split holds {len(in_train)} class ({names}) of {len(classes)}: nothing to "
+                            "learn to tell apart. Fix: mark rows of every class as 'train' in the split column, or "
+                            "drop it to split automatically.")
+        absent = [str(classes[i]) for i in range(len(classes)) if i not in in_train]
+        if absent:
+            report.notes.append(f"classes with no training row (the model cannot predict them): {', '.join(absent)}")
     if task == "regression":
         report.notes.append(f"regression target: mean {y.mean():.4g}, std {y.std():.4g}, range [{y.min():.4g}, {y.max():.4g}]")
     else:
@@ -596,7 +612,9 @@ def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: st
     if kind == "image":
         raise DataError(f"Column {input_columns[0]!r} holds images but this model classifies text. "
                         "Fix: pass the text column the model was trained on.")
-    return [[("" if not isinstance(v, str) else v) for v in row] for row in df[input_columns].itertuples(index=False)]
+    # Stripped as in training (prepare): tokenizers that keep spaces as tokens would otherwise see other inputs.
+    return [[("" if not isinstance(v, str) else v.strip()) for v in row]
+            for row in df[input_columns].itertuples(index=False)]
 
 
 def plain(v):

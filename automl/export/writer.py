@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from automl.data.encoders import ImageEncoder, TextEncoder
+from automl.errors import ModelLoadError
 from automl.export.manifest import SCHEMA_VERSION, ExportManifest
 from automl.models.registry import family
 
@@ -143,6 +144,7 @@ def load_model(path: str | Path):
 
     path = Path(path).resolve()
     manifest = ExportManifest.read(path)
+    _check_architecture(manifest.backbone, path)
     pre = manifest.preprocessing
     if pre.pooling == "legacy":
         from automl.export.legacy import rebuild
@@ -158,6 +160,34 @@ def load_model(path: str | Path):
     else:
         encoder = TextEncoder(load_tokenizer(str(path / "hf")), pre.max_length)
     return model, encoder, manifest
+
+
+# What an export's config.json may name as its architecture. An export is rebuilt from its own files only: an
+# "automl" backbone (an earlier export as a fine-tune's start) would make the loader open another directory, or
+# itself without end; timm arguments that name files would make timm read them.
+EXPORT_LIBRARIES = {"timm", "hf", "ensemble"}
+MEMBER_LIBRARIES = {"timm", "hf"}
+_FILE_ARGS = ("path", "file", "checkpoint", "pretrained", "url", "hub")
+
+
+def _check_architecture(backbone, path: Path) -> None:
+    from automl.models.registry import BackboneSpec
+
+    def refuse(what: str) -> None:
+        raise ModelLoadError(f"{path} is not a loadable automl export: its config.json names {what}. An export is "
+                             "rebuilt from its own files only (timm or Hugging Face architectures, or an ensemble of "
+                             "them). Fix: load an export written by automl, or re-export the model.")
+
+    members = [BackboneSpec.from_dict(m["backbone"]) for m in backbone.kwargs.get("members", [])] \
+        if backbone.library == "ensemble" else []
+    if backbone.library not in EXPORT_LIBRARIES:
+        refuse(f"the backbone library {backbone.library!r}")
+    for spec in [backbone] + members:
+        if spec is not backbone and spec.library not in MEMBER_LIBRARIES:
+            refuse(f"an ensemble member of library {spec.library!r}")
+        bad = sorted(k for k in spec.kwargs if spec.library == "timm" and any(w in k.lower() for w in _FILE_ARGS))
+        if bad:
+            refuse(f"timm arguments that read files or download ({', '.join(bad)})")
 
 
 def strip_test_split(path: str | Path) -> list[str]:

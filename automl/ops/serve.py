@@ -28,6 +28,8 @@ from automl.errors import AutoMLError
 
 MAX_REQUEST_BYTES = 10 * 2**20
 MAX_INPUTS = 256
+# Decoded pixels one request may ask for: a PNG of a few KB can decode to 40 MP (~120 MB); 256 such would be 30 GB.
+MAX_REQUEST_PIXELS = 64_000_000
 
 
 class RequestError(ValueError):
@@ -51,7 +53,7 @@ def parse_inputs(body: object, modality: str, n_columns: int, max_inputs: int) -
                                 f"{'an empty list' if inputs == [] else type(inputs).__name__}")
     if len(inputs) > max_inputs:
         raise RequestError(413, f"{len(inputs)} inputs in one request; at most {max_inputs}. Fix: send smaller batches")
-    out = []
+    out, pixels = [], 0
     for i, item in enumerate(inputs):
         if modality == "text":
             want = "a list of [text, text] pairs" if n_columns > 1 else "a list of strings"
@@ -66,10 +68,15 @@ def parse_inputs(body: object, modality: str, n_columns: int, max_inputs: int) -
                                         "strings or data URLs (data:image/png;base64,...)")
             raw = _b64(item, i)
             try:
-                inspect_image(raw)
+                _, h, w = inspect_image(raw)
             except ImageDecodeError as exc:
                 raise RequestError(422, f"input {i} is not a readable image ({exc}); expected PNG/JPEG/... "
                                         "bytes, base64-encoded") from None
+            pixels += h * w
+            if pixels > MAX_REQUEST_PIXELS:
+                raise RequestError(413, f"the first {i + 1} images of this request decode to {pixels:,} pixels; at "
+                                        f"most {MAX_REQUEST_PIXELS:,} a request. Fix: send smaller images (the model "
+                                        "sees them at a few hundred pixels a side) or fewer a request")
             out.append(raw)
     return out
 
@@ -114,7 +121,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
-    max_batch_size: int = 16          # inputs of concurrent requests predicted together
+    max_batch_size: int = 16          # concurrent requests predicted together (at most max_inputs inputs at a time)
     batch_wait_s: float = 0.005
     replicas: int = 1
     cpus_per_replica: float = 1.0
@@ -148,8 +155,12 @@ def _app(models: dict[str, dict], opts: ServeOptions):
         async def predict(self, requests: list[list]) -> list:
             # Each element is one request's inputs: predict them all at once, hand each request its own rows.
             # If that fails, each request alone: one bad input must not fail the requests batched with it.
+            # Serve batches requests, each up to max_inputs inputs: predicted max_inputs at a time, so memory stays
+            # that of one full request however many are batched.
+            flat = [x for r in requests for x in r]
             try:
-                results = answer(self.model, [x for r in requests for x in r])
+                results = [y for i in range(0, len(flat), opts.max_inputs)
+                           for y in answer(self.model, flat[i:i + opts.max_inputs])]
             except Exception:
                 return [self._alone(r) for r in requests]
             out, start = [], 0

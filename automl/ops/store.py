@@ -148,7 +148,7 @@ class Store:
                 cur.execute("PRAGMA busy_timeout=60000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
-        md.create_all(self.engine)
+        self._create_tables()
         with self.engine.begin() as c:
             version = c.execute(select(schema_info.c.version)).scalar()
             if version is None:
@@ -159,6 +159,27 @@ class Store:
             elif version > SCHEMA_VERSION:
                 raise RuntimeError(f"The leaderboard database {url} has schema version {version}, newer than this "
                                    f"automl's {SCHEMA_VERSION}. Fix: upgrade automl.")
+
+    def _create_tables(self) -> None:
+        """The tables, created once however many processes open a fresh database at the same time: on PostgreSQL
+        under a transaction-scoped advisory lock (two concurrent CREATE TABLEs collide on pg_type); elsewhere a
+        loser of the race sees the tables on a second look."""
+        from sqlalchemy import text
+        from sqlalchemy.exc import DatabaseError
+
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as c:
+                c.execute(text("SELECT pg_advisory_xact_lock(726101)"))
+                md.create_all(c)
+            return
+        for attempt in range(3):
+            try:
+                md.create_all(self.engine)
+                return
+            except DatabaseError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @classmethod
     def memory(cls) -> "Store":

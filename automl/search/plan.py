@@ -23,6 +23,7 @@ Training the right config long enough, judged when its score means something, be
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -37,6 +38,9 @@ from automl.search.clock import FIT_MARGIN, MIN_FIT
 # narrow: one full-length trial per slot; single: the start point alone.
 FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
 VAL_ROWS = 2000              # trials validate on at most this many rows (stratified)
+# ...and on fewer where validating would take more than EVAL_SHARE of the budget (20,000 images at 128 px on a
+# CPU: 2,000 rows cost 60 s a validation), but never fewer than MIN_VAL_ROWS.
+EVAL_SHARE, MIN_VAL_ROWS = 0.15, 200
 # Retrain only if the search keeps room for this many full-length trials afterwards.
 MIN_FULL_TRIALS = 3.0
 REPORTS = (4, 12)            # fewest and most reports per full-length trial
@@ -116,6 +120,8 @@ class Plan:
     transferability: dict | None = None  # LogME pre-ranking of the space's backbones, when it ran
     retrain_fixed_s: float = 0.0       # the part of retrain_s that is Ray Train's start-up (Costs)
     rung0_s: float = 0.0               # reserved for the ladder's rung 0 (frozen features + linear heads)
+    fingerprint: str = ""              # the data it was made for (a resume with other data is refused)
+    budget_s: float | None = None      # the time budget it was made for
     stretch_rows: int = 0              # the start point, running all search long, may grow to this (its sensible length)
 
     def to_dict(self) -> dict:
@@ -132,18 +138,28 @@ class Plan:
         Path(path).write_text(json.dumps(d, default=str))
 
     @classmethod
-    def load(cls, path, elapsed_s: float) -> "Plan":
+    def load(cls, path, elapsed_s: float, budget_s: float | None = None) -> "Plan":
         """A saved plan, its deadlines moved to this run's clock (the time still left when it was interrupted
-        is not known: the search gets its planned length again)."""
+        is not known: the search gets its planned length again), but no later than this run's budget `budget_s`
+        allows: the search ends as long before the budget's end as the saved plan had it."""
         import json
 
         d = json.loads(Path(path).read_text())
         d["space"] = SearchSpace.from_dict(d["space"], where=str(path))
         shift = elapsed_s - d.pop("planned_at_s", elapsed_s)
+        ends, was = d.get("search_ends_at_s"), d.get("budget_s")
+        latest = budget_s - (was - ends) if None not in (ends, was, budget_s) else None
         for key in ("search_ends_at_s", "last_start_at_s"):
             if d.get(key) is not None:
                 d[key] += shift
         d["reasons"] = [*d["reasons"], "resumed with the plan the interrupted search began with"]
+        if latest is not None and d["search_ends_at_s"] > latest:
+            cut = d["search_ends_at_s"] - latest
+            d["search_ends_at_s"] = latest
+            d["last_start_at_s"] = d["last_start_at_s"] - cut if d.get("last_start_at_s") is not None else None
+            d["reasons"].append(f"the search ends {cut:.0f} s earlier than the saved plan said: this run's time "
+                                f"budget ({budget_s:.0f} s) leaves less than the interrupted run's ({was:.0f} s)")
+        d["budget_s"] = budget_s
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -208,10 +224,16 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         (3 if pretrained else 10) * steps_per_pass)))
     sizes = _candidate_sizes(stats, pinned_size, gpu=bool(resources.get("gpu")), smallest=min_image(pretrained))
     after = costs[f"export_{stats.modality}_s"] if export_formats else costs["evaluate_s"]
-    # Finalising loads the top trials and scores them, a soup and an ensemble on validation.
     sp = speed_at(sizes[0])
+    # The validation rows trials and finalising score on: every report of a trial and every candidate of the final
+    # choice is a pass over them.
+    vrows = min(stats.n_val, VAL_ROWS)
+    if budget_left_s is not None:
+        passes = REPORTS[1] + 2 * TOP_TRIALS
+        vrows = min(vrows, max(MIN_VAL_ROWS, int(EVAL_SHARE * budget_left_s / (passes * sp.eval_row_s))))
+    # Finalising loads the top trials and scores them, a soup and an ensemble on validation.
     after += costs["evaluate_s"] + stats.n_test * sp.eval_row_s + 2.0 + TOP_TRIALS * (
-        0.5 * sp.setup_s + 2 * stats.n_val * sp.eval_row_s)
+        0.5 * sp.setup_s + 2 * vrows * sp.eval_row_s)
     more_cpus = node_cpus > resources.get("cpu", 1) and not resources.get("gpu")
 
     def seconds(size, steps: int, c: int) -> tuple[float, float]:
@@ -223,7 +245,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
             per_step = sp.step_s_alone or sp.step_s / costs["thread_speedup"]
         else:
             per_step = sp.step_s
-        evals = REPORTS[1] * min(stats.n_val, VAL_ROWS) * sp.eval_row_s * (per_step / sp.step_s)
+        evals = REPORTS[1] * vrows * sp.eval_row_s * (per_step / sp.step_s)
         return sp.setup_s + steps * per_step + evals, per_step
 
     def choose(search_s: float) -> Choice:
@@ -254,9 +276,8 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                     if t <= share * search_s:
                         return Choice(size, n, t, step_s, c, regime)
         size = sizes[-1]
-        sp = speed_at(size)
-        _, step_s = seconds(size, 1, 1)
-        n = max(4, int((SINGLE_SHARE * search_s - sp.setup_s) / (step_s * 1.1)))
+        fixed_s, step_s = seconds(size, 0, 1)  # the set-up and the validations: paid whatever the length
+        n = max(4, int((SINGLE_SHARE * search_s - fixed_s) / (step_s * 1.1)))
         return Choice(size, n, seconds(size, n, 1)[0], step_s, 1, "single")
 
     ratio = stats.n_full / max(1, stats.n_train)
@@ -302,7 +323,9 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 label_errors == "auto" and stats.n_full <= 20000 and choice.regime == "search"
                 and total - (retrain_s if retrain else 0.0) - cross_fit_s >= MIN_FULL_TRIALS * choice.trial_s)
             reserve = (retrain_s if retrain else 0.0) + (cross_fit_s if want_errors or cv_folds else 0.0)
-            search_s = max(total - reserve, choice.trial_s)
+            # The search never ends past the budget for a reserve: what does not fit is not reserved (finalise
+            # skips a retrain or a cross-fit the time left cannot pay for).
+            search_s = max(total - reserve, min(choice.trial_s, max(total, 0.0)))
             again = choose(search_s)
             if again == choice:
                 break
@@ -374,10 +397,19 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                                                if choice.regime == "search" else "")
                        + f"; a trial that starts when its full length no longer fits trains a schedule shortened "
                          f"to end in time (down to {MIN_FIT:.0%} of the length), none starts later than that")
-    val_rows = VAL_ROWS if stats.n_val > VAL_ROWS else None
+    val_rows = vrows if stats.n_val > vrows else None
     if val_rows:
-        reasons.append(f"trials score on a stratified {val_rows} of the {stats.n_val} validation rows (enough to rank "
-                       "configs, and validating often stays cheap); the final model is tested on the whole test split")
+        reasons.append(f"trials and the final choice score on a stratified {val_rows} of the {stats.n_val} validation "
+                       "rows (enough to rank configs, and validating often stays cheap); the final model is tested "
+                       "on the whole test split")
+    if budget_left_s is not None and choice.trial_s > max(total, 0.0):
+        msg = (f"the time budget cannot pay for the shortest run: {max(total, 0.0):.0f} s are left for training after "
+               f"this machine's fixed costs (start-up, evaluation, export), and {choice.steps} steps at "
+               f"{choice.size or ''}{' px ' if choice.size else ''}take ~{choice.trial_s:.0f} s; expect the run to "
+               f"overrun. Fix: a budget of at least ~{budget_left_s + choice.trial_s - max(total, 0.0) + 30:.0f} s"
+               + (", or a smaller image_size" if pinned_size else ""))
+        reasons.append(msg)
+        warnings.warn(msg, stacklevel=2)
     return Plan(planned, planned_size(planned) if stats.modality == "image" else None, resources, concurrency,
                 retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,

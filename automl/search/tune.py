@@ -55,7 +55,7 @@ def sync_period_s() -> float:
 def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, threads: int = 1,
                    checkpoint: bool = True, checkpoint_every_s: float = CHECKPOINT_EVERY_S,
                    metric: str | None = None, best_dir: str | None = None, plugins: dict | None = None,
-                   init_heads: dict | None = None) -> None:
+                   init_heads: dict | None = None, search_end: float | None = None) -> None:
     """Ray Tune function trainable: `fit` with a report per epoch and periodic checkpoints, resumable.
 
     With `best_dir`, the weights of the trial's best report so far (by `metric`) are kept there, so the
@@ -112,7 +112,10 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
 
     # The search's end (set by the searcher): a trial running late compresses the rest of its schedule to end by it.
     head = (init_heads or {}).get(config.get("backbone")) if resume is None else None
-    fit(config, data, epochs=max_epochs, report=report, resume=resume, deadline=config.get("_deadline"),
+    # This search's end, not the one in the config: a trial restored from an interrupted search carries that
+    # search's end (too early, or past), and would squeeze or drop its schedule's end.
+    deadline = search_end if search_end is not None else config.get("_deadline")
+    fit(config, data, epochs=max_epochs, report=report, resume=resume, deadline=deadline,
         initial_state=load_file(head) if head else None, max_report_rows=config.get("_stretch_rows"))
 
 
@@ -366,7 +369,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
                              checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, metric=val_metric,
-                             best_dir=best_dir, plugins=snapshot(), init_heads=init_heads),
+                             best_dir=best_dir, plugins=snapshot(), init_heads=init_heads,
+                             search_end=None if time_budget_s is None else time.time() + time_budget_s),
         resources)
     progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress, plan_lines=plan_lines)
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
@@ -480,6 +484,10 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
         rows.append(row)
     trials = pd.DataFrame(rows)
     ok = trials[trials[f"best_{val_metric}"].notna()] if len(trials) else trials
+    if len(ok) and (ok["status"] != "ERROR").any():
+        # A trial that errored (a NaN loss after good early reports) scored before it failed; its config, retrained,
+        # would fail again: it wins only when nothing else scored.
+        ok = ok[ok["status"] != "ERROR"]
     if not len(ok):
         errors = "; ".join(sorted(set(trials.get("error", pd.Series(dtype=str)).dropna().astype(str))))[:1000]
         raise NoTrialScored(f"No trial produced a validation score ({len(trials)} trials). Errors: {errors or 'none'}. "
