@@ -189,4 +189,5 @@ def test_texts_to_predict_are_stripped_as_training_texts_are():
 
     df = pd.DataFrame({"text": ["  good movie \n", "bad"], "label": [1, 0]})
     assert read_inputs(df[["text"]], "text", ["text"]) == [["good movie"], ["bad"]]
-    assert prepare(pd.concat([df] * 6, ignore_index=True)).texts[0] == ["good movie"]
+    many = pd.DataFrame({"text": [f"  movie {i} \n" for i in range(12)], "label": [1, 0] * 6})
+    assert prepare(many).texts[0] == ["movie 0"]

@@ -270,7 +270,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
         p = Probe(name, best["score"], best["C"], best["balanced"], row_s, seconds, len(pick), best["w"], best["b"],
                   best["proba"], str(head_file),
                   np.concatenate([f_train, f_val]) if len(pick) == n_train else None, [h["proba"] for h in heads],
-                  flops)
+                  row_flops=flops)
         result.probes.append(p)
         input_cols = {k: config[k] for k in ("image_size", "max_length") if config.get(k) is not None}
         for j, h in enumerate(heads):
