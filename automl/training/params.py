@@ -78,6 +78,8 @@ PARAMS: dict[str, Param] = {
     "class_weighted": Param(False, "true or false", lambda v: isinstance(v, bool)),
     "grad_clip": Param(0.0, "a number >= 0 (0 = off)", _num(0)),
     "l2sp": Param(0.0, "a number >= 0", _num(0)),
+    "init": Param("zero", "'zero' or 'probe' (rung 0's best linear head: LP-FT)", lambda v: v in ("zero", "probe"),
+                  lambda: ["zero", "probe"]),
     "seed": Param(0, "an integer >= 0", _num(0, None, True)),
     # Set by the plan, not searched: training rows between two reports (0: one pass over the data).
     "report_rows": Param(0, "an integer >= 0 (0 = one pass over the training data)", _num(0, None, True)),
