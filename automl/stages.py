@@ -475,7 +475,7 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         why = ("retrain=False" if opts.search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
         return _best_weights(prepared, inputs, result, why, plan.val_rows)
-    config, decision = _config_to_retrain(prepared, inputs, result, plan.val_rows)
+    config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
     if opts.output.progress:
@@ -494,13 +494,13 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
                        "rows": int(len(full.y_train)), "nodes": metrics.get("nodes"),
-                       "weight_sums": metrics.get("weight_sums"), "decision": decision})
+                       "weight_sums": metrics.get("weight_sums"), "decision": decision, "trials": [trial]})
 
 
 def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult,
-                       val_rows: int | None = None) -> tuple[dict, str]:
+                       val_rows: int | None = None) -> tuple[dict, str, str]:
     """The winner's config, unless it does not beat the start point by more than validation noise: then the
-    start point's (training/combine.py)."""
+    start point's (training/combine.py). Returns (config, why, the trial id whose config it is)."""
     from automl.training.combine import combine, start_reference, top_trials
 
     task, metric = prepared.task, prepared.metric
@@ -508,12 +508,12 @@ def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult,
     ref = start_reference(tuned, result.best_dir, metric) if task.task != "regression" else None
     top = top_trials(tuned, result.best_dir, metric, k=1)
     if ref is None or not top or top[0][0] == ref[0]:
-        return full_config(result.best_config), ""
+        return full_config(result.best_config), "", str(result.best_trial_id)
     va = inputs.scored("validation", val_rows)
     x_val = inputs.rows(va)
     c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val, reference=ref,
                 kinds=("single",))
-    return full_config(c.config), c.decision
+    return full_config(c.config), c.decision, c.trial_ids[0]
 
 
 def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str,
