@@ -1,6 +1,6 @@
 """Registrations made in the user's process (register_backbone, register_schedule, register_image_policy,
-register_text_policy, register_family) carried to Ray workers, which import automl afresh and would not know
-them. Functions defined in a script travel by value (cloudpickle); built-ins travel as references."""
+register_text_policy, register_family, modalities.register) carried to Ray workers, which import automl afresh
+and would not know them. Functions defined in a script travel by value (cloudpickle); built-ins travel as references."""
 from __future__ import annotations
 
 import warnings
@@ -15,11 +15,12 @@ def put(table: dict, name: str, value, what: str) -> None:
 
 
 def _registries() -> dict[str, dict]:
+    from automl.modalities import base as modalities
     from automl.models import registry
     from automl.training import augment, schedules
 
     return {"backbones": registry._ALIASES, "families": registry._FAMILIES, "schedules": schedules._SCHEDULES,
-            "image_policies": augment._IMAGE, "text_policies": augment._TEXT}
+            "image_policies": augment._IMAGE, "text_policies": augment._TEXT, "modalities": modalities._MODALITIES}
 
 
 def snapshot() -> dict[str, dict]:

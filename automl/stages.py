@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from automl import cluster, models
+from automl import cluster, modalities, models
 from automl.budget import Budget, Costs
 from automl.data.inputs import Inputs
 from automl.data.intake import TaskData, plain, prepare as read_task
@@ -120,10 +120,8 @@ def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None, gpu: b
     if "seed" not in space.parameters:
         space = space.with_overrides({"seed": opts.search.seed})
     if base is not None:
-        pins = {"backbone": f"automl:{base.path}"}
-        if task.modality == "image":
-            pins["image_size"] = base.manifest.preprocessing.size
-        space = space.with_overrides(pins)
+        space = space.with_overrides({"backbone": f"automl:{base.path}",
+                                      **modalities.get(task.modality).base_pins(base.manifest)})
     if opts.search.start_points:
         # Warm start: earlier winners first, then the space's own sensible default.
         space.start_points = [space.fit_point(p) for p in opts.search.start_points] + space.start_points
@@ -181,31 +179,21 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
 def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo):
     """The start point, its backbone, the data's statistics, the pinned input size or length and the start
     point's measured speed (raises ModelLoadError when the start backbone cannot load)."""
-    from automl.search.plan import DataStats, image_side, token_p95
+    from automl.search.plan import DataStats
 
     task, opts = prepared.task, prepared.options
     start = full_config(space.default_config())
     spec = models.resolve(start["backbone"])
     stats = DataStats(task.modality, *(len(task.splits[k]) for k in ("train", "validation")),
                       len(task.splits["train"]) + len(task.splits["validation"]), len(task.splits["test"]))
-    pinned_size = max_length = None
-    if task.modality == "image":
-        stats.image_side = image_side(task.images)
-        size = space.pinned("image_size")
-        pinned_size = size if isinstance(size, int) else None
-    else:
-        length = space.pinned("max_length")
+
+    def tokenizer_of():
         arch = models.family(spec).underlying(spec)
-        tokenizer = models.family(arch).encoder(None, arch, {"max_length": 8}).tokenizer
-        stats.token_p95 = token_p95(tokenizer, [task.texts[i] for i in task.splits["train"]], seed=opts.search.seed)
-        # Cut at the 95th percentile of the data's own lengths (in steps of 8; at most 256 on a CPU).
-        max_length = length if isinstance(length, int) else min(512 if res.get("gpu") else 256,
-                                                                max(16, -(-stats.token_p95 // 8) * 8))
-        # Never past the model's positions (tokenizers without a limit report a huge sentinel).
-        limit = getattr(tokenizer, "model_max_length", None)
-        if isinstance(limit, int) and 0 < limit < 100_000 and max_length > limit:
-            max_length = limit
-    speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus))
+        return models.family(arch).encoder(None, arch, {"max_length": 8}).tokenizer
+
+    pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
+                                                                     bool(res.get("gpu")), opts.search.seed)
+    speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus), stats.image_side)
     return start, spec, stats, pinned_size, max_length, speed_at
 
 
@@ -231,9 +219,8 @@ def _rung0_backbones(prepared: Prepared, space: SearchSpace) -> int:
 
 def _prerank(prepared: Prepared, space: SearchSpace) -> tuple[SearchSpace, dict | None]:
     """LogME pre-ranking of the space's backbones on a sample of training rows (search/prerank.py)."""
-    from automl.data.images import stack_resized
     from automl.data.trial_data import TrialData
-    from automl.search.prerank import PRERANK_IMAGE, PRERANK_ROWS, prerank_space
+    from automl.search.prerank import PRERANK_ROWS, prerank_space
 
     opts, task = prepared.options, prepared.task
     if not opts.search.prerank or prepared.base is not None or (opts.search.prerank == "auto"
@@ -241,14 +228,7 @@ def _prerank(prepared: Prepared, space: SearchSpace) -> tuple[SearchSpace, dict 
         return space, None  # rung 0 scores the backbones on validation itself (stages.probe)
     tr = np.sort(np.random.default_rng(opts.search.seed).permutation(task.splits["train"])[:PRERANK_ROWS])
     config = full_config(space.default_config())
-    if task.modality == "image":
-        # At the pinned size, else at a size every backbone sees enough of (the plan picks the real one later).
-        size = config["image_size"] if isinstance(config.get("image_size"), int) else PRERANK_IMAGE
-        config["image_size"] = size
-        x = stack_resized([task.images[i] for i in tr], size)
-    else:
-        x = [task.texts[i] for i in tr]
-        config["max_length"] = config["max_length"] if isinstance(config.get("max_length"), int) else 64
+    x = modalities.get(task.modality).prerank_input(task, tr, config)
     data = TrialData(task.modality, task.num_classes, x, task.y[tr],
                      task="regression" if task.task == "regression" else "classification")
     return prerank_space(space, data, opts.search.prerank, opts.search.seed, config)
@@ -266,31 +246,29 @@ def _retrain_choice(opts: FinetuneOptions):
     return opts.search.retrain
 
 
-def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int):
-    """speed_at(size): the start point's measured speed on a sample of real rows (images: at two sizes, scaled
-    with the pixel count in between)."""
-    from automl.data.images import stack_resized
+def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int,
+                 side: int | None = None):
+    """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
+    chooses, images: at two sizes, scaled with the pixel count in between). side: the inputs' median size."""
     from automl.data.trial_data import TrialData
-    from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, image_side, min_image
+    from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
 
     task = prepared.task
+    adapter = modalities.get(task.modality)
     rng = np.random.default_rng(0)
     tr = rng.permutation(task.splits["train"])[:64]
     va = rng.permutation(task.splits["validation"])[:64]
     memo: dict = {}
-    if task.modality == "image":
+    probe_hi = None
+    if adapter.sized:
         smallest = min_image(models.resolve(start["backbone"]).pretrained)
         # Timed at the largest size the plan may choose (interpolating by pixel count from 96 px under-estimated
         # EfficientNet-Lite0 at 128 px by 30%, and the start point was cut by the budget mid-schedule).
-        probe_hi = min(MAX_IMAGE if res.get("gpu") else MAX_IMAGE_CPU,
-                       max(smallest, -(-image_side(task.images) // 8) * 8))
+        probe_hi = min(MAX_IMAGE if res.get("gpu") else MAX_IMAGE_CPU, max(smallest, -(-(side or smallest) // 8) * 8))
 
     def measure(size):
         if size not in memo:
-            if task.modality == "image":
-                pick = lambda idx: stack_resized([task.images[i] for i in idx], size)  # noqa: E731
-            else:
-                pick = lambda idx: [task.texts[i] for i in idx]  # noqa: E731
+            pick = lambda idx: adapter.rows(task, idx, size)  # noqa: E731
             data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
                              task="regression" if task.task == "regression" else "classification")
             cfg = {**start, "image_size": size or start.get("image_size"), "max_length": max_length or 64}
@@ -302,8 +280,8 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
         return memo[size]
 
     def speed_at(size):
-        if task.modality != "image" or size is None or size <= MIN_IMAGE:
-            return measure(MIN_IMAGE if task.modality == "image" else None)
+        if not adapter.sized or size is None or size <= MIN_IMAGE:
+            return measure(MIN_IMAGE if adapter.sized else None)
         # Two probes (32 px and the largest size) and the cost in between grows with the pixel count.
         lo, hi = measure(MIN_IMAGE), measure(probe_hi)
         if hi.size == lo.size:
@@ -317,7 +295,7 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
 
     # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
     # size the search for seconds the probes then spend.
-    speed_at(probe_hi if task.modality == "image" else None)
+    speed_at(probe_hi)
     return speed_at
 
 
@@ -633,7 +611,7 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         labels = [float(v) for v in task.y[te]] if regression else [prepared.classes[i] for i in task.y[te]]
         out.update = compare_with_base(prepared.base.path, final.model, final.encoder, prepared.classes,
                                        inputs.pick(te), labels, prepared.metric, opts.update.promote_tolerance,
-                                       task.modality == "image", target_scale=inputs.target_scale)
+                                       task.modality, target_scale=inputs.target_scale)
     return out
 
 

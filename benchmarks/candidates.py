@@ -10,6 +10,8 @@
   ensemble, chosen on validation) against the best single trial's own weights.
 - labels: 5% of training labels flipped to another class; a 2-fold cross-fit of the start point and confident
   learning; precision and recall of the flagged rows, and how many rows are flagged when nothing was flipped.
+- labels_rung0: the same flips, flagged as the product does now: rung 0 (search/ladder.py) probes every pretrained
+  backbone of the space, and the best probe's head is refitted on 5 folds of its frozen features.
 Writes the "candidates" section of benchmarks/RESULTS.md.
 """
 from __future__ import annotations
@@ -162,6 +164,62 @@ def labels(seed: int) -> list[str]:
     return out
 
 
+def labels_rung0(seed: int) -> list[str]:
+    """Planted flips found from 5-fold out-of-fold heads on rung 0's best backbone, as stages.probe does."""
+    import torch
+
+    from automl import models
+    from automl.data.inputs import Inputs
+    from automl.data.intake import prepare
+    from automl.diagnostics.labelnoise import suspects
+    from automl.search import ladder
+    from automl.search.plan import MIN_IMAGE_PRETRAINED, image_side
+    from automl.search.space import load_space
+    from automl.training.loop import full_config
+
+    torch.set_num_threads(2)
+    out = []
+    for name in ("stamps", "fortunes"):
+        clean = getattr(realsets, name)()
+        rng = np.random.default_rng(seed)
+        flipped = rng.choice(len(clean), int(0.05 * len(clean)), replace=False)
+        classes = sorted(clean["label"].unique(), key=str)
+        row = []
+        for which in ("flipped", "clean"):
+            df = clean.copy()
+            if which == "flipped":
+                df.loc[flipped, "label"] = [rng.choice([c for c in classes if c != v]) for v in df.loc[flipped, "label"]]
+            task = prepare(df, "label", seed=seed, drop_rare_classes=True)
+            size = min(96, max(MIN_IMAGE_PRETRAINED, image_side(task.images))) if task.modality == "image" else None
+            inputs = Inputs.materialise(task, size, Path(tempfile.mkdtemp()))
+            space = load_space("cpu_small", task.modality)
+            start = full_config({**space.default_config(), "image_size": size, "max_length": 96, "seed": seed})
+            values = space.parameters["backbone"]["values"]
+            candidates = [start["backbone"]] + [v for v in values if v != start["backbone"]
+                                                and models.resolve(v).pretrained]
+            tr, va, full = inputs.split("train"), inputs.split("validation"), inputs.split("full")
+            t0 = time.monotonic()
+            r0 = ladder.probe(candidates, start, inputs.rows(tr), task.y[tr], inputs.rows(va), task.y[va],
+                              num_classes=task.num_classes, metric="f1_macro", allowance_s=None,
+                              out_dir=tempfile.mkdtemp(), seed=seed)
+            found = ladder.out_of_fold(r0.best, task.y[full], task.num_classes, seed=seed)
+            if found is None:
+                raise RuntimeError(f"{name}: rung 0 did not see every row; no out-of-fold probabilities")
+            proba, _ = found
+            found = suspects(proba, task.y[full], task.classes, task.row_index[full])
+            took = time.monotonic() - t0
+            if which == "flipped":
+                planted = set(flipped) & set(task.row_index[full])
+                hits = len(set(found["row"]) & planted)
+                row += [r0.best.backbone, f"{hits / max(1, len(found)):.2f}", f"{hits / max(1, len(planted)):.2f}",
+                        f"{len(found)} of {len(full)} ({len(planted)} planted)"]
+            else:
+                row += [f"{len(found)} ({len(found) / len(full):.1%})", f"{took:.0f}"]
+        out.append(f"| {name} | " + " | ".join(row) + " |")
+        print(out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=300)
@@ -190,6 +248,12 @@ def main() -> None:
                   "| set | precision | expected precision (card) | recall | flagged | flagged on clean data | s |",
                   "|---|---|---|---|---|---|---|",
                   *labels(args.seed), ""]
+    if "labels_rung0" in parts:
+        lines += ["### Suspected label errors from rung 0 (5-fold heads on the best probe's frozen features): 5% of "
+                  "labels flipped", "",
+                  "| set | backbone | precision | recall | flagged | flagged on clean data | s (probes + folds) |",
+                  "|---|---|---|---|---|---|---|",
+                  *labels_rung0(args.seed), ""]
     print("\n".join(lines))
     if not args.no_write:
         write_section("candidates", "Better candidates", lines)

@@ -125,9 +125,9 @@ def test_update_scores_count_labels_the_model_does_not_know_as_misses():
     x = np.zeros((4, 3, 8, 8), dtype=np.uint8)
     enc = ImageEncoder(8, [0.5] * 3, [0.5] * 3)
     labels = ["a", "a", "z", "z"]  # "z" is a class this model was never trained on
-    assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "accuracy", True) == pytest.approx(0.5)
+    assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "accuracy", "image") == pytest.approx(0.5)
     # macro-F1 over a, b and the unknown class: a = 2/3, b = 0, unknown = 0 (never predicted)
-    assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "f1_macro", True) == pytest.approx(2 / 9)
+    assert score(AlwaysFirst(), enc, ["a", "b"], x, labels, "f1_macro", "image") == pytest.approx(2 / 9)
 
 
 def test_schema_1_exports_still_load_and_predict_as_they_did(tmp_path):

@@ -243,7 +243,7 @@ def test_a_regression_update_is_compared_with_its_base_with_r2(tmp_path):
     new = load(_regression_export(tmp_path / "new", 1, x, y_old, scale=(10.0, 3.0)))
     p = new.predict(list(hwc))
     y_new = (p + 0.05 * p.std() * np.linspace(-1, 1, len(x))).astype(np.float32)
-    out = compare_with_base(base_dir, new.model, new.encoder, [], x, [float(v) for v in y_new], "r2", 0.05, True,
+    out = compare_with_base(base_dir, new.model, new.encoder, [], x, [float(v) for v in y_new], "r2", 0.05, "image",
                             target_scale=[10.0, 3.0])
     assert out["old_test"]["old"] == pytest.approx(1.0, abs=1e-5)  # the base on its own stored test split
     assert out["new_test"]["new"] > 0.99 > out["new_test"]["old"]

@@ -184,16 +184,9 @@ class Inputs:
 
     @classmethod
     def materialise(cls, task: TaskData, storage_size: int | None, directory: str | Path) -> "Inputs":
-        directory = Path(directory)
-        failures: list = []
-        if task.modality == "image":
-            store, failures = ImageStore.build(task, int(storage_size), directory)
-            for row, reason in failures:
-                task.report.notes.append(f"image at row {task.row_index[row] if task.row_index is not None else row}"
-                                         f" did not decode ({reason}); trained on as a blank image")
-        else:
-            key = hashlib.sha1("\x1e".join("\x1f".join(t) for t in task.texts).encode("utf-8", "replace")).hexdigest()
-            store = TextStore(task.texts, str(directory), key)
+        from automl import modalities
+
+        store, failures = modalities.get(task.modality).store(task, storage_size, Path(directory))
         scale = None
         if task.task == "regression":
             # Standardised with train+validation statistics, fixed for search and retrain alike.

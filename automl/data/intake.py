@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from automl import modalities
 from automl.errors import DataError
-from automl.data.images import (IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, decode_image, inspect_image,
+from automl.data.images import (IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, inspect_image,
                                 looks_like_image_path)
 
 LABEL_NAMES = ("label", "labels", "target", "class", "y", "category", "sentiment", "intent", "topic", "emotion")
@@ -75,9 +76,13 @@ class TaskData:
         """Model outputs: one per class, or 1 for regression."""
         return len(self.classes) if self.task != "regression" else 1
 
+    @property
+    def rows(self):
+        """Every row's input as the modality keeps it (an image collection, or a list of text tuples)."""
+        return self.images if self.images is not None else self.texts
+
     def inputs(self, idx: np.ndarray) -> list:
-        source = self.images if self.modality == "image" else self.texts
-        return [source[i] for i in idx]
+        return [self.rows[i] for i in idx]
 
     def fingerprint(self) -> str:
         """Content hash of inputs+labels+splits: pins the test split across runs."""
@@ -431,36 +436,16 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     report.ignored_columns = ignored
     df = _clean_labels(df, label_col, report)
 
-    # missing / empty inputs
-    if modality == "text":
-        filled = df[in_cols].apply(lambda col: col.map(lambda v: isinstance(v, str) and bool(v.strip())))
-        ok = filled.any(axis=1)
-        if not ok.any():
-            raise DataError(f"Text column(s) {in_cols} are empty in every labelled row; expected text. "
-                            "Fix: check the column holds the text you want to classify.")
-    else:
-        ok = df[in_cols[0]].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))
+    adapter = modalities.get(modality)
+    ok = adapter.present(df, in_cols)  # missing / empty inputs
     report.dropped_missing_input = int((~ok).sum())
     df = df[ok.to_numpy()]
-
-    images = texts = image_keys = None
-    if modality == "image":
-        images, keys, keep = _inspect_images(df, in_cols[0], base_dir, report, strict=not drop_bad_images)
-        df = df.iloc[keep]
-        if not len(images):
-            raise DataError(f"None of the images in column {in_cols[0]!r} could be read "
-                            f"(e.g. {report.dropped_unreadable_images[0]}). Fix: check the paths/files.")
-    else:
-        texts = [[("" if not isinstance(v, str) else v.strip()) for v in row] for row in df[in_cols].itertuples(index=False)]
-        keys = ["\x1f".join(t) for t in texts]
+    rows, keys, keep = adapter.read_rows(df, in_cols, base_dir, report, strict=not drop_bad_images)
+    df = df.iloc[keep]
 
     keep_mask = _dedupe(keys, df[label_col], report)
     df = df[keep_mask]
-    if images is not None:
-        images = images.subset(keep_mask)
-        image_keys = [k for k, m in zip(keys, keep_mask) if m]
-    else:
-        texts = [t for t, k in zip(texts, keep_mask) if k]
+    rows, keys = _subset(rows, keep_mask), [k for k, m in zip(keys, keep_mask) if m]
 
     labels = df[label_col]
     task = infer_task(labels, task, label_col)
@@ -477,11 +462,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         report.dropped_rare_classes = {str(k): int(v) for k, v in rare.items()}
         keep = ~labels.isin(rare.index).to_numpy()
         df, labels = df[keep], labels[keep]
-        if images is not None:
-            images = images.subset(keep)
-            image_keys = [k for k, m in zip(image_keys, keep) if m]
-        else:
-            texts = [t for t, k in zip(texts, keep) if k]
+        rows, keys = _subset(rows, keep), [k for k, m in zip(keys, keep) if m]
         counts = labels.value_counts()
     if len(counts) == 0:
         r = report
@@ -514,7 +495,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         y = labels.map(code).to_numpy(dtype=np.int64)
         strata = y
 
-    u = row_positions(image_keys if images is not None else ["\x1f".join(t) for t in texts], seed)
+    u = row_positions(keys, seed)
     if has_split_col:
         split_col = next(c for c in df.columns if str(c).lower() == "split")
         names = df[split_col].astype(str).str.lower().map(SPLIT_NAMES)
@@ -559,9 +540,14 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     return TaskData(
         modality=modality, task=task, classes=classes, y=y,
         input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
-        images=images, image_keys=image_keys, texts=texts, base_dir=base_dir, row_index=df.index.to_numpy(),
+        **adapter.task_fields(rows, keys), base_dir=base_dir, row_index=df.index.to_numpy(),
         groups=df[groups_col].astype(str).to_numpy() if groups_col else None, groups_column=groups_col,
     )
+
+
+def _subset(rows, mask) -> Any:
+    """The rows where `mask` holds (an image collection subsets itself; a list is filtered)."""
+    return rows.subset(mask) if hasattr(rows, "subset") else [r for r, m in zip(rows, mask) if m]
 
 
 def infer_task(labels: pd.Series, task: str | None, label_col: str) -> str:
@@ -591,30 +577,14 @@ def infer_task(labels: pd.Series, task: str | None, label_col: str) -> str:
 def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: str | None = None) -> list:
     """Inputs for prediction (no labels needed), with a clear error for the wrong kind of data."""
     df, file_dir = to_dataframe(data)
-    base_dir = file_dir or base_dir
+    return modalities.get(modality).read_for_prediction(df, input_columns, file_dir or base_dir)
+
+
+def require_columns(df: pd.DataFrame, input_columns: list[str]) -> None:
     missing = [c for c in input_columns if c not in df.columns]
     if missing:
-        if modality == "image" and len(missing) == 1 and "image" in df.columns:
-            df = df.rename(columns={"image": missing[0]})
-        else:
-            raise DataError(f"Input column(s) {missing} that the model was trained on are missing; the columns are "
-                            f"{list(map(str, df.columns))}. Fix: rename your columns to {input_columns}.")
-    if modality == "image":
-        out = []
-        for i, v in enumerate(df[input_columns[0]].tolist()):
-            try:
-                out.append(decode_image(v, base_dir))
-            except ImageDecodeError as exc:
-                raise DataError(f"Row {i} of column {input_columns[0]!r}: {exc}. This model expects images. "
-                                "Fix: pass readable images (paths, bytes, PIL images or arrays).") from exc
-        return out
-    kind = _column_kind(df[input_columns[0]])
-    if kind == "image":
-        raise DataError(f"Column {input_columns[0]!r} holds images but this model classifies text. "
-                        "Fix: pass the text column the model was trained on.")
-    # Stripped as in training (prepare): tokenizers that keep spaces as tokens would otherwise see other inputs.
-    return [[("" if not isinstance(v, str) else v.strip()) for v in row]
-            for row in df[input_columns].itertuples(index=False)]
+        raise DataError(f"Input column(s) {missing} that the model was trained on are missing; the columns are "
+                        f"{list(map(str, df.columns))}. Fix: rename your columns to {input_columns}.")
 
 
 def plain(v):

@@ -6,7 +6,6 @@ on the old test split.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,41 +13,33 @@ import torch
 
 from automl.runtime import device
 
-TEST_IMAGES = "test_split.npz"
-TEST_TEXTS = "test_split.jsonl"
 MAX_STORED = 5000  # rows of the test split kept in an export for later forgetting checks
 
 
 def save_test_split(out: Path, modality: str, x, y: np.ndarray, classes: list) -> str:
-    """Write (a capped sample of) the test split into an export being written."""
+    """Write (a capped sample of) the test split into an export being written, as the modality stores it."""
+    from automl import modalities
+
     n = len(y)
     keep = np.arange(n) if n <= MAX_STORED else np.random.default_rng(0).choice(n, MAX_STORED, replace=False)
     labels = [classes[i] for i in y[keep]] if classes else [float(v) for v in y[keep]]
-    if modality == "image":
-        # Labels as JSON strings inside the npz: no object arrays, so no pickle on load.
-        np.savez_compressed(out / TEST_IMAGES, x=np.asarray(x)[keep], labels=np.asarray([json.dumps(v) for v in labels]))
-        return TEST_IMAGES
-    with open(out / TEST_TEXTS, "w") as f:
-        for i, lab in zip(keep, labels):
-            f.write(json.dumps({"inputs": list(x[i]), "label": lab}) + "\n")
-    return TEST_TEXTS
+    return modalities.get(modality).save_test_split(Path(out), x, keep, labels)
 
 
 def load_test_split(export_dir: str | Path):
     """(inputs, label values) of an export's stored test split, or None."""
-    export_dir = Path(export_dir)
-    if (export_dir / TEST_IMAGES).exists():
-        with np.load(export_dir / TEST_IMAGES, allow_pickle=False) as z:
-            return z["x"], [json.loads(v) for v in z["labels"]]
-    if (export_dir / TEST_TEXTS).exists():
-        rows = [json.loads(line) for line in (export_dir / TEST_TEXTS).read_text().splitlines() if line]
-        return [r["inputs"] for r in rows], [r["label"] for r in rows]
+    from automl import modalities
+
+    for name in modalities.names():
+        found = modalities.get(name).load_test_split(Path(export_dir))
+        if found is not None:
+            return found
     return None
 
 
-def score(model, encoder, classes: list, x, labels: list, metric: str, is_image: bool,
+def score(model, encoder, classes: list, x, labels: list, metric: str, modality: str,
           target_scale: list | tuple | None = None) -> float:
-    """`metric` of a model on stored inputs (already decoded/resized images, or raw text tuples).
+    """`metric` of a model on stored inputs (as the modality stores them: decoded images, raw text tuples).
 
     Regression (classes == []): the model's output is a standardised target, turned back into numbers with
     `target_scale` (mean, std; the export's manifest.target_scale) and scored with R² ("r2"), or "neg_rmse" /
@@ -56,7 +47,9 @@ def score(model, encoder, classes: list, x, labels: list, metric: str, is_image:
     from automl.metrics import classification_metrics, regression_metrics
     from automl.data.encoders import predict_logits
 
-    inputs = x if is_image else encoder.encode(x)
+    from automl import modalities
+
+    inputs = modalities.get(modality).stored_inputs(x, encoder)
     out = predict_logits(model, encoder, inputs, device())
     if not classes:
         if target_scale is None:
@@ -107,7 +100,7 @@ def decide(new: float, current: float, *, forgetting: float | None = None, toler
 
 
 def compare_with_base(base_dir: Path, model, encoder, classes: list, test_x, test_labels: list, metric: str,
-                      tolerance: float, is_image: bool, target_scale: list | tuple | None = None) -> dict:
+                      tolerance: float, modality: str, target_scale: list | tuple | None = None) -> dict:
     """Score an update and its base on the new test split and on the base's own stored test split.
 
     Regression: classes == [], labels are numbers, and target_scale is the update's (mean, std) of the target
@@ -116,14 +109,14 @@ def compare_with_base(base_dir: Path, model, encoder, classes: list, test_x, tes
 
     base, base_encoder, base_manifest = load_model(base_dir)
     base_scale = base_manifest.target_scale
-    new_on_new = score(model, encoder, classes, test_x, test_labels, metric, is_image, target_scale)
-    base_on_new = score(base, base_encoder, base_manifest.classes, test_x, test_labels, metric, is_image, base_scale)
+    new_on_new = score(model, encoder, classes, test_x, test_labels, metric, modality, target_scale)
+    base_on_new = score(base, base_encoder, base_manifest.classes, test_x, test_labels, metric, modality, base_scale)
     old = load_test_split(base_dir)
     new_on_old = base_on_old = forgetting = None
     if old is not None:
         old_x, old_labels = old
-        new_on_old = score(model, encoder, classes, old_x, old_labels, metric, is_image, target_scale)
-        base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, is_image,
+        new_on_old = score(model, encoder, classes, old_x, old_labels, metric, modality, target_scale)
+        base_on_old = score(base, base_encoder, base_manifest.classes, old_x, old_labels, metric, modality,
                             base_scale)
         forgetting = base_on_old - new_on_old
     decision, reason = decide(new_on_new, base_on_new, forgetting=forgetting, tolerance=tolerance, metric=metric)

@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from automl import modalities
 from automl.data.intake import read_inputs
 from automl.export.manifest import ExportManifest
 from automl.errors import DataError
-from automl.data.images import stack_resized
 from automl.metrics import classification_metrics
 from automl.data.encoders import predict_logits
 
@@ -51,16 +51,11 @@ class FinetunedModel:
     # ------------------------------------------------------------------ inputs
     def _inputs(self, data: Any, base_dir: str | None = None):
         m = self.manifest
+        adapter = modalities.get(m.modality)
         if isinstance(data, (list, np.ndarray)) and not isinstance(data, tuple):
-            col = m.input_columns[0]
-            if m.modality == "text":
-                data = pd.DataFrame({col: list(data)})
-            else:
-                data = pd.DataFrame({col: list(data) if not isinstance(data, np.ndarray) or data.ndim > 2 else [data]})
-        raw = read_inputs(data, m.modality, m.input_columns, base_dir)
-        if m.modality == "image":
-            return stack_resized(raw, m.preprocessing.storage_size)
-        return self.encoder.encode(raw)
+            data = adapter.frame(data, m.input_columns[0])
+        return adapter.model_inputs(read_inputs(data, m.modality, m.input_columns, base_dir), m.preprocessing,
+                                    self.encoder)
 
     @property
     def is_regression(self) -> bool:

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from automl.data.encoders import ImageEncoder, TextEncoder
+from automl import modalities
 from automl.errors import ModelLoadError
 from automl.export.manifest import SCHEMA_VERSION, ExportManifest
 from automl.models.registry import family
@@ -140,8 +140,6 @@ def load_model(path: str | Path):
     """Rebuild (model, encoder, manifest) from the files alone: no pickle."""
     from safetensors.torch import load_model as st_load
 
-    from automl.models.hf_family import load_tokenizer
-
     path = Path(path).resolve()
     manifest = ExportManifest.read(path)
     _check_architecture(manifest.backbone, path)
@@ -155,11 +153,7 @@ def load_model(path: str | Path):
                                                   manifest.hyperparameters)
     st_load(model, str(path / WEIGHTS))
     model.eval()
-    if pre.kind == "image":
-        encoder = ImageEncoder(pre.size, pre.mean, pre.std)
-    else:
-        encoder = TextEncoder(load_tokenizer(str(path / "hf")), pre.max_length)
-    return model, encoder, manifest
+    return model, modalities.get(manifest.modality).encoder(pre, path), manifest
 
 
 # What an export's config.json may name as its architecture. An export is rebuilt from its own files only: an

@@ -96,6 +96,12 @@ class Family:
     library = ""
     modality = ""          # "image" or "text": the inputs its models take
     input_names: tuple[str, ...] = ()
+    named = False          # backbone names '<library>/<rest>' resolve through parse()
+    offline_fix = "download the weights once and point at a local copy"   # what to do when a hub is unreachable
+
+    def parse(self, rest: str) -> BackboneSpec:
+        """The spec a backbone name '<library>/<rest>' stands for."""
+        return BackboneSpec(self.library, rest)
 
     def build(self, spec: BackboneSpec, num_classes: int, *, dropout: float = 0.0, drop_path: float = 0.0,
               pretrained: bool | None = None) -> nn.Module:

@@ -67,8 +67,9 @@ class EnsembleFamily(Family):
         family(first).save_extra(first, encoder, out_dir)
 
     def example_inputs(self, preprocessing: dict):
-        return family(BackboneSpec("hf" if preprocessing["kind"] == "text" else "timm", "")).example_inputs(
-            preprocessing)
+        from automl import modalities
+
+        return family(BackboneSpec(modalities.get(preprocessing["kind"]).library, "")).example_inputs(preprocessing)
 
 
 register_family(EnsembleFamily())

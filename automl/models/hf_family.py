@@ -227,6 +227,8 @@ def load_tokenizer(model_dir: str):
 
 class HFFamily(Family):
     library = "hf"
+    named = True
+    offline_fix = "download the model once and use 'hf/<local dir>'"
     modality = "text"
     input_names = ("input_ids", "attention_mask")
 

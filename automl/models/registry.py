@@ -67,7 +67,15 @@ def is_backbone_name(name) -> bool:
         return True
     text = str(name)
     lib, sep, rest = text.partition("/")
-    return (sep and lib in ("timm", "hf") and bool(rest)) or text.startswith("automl:") or os.path.isdir(text)
+    return bool(sep and rest and _named(lib)) or text.startswith("automl:") or os.path.isdir(text)
+
+
+def _named(lib: str):
+    """The family that resolves backbone names '<lib>/<rest>', or None."""
+    import automl.models  # noqa: F401  (registers the bundled families)
+
+    fam = _FAMILIES.get(lib)
+    return fam if fam is not None and fam.named else None
 
 
 def resolve(name: str | dict | BackboneSpec) -> BackboneSpec:
@@ -82,13 +90,8 @@ def resolve(name: str | dict | BackboneSpec) -> BackboneSpec:
     if text.startswith("automl:"):
         return BackboneSpec("automl", os.path.abspath(text[len("automl:"):]))
     lib, sep, rest = text.partition("/")
-    if sep and lib in ("timm", "hf") and rest:
-        if lib == "timm" and rest.endswith(":scratch"):
-            return BackboneSpec(lib, rest[: -len(":scratch")], pretrained=False)
-        if lib == "timm" and "@" in rest:  # timm/<model>@<local weights file>: YAML-friendly local weights
-            model, weights = rest.split("@", 1)
-            return BackboneSpec(lib, model, weights=weights)
-        return BackboneSpec(lib, rest)
+    if sep and rest and _named(lib):
+        return _named(lib).parse(rest)
     if os.path.isdir(text) and os.path.exists(os.path.join(text, "config.json")):
         if os.path.exists(os.path.join(text, "model.safetensors")) and os.path.exists(os.path.join(text, "trials.csv")):
             return BackboneSpec("automl", os.path.abspath(text))
@@ -114,8 +117,7 @@ def family(spec_or_model) -> "Family":
 
 
 def offline_hint(spec: BackboneSpec, exc: Exception) -> ModelLoadError:
-    where = ("pass weights='path/to/model.safetensors' (BackboneSpec) or 'timm/<model>@<file>'"
-             if spec.library == "timm" else "download the model once and use 'hf/<local dir>'")
+    where = family(spec).offline_fix
     return ModelLoadError(
         f"Could not load pretrained weights for {spec.library} backbone {spec.model!r}: "
         f"{type(exc).__name__}: {str(exc)[:300]}. The hub is unreachable or HF_HUB_OFFLINE=1 is set. "

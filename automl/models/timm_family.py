@@ -95,6 +95,16 @@ def _chain(body: nn.Module, probe: torch.Tensor) -> list[nn.Module] | None:
 
 class TimmFamily(Family):
     library = "timm"
+    named = True
+    offline_fix = "pass weights='path/to/model.safetensors' (BackboneSpec) or 'timm/<model>@<file>'"
+
+    def parse(self, rest):
+        if rest.endswith(":scratch"):
+            return BackboneSpec(self.library, rest[: -len(":scratch")], pretrained=False)
+        if "@" in rest:  # timm/<model>@<local weights file>: YAML-friendly local weights
+            model, weights = rest.split("@", 1)
+            return BackboneSpec(self.library, model, weights=weights)
+        return BackboneSpec(self.library, rest)
     modality = "image"
     input_names = ("pixel_values",)
 

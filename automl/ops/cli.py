@@ -30,6 +30,7 @@ def _finetune(args) -> int:
 def _predict(args) -> int:
     import pandas as pd
 
+    from automl import modalities
     from automl.data.intake import to_dataframe
     from automl.export.predictor import load
 
@@ -47,11 +48,8 @@ def _predict(args) -> int:
     n = 0
     for chunk in chunks:
         n += len(chunk)
-        if base and model.manifest.modality == "image":
-            col = model.manifest.input_columns[0]
-            if col in chunk:
-                chunk = chunk.assign(**{col: [str(Path(base) / p) if isinstance(p, str) and not Path(p).is_absolute()
-                                              else p for p in chunk[col]]})
+        if base:
+            chunk = modalities.get(model.manifest.modality).resolve_paths(chunk, model.manifest.input_columns[0], base)
         if model.is_regression:
             res = pd.DataFrame({"prediction": model.predict(chunk)}, index=chunk.index)
         else:

@@ -64,7 +64,7 @@ def _rescore_champion(champion: dict, export_dir: Path) -> float | None:
         return None
     model, encoder, manifest = load_model(champion["export_path"])
     x, labels = split
-    return score(model, encoder, manifest.classes, x, labels, champion["metric"], manifest.modality == "image",
+    return score(model, encoder, manifest.classes, x, labels, champion["metric"], manifest.modality,
                  manifest.target_scale)
 
 

@@ -41,8 +41,9 @@ class RequestError(ValueError):
 
 
 def parse_inputs(body: object, modality: str, n_columns: int, max_inputs: int) -> list:
-    """The inputs of a request body, checked: texts (or pairs), or image bytes decoded from base64 / data URLs."""
-    from automl.data.images import ImageDecodeError, inspect_image
+    """The inputs of a request body, each checked by its modality (modalities/: texts or pairs; image bytes
+    decoded from base64 / data URLs)."""
+    from automl import modalities
 
     if not isinstance(body, dict) or "inputs" not in body:
         raise RequestError(400, f"expected a JSON object {{\"inputs\": [...]}}; got {type(body).__name__} "
@@ -53,41 +54,24 @@ def parse_inputs(body: object, modality: str, n_columns: int, max_inputs: int) -
                                 f"{'an empty list' if inputs == [] else type(inputs).__name__}")
     if len(inputs) > max_inputs:
         raise RequestError(413, f"{len(inputs)} inputs in one request; at most {max_inputs}. Fix: send smaller batches")
-    out, pixels = [], 0
+    adapter, out, pixels = modalities.get(modality), [], 0
     for i, item in enumerate(inputs):
-        if modality == "text":
-            want = "a list of [text, text] pairs" if n_columns > 1 else "a list of strings"
-            ok = (isinstance(item, str) if n_columns == 1 else
-                  isinstance(item, list) and len(item) == n_columns and all(isinstance(s, str) for s in item))
-            if not ok or (isinstance(item, str) and item.startswith("data:image/")):
-                raise RequestError(422, f"input {i} is {_kind(item)}; this text model expects {want}")
-            out.append(item if n_columns > 1 else [item])
-        else:
-            if not isinstance(item, str):
-                raise RequestError(422, f"input {i} is {_kind(item)}; this image model expects images as base64 "
-                                        "strings or data URLs (data:image/png;base64,...)")
-            raw = _b64(item, i)
-            try:
-                _, h, w = inspect_image(raw)
-            except ImageDecodeError as exc:
-                raise RequestError(422, f"input {i} is not a readable image ({exc}); expected PNG/JPEG/... "
-                                        "bytes, base64-encoded") from None
-            pixels += h * w
-            if pixels > MAX_REQUEST_PIXELS:
-                raise RequestError(413, f"the first {i + 1} images of this request decode to {pixels:,} pixels; at "
-                                        f"most {MAX_REQUEST_PIXELS:,} a request. Fix: send smaller images (the model "
-                                        "sees them at a few hundred pixels a side) or fewer a request")
-            out.append(raw)
+        out.append(adapter.parse_request(item, i, n_columns))
+        pixels += adapter.request_pixels(out[-1])
+        if pixels > MAX_REQUEST_PIXELS:
+            raise RequestError(413, f"the first {i + 1} inputs of this request decode to {pixels:,} pixels; at "
+                                    f"most {MAX_REQUEST_PIXELS:,} a request. Fix: send smaller images (the model "
+                                    "sees them at a few hundred pixels a side) or fewer a request")
     return out
 
 
-def _kind(item) -> str:
+def kind_of(item) -> str:
     if isinstance(item, str):
         return "an image (data URL)" if item.startswith("data:image/") else f"a string {item[:30]!r}"
     return f"a {type(item).__name__}"
 
 
-def _b64(text: str, i: int) -> bytes:
+def b64(text: str, i: int) -> bytes:
     m = re.match(r"^data:[\w/+.-]+;base64,(.*)$", text, re.S)
     try:
         return base64.b64decode(m.group(1) if m else text, validate=True)
@@ -98,12 +82,10 @@ def _b64(text: str, i: int) -> bytes:
 
 def answer(model, inputs: list) -> list[dict]:
     """One result per input, as load(dir).predict / predict_proba give them (JSON-ready)."""
-    import pandas as pd
+    from automl import modalities
 
     m = model.manifest
-    col = m.input_columns
-    df = pd.DataFrame({col[0]: inputs} if m.modality == "image" else
-                      {c: [row[j] for row in inputs] for j, c in enumerate(col)})
+    df = modalities.get(m.modality).request_frame(inputs, m.input_columns)
     if model.is_regression:
         return [{"prediction": float(v)} for v in model.predict(df)]
     proba = model.predict_proba(df)

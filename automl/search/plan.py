@@ -78,6 +78,13 @@ class DataStats:
     image_side: int | None = None     # median of the images' longer side
     token_p95: int | None = None      # 95th percentile of token counts (start point's tokenizer)
 
+    @property
+    def sized(self) -> bool:
+        """The plan chooses the inputs' size (images); else their length in tokens (modalities/)."""
+        from automl import modalities
+
+        return modalities.get(self.modality).sized
+
 
 @dataclass
 class Speed:
@@ -215,7 +222,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     backbones rung 0 fits heads on (search/ladder.py): its time is reserved first, and suspected label errors
     come from it instead of a cross-fit."""
     reasons: list[str] = []
-    bs = speed_at(pinned_size if stats.modality == "image" else None).batch_size
+    bs = speed_at(pinned_size if stats.sized else None).batch_size
     steps_per_pass = max(1, math.ceil(stats.n_train / bs))
     fixed_reports = space.max_epochs  # the user pinned the trial length in reports
     sensible = fixed_reports * steps_per_pass if fixed_reports else sensible_steps(pretrained, steps_per_pass)
@@ -364,9 +371,9 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     pins = {"max_epochs": reports, "grace_period": min(grace, reports), "reduction_factor": rf}
     if report_rows and "report_rows" not in space.parameters:
         pins["report_rows"] = report_rows
-    if stats.modality == "image" and choice.size and not pinned_size:
+    if stats.sized and choice.size and not pinned_size:
         pins["image_size"] = choice.size
-    if stats.modality == "text" and max_length:
+    if not stats.sized and max_length:
         pins["max_length"] = max_length
     planned = space.with_overrides(pins)
 
@@ -375,12 +382,12 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         f"a full-length trial: {reports} reports of {report_rows or 'one pass of'} {'rows' if report_rows else 'the data'}"
         f" = {choice.steps} steps of batch {bs} (~{epochs:.1f} epochs, ~{choice.trial_s:.0f} s at "
         f"{choice.step_s * 1000:.0f} ms/step, from the start point's measured speed"
-        + (f", {choice.size} px images" if stats.modality == "image" else "")
+        + (f", {choice.size} px images" if stats.sized else "")
         + (f", {max_length} tokens" if max_length else "") + ")",
         f"ASHA judges trials first after {pins['grace_period']} of {reports} reports (reduction factor {rf}); "
         "the start point runs first and is never stopped",
     ]
-    if stats.modality == "image" and stats.image_side:
+    if stats.sized and stats.image_side:
         reasons.append(f"images are {stats.image_side} px (median longer side); trained at {planned_size(planned)} px"
                        + (" (pinned)" if pinned_size else " (upscaled: a pretrained backbone sees too little below "
                           f"{MIN_IMAGE_PRETRAINED} px)" if pretrained and stats.image_side < MIN_IMAGE_PRETRAINED
@@ -410,10 +417,10 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                + (", or a smaller image_size" if pinned_size else ""))
         reasons.append(msg)
         warnings.warn(msg, stacklevel=2)
-    return Plan(planned, planned_size(planned) if stats.modality == "image" else None, resources, concurrency,
+    return Plan(planned, planned_size(planned) if stats.sized else None, resources, concurrency,
                 retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
-                val_rows, speed=asdict(speed_at(choice.size if stats.modality == "image" else None)),
+                val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
                 planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0,
                 rung0_s=rung0_s, stretch_rows=stretch_rows)
 
@@ -441,7 +448,7 @@ def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:
 
 def _candidate_sizes(stats: DataStats, pinned: int | None, gpu: bool = False,
                      smallest: int = MIN_IMAGE) -> list[int | None]:
-    if stats.modality != "image":
+    if not stats.sized:
         return [None]
     if pinned:
         return [pinned]

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl import models
+from automl import modalities, models
 from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
 from automl.data.trial_data import TrialData, subset
 from automl.metrics import classification_metrics
 from automl.runtime import amp_dtype, autocast
 from automl.runtime import device as default_device
-from automl.training import augment as aug
 from automl.training import featcache, schedules
 from automl.training.params import DEFAULTS
 
@@ -285,7 +284,8 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     if initial_state:
         model.load_state_dict(initial_state, strict=False)
     model.to(device)
-    if device.type == "cuda" and data.modality == "image":
+    adapter = modalities.get(data.modality)
+    if device.type == "cuda" and adapter.channels_last:
         model.to(memory_format=torch.channels_last)  # matches the batches (ImageEncoder.batch)
     encoder = build_encoder(config, model, spec)
     groups = models.family(model).layer_groups(model)
@@ -300,19 +300,8 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     scheduler = schedules.create(config["schedule"], optimizer, per_report * reports, float(config["warmup_frac"]),
                                  config)
     regression = data.task == "regression"
-    if data.modality == "image":
-        augment_fn = aug.image_transform(config["augment"], int(config["image_size"]))
-    else:
-        augment_fn = aug.text_transform(config["text_augment"], float(config["text_aug_rate"]),
-                                        getattr(encoder.tokenizer, "mask_token_id", None), encoder.tokenizer)
-    mixup = None
-    if data.modality == "image" and config["mix"] != "none" and not regression:
-        from timm.data import Mixup
-
-        alpha = float(config["mix_alpha"])
-        mixup = Mixup(mixup_alpha=alpha if config["mix"] == "mixup" else 0.0,
-                      cutmix_alpha=alpha if config["mix"] == "cutmix" else 0.0,
-                      label_smoothing=float(config["label_smoothing"]), num_classes=data.num_classes)
+    augment_fn = adapter.augment(config, encoder)
+    mixup = None if regression else adapter.mixup(config, data.num_classes)
     if regression:
         mean, std = data.target_scale or (0.0, 1.0)
         mse = nn.MSELoss()
