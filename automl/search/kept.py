@@ -20,6 +20,14 @@ from pathlib import Path
 SNAPSHOTS = 3   # reports kept per trial (AutoGluon MultiModal soups its top 3 checkpoints)
 
 
+def not_failed(trials):
+    """The trial table without trials that errored (a NaN loss after good early reports: their config, retrained,
+    would fail again), unless nothing else is left."""
+    if "status" in trials and (trials["status"] != "ERROR").any():
+        return trials[trials["status"] != "ERROR"]
+    return trials
+
+
 def read(directory: str, trial_id: str) -> dict | None:
     try:
         return json.loads((Path(directory) / f"{trial_id}.json").read_text())

@@ -60,6 +60,11 @@ class Probe:
     row_flops: float = 0.0            # FLOPs of one row's features: the price compared between backbones (a timing
                                       # of a few rows on a busy machine can be off by more than MAX_COST_RATIO)
 
+    @property
+    def trial_id(self) -> str:
+        """Its row's id in the trial table (its head is kept under that name)."""
+        return Path(self.head_file).name.split(".")[0] if self.head_file else ""
+
 
 @dataclass
 class Rung0:
@@ -75,7 +80,7 @@ class Rung0:
 
     def pool(self, y_val: np.ndarray) -> list[np.ndarray]:
         """Validation probabilities of every head fitted, if they were scored on `y_val`'s rows (else none)."""
-        if self.y_val is None or len(self.y_val) != len(y_val) or not np.array_equal(self.y_val, y_val):
+        if self.y_val is None or not np.array_equal(self.y_val, y_val):
             return []
         return [q for p in self.probes for q in p.head_probas]
 
@@ -353,7 +358,7 @@ def doubtful(rung0: Rung0 | None, start_val_score: float) -> dict[str, Probe]:
     test against `fixed`'s 0.66 and 0.62), while more rows tell the two apart."""
     if rung0 is None:
         return {}
-    return {Path(p.head_file).name.split(".")[0]: p for p in rung0.probes
+    return {p.trial_id: p for p in rung0.probes
             if p.head_file and p.cv_score is not None and p.cv_score < start_val_score}
 
 
@@ -400,12 +405,12 @@ def with_rung0(result, rung0: Rung0, metric: str, experiment_path: str):
 
     best_dir = result.best_dir if result is not None and result.best_dir else f"{experiment_path}/best"
     for p in rung0.probes:
-        tid = Path(p.head_file).name.split(".")[0]
+        tid = p.trial_id
         kept.keep(best_dir, tid, load_file(p.head_file), p.val_score, 0)
     rows = pd.DataFrame(rung0.rows).assign(node=node_id())  # the driver fitted the heads
     col = f"best_val_{metric}"
     if result is None:
-        best = rows[rows["trial_id"] == Path(rung0.best.head_file).name.split(".")[0]].iloc[0]
+        best = rows[rows["trial_id"] == rung0.best.trial_id].iloc[0]
         config = {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/") and not pd.isna(v)}
         result = SearchResult(trials=rows.iloc[0:0], best_config=config, best_epoch=0, best_score=float(best[col]),
                               metric=metric, experiment_path=experiment_path, history={},

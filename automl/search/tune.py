@@ -485,11 +485,7 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
             row["status"] = "COMPLETED"
         rows.append(row)
     trials = pd.DataFrame(rows)
-    ok = trials[trials[f"best_{val_metric}"].notna()] if len(trials) else trials
-    if len(ok) and (ok["status"] != "ERROR").any():
-        # A trial that errored (a NaN loss after good early reports) scored before it failed; its config, retrained,
-        # would fail again: it wins only when nothing else scored.
-        ok = ok[ok["status"] != "ERROR"]
+    ok = kept.not_failed(trials[trials[f"best_{val_metric}"].notna()]) if len(trials) else trials
     if not len(ok):
         errors = "; ".join(sorted(set(trials.get("error", pd.Series(dtype=str)).dropna().astype(str))))[:1000]
         raise NoTrialScored(f"No trial produced a validation score ({len(trials)} trials). Errors: {errors or 'none'}. "

@@ -73,10 +73,7 @@ def top_trials(trials, best_dir: str | None, metric: str, k: int = 5) -> list[tu
         return []
     col = f"best_val_{metric}"
     out = []
-    scored = trials.dropna(subset=[col])
-    if "status" in scored and (scored["status"] != "ERROR").any():
-        scored = scored[scored["status"] != "ERROR"]  # as search/tune.py ranks: a failed config does not win
-    for _, row in scored.iterrows():
+    for _, row in kept.not_failed(trials.dropna(subset=[col])).iterrows():
         tid = str(row["trial_id"])
         if kept.best_file(best_dir, tid):
             cfg = {c[len("config/"):]: v for c, v in row.items() if c.startswith("config/")
