@@ -150,7 +150,8 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     dropped = []
     while True:  # without pre-ranking (rung 0 runs), a start backbone that cannot load gives way to the next
         try:
-            start, spec, stats, pinned_size, max_length, speed_at = _start_and_speed(prepared, space, res, ray)
+            start, spec, stats, pinned_size, max_length, speed_at, others = _start_and_speed(
+                prepared, space, res, ray, budget_bound=budget.total_s is not None)
             break
         except ModelLoadError as exc:
             space = _without_backbone(space, full_config(space.default_config())["backbone"], exc)
@@ -163,7 +164,8 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                      export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
                      cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
                      node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
-                     regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space))
+                     regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space),
+                     others=others)
     planned.transferability = transfer
     planned.fingerprint, planned.budget_s = task.fingerprint(), budget.total_s
     planned.reasons += [f"dropped before the search: {d}" for d in dropped]
@@ -176,9 +178,11 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     return planned
 
 
-def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo):
-    """The start point, its backbone, the data's statistics, the pinned input size or length and the start
-    point's measured speed (raises ModelLoadError when the start backbone cannot load)."""
+def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo,
+                     budget_bound: bool = True):
+    """The start point, its backbone, the data's statistics, the pinned input size or length, the start point's
+    measured speed and the space's from-scratch backbones' (with a time budget: they price the plan) (raises
+    ModelLoadError when the start backbone cannot load)."""
     from automl.search.plan import DataStats
 
     task, opts = prepared.task, prepared.options
@@ -194,7 +198,9 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), opts.search.seed)
     speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus), stats.image_side)
-    return start, spec, stats, pinned_size, max_length, speed_at
+    others = _scratch_speeds(prepared, space, res, int(ray.node_cpus), pinned_size or speed_at.largest, max_length) \
+        if budget_bound else {}
+    return start, spec, stats, pinned_size, max_length, speed_at, others
 
 
 def _without_backbone(space: SearchSpace, name: str, exc: Exception) -> SearchSpace:
@@ -250,7 +256,6 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
                  side: int | None = None):
     """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
     chooses, images: at two sizes, scaled with the pixel count in between). side: the inputs' median size."""
-    from automl.data.trial_data import TrialData
     from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
 
     task = prepared.task
@@ -268,15 +273,7 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
 
     def measure(size):
         if size not in memo:
-            pick = lambda idx: adapter.rows(task, idx, size)  # noqa: E731
-            data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
-                             task="regression" if task.task == "regression" else "classification")
-            cfg = {**start, "image_size": size or start.get("image_size"), "max_length": max_length or 64}
-            # As a trial will run: with its own CPUs, and with a whole node's when it runs alone.
-            mine, alone = int(res.get("cpu", 1)), int(node_cpus)
-            m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
-            memo[size] = Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size,
-                               m.get(f"step_s_{alone}"))
+            memo[size] = _measured_speed(prepared, start, res, max_length, node_cpus, size, tr, va)
         return memo[size]
 
     def speed_at(size):
@@ -296,7 +293,52 @@ def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | N
     # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
     # size the search for seconds the probes then spend.
     speed_at(probe_hi)
+    speed_at.largest = probe_hi
     return speed_at
+
+
+def _measured_speed(prepared: Prepared, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
+                    size: int | None, tr: np.ndarray, va: np.ndarray):
+    """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own
+    CPUs, and with a whole node's when it runs alone."""
+    from automl.data.trial_data import TrialData
+    from automl.search.plan import Speed
+
+    task = prepared.task
+    adapter = modalities.get(task.modality)
+    pick = lambda idx: adapter.rows(task, idx, size)  # noqa: E731
+    data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
+                     task="regression" if task.task == "regression" else "classification")
+    cfg = {**cfg, "image_size": size or cfg.get("image_size"), "max_length": max_length or 64}
+    mine, alone = int(res.get("cpu", 1)), int(node_cpus)
+    m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
+    return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"))
+
+
+def _scratch_speeds(prepared: Prepared, space: SearchSpace, res: dict, node_cpus: int, size: int | None,
+                    max_length: int | None) -> dict:
+    """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
+    prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch."""
+    start = full_config(space.default_config())
+    spec = space.parameters.get("backbone", {})
+    values = list(spec.get("values") or []) if isinstance(spec, dict) else []
+    if not _pretrained(start["backbone"]):
+        return {}
+    task = prepared.task
+    rng = np.random.default_rng(1)
+    tr = rng.permutation(task.splits["train"])[:64]
+    va = rng.permutation(task.splits["validation"])[:64]
+    out = {}
+    for b in values:
+        if b == start["backbone"] or _pretrained(b):
+            continue
+        point = next((p for p in space.start_points if p.get("backbone") == b), {})
+        cfg = full_config(space.fit_point({**start, **point, "backbone": b}))
+        try:
+            out[b] = _measured_speed(prepared, cfg, res, max_length, node_cpus, size, tr, va)
+        except AutoMLError:
+            continue  # it cannot be built here: the search drops it when a trial tries (as before)
+    return out
 
 
 def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...]) -> dict:
@@ -414,7 +456,9 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0
                             concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
                             last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
                             plan_lines=plan.reasons, trial_s=plan.trial_s or None,
-                            init_heads=rung0.head_files() if rung0 else None, stretch_rows=plan.stretch_rows)
+                            init_heads=rung0.head_files() if rung0 else None, stretch_rows=plan.stretch_rows,
+                            kinds=plan.kinds, first_ends_s=None if plan.first_ends_at_s is None
+                            else max(5.0, plan.first_ends_at_s - now))
     except NoTrialScored:
         if not rung0 or not rung0.probes:
             raise

@@ -7,6 +7,8 @@ For each real set (benchmarks/realsets.py) and seed, the same train/validation/t
   ours    auto_finetune(df, time_budget_s=budget): plan, search, finalise, export (wall time measured)
   fixed   the space's start point trained once, in-process, for a sensible length at the images' native size
           (shrunk until one run fits the budget), on train; the final weights are tested
+  scratch (images) a hand-written from-scratch config: resnet10t at the images' own size (at least 32 px),
+          AdamW 3e-3, cosine, flip+crop, 15 epochs (fewer when they do not fit), like the one the icons were lost to
   random  the same plan, but random sampling and no early stopping; the best trial's weights are tested
   autogluon (fortunes only, when /work/ag-venv exists) AutoGluon MultiModal 1.6.3, same MiniLM, time_limit = budget
 Test macro-F1 and wall time go to benchmarks/RESULTS.md (section "quality").
@@ -79,7 +81,13 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
                                 if str(t) in (m.manifest.training.get("trials") or [])}}}
 
 
-def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False) -> dict:
+SCRATCH = {"backbone": "timm/resnet10t:scratch", "lr": 3e-3, "augment": "flip_crop", "batch_size": 32,
+           "weight_decay": 5e-2, "schedule": "cosine", "warmup_frac": 0.05, "label_smoothing": 0.1, "dropout": 0.1,
+           "unfreeze": "all", "layer_decay": 1.0, "init": "zero"}
+SCRATCH_EPOCHS = 15
+
+
+def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scratch: bool = False) -> dict:
     """The space's start point, trained once for a sensible length that fits the budget, 2 threads, no Ray.
     Images: at their native size, shrunk until the full sensible length fits; with native=True ("fixed_native")
     at their native size as the plan caps it on a CPU (128 px), as many steps as fit instead."""
@@ -98,12 +106,16 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False) -> d
     torch.set_num_threads(2)
     task = prepare(df, "label", seed=seed)
     space = load_space("cpu_small", task.modality)
-    cfg = full_config({**space.default_config(), "seed": seed})
+    cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed})
     spec = resolve(cfg["backbone"])
     n_train = len(task.splits["train"])
     steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))
     size = None
-    if task.modality == "image":
+    if scratch:
+        steps = SCRATCH_EPOCHS * -(-n_train // int(cfg["batch_size"]))
+        size = min(MAX_IMAGE_CPU, max(32, -(-image_side(task.images) // 8) * 8))
+        cfg["image_size"] = size
+    elif task.modality == "image":
         # The native size, but not below what the backbone needs (search/plan.py's rule: 48 px when pretrained).
         size = min(MAX_IMAGE_CPU if native else 224, max(min_image(spec.pretrained),
                                                          -(-image_side(task.images) // 8) * 8))
@@ -196,7 +208,7 @@ def autogluon(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict | N
     return {"f1": res["f1_macro"], "wall": time.monotonic() - t0}
 
 
-SETS = {"digits": realsets.digits, "stamps": realsets.stamps, "fortunes": realsets.fortunes}
+SETS = {"digits": realsets.digits, "stamps": realsets.stamps, "fortunes": realsets.fortunes, "icons": realsets.icons}
 
 
 def main() -> None:
@@ -222,10 +234,10 @@ def main() -> None:
                 t = time.monotonic()
                 if method == "ours":
                     r = ours(df, args.budget, seed, tmp / "ours")
-                elif method in ("fixed", "fixed_native"):
-                    if method == "fixed_native" and base.columns[0] != "image":
+                elif method in ("fixed", "fixed_native", "scratch"):
+                    if method != "fixed" and base.columns[0] != "image":
                         continue
-                    r = fixed(df, args.budget, seed, native=method == "fixed_native")
+                    r = fixed(df, args.budget, seed, native=method == "fixed_native", scratch=method == "scratch")
                 elif method == "random":
                     r = random_search(df, args.budget, seed, tmp / "random")
                 else:

@@ -4,6 +4,7 @@ Nothing is downloaded or stored in the repository: the data is read from files t
 Debian packages install under /usr/share.
 
 - ``stamps()``    images, from ``tuxpaint-stamps-default``
+- ``icons()``     the same stamps shrunk to 48 px RGBA icons (a cache of PNGs, rebuilt when missing)
 - ``fortunes()``  short texts, from ``fortunes`` (``fortunes-min`` alone is not enough)
 - ``digits()``    8x8 images, from sklearn
 
@@ -91,6 +92,31 @@ def stamps(
     counts = df["label"].value_counts()
     df = df[df["label"].isin(counts[counts >= min_per_class].index)]
     return _cap(df, max_per_class, seed)
+
+
+def icons(side: int = 48, cache: Path | None = None, **kwargs) -> pd.DataFrame:
+    """The stamps() images as small RGBA icons: each shrunk (aspect kept, Lanczos) to fit `side` x `side` px and
+    written once as PNG under `cache` (default ~/.cache/automl-bench/icons<side>). Small imbalanced RGBA icons are
+    the kind of image set where a net trained from scratch at the data's own size competes with a pretrained one
+    upscaled; the stamps at their ~130 px are not. Same labels and rows as stamps(**kwargs)."""
+    from PIL import Image
+
+    cache = Path(cache or Path.home() / ".cache" / "automl-bench" / f"icons{side}")
+    df = stamps(**kwargs)
+    out = []
+    for path in df["image"]:
+        src = Path(path)
+        dst = cache / src.relative_to(STAMPS_DIR)
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with Image.open(src) as im:
+                im = im.convert("RGBA")
+                im.thumbnail((side, side), Image.LANCZOS)
+                tmp = dst.with_suffix(".tmp.png")
+                im.save(tmp)
+                tmp.replace(dst)
+        out.append(str(dst))
+    return df.assign(image=out)
 
 
 def _read_fortune_file(path: Path) -> list[str]:

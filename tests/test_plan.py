@@ -279,3 +279,86 @@ def test_a_resumed_plan_ends_its_search_within_the_new_budget(tmp_path):
     assert less.search_ends_at_s == pytest.approx(300.0 - tail)
     assert less.last_start_at_s == pytest.approx(p.last_start_at_s - (600.0 - 300.0))
     assert any("ends 300 s earlier" in r for r in less.reasons)
+
+
+SCRATCH = "timm/resnet10t:scratch"
+
+
+def scratch(step: float, size: int = 128) -> dict:
+    """A from-scratch backbone's measured speed (at the largest candidate size)."""
+    return {SCRATCH: Speed(1.0, step, 0.001, 32, size, step / 1.6)}
+
+
+def test_a_from_scratch_net_is_priced_at_its_own_step_and_trains_its_own_length():
+    """Every candidate priced as itself (#24): a from-scratch net a fifth of the start point's cost a step trains
+    its own sensible length (60 epochs of 16 steps here, against the fine-tune's 400 steps) yet a full-length
+    trial of it costs less, so more of them fit the same time and they may start later; a dear one is priced dear,
+    not at the start point's cost."""
+    at = speed(0.02)
+    start_step = at(128).step_s
+    base = plan(at=at, budget=900)
+    cheap, dear = plan(at=at, budget=900, others=scratch(start_step / 5)), plan(at=at, budget=900,
+                                                                              others=scratch(start_step * 3))
+    k = cheap.kinds[SCRATCH]
+    assert k["report_rows"] * cheap.reports / 32 >= sensible_steps(False, math.ceil(500 / 32)) - cheap.reports
+    assert k["report_rows"] > cheap.report_rows and k["trial_s"] < cheap.trial_s
+    assert dear.kinds[SCRATCH]["trial_s"] > dear.trial_s
+    # Its trials start until its own (shorter) run no longer fits; a dear one changes nothing there.
+    assert cheap.last_start_at_s > base.last_start_at_s == dear.last_start_at_s
+    assert (cheap.trial_s, cheap.report_rows, cheap.storage_size) == (base.trial_s, base.report_rows,
+                                                                      base.storage_size)
+    assert any(r.startswith(f"{SCRATCH} priced as itself") for r in cheap.reasons)
+
+
+def test_where_the_start_point_runs_alone_a_scratch_start_point_runs_after_it_only_when_affordable():
+    """In the single regime the from-scratch start point gets a run of its own after the start point when that
+    costs the start point neither its image size nor more than RUNG0_MAX_STEP_LOSS of its steps: the start point
+    then ends its schedule that much earlier. Otherwise it is dropped, with the reason."""
+    at = speed(0.3)
+    base = plan(at=at)
+    cheap, dear = plan(at=at, others=scratch(0.01)), plan(at=at, others=scratch(0.3))
+    assert base.regime == cheap.regime == dear.regime == "single"
+    assert [p.get("backbone") for p in cheap.space.start_points] == ["efficientnet-lite0", SCRATCH]
+    assert cheap.first_ends_at_s == pytest.approx(cheap.search_ends_at_s - cheap.kinds[SCRATCH]["trial_s"], abs=1)
+    steps = lambda p: p.reports * p.report_rows  # noqa: E731
+    assert cheap.storage_size == base.storage_size and steps(cheap) >= (1 - RUNG0_MAX_STEP_LOSS) * steps(base)
+    assert [p.get("backbone") for p in dear.space.start_points] == ["efficientnet-lite0"]
+    assert dear.first_ends_at_s is None and any(r.startswith(f"no run of its own for {SCRATCH}")
+                                                for r in dear.reasons)
+
+
+def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper_kind(tmp_path, monkeypatch):
+    """The searcher prices each suggestion by its backbone's kind: a from-scratch trial trains its own rows a
+    report, and once a full-length fine-tune can no longer fit the time left, the next trial is of a kind that
+    can (Optuna samples the rest of its config)."""
+    import time
+    import types
+
+    from ray.tune.search import Searcher
+
+    from automl.search import tune as tune_mod
+    from automl.search.clock import write_deadlines
+    from automl.search.tune import DeadlineOptunaSearch, _sampler
+
+    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    frozen.time = lambda: 1.7e9
+    monkeypatch.setattr(tune_mod, "time", frozen)
+    from automl.search import clock as clock_mod
+    monkeypatch.setattr(clock_mod, "time", frozen)
+    space = load_space("cpu_small", "image", {"max_epochs": 8, "report_rows": 400, "image_size": 48})
+    clock = tmp_path / "clock.json"
+    kinds = {SCRATCH: {"report_rows": 1000, "trial_s": 20.0}}
+    points = [space.sampling_point(p) for p in space.start_points]
+    s = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+                             points_to_evaluate=points, deadline_file=str(clock))
+    write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0, kinds=kinds,
+                    first_ends_in_s=900.0)
+    first, second = s.suggest("a"), s.suggest("b")
+    assert first["backbone"] == "efficientnet-lite0" and first["report_rows"] == 400
+    assert first["_deadline"] == 1.7e9 + 900.0 and second["_deadline"] == 1.7e9 + 1000.0
+    assert second["backbone"] == SCRATCH and second["report_rows"] == 1000     # its own length
+    write_deadlines(str(clock), last_start_s=30.0, ends_in_s=40.0, trial_s=100.0, kinds=kinds)
+    late = [s.suggest(f"c{i}") for i in range(4)]
+    assert all(c["backbone"] == SCRATCH and c["report_rows"] == 1000 for c in late)  # 40 s left: fits 20 s
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=10.0, trial_s=100.0, kinds=kinds)
+    assert s.suggest("d") == Searcher.FINISHED

@@ -149,3 +149,15 @@ def test_spaces_are_checked_against_what_a_trial_understands(tmp_path, param, sp
     with pytest.raises(SearchSpaceError) as info:
         load_space(str(path), "image")
     assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_a_start_point_made_for_a_backbone_the_space_lacks_is_dropped_not_run_as_another():
+    """cpu_small's from-scratch start point (resnet10t, lr 3e-3) in a user's space without that backbone is
+    dropped: run as EfficientNet-Lite0 with a from-scratch learning rate it would be a config nobody chose. The
+    first start point (the space's default) still moves to an available backbone."""
+    full = load_space("cpu_small", "image")
+    assert [p["backbone"] for p in full.start_points] == ["efficientnet-lite0", "timm/resnet10t:scratch"]
+    mine = load_space("cpu_small", "image", {"backbone": {"type": "choice", "values": ["efficientnet-lite0"]}})
+    assert [(p["backbone"], p["lr"]) for p in mine.start_points] == [("efficientnet-lite0", 1e-3)]
+    other = full.with_backbones(["efficientnet-lite1"])
+    assert [(p["backbone"], p["lr"]) for p in other.start_points] == [("efficientnet-lite1", 1e-3)]

@@ -12,14 +12,23 @@ MIN_FIT, FIT_MARGIN = 0.5, 0.85
 
 
 def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float | None,
-                    trial_s: float | None, stretch_rows: int = 0) -> None:
+                    trial_s: float | None, stretch_rows: int = 0, kinds: dict | None = None,
+                    first_ends_in_s: float | None = None) -> None:
     """The search's clock for the searcher, as wall-clock times in a file (the pickled searcher of a resumed
     search reads fresh ones): no trial starts after `last_start`; the search ends at `ends_at`; a full-length
-    trial takes `trial_s`; a start point may grow to `stretch_rows` rows a report when it runs ahead."""
+    trial takes `trial_s`; a start point may grow to `stretch_rows` rows a report when it runs ahead; `kinds`:
+    backbones priced as themselves ({"report_rows", "trial_s"}, search/plan.price_kinds); the first start point
+    ends its schedule `first_ends_in_s` from now (a priced start point runs after it)."""
     now = time.time()
     Path(path).write_text(json.dumps({"last_start": None if last_start_s is None else now + last_start_s,
                                       "ends_at": None if ends_in_s is None else now + ends_in_s,
-                                      "trial_s": trial_s, "stretch_rows": stretch_rows}))
+                                      "trial_s": trial_s, "stretch_rows": stretch_rows, "kinds": kinds or {},
+                                      "first_ends_at": None if first_ends_in_s is None else now + first_ends_in_s}))
+
+
+def fits(trial_s: float | None, left_s: float) -> bool:
+    """Whether a trial of this full length can still train its shortest fitted schedule in `left_s`."""
+    return not trial_s or left_s >= trial_s * MIN_FIT / FIT_MARGIN
 
 
 def fitted_rows(report_rows: int, trial_s: float | None, left_s: float) -> int:

@@ -15,7 +15,10 @@ Training the right config long enough, judged when its score means something, be
 5. After the search either the winner is retrained on train+validation (when that fits and still leaves the
    search three full-length trials), or the winner's own best weights are exported. Suspected-label-error
    cross-fits and cross-validation get their time reserved, or are skipped with a note.
-6. What is left decides how many configs are tried: a trial that starts when its full length no longer fits
+6. Every candidate is priced as itself: the space's from-scratch backbones are timed too, and train their own
+   sensible length at their own cost a step (`price_kinds`); a from-scratch start point runs after the start point
+   where that is affordable (as rung 0 is: never the start point's size nor more than a tenth of its steps).
+7. What is left decides how many configs are tried: a trial that starts when its full length no longer fits
    trains a schedule shortened to end in time (search/clock.py), and none starts after that would be under half.
 
 `make_plan` is a pure function of the data's statistics, the measured speed and the budget (tested without Ray).
@@ -130,6 +133,9 @@ class Plan:
     fingerprint: str = ""              # the data it was made for (a resume with other data is refused)
     budget_s: float | None = None      # the time budget it was made for
     stretch_rows: int = 0              # the start point, running all search long, may grow to this (its sensible length)
+    kinds: dict = field(default_factory=dict)  # backbone -> {"report_rows", "trial_s"}: a cheaper net's own
+                                       # length and price (from-scratch nets at the data's size), see price_kinds
+    first_ends_at_s: float | None = None  # the start point ends its schedule by then (a priced start point follows)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -156,14 +162,15 @@ class Plan:
         shift = elapsed_s - d.pop("planned_at_s", elapsed_s)
         ends, was = d.get("search_ends_at_s"), d.get("budget_s")
         latest = budget_s - (was - ends) if None not in (ends, was, budget_s) else None
-        for key in ("search_ends_at_s", "last_start_at_s"):
+        for key in ("search_ends_at_s", "last_start_at_s", "first_ends_at_s"):
             if d.get(key) is not None:
                 d[key] += shift
         d["reasons"] = [*d["reasons"], "resumed with the plan the interrupted search began with"]
         if latest is not None and d["search_ends_at_s"] > latest:
             cut = d["search_ends_at_s"] - latest
             d["search_ends_at_s"] = latest
-            d["last_start_at_s"] = d["last_start_at_s"] - cut if d.get("last_start_at_s") is not None else None
+            for key in ("last_start_at_s", "first_ends_at_s"):
+                d[key] = d[key] - cut if d.get(key) is not None else None
             d["reasons"].append(f"the search ends {cut:.0f} s earlier than the saved plan said: this run's time "
                                 f"budget ({budget_s:.0f} s) leaves less than the interrupted run's ({was:.0f} s)")
         d["budget_s"] = budget_s
@@ -216,11 +223,14 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
               retrain_cpus: int, max_trials: int | None, pretrained: bool, export_formats: bool,
               label_errors: bool | str, cv_folds: int | None, pinned_size: int | None = None,
               max_length: int | None = None, node_cpus: int = 1, retrain: bool | str = "auto",
-              regression: bool = False, rung0_backbones: int = 0) -> Plan:
+              regression: bool = False, rung0_backbones: int = 0,
+              others: dict[str, Speed] | None = None) -> Plan:
     """Decide the plan. speed_at(size) gives the start point's measured speed (one trial's CPUs) at an image
     size (None for text); node_cpus is what one trial running alone may use. rung0_backbones: pretrained
     backbones rung 0 fits heads on (search/ladder.py): its time is reserved first, and suspected label errors
-    come from it instead of a cross-fit."""
+    come from it instead of a cross-fit. others: from-scratch backbones of the space, each with its own
+    measured speed (at the largest candidate size): they are priced as themselves (price_kinds), not at the
+    start point's cost, and one that is a start point of the space gets its own run where it is affordable."""
     reasons: list[str] = []
     bs = speed_at(pinned_size if stats.sized else None).batch_size
     steps_per_pass = max(1, math.ceil(stats.n_train / bs))
@@ -308,6 +318,29 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     if rung0_s:
         reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
                        "pretrained backbone(s), before any fine-tune (the fine-tunes start from the best heads)")
+    # A from-scratch start point where the start point runs alone: it gets its own priced run after it when that
+    # costs the start point neither its size nor more than RUNG0_MAX_STEP_LOSS of its steps (else it is dropped).
+    scratch_s, dropped_starts = 0.0, []
+    scratch_starts = [b for b in (others or {}) if any(p.get("backbone") == b for p in space.start_points[1:])]
+    if scratch_starts and budget_left_s is not None:
+        total = budget_left_s - after - costs["ray_start_s"]
+        alone = choose(total)
+        for b in scratch_starts:
+            t_b = _kind_time(others[b], stats, alone.size, speed_at, costs, more_cpus, 1, vrows,
+                             FULL_TRIAL_SHARE * total)[1] if alone.regime == "single" else 0.0
+            c = choose(total - scratch_s - t_b) if t_b else alone
+            if alone.regime == "single" and c.size == alone.size and c.steps >= (
+                    1 - RUNG0_MAX_STEP_LOSS) * alone.steps and t_b <= FULL_TRIAL_SHARE * total:
+                scratch_s += t_b
+            elif alone.regime == "single":
+                dropped_starts.append(b)
+        budget_left_s -= scratch_s
+    if dropped_starts:
+        space = space.with_overrides({})
+        space.start_points = [p for i, p in enumerate(space.start_points)
+                              if i == 0 or p.get("backbone") not in dropped_starts]
+        reasons.append(f"no run of its own for {', '.join(dropped_starts)}: at its own measured price it would "
+                       f"cost the start point more than {RUNG0_MAX_STEP_LOSS:.0%} of its steps or its image size")
     if rung0_backbones and (rung0_s or budget_left_s is None) and label_errors == "auto":
         label_errors = False  # rung 0's out-of-fold heads list them for seconds: no cross-fit to plan
     wanted = retrain
@@ -348,6 +381,8 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         if label_errors == "auto" and not want_errors:
             reasons.append(f"suspected-label-error cross-fit skipped: the ~{cross_fit_s:.0f} s it takes are better "
                            "spent on the search (pass find_label_errors=True to force it)")
+    if budget_left_s is not None and scratch_s:
+        search_s += scratch_s  # the priced from-scratch start point runs after the start point, in the search
     concurrency = choice.concurrency
     if choice.regime == "single":
         resources = {**resources, "cpu": float(max(resources.get("cpu", 1), node_cpus))}
@@ -393,11 +428,19 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                           f"{MIN_IMAGE_PRETRAINED} px)" if pretrained and stats.image_side < MIN_IMAGE_PRETRAINED
                           and choice.size == MIN_IMAGE_PRETRAINED else "" if choice.size and choice.size >= min(
                            _round8(stats.image_side), sizes[0]) else " to fit the budget"))
-    ends_at = last_start = None
+    kinds = price_kinds(others or {}, stats, choice, reports, speed_at, costs, more_cpus, vrows,
+                        search_s if budget_left_s is not None else math.inf)
+    for b, k in kinds.items():
+        reasons.append(f"{b} priced as itself: {reports} reports of {k['report_rows']} rows (~{k['epochs']:.0f} "
+                       f"epochs from scratch, ~{k['trial_s']:.0f} s at its measured {k['step_s'] * 1000:.0f} ms/step"
+                       f" against the start point's {choice.step_s * 1000:.0f})")
+    ends_at = last_start = first_ends = None
     if budget_left_s is not None:
         ends_at = elapsed_s + rung0_s + costs["ray_start_s"] + search_s
-        # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end.
-        last_start = ends_at - choice.trial_s * MIN_FIT / FIT_MARGIN
+        first_ends = ends_at - scratch_s if scratch_s else None
+        # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end
+        # (the cheapest kind's: a cheap net may still start where the start point's kind could not).
+        last_start = ends_at - min([choice.trial_s] + [k["trial_s"] for k in kinds.values()]) * MIN_FIT / FIT_MARGIN
         capacity = search_s * concurrency / max(choice.trial_s, 1e-9)
         reasons.append(f"search: ~{search_s:.0f} s on {concurrency} trial slot(s), room for ~{capacity:.1f} "
                        "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"
@@ -422,7 +465,47 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
                 val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
                 planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0,
-                rung0_s=rung0_s, stretch_rows=stretch_rows)
+                rung0_s=rung0_s, stretch_rows=stretch_rows, kinds=kinds, first_ends_at_s=first_ends)
+
+
+def _kind_time(sp: Speed, stats: DataStats, size: int | None, speed_at, costs: Costs, more_cpus: bool, c: int,
+               vrows: int, fit_s: float) -> tuple[int, float, float]:
+    """A from-scratch backbone's full-length run at `size` with c trials side by side: its steps (its sensible
+    length, shortened to fit `fit_s` down to 10 epochs), its time and its time a step. `sp` was measured at the
+    largest candidate size; smaller sizes cost in proportion to the pixels, as the start point's probes do."""
+    scale = speed_at(size).step_s / max(speed_at(sp.size).step_s, 1e-9) if size and sp.size and size != sp.size \
+        else 1.0
+    base = sp.step_s * scale
+    if c > 1:
+        step = base * costs["concurrency_slowdown"]
+    elif more_cpus:
+        step = sp.step_s_alone * scale if sp.step_s_alone else base / costs["thread_speedup"]
+    else:
+        step = base
+    spp = max(1, math.ceil(stats.n_train / sp.batch_size))
+    sensible = sensible_steps(False, spp)
+    shortest = max(int(sensible * 0.5), min(sensible, 10 * spp))
+    evals = REPORTS[1] * vrows * sp.eval_row_s * scale * (step / max(base, 1e-12))
+    fixed_s = sp.setup_s + evals
+    steps = max(shortest, min(sensible, int((fit_s - fixed_s) / max(step, 1e-9)))) if math.isfinite(fit_s) \
+        else sensible
+    return steps, fixed_s + steps * step, step
+
+
+def price_kinds(others: dict[str, Speed], stats: DataStats, choice: "Choice", reports: int, speed_at,
+                costs: Costs, more_cpus: bool, vrows: int, search_s: float) -> dict:
+    """Each from-scratch backbone's own full-length trial: its sensible length (~1500 steps, 10-60 epochs),
+    shortened to take at most a full-length trial's share of a slot (FULL_TRIAL_SHARE) but never under 10 epochs,
+    priced at its own measured step (a resnet10t at 48 px costs a fraction of an EfficientNet-Lite0 step). The
+    searcher gives a trial of that backbone these rows a report and starts one while its own length still fits."""
+    kinds = {}
+    for b, sp in others.items():
+        steps, t, step = _kind_time(sp, stats, choice.size, speed_at, costs, more_cpus, choice.concurrency, vrows,
+                                    FULL_TRIAL_SHARE * search_s)
+        spp = max(1, math.ceil(stats.n_train / sp.batch_size))
+        kinds[b] = {"report_rows": max(1, math.ceil(steps * sp.batch_size / reports)), "trial_s": round(t, 2),
+                    "step_s": step, "epochs": steps / spp}
+    return kinds
 
 
 def rung0_cost(backbones: int, stats: DataStats, sp: Speed) -> float:

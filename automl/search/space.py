@@ -292,15 +292,20 @@ class SearchSpace:
             else:
                 d["parameters"][name] = change if isinstance(change, dict) else {"type": "fixed", "value": change}
         space = SearchSpace.from_dict(d, where="search_space overrides")
-        space.start_points = [space.fit_point(p) for p in self.start_points]
+        fitted = [(p, space.fit_point(p)) for p in self.start_points]
+        # A later start point made for a backbone the new space does not have (cpu_small's from-scratch one in a
+        # user's space of other backbones) is dropped, not run as some other backbone with its settings.
+        space.start_points = [f for i, (p, f) in enumerate(fitted)
+                              if i == 0 or "backbone" not in p or "backbone" in f]
         return space
 
     def with_backbones(self, values: list) -> "SearchSpace":
-        """The space choosing among the backbones `values` only; a start point whose backbone is not among them
-        starts from values[0] instead."""
+        """The space choosing among the backbones `values` only; the first start point, when its backbone is not
+        among them, starts from values[0] instead (later ones made for other backbones are dropped)."""
         new = self.with_overrides({"backbone": {"type": "choice", "values": list(values)}})
         new.start_points = [new.fit_point(p if p.get("backbone") in values else {**p, "backbone": values[0]})
-                            for p in self.start_points]
+                            for i, p in enumerate(self.start_points)
+                            if i == 0 or "backbone" not in p or p.get("backbone") in values]
         return new
 
     def fit_point(self, point: dict) -> dict:

@@ -21,7 +21,7 @@ from automl.errors import NoTrialScored
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
-from automl.search.clock import fitted_rows, write_deadlines
+from automl.search.clock import fits, fitted_rows, write_deadlines
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -275,19 +275,31 @@ class DeadlineOptunaSearch(OptunaSearch):
 
         clock = self._clock()
         stop_at = clock.get("last_start") or math.inf
+        kinds = clock.get("kinds") or {}
         # The start points always run (a search without its sensible default would have nothing to stand on).
+        first = self.suggested == 0
         start_point = self.suggested < max(1, self.starts)
         if time.time() > stop_at and not start_point:
             return Searcher.FINISHED
+        if not start_point and clock.get("ends_at") and kinds and self._ot_study is not None:
+            left = clock["ends_at"] - time.time()
+            cheap = [b for b, k in sorted(kinds.items(), key=lambda kv: kv[1]["trial_s"]) if fits(k["trial_s"], left)]
+            if cheap and not fits(clock.get("trial_s"), left):
+                # Too late for the start point's kind, not for a cheaper one: Optuna samples the rest of the config.
+                self._ot_study.enqueue_trial({"backbone": cheap[0]})
         self.suggested += 1
         config = super().suggest(trial_id)
         if isinstance(config, dict) and clock.get("ends_at"):
-            config = {**config, "_deadline": clock["ends_at"]}  # the trial ends its schedule by then (loop.Pace)
-            if start_point and clock.get("stretch_rows"):
+            kind = kinds.get(str(config.get("backbone")))
+            trial_s = kind["trial_s"] if kind else clock.get("trial_s")
+            if kind and config.get("report_rows"):
+                config["report_rows"] = kind["report_rows"]  # priced as itself (search/plan.price_kinds)
+            ends = clock.get("first_ends_at") if first and clock.get("first_ends_at") else clock["ends_at"]
+            config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
+            if first and clock.get("stretch_rows"):
                 config["_stretch_rows"] = clock["stretch_rows"]  # alone all search long: may grow (loop.Pace)
             if not start_point and config.get("report_rows"):
-                rows = fitted_rows(int(config["report_rows"]), clock.get("trial_s"), clock["ends_at"] - time.time())
-                config["report_rows"] = rows
+                config["report_rows"] = fitted_rows(int(config["report_rows"]), trial_s, clock["ends_at"] - time.time())
         return config
 
 
@@ -336,13 +348,15 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
                checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
                last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None,
                callbacks: list | None = None, trial_s: float | None = None,
-               init_heads: dict | None = None, stretch_rows: int = 0) -> SearchResult:
+               init_heads: dict | None = None, stretch_rows: int = 0, kinds: dict | None = None,
+               first_ends_s: float | None = None) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
 
     checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
     protect_start_points: ASHA never stops the start points. last_start_s: start no trial later than this many
     seconds from now. trial_s: a full-length trial's planned time; with time_budget_s, a trial that starts when
-    it no longer fits trains a shortened schedule that does. keep_best: the best weights of this many top trials
+    it no longer fits trains a shortened schedule that does; kinds: backbones with their own length and price
+    (search/plan.price_kinds); first_ends_s: the first start point ends its schedule then. keep_best: the best weights of this many top trials
     are kept (in <experiment>/best).
     """
     from ray import tune
@@ -366,7 +380,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     asha_log = str(local / (ASHA_LOG if not local_dir else f"{name}_{ASHA_LOG}"))
     deadline_file = str(local / f"{name}_deadlines.json")
     write_deadlines(deadline_file, last_start_s=last_start_s, ends_in_s=time_budget_s, trial_s=trial_s,
-                    stretch_rows=stretch_rows)
+                    stretch_rows=stretch_rows, kinds=kinds, first_ends_in_s=first_ends_s)
     best_dir = None if remote else f"{exp_path}/best"
     trainable = tune.with_resources(
         tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
