@@ -310,10 +310,11 @@ def test_a_from_scratch_net_is_priced_at_its_own_step_and_trains_its_own_length(
     assert any(r.startswith(f"{SCRATCH} priced as itself") for r in cheap.reasons)
 
 
-def test_where_the_start_point_runs_alone_a_scratch_start_point_runs_after_it_only_when_affordable():
-    """In the single regime the from-scratch start point gets a run of its own after the start point when that
+def test_where_the_start_point_runs_alone_a_scratch_start_point_gets_time_reserved_only_when_affordable():
+    """In the single regime the from-scratch start point gets time reserved after the start point when that
     costs the start point neither its image size nor more than RUNG0_MAX_STEP_LOSS of its steps: the start point
-    then ends its schedule that much earlier. Otherwise it is dropped, with the reason."""
+    then ends its schedule that much earlier. Otherwise nothing is reserved (the reason says so) and it runs in
+    whatever time the start point leaves."""
     at = speed(0.3)
     base = plan(at=at)
     cheap, dear = plan(at=at, others=scratch(0.01)), plan(at=at, others=scratch(0.3))
@@ -322,9 +323,10 @@ def test_where_the_start_point_runs_alone_a_scratch_start_point_runs_after_it_on
     assert cheap.first_ends_at_s == pytest.approx(cheap.search_ends_at_s - cheap.kinds[SCRATCH]["trial_s"], abs=1)
     steps = lambda p: p.reports * p.report_rows  # noqa: E731
     assert cheap.storage_size == base.storage_size and steps(cheap) >= (1 - RUNG0_MAX_STEP_LOSS) * steps(base)
-    assert [p.get("backbone") for p in dear.space.start_points] == ["efficientnet-lite0"]
-    assert dear.first_ends_at_s is None and any(r.startswith(f"no run of its own for {SCRATCH}")
+    assert [p.get("backbone") for p in dear.space.start_points] == ["efficientnet-lite0", SCRATCH]
+    assert dear.first_ends_at_s is None and any(r.startswith(f"no time reserved for {SCRATCH}")
                                                 for r in dear.reasons)
+    assert dear.search_ends_at_s == base.search_ends_at_s and dear.report_rows == base.report_rows
 
 
 def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper_kind(tmp_path, monkeypatch):
@@ -337,7 +339,7 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     from ray.tune.search import Searcher
 
     from automl.search import tune as tune_mod
-    from automl.search.clock import write_deadlines
+    from automl.search.clock import FIT_MARGIN, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, _sampler
 
     frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
@@ -357,6 +359,16 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     assert first["backbone"] == "efficientnet-lite0" and first["report_rows"] == 400
     assert first["_deadline"] == 1.7e9 + 900.0 and second["_deadline"] == 1.7e9 + 1000.0
     assert second["backbone"] == SCRATCH and second["report_rows"] == 1000     # its own length
+    late_start = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+                                      points_to_evaluate=points, deadline_file=str(clock))
+    write_deadlines(str(clock), last_start_s=30.0, ends_in_s=15.0, trial_s=100.0, kinds=kinds)
+    late_start.suggest("s1")                    # the first start point: full length, whatever the time
+    assert late_start.suggest("s2")["report_rows"] == int(1000 * FIT_MARGIN * 15 / 20)  # the time it leaves
+    gone = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+                                points_to_evaluate=points, deadline_file=str(clock))
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=5.0, trial_s=100.0, kinds=kinds)
+    gone.suggest("g1")
+    assert gone.suggest("g2") == Searcher.FINISHED  # no time for it, nor for anything else
     write_deadlines(str(clock), last_start_s=30.0, ends_in_s=40.0, trial_s=100.0, kinds=kinds)
     late = [s.suggest(f"c{i}") for i in range(4)]
     assert all(c["backbone"] == SCRATCH and c["report_rows"] == 1000 for c in late)  # 40 s left: fits 20 s

@@ -298,8 +298,12 @@ class DeadlineOptunaSearch(OptunaSearch):
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
             if first and clock.get("stretch_rows"):
                 config["_stretch_rows"] = clock["stretch_rows"]  # alone all search long: may grow (loop.Pace)
-            if not start_point and config.get("report_rows"):
-                config["report_rows"] = fitted_rows(int(config["report_rows"]), trial_s, clock["ends_at"] - time.time())
+            left = clock["ends_at"] - time.time()
+            if start_point and not first and kind and not fits(trial_s, left) and time.time() > stop_at:
+                return Searcher.FINISHED  # a priced start point with no time left for it (nor for anything else)
+            if (not start_point or (kind and not first)) and config.get("report_rows"):
+                # A priced start point after the first runs in the time left (its own full length when that fits).
+                config["report_rows"] = fitted_rows(int(config["report_rows"]), trial_s, left)
         return config
 
 
