@@ -198,7 +198,7 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), opts.search.seed)
     speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus), stats.image_side)
-    others = _scratch_speeds(prepared, space, res, int(ray.node_cpus), pinned_size or speed_at.largest, max_length) \
+    others = _scratch_speeds(prepared, space, res, pinned_size or speed_at.largest, max_length) \
         if budget_bound else {}
     return start, spec, stats, pinned_size, max_length, speed_at, others
 
@@ -315,7 +315,7 @@ def _measured_speed(prepared: Prepared, cfg: dict, res: dict, max_length: int | 
     return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"))
 
 
-def _scratch_speeds(prepared: Prepared, space: SearchSpace, res: dict, node_cpus: int, size: int | None,
+def _scratch_speeds(prepared: Prepared, space: SearchSpace, res: dict, size: int | None,
                     max_length: int | None) -> dict:
     """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
     prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch."""
@@ -335,7 +335,9 @@ def _scratch_speeds(prepared: Prepared, space: SearchSpace, res: dict, node_cpus
         point = next((p for p in space.start_points if p.get("backbone") == b), {})
         cfg = full_config(space.fit_point({**start, **point, "backbone": b}))
         try:
-            out[b] = _measured_speed(prepared, cfg, res, max_length, node_cpus, size, tr, va)
+            # With a trial's own CPUs only (the plan scales that for a trial alone): each probe is budget the start
+            # point does not train with (two nets at 128 px, timed twice each, cost it ~10 s of 300).
+            out[b] = _measured_speed(prepared, cfg, res, max_length, int(res.get("cpu", 1)), size, tr, va)
         except AutoMLError:
             continue  # it cannot be built here: the search drops it when a trial tries (as before)
     return out
