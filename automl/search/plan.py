@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -206,6 +206,26 @@ def sensible_steps(pretrained: bool, steps_per_pass: int) -> int:
     return int(math.ceil(epochs * steps_per_pass))
 
 
+def shortest_steps(pretrained: bool, steps_per_pass: int) -> int:
+    """The shortest a trial is shortened to: half its sensible length, never under 3 epochs to fine-tune, 10 from
+    scratch."""
+    sensible = sensible_steps(pretrained, steps_per_pass)
+    return max(int(sensible * 0.5), min(sensible, math.ceil((3 if pretrained else 10) * steps_per_pass)))
+
+
+def trial_seconds(sp: Speed, steps: int, c: int, more_cpus: bool, costs: Costs, vrows: int) -> tuple[float, float]:
+    """A trial's time (set-up, `steps` steps, its validations over `vrows` rows) and one step's, from a measured
+    speed, with c trials side by side (c=1 and more_cpus: it runs alone with every CPU of the node)."""
+    if c > 1:
+        per_step = sp.step_s * costs["concurrency_slowdown"]
+    elif more_cpus:
+        per_step = sp.step_s_alone or sp.step_s / costs["thread_speedup"]
+    else:
+        per_step = sp.step_s
+    evals = REPORTS[1] * vrows * sp.eval_row_s * (per_step / sp.step_s)
+    return sp.setup_s + steps * per_step + evals, per_step
+
+
 # ---------------------------------------------------------------------------- the plan
 
 @dataclass
@@ -237,8 +257,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     fixed_reports = space.max_epochs  # the user pinned the trial length in reports
     sensible = fixed_reports * steps_per_pass if fixed_reports else sensible_steps(pretrained, steps_per_pass)
     # Trials may be shortened to half their sensible length (never below 3 epochs to fine-tune, 10 from scratch).
-    shortest = sensible if fixed_reports else max(int(sensible * 0.5), min(sensible, math.ceil(
-        (3 if pretrained else 10) * steps_per_pass)))
+    shortest = sensible if fixed_reports else shortest_steps(pretrained, steps_per_pass)
     sizes = _candidate_sizes(stats, pinned_size, gpu=bool(resources.get("gpu")), smallest=min_image(pretrained))
     after = costs[f"export_{stats.modality}_s"] if export_formats else costs["evaluate_s"]
     sp = speed_at(sizes[0])
@@ -254,16 +273,8 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     more_cpus = node_cpus > resources.get("cpu", 1) and not resources.get("gpu")
 
     def seconds(size, steps: int, c: int) -> tuple[float, float]:
-        """A full-length trial's time and one step's, with c trials side by side (c=1: it gets every CPU)."""
-        sp = speed_at(size)
-        if c > 1:
-            per_step = sp.step_s * costs["concurrency_slowdown"]
-        elif more_cpus:
-            per_step = sp.step_s_alone or sp.step_s / costs["thread_speedup"]
-        else:
-            per_step = sp.step_s
-        evals = REPORTS[1] * vrows * sp.eval_row_s * (per_step / sp.step_s)
-        return sp.setup_s + steps * per_step + evals, per_step
+        """The start point's full-length trial time and one step's at `size` (trial_seconds)."""
+        return trial_seconds(speed_at(size), steps, c, more_cpus, costs, vrows)
 
     def choose(search_s: float) -> Choice:
         """The first that fits, size by size from the largest (the data's own) down: a search (a full-length trial
@@ -471,27 +482,20 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
 
 
 def _kind_time(sp: Speed, stats: DataStats, size: int | None, speed_at, costs: Costs, more_cpus: bool, c: int,
-               vrows: int, fit_s: float) -> tuple[int, float, float]:
+               vrows: int, fit_s: float) -> tuple[int, float, float, float]:
     """A from-scratch backbone's full-length run at `size` with c trials side by side: its steps (its sensible
-    length, shortened to fit `fit_s` down to 10 epochs), its time and its time a step. `sp` was measured at the
-    largest candidate size; smaller sizes cost in proportion to the pixels, as the start point's probes do."""
-    scale = speed_at(size).step_s / max(speed_at(sp.size).step_s, 1e-9) if size and sp.size and size != sp.size \
-        else 1.0
-    base = sp.step_s * scale
-    if c > 1:
-        step = base * costs["concurrency_slowdown"]
-    elif more_cpus:
-        step = sp.step_s_alone * scale if sp.step_s_alone else base / costs["thread_speedup"]
-    else:
-        step = base
+    length, shortened to fit `fit_s` down to shortest_steps), its time, its time a step and its epochs. `sp` was
+    measured at the largest candidate size; other sizes cost what they cost the start point, in proportion."""
+    if size and sp.size and size != sp.size:
+        scale = speed_at(size).step_s / max(speed_at(sp.size).step_s, 1e-9)
+        sp = replace(sp, step_s=sp.step_s * scale, eval_row_s=sp.eval_row_s * scale, size=size,
+                     step_s_alone=sp.step_s_alone * scale if sp.step_s_alone else None)
+    fixed_s, step = trial_seconds(sp, 0, c, more_cpus, costs, vrows)
     spp = max(1, math.ceil(stats.n_train / sp.batch_size))
     sensible = sensible_steps(False, spp)
-    shortest = max(int(sensible * 0.5), min(sensible, 10 * spp))
-    evals = REPORTS[1] * vrows * sp.eval_row_s * scale * (step / max(base, 1e-12))
-    fixed_s = sp.setup_s + evals
-    steps = max(shortest, min(sensible, int((fit_s - fixed_s) / max(step, 1e-9)))) if math.isfinite(fit_s) \
-        else sensible
-    return steps, fixed_s + steps * step, step
+    steps = max(shortest_steps(False, spp), min(sensible, int((fit_s - fixed_s) / max(step, 1e-9)))) \
+        if math.isfinite(fit_s) else sensible
+    return steps, fixed_s + steps * step, step, steps / spp
 
 
 def price_kinds(others: dict[str, Speed], stats: DataStats, choice: "Choice", reports: int, speed_at,
@@ -502,11 +506,10 @@ def price_kinds(others: dict[str, Speed], stats: DataStats, choice: "Choice", re
     searcher gives a trial of that backbone these rows a report and starts one while its own length still fits."""
     kinds = {}
     for b, sp in others.items():
-        steps, t, step = _kind_time(sp, stats, choice.size, speed_at, costs, more_cpus, choice.concurrency, vrows,
-                                    FULL_TRIAL_SHARE * search_s)
-        spp = max(1, math.ceil(stats.n_train / sp.batch_size))
+        steps, t, step, epochs = _kind_time(sp, stats, choice.size, speed_at, costs, more_cpus, choice.concurrency,
+                                            vrows, FULL_TRIAL_SHARE * search_s)
         kinds[b] = {"report_rows": max(1, math.ceil(steps * sp.batch_size / reports)), "trial_s": round(t, 2),
-                    "step_s": step, "epochs": steps / spp}
+                    "step_s": step, "epochs": epochs}
     return kinds
 
 

@@ -281,8 +281,8 @@ class DeadlineOptunaSearch(OptunaSearch):
         start_point = self.suggested < max(1, self.starts)
         if time.time() > stop_at and not start_point:
             return Searcher.FINISHED
-        if not start_point and clock.get("ends_at") and kinds and self._ot_study is not None:
-            left = clock["ends_at"] - time.time()
+        left = clock["ends_at"] - time.time() if clock.get("ends_at") else math.inf
+        if not start_point and kinds and self._ot_study is not None:
             cheap = [b for b, k in sorted(kinds.items(), key=lambda kv: kv[1]["trial_s"]) if fits(k["trial_s"], left)]
             if cheap and not fits(clock.get("trial_s"), left):
                 # Too late for the start point's kind, not for a cheaper one: Optuna samples the rest of the config.
@@ -298,7 +298,6 @@ class DeadlineOptunaSearch(OptunaSearch):
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
             if first and clock.get("stretch_rows"):
                 config["_stretch_rows"] = clock["stretch_rows"]  # alone all search long: may grow (loop.Pace)
-            left = clock["ends_at"] - time.time()
             if start_point and not first and kind and not fits(trial_s, left) and time.time() > stop_at:
                 return Searcher.FINISHED  # a priced start point with no time left for it (nor for anything else)
             if (not start_point or (kind and not first)) and config.get("report_rows"):
@@ -360,8 +359,8 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
     protect_start_points: ASHA never stops the start points. last_start_s: start no trial later than this many
     seconds from now. trial_s: a full-length trial's planned time; with time_budget_s, a trial that starts when
     it no longer fits trains a shortened schedule that does; kinds: backbones with their own length and price
-    (search/plan.price_kinds); first_ends_s: the first start point ends its schedule then. keep_best: the best weights of this many top trials
-    are kept (in <experiment>/best).
+    (search/plan.price_kinds); first_ends_s: the first start point ends its schedule then. keep_best: the best
+    weights of this many top trials are kept (in <experiment>/best).
     """
     from ray import tune
 
