@@ -57,17 +57,64 @@ def macro_f1(model, df: pd.DataFrame) -> float:
     return float(model.evaluate(test, label="label")["f1_macro"])
 
 
+class WeighedOptions:
+    """Every option the final choice weighed (the start point, the winner, soups, ensembles), scored on the test rows
+    in the same run: what another final-choice rule would have exported, without another run's training noise.
+    Measurement only: it wraps the product's own `_decide` and `evaluate`, and changes nothing they return."""
+
+    def __init__(self) -> None:
+        from automl import stages
+        from automl.training import combine
+
+        self.combine, self.stages, self.rows = combine, stages, []
+        self._decide, self._evaluate = combine._decide, stages.evaluate
+
+    def __enter__(self) -> "WeighedOptions":
+        def decide(options, ref, y_val, metric, num_classes, alpha, pool=None):
+            self.weighed = (list(options), ref, y_val, metric, num_classes, pool)
+            return self._decide(options, ref, y_val, metric, num_classes, alpha, pool)
+
+        def evaluate(prepared, inputs, final):
+            from automl.stages import FinalModel
+
+            if getattr(self, "weighed", None) is not None:
+                options, ref, y_val, metric, k, pool = self.weighed
+                pairs = [(o.kind, o.trial_ids, o.model, o.encoder, o.spec, o.config, o.val_score, p)
+                         for o, p in options]
+                if ref is not None:
+                    pairs.insert(0, ("start point", [ref.trial_id], ref.model, ref.encoder, ref.spec, ref.config,
+                                     float(self.combine._score(y_val, ref.proba, metric, k)), ref.proba))
+                for kind, ids, model, enc, spec, cfg, val, proba in pairs:
+                    test = self._evaluate(prepared, inputs, FinalModel(model, enc, spec, cfg, {}))
+                    row = {"kind": kind, "trials": list(ids), "val": round(float(val), 4),
+                           "test": round(float(test["f1_macro"]), 4)}
+                    if ref is not None and kind != "start point":
+                        row["p_plain"] = round(self.combine.p_not_better(y_val, proba, ref.proba, metric, k), 3)
+                        row["p_pool"] = round(self.combine.p_not_better(y_val, proba, ref.proba, metric, k,
+                                                                        pool=pool), 3)
+                    self.rows.append(row)
+                self.weighed = None
+            return self._evaluate(prepared, inputs, final)
+
+        self.combine._decide, self.stages.evaluate = decide, evaluate
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.combine._decide, self.stages.evaluate = self._decide, self._evaluate
+
+
 def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
     from automl import auto_finetune
 
     t0 = time.monotonic()
-    m = auto_finetune(df, label="label", time_budget_s=budget, seed=seed, output_dir=out, progress=False)
+    with WeighedOptions() as weighed:
+        m = auto_finetune(df, label="label", time_budget_s=budget, seed=seed, output_dir=out, progress=False)
     wall = time.monotonic() - t0
     p = m.manifest.plan
     decision = str(m.manifest.training.get("decision") or "")
     how = m.manifest.training.get("how")
     how = f"{how}, start point kept" if decision.startswith("start point kept") else (
-        f"{how}, beat the start point" if "chosen over the start point" in decision else how)
+        f"{how}, beat the start point" if " chosen over the " in decision else how)
     rung = m.trials["rung"] if "rung" in m.trials else pd.Series(2, index=m.trials.index)
     ladder = (f"{(rung == 0).sum()} heads + {(rung != 0).sum()} fine-tunes on "
               f"{m.trials['config/backbone'].nunique()} backbones")
@@ -75,7 +122,8 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
             "rung0": next((r for r in p["reasons"] if r.startswith("rung 0:") and "heads on" in r), ""),
             "plan": f"{p['regime']}, {p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}"
                     f"{p['reports']}x{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
-            "winner": str(m.manifest.searched_hyperparameters.get("backbone")),
+            "winner": str(m.manifest.searched_hyperparameters.get("backbone")), "options": weighed.rows,
+            "decision": decision,
             "final": {"trials": m.manifest.training.get("trials"), "val": m.manifest.training.get("val_scores"),
                       "rungs": {str(t): int(r) for t, r in zip(m.trials["trial_id"], rung)
                                 if str(t) in (m.manifest.training.get("trials") or [])}}}
