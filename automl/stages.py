@@ -439,28 +439,22 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0
     """Run the Ray Tune search of the plan (fine-tunes start from their backbone's rung-0 head); the trial table
     lists rung 0's heads too."""
     from automl.search.ladder import with_rung0
-    from automl.search.tune import experiment_name, run_search
+    from automl.search.tune import SearchConfig, SearchStorage, experiment_name, run_search
 
     opts = prepared.options
     cache = shared_dir(prepared) / "feature_cache"
     # Beside other runs' caches on shared storage; inside the run's own folder otherwise.
     data = inputs.trial_data(cache_dir=str(cache / prepared.out.name if shared_dir(prepared) != prepared.out else cache),
                              max_val=plan.val_rows)
-    storage = opts.resources.storage_path or str(prepared.out / "ray_results")
-    name = experiment_name(prepared.out, opts.search.resume)
-    now = budget.elapsed()
+    storage = SearchStorage(opts.resources.storage_path or str(prepared.out / "ray_results"),
+                            experiment_name(prepared.out, opts.search.resume), local_dir=str(prepared.out),
+                            resume=opts.search.resume)
+    config = SearchConfig(prepared.metric, storage, plan.search_limits(budget.elapsed()), plan.resources,
+                          plan.concurrency, seed=opts.search.seed, progress=opts.output.progress,
+                          plan_lines=tuple(plan.reasons))
     result = None
     try:
-        result = run_search(data, plan.space, metric=prepared.metric, storage_path=storage, name=name,
-                            local_dir=str(prepared.out),
-                            time_budget_s=None if plan.search_ends_at_s is None else max(5.0, plan.search_ends_at_s - now),
-                            max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
-                            concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
-                            last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
-                            plan_lines=plan.reasons, trial_s=plan.trial_s or None,
-                            init_heads=rung0.head_files() if rung0 else None, stretch_rows=plan.stretch_rows,
-                            kinds=plan.kinds, first_ends_s=None if plan.first_ends_at_s is None
-                            else max(5.0, plan.first_ends_at_s - now))
+        result = run_search(data, plan.space, config, init_heads=rung0.head_files() if rung0 else None)
     except NoTrialScored:
         if not rung0 or not rung0.probes:
             raise
@@ -469,7 +463,7 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0
         # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
         shutil.rmtree(data.cache_dir, ignore_errors=True)
     if rung0 and rung0.probes:
-        result = with_rung0(result, rung0, prepared.metric, f"{storage}/{name}")
+        result = with_rung0(result, rung0, prepared.metric, f"{storage.path}/{storage.name}")
     result.transferability = plan.transferability
     return result
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from automl.budget import Costs
 from automl.search.space import SearchSpace
-from automl.search.clock import FIT_MARGIN, MIN_FIT
+from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits
 
 # A full-length trial may take this share of a slot's search time (the start point runs at full length first);
 # narrow: one full-length trial per slot; single: the start point alone.
@@ -141,6 +141,17 @@ class Plan:
         d = asdict(self)
         d["space"] = self.space.name
         return d
+
+    def search_limits(self, elapsed_s: float) -> SearchLimits:
+        """The search's limits when it starts `elapsed_s` into the run: the plan's deadlines (seconds after the run
+        started) as seconds from the search's start, the one place they are converted."""
+        def left(at: float | None) -> float | None:
+            return None if at is None else max(5.0, at - elapsed_s)
+
+        return SearchLimits(time_budget_s=left(self.search_ends_at_s), max_trials=self.max_trials,
+                            last_start_s=None if self.last_start_at_s is None else self.last_start_at_s - elapsed_s,
+                            trial_s=self.trial_s or None, first_ends_s=left(self.first_ends_at_s),
+                            stretch_rows=self.stretch_rows, kinds=self.kinds)
 
     def save(self, path) -> None:
         """The plan as JSON beside the search, so a resumed search keeps the trial length and sizes it began with."""
