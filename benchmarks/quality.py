@@ -166,9 +166,10 @@ def random_search(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict
     opts = FinetuneOptions.from_kwargs(label="label", time_budget_s=budget, seed=seed, output_dir=str(out),
                                        progress=False)
     budget_ = Budget(budget)
-    prepared = stages.prepare(df, opts)
-    plan = stages.plan(prepared, connect(), budget_)
-    inputs = stages.materialise(prepared, plan)
+    prepared = stages.prepare(df, data=opts.data, search=opts.search, update=opts.update, output=opts.output)
+    plan = stages.plan(prepared, connect(), budget_, search=opts.search, resources=opts.resources,
+                       diagnostics=opts.diagnostics, output=opts.output)
+    inputs = stages.materialise(prepared, plan, resources=opts.resources)
     now = budget_.elapsed()
     # The search gets what ours gives search and retrain together (random has no retrain of its own).
     ends = plan.search_ends_at_s + (plan.retrain_s if plan.retrain else 0.0)
