@@ -19,26 +19,33 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
     quiet_libraries()
     budget = Budget(opts.search.time_budget_s)
     with budget.stage("prepare"):
-        prepared = stages.prepare(dataset, opts)  # bad input fails here, before any compute
+        prepared = stages.prepare(dataset, data=opts.data, search=opts.search, update=opts.update,
+                                  output=opts.output)  # bad input fails here, before any compute
     with budget.stage("connect"):
         ray = connect(opts.resources.ray_address, cluster_config=opts.resources.cluster_config,
                       verbose=opts.output.verbose)
     try:
         with budget.stage("plan"):
-            plan = stages.plan(prepared, ray, budget)
-            inputs = stages.materialise(prepared, plan)
+            plan = stages.plan(prepared, ray, budget, search=opts.search, resources=opts.resources,
+                               diagnostics=opts.diagnostics, output=opts.output)
+            inputs = stages.materialise(prepared, plan, resources=opts.resources)
         with budget.stage("rung 0"):
-            rung0 = stages.probe(prepared, plan, inputs, budget)  # frozen features + linear heads, every backbone
+            rung0 = stages.probe(prepared, plan, inputs, budget, search=opts.search, resources=opts.resources,
+                                 output=opts.output)  # frozen features + linear heads, every backbone
         with budget.stage("search"):
-            result = stages.search(prepared, plan, inputs, budget, rung0)
+            result = stages.search(prepared, plan, inputs, budget, rung0, search=opts.search,
+                                   resources=opts.resources, output=opts.output)
         with budget.stage("finalise"):
-            final = stages.finalise(prepared, plan, inputs, result, budget)
+            final = stages.finalise(prepared, plan, inputs, result, budget, search=opts.search,
+                                    resources=opts.resources, output=opts.output)
         with budget.stage("evaluate"):
             test_metrics = stages.evaluate(prepared, inputs, final)
         with budget.stage("diagnose"):
-            diagnostics = stages.diagnose(prepared, plan, inputs, result, final, budget)
+            diagnostics = stages.diagnose(prepared, plan, inputs, result, final, budget, search=opts.search,
+                                          diagnostics=opts.diagnostics, update=opts.update, output=opts.output)
         with budget.stage("export"):
-            return stages.export(prepared, plan, inputs, result, final, test_metrics, diagnostics, budget)
+            return stages.export(prepared, plan, inputs, result, final, test_metrics, diagnostics, budget,
+                                 search=opts.search, output=opts.output)
     finally:
         release()  # a failed run must not keep the autoscaler's nodes up either
 

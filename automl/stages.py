@@ -1,5 +1,7 @@
 """The stages of `auto_finetune`, in order: prepare -> plan -> materialise -> search -> finalise -> evaluate ->
-diagnose -> export. Each takes and returns small typed values; the work itself lives in the subpackages."""
+diagnose -> export. Each takes and returns small typed values; the work itself lives in the subpackages. prepare
+reads the data, search, update and output options; each later stage takes only the option groups it reads, as
+keyword arguments (no stage gets the whole FinetuneOptions)."""
 from __future__ import annotations
 
 import shutil
@@ -20,7 +22,8 @@ from automl.errors import AutoMLError, DataError, ModelLoadError, NoTrialScored
 from automl.export.manifest import ExportManifest, Preprocessing, Provenance
 from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
-from automl.options import FinetuneOptions
+from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, ResourceOptions, SearchOptions,
+                            UpdateOptions)
 from automl.runtime import device
 from automl.search.plan import Plan, make_plan
 from automl.training.loop import full_config
@@ -48,7 +51,6 @@ class Prepared:
     """The cleaned, split task and what follows from it: the metric, the space, where outputs go."""
 
     task: TaskData
-    options: FinetuneOptions
     metric: str
     out: Path
     base: BaseModel | None = None
@@ -80,12 +82,13 @@ class Diagnostics:
 
 # ---------------------------------------------------------------------------- prepare
 
-def prepare(dataset: Any, opts: FinetuneOptions) -> Prepared:
+def prepare(dataset: Any, *, data: DataOptions, search: SearchOptions, update: UpdateOptions,
+            output: OutputOptions) -> Prepared:
     """Read, check, clean and split the data; pick the metric and the space. Bad input fails here, before Ray."""
-    d, s = opts.data, opts.search
+    d, s = data, search
     base = None
-    if opts.update.base_model is not None:
-        path = Path(opts.update.base_model).resolve()
+    if update.base_model is not None:
+        path = Path(update.base_model).resolve()
         base = BaseModel(path, ExportManifest.read(path))
     task = read_task(dataset, d.label, inputs=d.inputs, seed=s.seed, drop_bad_images=d.drop_bad_images,
                      drop_rare_classes=d.drop_rare_classes, task=d.task, groups=d.groups,
@@ -103,14 +106,14 @@ def prepare(dataset: Any, opts: FinetuneOptions) -> Prepared:
     if s.metric not in allowed:
         raise AutoMLError(f"metric={s.metric!r} is not supported for {task.task} tasks; expected one of {allowed}.")
     metric = choose_metric(task.report.imbalance_ratio, task.task) if s.metric == "auto" else s.metric
-    out = Path(opts.output.output_dir or Path("automl_runs") / f"{task.modality}-{task.fingerprint()[:10]}").resolve()
-    _space(task, opts, base, gpu=False)  # a bad space fails now, before Ray starts
-    return Prepared(task, opts, metric, out, base)
+    out = Path(output.output_dir or Path("automl_runs") / f"{task.modality}-{task.fingerprint()[:10]}").resolve()
+    _space(task, search, base, gpu=False)  # a bad space fails now, before Ray starts
+    return Prepared(task, metric, out, base)
 
 
-def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None, gpu: bool) -> SearchSpace:
+def _space(task: TaskData, search: SearchOptions, base: BaseModel | None, gpu: bool) -> SearchSpace:
     """The user's space, or the default for the hardware (pretrained 224 px spaces with a GPU, cpu_small without)."""
-    source, overrides = opts.search.search_space, dict(opts.search.search_overrides or {})
+    source, overrides = search.search_space, dict(search.search_overrides or {})
     if isinstance(source, dict) and "parameters" not in source:
         source, overrides = None, {**source, **overrides}  # a dict of overrides of the default space
     if source is None:
@@ -118,24 +121,25 @@ def _space(task: TaskData, opts: FinetuneOptions, base: BaseModel | None, gpu: b
             f"{task.modality}_classification" if gpu else "cpu_small")
     space = load_space(source, task.modality, overrides or None)
     if "seed" not in space.parameters:
-        space = space.with_overrides({"seed": opts.search.seed})
+        space = space.with_overrides({"seed": search.seed})
     if base is not None:
         space = space.with_overrides({"backbone": f"automl:{base.path}",
                                       **modalities.get(task.modality).base_pins(base.manifest)})
-    if opts.search.start_points:
+    if search.start_points:
         # Warm start: earlier winners first, then the space's own sensible default.
-        space.start_points = [space.fit_point(p) for p in opts.search.start_points] + space.start_points
+        space.start_points = [space.fit_point(p) for p in search.start_points] + space.start_points
     return space
 
 
 # ---------------------------------------------------------------------------- plan
 
-def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
+def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search: SearchOptions,
+         resources: ResourceOptions, diagnostics: DiagnosticsOptions, output: OutputOptions) -> Plan:
     """Decide how the budget is spent, from the data and the start point's measured speed (search/plan.py)."""
-    opts, task = prepared.options, prepared.task
-    cluster.check_shared_storage(ray, opts.resources.storage_path, shared_dir(prepared))
+    task = prepared.task
+    cluster.check_shared_storage(ray, resources.storage_path, shared_dir(prepared.out, resources.storage_path))
     saved = prepared.out / "plan.json"
-    if opts.search.resume and saved.exists():
+    if search.resume and saved.exists():
         old = Plan.load(saved, budget.elapsed(), budget.total_s)
         if old.fingerprint and old.fingerprint != task.fingerprint():
             raise DataError(f"resume=True, but the data differ from those the interrupted run in {prepared.out} "
@@ -143,15 +147,15 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
                             "its trials were trained and scored on other rows. Fix: resume with the same data, or "
                             "start afresh (resume=False, or another output_dir).")
         return old
-    space = _space(task, opts, prepared.base, gpu=ray.gpus > 0 and opts.resources.gpus_per_trial != 0)
-    res = ray.trial_resources(opts.resources.cpus_per_trial, opts.resources.gpus_per_trial)
+    space = _space(task, search, prepared.base, gpu=ray.gpus > 0 and resources.gpus_per_trial != 0)
+    res = ray.trial_resources(resources.cpus_per_trial, resources.gpus_per_trial)
     # Before the start point is probed: pre-ranking drops backbones that cannot load, the start point's included.
-    space, transfer = _prerank(prepared, space)
+    space, transfer = _prerank(prepared, space, search)
     dropped = []
     while True:  # without pre-ranking (rung 0 runs), a start backbone that cannot load gives way to the next
         try:
             start, spec, stats, pinned_size, max_length, speed_at, others = _start_and_speed(
-                prepared, space, res, ray, budget_bound=budget.total_s is not None)
+                prepared, space, res, ray, search.seed, budget_bound=budget.total_s is not None)
             break
         except ModelLoadError as exc:
             space = _without_backbone(space, full_config(space.default_config())["backbone"], exc)
@@ -159,12 +163,13 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     planned = make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
                      elapsed_s=budget.elapsed(), costs=Costs.load(), resources=res,
                      concurrency=ray.max_concurrency(res),
-                     retrain_cpus=ray.retrain_cpus(res, opts.resources.retrain_workers),
-                     max_trials=opts.search.max_trials, pretrained=spec.pretrained,
-                     export_formats=opts.output.export_formats, label_errors=opts.diagnostics.find_label_errors,
-                     cv_folds=opts.diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
-                     node_cpus=int(ray.node_cpus), retrain=_retrain_choice(opts),
-                     regression=task.task == "regression", rung0_backbones=_rung0_backbones(prepared, space),
+                     retrain_cpus=ray.retrain_cpus(res, resources.retrain_workers),
+                     max_trials=search.max_trials, pretrained=spec.pretrained,
+                     export_formats=output.export_formats, label_errors=diagnostics.find_label_errors,
+                     cv_folds=diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
+                     node_cpus=int(ray.node_cpus), retrain=_retrain_choice(resources.storage_path, search.retrain),
+                     regression=task.task == "regression",
+                     rung0_backbones=_rung0_backbones(prepared, space, search.ladder),
                      others=others)
     planned.transferability = transfer
     planned.fingerprint, planned.budget_s = task.fingerprint(), budget.total_s
@@ -178,14 +183,14 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget) -> Plan:
     return planned
 
 
-def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo,
+def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo, seed: int,
                      budget_bound: bool = True):
     """The start point, its backbone, the data's statistics, the pinned input size or length, the start point's
     measured speed and the space's from-scratch backbones' (with a time budget: they price the plan) (raises
     ModelLoadError when the start backbone cannot load)."""
     from automl.search.plan import DataStats
 
-    task, opts = prepared.task, prepared.options
+    task = prepared.task
     start = full_config(space.default_config())
     spec = models.resolve(start["backbone"])
     stats = DataStats(task.modality, *(len(task.splits[k]) for k in ("train", "validation")),
@@ -196,7 +201,7 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
         return models.family(arch).encoder(None, arch, {"max_length": 8}).tokenizer
 
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
-                                                                     bool(res.get("gpu")), opts.search.seed)
+                                                                     bool(res.get("gpu")), seed)
     speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus), stats.image_side)
     others = _scratch_speeds(prepared, space, res, pinned_size or speed_at.largest, max_length) \
         if budget_bound else {}
@@ -212,10 +217,11 @@ def _without_backbone(space: SearchSpace, name: str, exc: Exception) -> SearchSp
     return space.with_backbones(values)
 
 
-def _rung0_backbones(prepared: Prepared, space: SearchSpace) -> int:
+def _rung0_backbones(prepared: Prepared, space: SearchSpace, ladder: bool) -> int:
     """How many pretrained backbones rung 0 (search/ladder.py) will fit heads on: 0 when it does not run (ladder
-    off, regression, an update of an earlier export, or a start point trained from scratch)."""
-    if not prepared.options.search.ladder or prepared.task.task == "regression" or prepared.base is not None:
+    off, regression, an update of an earlier export, or a start point trained from scratch). ladder: the ladder
+    option (SearchOptions.ladder)."""
+    if not ladder or prepared.task.task == "regression" or prepared.base is not None:
         return 0
     spec = space.parameters.get("backbone", {})
     values = list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
@@ -223,33 +229,33 @@ def _rung0_backbones(prepared: Prepared, space: SearchSpace) -> int:
     return len({v for v in values + [start] if _pretrained(v)}) if _pretrained(start) else 0
 
 
-def _prerank(prepared: Prepared, space: SearchSpace) -> tuple[SearchSpace, dict | None]:
+def _prerank(prepared: Prepared, space: SearchSpace, search: SearchOptions) -> tuple[SearchSpace, dict | None]:
     """LogME pre-ranking of the space's backbones on a sample of training rows (search/prerank.py)."""
     from automl.data.trial_data import TrialData
     from automl.search.prerank import PRERANK_ROWS, prerank_space
 
-    opts, task = prepared.options, prepared.task
-    if not opts.search.prerank or prepared.base is not None or (opts.search.prerank == "auto"
-                                                                  and _rung0_backbones(prepared, space)):
+    task = prepared.task
+    if not search.prerank or prepared.base is not None or (search.prerank == "auto"
+                                                           and _rung0_backbones(prepared, space, search.ladder)):
         return space, None  # rung 0 scores the backbones on validation itself (stages.probe)
-    tr = np.sort(np.random.default_rng(opts.search.seed).permutation(task.splits["train"])[:PRERANK_ROWS])
+    tr = np.sort(np.random.default_rng(search.seed).permutation(task.splits["train"])[:PRERANK_ROWS])
     config = full_config(space.default_config())
     x = modalities.get(task.modality).prerank_input(task, tr, config)
     data = TrialData(task.modality, task.num_classes, x, task.y[tr],
                      task="regression" if task.task == "regression" else "classification")
-    return prerank_space(space, data, opts.search.prerank, opts.search.seed, config)
+    return prerank_space(space, data, search.prerank, search.seed, config)
 
 
-def _retrain_choice(opts: FinetuneOptions):
-    """With results on a URI the trials' best weights are not kept (they live on the trial's node): retrain."""
-    storage = opts.resources.storage_path
+def _retrain_choice(storage: str | None, retrain: bool | str) -> bool | str:
+    """The retrain option (SearchOptions.retrain), given the storage path (ResourceOptions.storage_path). With
+    results on a URI the trials' best weights are not kept (they live on the trial's node): retrain."""
     if storage and "://" in str(storage):
-        if opts.search.retrain is False:
+        if retrain is False:
             raise AutoMLError(f"storage_path {storage!r} is a URI, where automl keeps no trial weights, so "
                               "retrain=False would leave nothing to export. Fix: allow the retrain, or use a "
                               "filesystem path.")
         return True
-    return opts.search.retrain
+    return retrain
 
 
 def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int,
@@ -371,29 +377,30 @@ def _measure_in_worker(cfg: dict, data, threads: tuple[int, ...], plugins: dict)
     return measure_speed(cfg, data, steps=3, threads=threads)
 
 
-def shared_dir(prepared: Prepared) -> Path:
-    """Where run artefacts that trials on other nodes must read live: the storage path when it is a filesystem
-    path (shared on a cluster), else the output folder."""
-    storage = prepared.options.resources.storage_path
-    return Path(storage).resolve() if storage and "://" not in str(storage) else prepared.out
+def shared_dir(out: Path, storage: str | None) -> Path:
+    """Where run artefacts that trials on other nodes must read live: the storage path `storage`
+    (ResourceOptions.storage_path) when it is a filesystem path (shared on a cluster), else the output folder."""
+    return Path(storage).resolve() if storage and "://" not in str(storage) else out
 
 
-def materialise(prepared: Prepared, plan: Plan) -> Inputs:
+def materialise(prepared: Prepared, plan: Plan, *, resources: ResourceOptions) -> Inputs:
     """Every row's model input, decoded and resized once to the planned size."""
-    return Inputs.materialise(prepared.task, plan.storage_size, shared_dir(prepared) / "inputs")
+    return Inputs.materialise(prepared.task, plan.storage_size,
+                              shared_dir(prepared.out, resources.storage_path) / "inputs")
 
 
 # ---------------------------------------------------------------------------- rung 0
 
-def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Rung0 | None:
+def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, search: SearchOptions,
+          resources: ResourceOptions, output: OutputOptions) -> Rung0 | None:
     """Rung 0 of the ladder (search/ladder.py): linear heads on every pretrained backbone's frozen features. The
     search then fine-tunes the backbones it promotes, each from its best head, and the start point fine-tunes
     the probe validation favours (plan.space is updated in place)."""
     from automl.search import ladder
     from automl.training.combine import ALPHA
 
-    task, opts = prepared.task, prepared.options
-    if not _rung0_backbones(prepared, space := plan.space) or (budget.total_s is not None and not plan.rung0_s):
+    task, space = prepared.task, plan.space
+    if not _rung0_backbones(prepared, space, search.ladder) or (budget.total_s is not None and not plan.rung0_s):
         return None
     start = full_config(space.default_config())
     values = list(space.parameters.get("backbone", {}).get("values") or [start["backbone"]])
@@ -403,8 +410,8 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Run
     allowance = None if budget.total_s is None else plan.rung0_s
     rung0 = ladder.probe(candidates, start, data.x_train, data.y_train, data.x_val, data.y_val,
                          num_classes=task.num_classes, metric=prepared.metric, allowance_s=allowance,
-                         out_dir=shared_dir(prepared) / "rung0", seed=opts.search.seed,
-                         progress=say if opts.output.progress else None)
+                         out_dir=shared_dir(prepared.out, resources.storage_path) / "rung0", seed=search.seed,
+                         progress=say if output.progress else None)
     if not rung0.probes:
         plan.reasons.append(rung0.summary())
         return rung0
@@ -415,13 +422,13 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget) -> Run
                                                     else p) for p in space.start_points
                                if p.get("backbone") in keep or p.get("backbone") == start["backbone"]]
     ladder.cross_validate(rung0, np.concatenate([data.y_train, data.y_val]), task.num_classes, prepared.metric,
-                          seed=opts.search.seed)
+                          seed=search.seed)
     if len(data.y_val) == len(inputs.split("validation")):
-        found = ladder.out_of_fold(rung0.best, task.y[inputs.split("full")], task.num_classes, seed=opts.search.seed)
+        found = ladder.out_of_fold(rung0.best, task.y[inputs.split("full")], task.num_classes, seed=search.seed)
         if found is not None:
             rung0.oof_proba, rung0.oof_folds = found
     plan.reasons.append(f"{rung0.summary()}; the fine-tuning rungs search {', '.join(keep)}; {why}")
-    if opts.output.progress:
+    if output.progress:
         say(plan.reasons[-1])
     return rung0
 
@@ -435,32 +442,27 @@ def _pretrained(name) -> bool:
 
 # ---------------------------------------------------------------------------- search
 
-def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0: Rung0 | None = None) -> SearchResult:
+def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0: Rung0 | None = None, *,
+           search: SearchOptions, resources: ResourceOptions, output: OutputOptions) -> SearchResult:
     """Run the Ray Tune search of the plan (fine-tunes start from their backbone's rung-0 head); the trial table
     lists rung 0's heads too."""
     from automl.search.ladder import with_rung0
-    from automl.search.tune import experiment_name, run_search
+    from automl.search.tune import SearchConfig, SearchStorage, experiment_name, run_search
 
-    opts = prepared.options
-    cache = shared_dir(prepared) / "feature_cache"
+    shared = shared_dir(prepared.out, resources.storage_path)
+    cache = shared / "feature_cache"
     # Beside other runs' caches on shared storage; inside the run's own folder otherwise.
-    data = inputs.trial_data(cache_dir=str(cache / prepared.out.name if shared_dir(prepared) != prepared.out else cache),
+    data = inputs.trial_data(cache_dir=str(cache / prepared.out.name if shared != prepared.out else cache),
                              max_val=plan.val_rows)
-    storage = opts.resources.storage_path or str(prepared.out / "ray_results")
-    name = experiment_name(prepared.out, opts.search.resume)
-    now = budget.elapsed()
+    storage = SearchStorage(resources.storage_path or str(prepared.out / "ray_results"),
+                            experiment_name(prepared.out, search.resume), local_dir=str(prepared.out),
+                            resume=search.resume)
+    config = SearchConfig(prepared.metric, storage, plan.search_limits(budget.elapsed()), plan.resources,
+                          plan.concurrency, seed=search.seed, progress=output.progress,
+                          plan_lines=tuple(plan.reasons))
     result = None
     try:
-        result = run_search(data, plan.space, metric=prepared.metric, storage_path=storage, name=name,
-                            local_dir=str(prepared.out),
-                            time_budget_s=None if plan.search_ends_at_s is None else max(5.0, plan.search_ends_at_s - now),
-                            max_trials=plan.max_trials, seed=opts.search.seed, resources=plan.resources,
-                            concurrency=plan.concurrency, resume=opts.search.resume, progress=opts.output.progress,
-                            last_start_s=None if plan.last_start_at_s is None else plan.last_start_at_s - now,
-                            plan_lines=plan.reasons, trial_s=plan.trial_s or None,
-                            init_heads=rung0.head_files() if rung0 else None, stretch_rows=plan.stretch_rows,
-                            kinds=plan.kinds, first_ends_s=None if plan.first_ends_at_s is None
-                            else max(5.0, plan.first_ends_at_s - now))
+        result = run_search(data, plan.space, config, init_heads=rung0.head_files() if rung0 else None)
     except NoTrialScored:
         if not rung0 or not rung0.probes:
             raise
@@ -469,7 +471,7 @@ def search(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, rung0
         # The frozen-feature cache only serves trials; it can be large, so it does not outlive the search.
         shutil.rmtree(data.cache_dir, ignore_errors=True)
     if rung0 and rung0.probes:
-        result = with_rung0(result, rung0, prepared.metric, f"{storage}/{name}")
+        result = with_rung0(result, rung0, prepared.metric, f"{storage.path}/{storage.name}")
     result.transferability = plan.transferability
     return result
 
@@ -483,40 +485,41 @@ def _scaled(config: dict, rows: int, n_train: int) -> dict:
     return {**config, "report_rows": max(1, round(int(config["report_rows"]) * rows / max(1, n_train)))}
 
 
-def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, budget: Budget) -> FinalModel:
+def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, budget: Budget, *,
+             search: SearchOptions, resources: ResourceOptions, output: OutputOptions) -> FinalModel:
     """The winner, as validated: retrained on train+validation for its full planned length with its own schedule
     (Ray Train), or, when the plan has no time for that, the winner's own best weights."""
     from automl.training.loop import build_encoder
     from automl.training.retrain import retrain
 
-    opts, n_train = prepared.options, len(prepared.task.splits["train"])
+    n_train = len(prepared.task.splits["train"])
     # Evaluating and exporting come after: their time is held back from the retrain and the cross-fit (each stage
     # releases its own reserve when it starts).
     costs = Costs.load()
     budget.reserve("evaluate", costs["evaluate_s"])
-    budget.reserve("export", costs[f"export_{prepared.task.modality}_s"] if opts.output.export_formats else 0.0)
-    if not plan.retrain or (opts.search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
-        why = ("retrain=False" if opts.search.retrain is False else "the plan had no time for a retrain"
+    budget.reserve("export", costs[f"export_{prepared.task.modality}_s"] if output.export_formats else 0.0)
+    if not plan.retrain or (search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
+        why = ("retrain=False" if search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
-        return _best_weights(prepared, inputs, result, why, plan.val_rows)
+        return _best_weights(prepared, inputs, result, why, plan.val_rows, progress=output.progress)
     config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
-    if opts.output.progress:
+    if output.progress:
         say(f"best trial: val {prepared.metric} {result.best_score:.4f}" + (f"; {decision}" if decision else "")
             + f"; retraining the chosen config for its full {plan.reports} reports on {len(full.y_train)} rows with "
-              f"Ray Train ({opts.resources.retrain_workers} worker(s))")
+              f"Ray Train ({resources.retrain_workers} worker(s))")
     t0 = time.monotonic()
-    storage = opts.resources.storage_path or str(prepared.out / "ray_results")
+    storage = resources.storage_path or str(prepared.out / "ray_results")
     model, spec, metrics = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
-                                   storage_path=storage, num_workers=opts.resources.retrain_workers,
+                                   storage_path=storage, num_workers=resources.retrain_workers,
                                    use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus)
     # What the retrain took beyond its planned training is Ray Train's fixed cost on this machine: learn it.
     costs = Costs.load()
     costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (plan.retrain_s - plan.retrain_fixed_s)))
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
-                       "workers": opts.resources.retrain_workers, "time_s": time.monotonic() - t0,
+                       "workers": resources.retrain_workers, "time_s": time.monotonic() - t0,
                        "rows": int(len(full.y_train)), "nodes": metrics.get("nodes"),
                        "weight_sums": metrics.get("weight_sums"), "decision": decision, "trials": [trial]})
 
@@ -541,9 +544,9 @@ def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult,
 
 
 def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str,
-                  val_rows: int | None = None) -> FinalModel:
+                  val_rows: int | None = None, *, progress: bool) -> FinalModel:
     """The winner's own best weights, or a soup or an ensemble of the top trials when that scores better on
-    validation (training/combine.py)."""
+    validation (training/combine.py). progress: the progress option (OutputOptions.progress)."""
     from automl.training.combine import combine, start_reference, top_trials
     from automl.training.loop import build_encoder, load_best
 
@@ -573,14 +576,14 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
                                                             "preprocessing": m.encoder.to_dict()} for m in c.members]})
         training = {"how": "checkpoint" if c.kind in ("single", "start point") else c.kind, "reason": why,
                     "trials": c.trial_ids, "val_scores": c.scores, "decision": c.decision}
-        if prepared.options.output.progress:
+        if progress:
             say(f"final model: {c.kind} of {len(c.trial_ids)} trial(s), val {metric} {c.val_score:.4f} "
                 f"(options scored: {', '.join(f'{k} {v:.4f}' for k, v in c.scores.items())}); {why}"
                 + (f"; {c.decision}" if c.decision else ""))
         return FinalModel(c.model, c.encoder, spec, c.config, training)
     config = full_config(result.best_config)
     model, spec = load_best(config, task.num_classes, result.best_weights)
-    if prepared.options.output.progress:
+    if progress:
         say(f"best trial: val {metric} {result.best_score:.4f} at report {result.best_epoch}; exporting its own "
             f"weights ({why})")
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
@@ -607,56 +610,57 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel) -> dict:
 # ---------------------------------------------------------------------------- diagnose
 
 def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, final: FinalModel,
-             budget: Budget) -> Diagnostics:
+             budget: Budget, *, search: SearchOptions, diagnostics: DiagnosticsOptions, update: UpdateOptions,
+             output: OutputOptions) -> Diagnostics:
     """Suspected label errors and cross-validation (a cross-fit of the winner), and the update comparison."""
     from automl.diagnostics.labelnoise import cv_summary, out_of_fold_proba, summary, suspects
     from automl.diagnostics.update import compare_with_base
 
-    opts, task, out = prepared.options, prepared.task, Diagnostics()
+    task, out = prepared.task, Diagnostics()
     regression = task.task == "regression"
     full = inputs.split("full")
     oof = getattr(result, "rung0", None)
-    if not regression and oof is not None and oof.oof_proba is not None and opts.diagnostics.find_label_errors \
+    if not regression and oof is not None and oof.oof_proba is not None and diagnostics.find_label_errors \
             is not False:
         # Rung 0's best head, refitted on 5 folds of train+validation: out-of-fold probabilities for seconds.
         rows = task.row_index[full] if task.row_index is not None else full
         out.label_errors = suspects(oof.oof_proba, task.y[full], prepared.classes, rows)
         out.label_error_summary = summary(out.label_errors, len(full), oof.oof_folds)
         out.label_error_summary["model"] = f"rung 0: {oof.best.backbone} frozen features + logistic regression"
-    want = not regression and out.label_errors is None and (opts.diagnostics.find_label_errors is True
-                                                             or plan.label_errors)
-    if opts.diagnostics.find_label_errors == "auto" and want and not budget.can_afford(plan.cross_fit_s):
+    want = not regression and out.label_errors is None and (diagnostics.find_label_errors is True
+                                                        or plan.label_errors)
+    if diagnostics.find_label_errors == "auto" and want and not budget.can_afford(plan.cross_fit_s):
         want = False
         out.notes.append(f"suspected-label-error search skipped: ~{plan.cross_fit_s:.0f} s needed, "
                          f"{max(budget.available(), 0):.0f} s of the time budget left "
                          "(pass find_label_errors=True to force)")
-    elif opts.diagnostics.find_label_errors == "auto" and not plan.label_errors and not regression \
+    elif diagnostics.find_label_errors == "auto" and not plan.label_errors and not regression \
             and out.label_errors is None:
         out.notes.append("suspected-label-error search skipped: the plan gave its time to the search "
                          "(pass find_label_errors=True to force)")
-    if not regression and (want or opts.diagnostics.cv_folds):
-        folds = opts.diagnostics.cv_folds or 2
-        if opts.output.progress:
-            say(f"cross-fitting {folds} folds to {'cross-validate and ' if opts.diagnostics.cv_folds else ''}"
+    if not regression and (want or diagnostics.cv_folds):
+        folds = diagnostics.cv_folds or 2
+        if output.progress:
+            say(f"cross-fitting {folds} folds to {'cross-validate and ' if diagnostics.cv_folds else ''}"
                 "find suspected label errors")
         fold_rows = len(full) * (folds - 1) // folds
         config = _scaled(full_config(result.best_config), fold_rows, len(task.splits["train"]))
         proba, fold_of = out_of_fold_proba(config, inputs.rows(full), task.y[full], task.num_classes,
                                            epochs=plan.reports, schedule_epochs=plan.reports, modality=task.modality,
-                                           seed=opts.search.seed, folds=folds, return_folds=True,
+                                           seed=search.seed, folds=folds, return_folds=True,
                                            gpus=float(plan.resources.get("gpu") or 0))
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
             out.label_errors = suspects(proba, task.y[full], prepared.classes, rows)
             # The folds actually used: fewer where a class has fewer rows than the folds asked for.
             out.label_error_summary = summary(out.label_errors, len(full), len(np.unique(fold_of)))
-        if opts.diagnostics.cv_folds:
+        if diagnostics.cv_folds:
             out.cross_validation = cv_summary(proba, task.y[full], fold_of, task.num_classes)
     if prepared.base is not None:
         te = inputs.split("test")
         labels = [float(v) for v in task.y[te]] if regression else [prepared.classes[i] for i in task.y[te]]
         out.update = compare_with_base(prepared.base.path, final.model, final.encoder, prepared.classes,
-                                       inputs.pick(te), labels, prepared.metric, opts.update.promote_tolerance,
+                                       inputs.pick(te), labels, prepared.metric, update.promote_tolerance,
                                        task.modality, target_scale=inputs.target_scale)
     return out
 
@@ -664,7 +668,8 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
 # ---------------------------------------------------------------------------- export
 
 def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, final: FinalModel,
-           test_metrics: dict, diagnostics: Diagnostics, budget: Budget) -> FinetunedModel:
+           test_metrics: dict, diagnostics: Diagnostics, budget: Budget, *, search: SearchOptions,
+           output: OutputOptions) -> FinetunedModel:
     """Write the export atomically (weights, manifest, ONNX/TorchScript, card, tables) and return the model."""
     from automl.diagnostics.update import save_test_split
     from automl.export.card import write_card
@@ -672,7 +677,7 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
     from automl.search.prerank import agreement
 
     cluster.release()  # no compute is left to do: the cluster may scale down
-    task, opts = prepared.task, prepared.options
+    task = prepared.task
     task.report.notes.extend(diagnostics.notes)
     trials = result.trials
     pre = Preprocessing(**{k: v for k, v in final.encoder.to_dict().items() if k in Preprocessing.__dataclass_fields__},
@@ -693,26 +698,26 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
         group_metrics=test_metrics.get("groups"), data_report=task.report.to_dict(),
         cross_validation=diagnostics.cross_validation, suspected_label_errors=diagnostics.label_error_summary,
         transferability=agreement(result.transferability, trials, prepared.metric), update=diagnostics.update,
-        provenance=Provenance(fingerprint=task.fingerprint(), seed=opts.search.seed,
+        provenance=Provenance(fingerprint=task.fingerprint(), seed=search.seed,
                               command=" ".join(sys.argv) if sys.argv and sys.argv[0] else "python",
                               base_model=str(prepared.base.path) if prepared.base else None))
     te = inputs.split("test")
     writers = [lambda d, m: write_card(d, m, trials, result.history)]
-    if opts.output.keep_test_split:
+    if output.keep_test_split:
         writers.insert(0, lambda d, m: setattr(m, "test_split", save_test_split(
             d, task.modality, inputs.pick(te), task.y[te], manifest.classes)))
     tables = {"trials.csv": trials, "metrics.json": manifest.test_metrics, "data_report.json": task.report.to_dict()}
     if diagnostics.label_errors is not None:
         tables["suspected_label_errors.csv"] = diagnostics.label_errors
     export_dir = prepared.out / "model"
-    if opts.output.progress:
+    if output.progress:
         say(f"exporting to {export_dir}")
     manifest.provenance.wall_time_s = budget.elapsed()
     manifest.budget = budget.to_dict()
     t0 = time.monotonic()
-    write_export(export_dir, final.model, final.encoder, manifest, tables=tables, formats=opts.output.export_formats,
+    write_export(export_dir, final.model, final.encoder, manifest, tables=tables, formats=output.export_formats,
                  writers=writers)
-    if opts.output.export_formats:  # the next plan reserves what exporting took here
+    if output.export_formats:  # the next plan reserves what exporting took here
         Costs.load().observe(f"export_{task.modality}_s", time.monotonic() - t0)
     fm = FinetunedModel(final.model, final.encoder, ExportManifest.read(export_dir), export_dir=export_dir,
                         trials=trials, search=result)

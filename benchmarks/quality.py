@@ -205,23 +205,26 @@ def random_search(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict
     from automl.cluster import connect
     from automl.export.predictor import FinetunedModel
     from automl.options import FinetuneOptions
-    from automl.search.tune import experiment_name, run_search
+    from automl.search.tune import SearchConfig, SearchLimits, SearchStorage, experiment_name, run_search
+
+    from _engines import random_no_stopping
     from automl.training.loop import build_encoder, full_config, load_best
 
     t0 = time.monotonic()
     opts = FinetuneOptions.from_kwargs(label="label", time_budget_s=budget, seed=seed, output_dir=str(out),
                                        progress=False)
     budget_ = Budget(budget)
-    prepared = stages.prepare(df, opts)
-    plan = stages.plan(prepared, connect(), budget_)
-    inputs = stages.materialise(prepared, plan)
+    prepared = stages.prepare(df, data=opts.data, search=opts.search, update=opts.update, output=opts.output)
+    plan = stages.plan(prepared, connect(), budget_, search=opts.search, resources=opts.resources,
+                       diagnostics=opts.diagnostics, output=opts.output)
+    inputs = stages.materialise(prepared, plan, resources=opts.resources)
     now = budget_.elapsed()
     # The search gets what ours gives search and retrain together (random has no retrain of its own).
     ends = plan.search_ends_at_s + (plan.retrain_s if plan.retrain else 0.0)
-    res = run_search(inputs.trial_data(), plan.space, metric=prepared.metric, storage_path=str(out / "ray"),
-                     name=experiment_name(out, False), time_budget_s=ends - now, max_trials=None, seed=seed,
-                     resources=plan.resources, concurrency=plan.concurrency, progress=False, sampler="random",
-                     early_stopping=False, protect_start_points=False, start_points=[])
+    config = SearchConfig(prepared.metric, SearchStorage(str(out / "ray"), experiment_name(out, False)),
+                          SearchLimits(time_budget_s=ends - now), plan.resources, plan.concurrency, seed=seed,
+                          progress=False)
+    res = run_search(inputs.trial_data(), plan.space, config, start_points=[], engine=random_no_stopping)
     config = full_config(res.best_config)
     model, spec = load_best(config, prepared.task.num_classes, res.best_weights)
     enc = build_encoder(config, model, spec)

@@ -119,13 +119,21 @@ def _start_times(exp_path: str) -> dict[str, float]:
     return out
 
 
+def search(data, space, tmp: Path, name: str, *, max_trials: int, seed: int = 0, cpu: int = 1,
+           concurrency: int = 2, start_points: list[dict] | None = None, engine=None):
+    """One search of `max_trials` trials on the digits task (no time budget), with the product's engine or another
+    (benchmarks/_engines.py)."""
+    from automl.search.tune import SearchConfig, SearchLimits, SearchStorage, asha_tpe, run_search
+
+    config = SearchConfig("accuracy", SearchStorage(str(tmp / "ray"), name), SearchLimits(max_trials=max_trials),
+                          {"cpu": cpu}, concurrency, seed=seed, progress=False)
+    return run_search(data, space, config, start_points=start_points, engine=engine or asha_tpe)
+
+
 def search_vs_replay(target, space, tmp: Path, name: str) -> tuple[float, float, int, int]:
     """(search wall, raw replay wall, trials, trial-epochs) for one 8-trial search."""
-    from automl.search.tune import run_search
-
     t = time.perf_counter()
-    res = run_search(target, space, metric="accuracy", storage_path=str(tmp / "ray"), name=name,
-                     time_budget_s=None, max_trials=8, seed=0, resources={"cpu": 1}, concurrency=2, progress=False)
+    res = search(target, space, tmp, name, max_trials=8)
     search_s = time.perf_counter() - t
     started = _start_times(res.experiment_path)
     rows = sorted((row for _, row in res.trials.iterrows() if row["epochs_run"] > 0),
@@ -148,7 +156,7 @@ def main() -> None:
     import ray
 
     from automl.cluster import ensure_ray
-    from automl.search.tune import run_search
+    from _engines import random_no_stopping, tpe_no_stopping
 
     quiet_libraries()
     started = time.perf_counter()
@@ -204,11 +212,9 @@ def main() -> None:
     say("|---|---|---|---|---|---|")
     fractions, gains = [], []
     for seed in range(args.seeds):
-        asha = run_search(few, few_space, metric="accuracy", storage_path=str(tmp / "ray"), name=f"asha{seed}",
-                          time_budget_s=None, max_trials=12, seed=seed, resources={"cpu": 1}, concurrency=2, progress=False)
-        rand = run_search(few, few_space, metric="accuracy", storage_path=str(tmp / "ray"), name=f"rand{seed}",
-                          time_budget_s=None, max_trials=12, seed=seed, resources={"cpu": 1}, concurrency=2,
-                          progress=False, sampler="random", early_stopping=False, start_points=[])
+        asha = search(few, few_space, tmp, f"asha{seed}", max_trials=12, seed=seed)
+        rand = search(few, few_space, tmp, f"rand{seed}", max_trials=12, seed=seed, start_points=[],
+                      engine=random_no_stopping)
         ca, cr = curve(asha), curve(rand)
         asha_best, rand_best = ca[-1][1], cr[-1][1]
         reach = next((e for e, b in ca if b >= rand_best), None)
@@ -276,9 +282,8 @@ def main() -> None:
     for conc, cpu in ((1, 1), (1, 2), (2, 1)):
         sp = load_space(space, "image", {"max_epochs": 3})
         t = time.perf_counter()
-        run_search(target, sp, metric="accuracy", storage_path=str(tmp / "ray"), name=f"conc{conc}x{cpu}",
-                   time_budget_s=None, max_trials=6, seed=0, resources={"cpu": cpu}, concurrency=conc,
-                   progress=False, early_stopping=False, start_points=fixed)
+        search(target, sp, tmp, f"conc{conc}x{cpu}", max_trials=6, cpu=cpu, concurrency=conc, start_points=fixed,
+               engine=tpe_no_stopping)
         walls[conc, cpu] = time.perf_counter() - t
     scaling = walls[1, 1] / walls[2, 1]
     say(f"- 6 fixed trials × 3 epochs: 1 trial at a time with 1 thread {walls[1, 1]:.1f} s; 2 concurrent trials with "

@@ -12,7 +12,6 @@ import torch
 
 from automl import models
 from automl.data.encoders import ImageEncoder, predict_logits
-from automl.options import FinetuneOptions
 from automl.runtime import device
 
 
@@ -43,7 +42,7 @@ def test_the_evaluate_stage_runs_model_and_inputs_on_the_chosen_device(monkeypat
     from automl.data.intake import prepare
 
     task = prepare(digits_df)
-    prepared = stages.Prepared(task, FinetuneOptions.from_kwargs(output_dir=str(tmp_path)), "accuracy", tmp_path)
+    prepared = stages.Prepared(task, "accuracy", tmp_path)
     inputs = Inputs.materialise(task, 16, tmp_path / "inputs")
     model = _model()
     final = stages.FinalModel(model, ImageEncoder(16, [0.5] * 3, [0.5] * 3), models.resolve("timm/resnet10t:scratch"),

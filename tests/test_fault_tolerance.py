@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from automl.search.tune import run_search
+from automl.search.tune import SearchConfig, SearchLimits, SearchStorage, run_search
 from automl.search.space import load_space
 
 
@@ -34,9 +34,9 @@ def test_trial_that_dies_resumes_from_its_last_checkpoint(ray_session, digits_tr
     marker = tmp_path / "crashed"
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "backbone": "timm/resnet10t:scratch",
                                               "_crash_once_after_epoch": f"2:{marker}"})
-    result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="crash",
-                        time_budget_s=None, max_trials=1, resources={"cpu": 1}, concurrency=1, progress=False,
-                        checkpoint_every_s=0)
+    result = run_search(digits_trial_data, space, SearchConfig(
+        "accuracy", SearchStorage(str(tmp_path), "crash", checkpoint_every_s=0), SearchLimits(max_trials=1),
+        {"cpu": 1}, progress=False))
     assert marker.exists()  # the worker process really died once
     row = result.trials.iloc[0]
     assert row["status"] == "COMPLETED" and row["epochs_run"] == 4
@@ -178,9 +178,9 @@ def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(ray_
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 8, "backbone": "timm/resnet10t:scratch",
                                               "grace_period": 8,  # ASHA's only rung is the end: no trial cut short
                                               "report_rows": 2 * len(digits_trial_data.y_train)})
-    result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="prune",
-                        time_budget_s=None, max_trials=4, resources={"cpu": 1}, concurrency=2, progress=False,
-                        checkpoint_every_s=0, callbacks=[watch])
+    result = run_search(digits_trial_data, space, SearchConfig(
+        "accuracy", SearchStorage(str(tmp_path), "prune", checkpoint_every_s=0), SearchLimits(max_trials=4),
+        {"cpu": 1}, concurrency=2, progress=False), callbacks=[watch])
     assert watch.checkpointed and watch.pruned_mid_search
     assert not list((tmp_path / "prune").glob("trial_*/checkpoint_*"))
     assert result.peak_disk_mb * 2**20 >= _peak_lower_bound(result)

@@ -96,9 +96,10 @@ def test_metric_auto_chooses_macro_f1_on_imbalanced_data(text_df, tmp_path):
     from automl.options import FinetuneOptions
 
     opts = FinetuneOptions.from_kwargs(output_dir=str(tmp_path))
-    balanced = stages.prepare(text_df, opts)
+    groups = {"data": opts.data, "search": opts.search, "update": opts.update, "output": opts.output}
+    balanced = stages.prepare(text_df, **groups)
     imbalanced = stages.prepare(pd.concat([text_df[text_df["label"] != "tech"], text_df[text_df["label"] == "tech"]
-                                           .head(8)]), opts)
+                                           .head(8)]), **groups)
     assert balanced.metric == "accuracy" and imbalanced.task.report.imbalance_ratio >= 3
     assert imbalanced.metric == "f1_macro"
 

@@ -171,7 +171,7 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
     from automl.search import clock as clock_mod
     from automl.search import tune as tune_mod
     from automl.search.clock import FIT_MARGIN, MIN_FIT, fitted_rows, write_deadlines
-    from automl.search.tune import DeadlineOptunaSearch, _sampler
+    from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
 
     frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
     frozen.time = lambda: 1.7e9
@@ -185,7 +185,7 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
     clock = tmp_path / "clock.json"
 
     def searcher():
-        return DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+        return DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=tpe_sampler(0),
                                     points_to_evaluate=[space.sampling_point(space.start_points[0])],
                                     deadline_file=str(clock))
 
@@ -340,7 +340,7 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
 
     from automl.search import tune as tune_mod
     from automl.search.clock import FIT_MARGIN, write_deadlines
-    from automl.search.tune import DeadlineOptunaSearch, _sampler
+    from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
 
     frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
     frozen.time = lambda: 1.7e9
@@ -351,7 +351,7 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     clock = tmp_path / "clock.json"
     kinds = {SCRATCH: {"report_rows": 1000, "trial_s": 20.0}}
     points = [space.sampling_point(p) for p in space.start_points]
-    s = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+    s = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=tpe_sampler(0),
                              points_to_evaluate=points, deadline_file=str(clock))
     write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0, kinds=kinds,
                     first_ends_in_s=900.0)
@@ -359,12 +359,12 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     assert first["backbone"] == "efficientnet-lite0" and first["report_rows"] == 400
     assert first["_deadline"] == 1.7e9 + 900.0 and second["_deadline"] == 1.7e9 + 1000.0
     assert second["backbone"] == SCRATCH and second["report_rows"] == 1000     # its own length
-    late_start = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+    late_start = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=tpe_sampler(0),
                                       points_to_evaluate=points, deadline_file=str(clock))
     write_deadlines(str(clock), last_start_s=30.0, ends_in_s=15.0, trial_s=100.0, kinds=kinds)
     late_start.suggest("s1")                    # the first start point: full length, whatever the time
     assert late_start.suggest("s2")["report_rows"] == int(1000 * FIT_MARGIN * 15 / 20)  # the time it leaves
-    gone = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=_sampler("tpe", 0),
+    gone = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=tpe_sampler(0),
                                 points_to_evaluate=points, deadline_file=str(clock))
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=5.0, trial_s=100.0, kinds=kinds)
     gone.suggest("g1")
@@ -374,3 +374,28 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     assert all(c["backbone"] == SCRATCH and c["report_rows"] == 1000 for c in late)  # 40 s left: fits 20 s
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=10.0, trial_s=100.0, kinds=kinds)
     assert s.suggest("d") == Searcher.FINISHED
+
+
+def test_the_plans_deadlines_reach_the_search_as_one_limits_object_measured_from_the_searchs_start():
+    from automl.search.clock import SearchLimits
+    from automl.search.plan import Plan
+    from automl.search.tune import SearchConfig, SearchStorage
+
+    space = load_space("cpu_small", "image", {"max_epochs": 4})
+    plan = Plan(space, 32, {"cpu": 1}, 2, 1, search_ends_at_s=200.0, last_start_at_s=150.0, max_trials=None,
+                trial_s=60.0, stretch_rows=640, kinds={"timm/resnet10t:scratch": {"report_rows": 96, "trial_s": 20.0}},
+                first_ends_at_s=170.0)
+    lim = plan.search_limits(elapsed_s=50.0)
+    assert (lim.time_budget_s, lim.last_start_s, lim.first_ends_s) == (150.0, 100.0, 120.0)
+    assert (lim.trial_s, lim.stretch_rows, lim.kinds) == (60.0, 640, plan.kinds)
+    # A search that starts at its deadline still gets a few seconds (Tune needs a positive budget); a trial may not
+    # start any more (a negative last start).
+    late = plan.search_limits(elapsed_s=199.0)
+    assert late.time_budget_s == 5.0 and late.last_start_s == -49.0
+    # Without a time budget the plan must bound the search by a trial count: the limits refuse to be endless.
+    with pytest.raises(ValueError, match="time_budget_s or max_trials"):
+        SearchLimits()
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        SearchConfig("accuracy", SearchStorage("/tmp/x", "s"), SearchLimits(max_trials=2), {"cpu": 1}, concurrency=0)
+    with pytest.raises(ValueError, match="needs CPUs or a GPU"):
+        SearchConfig("accuracy", SearchStorage("/tmp/x", "s"), SearchLimits(max_trials=2), {"cpu": 0})

@@ -263,11 +263,12 @@ def test_diagnose_of_a_regression_update_does_not_crash(tmp_path):
     df = pd.DataFrame({"image": list(hwc), "label": np.linspace(5.0, 15.0, len(hwc)) + 0.123})
     opts = FinetuneOptions.from_kwargs(output_dir=str(tmp_path / "out"), base_model=str(base_dir),
                                        task="regression", find_label_errors=False)
-    prepared = stages.prepare(df, opts)
+    prepared = stages.prepare(df, data=opts.data, search=opts.search, update=opts.update, output=opts.output)
     inputs = Inputs.materialise(prepared.task, 16, tmp_path / "cache")
     update = load(base_dir)
     final = stages.FinalModel(update.model, update.encoder, update.manifest.backbone, {})
-    diag = stages.diagnose(prepared, None, inputs, None, final, None)
+    diag = stages.diagnose(prepared, None, inputs, None, final, None, search=opts.search,
+                           diagnostics=opts.diagnostics, update=opts.update, output=opts.output)
     assert diag.update["metric"] == "r2" and diag.update["forgetting_checked"]
 
 

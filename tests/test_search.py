@@ -3,16 +3,16 @@ from __future__ import annotations
 
 import pytest
 
-from automl.search.tune import run_search
+from automl.search.tune import SearchConfig, SearchLimits, SearchStorage, run_search
 from automl.search.space import load_space
 
 
 @pytest.mark.slow  # starts Ray and runs an 8-trial search
 def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_data, tmp_path):
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2})
-    result = run_search(digits_trial_data, space, metric="accuracy", storage_path=str(tmp_path), name="s",
-                        time_budget_s=None, max_trials=8, seed=0, resources={"cpu": 1}, concurrency=2,
-                        progress=False)
+    result = run_search(digits_trial_data, space, SearchConfig(
+        "accuracy", SearchStorage(str(tmp_path), "s"), SearchLimits(max_trials=8), {"cpu": 1}, concurrency=2,
+        progress=False))
     t = result.trials
     assert len(t) == 8
     assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY"}  # no time limit: nothing cut

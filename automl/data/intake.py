@@ -416,6 +416,57 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     known_classes: label values that keep their positions (a base model's classes);
     new label values are appended after them.
     """
+    df, base_dir = _read_frame(data)
+    report = DataReport(rows_received=int(len(df)))
+    label_col = find_label_column(df, label)
+    _check_groups(df, groups, inputs)
+    groups_col = groups
+    modality, in_cols, ignored = infer_inputs(df, label_col, inputs, exclude=(groups_col,) if groups_col else ())
+    report.ignored_columns = ignored
+    df = _clean_labels(df, label_col, report)
+
+    adapter = modalities.get(modality)
+    kept = _read_rows(adapter, df, in_cols, label_col, base_dir, report, strict=not drop_bad_images)
+
+    task = infer_task(kept.df[label_col], task, label_col)
+    has_split_col = any(str(c).lower() == "split" for c in kept.df.columns)
+    kept, counts = _drop_rare(kept, label_col, task, has_split_col, drop_rare_classes, report)
+    _check_enough(counts, task, label_col, known_classes, report)
+    classes, y, strata = _encode_labels(kept.df[label_col], counts, task, known_classes)
+
+    u = row_positions(kept.keys, seed)
+    if has_split_col:
+        splits = _column_splits(kept.df, strata, u, classes, task, report)
+    else:
+        splits = _auto_splits(y, strata, u, task, counts, val_frac, test_frac)
+
+    report.rows_used = int(len(y))
+    if task != "regression":
+        _check_training_classes(y, classes, splits, report)
+    task = _summarise(report, task, y, classes, counts, splits)
+    return TaskData(
+        modality=modality, task=task, classes=classes, y=y,
+        input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
+        **adapter.task_fields(kept.rows, kept.keys), base_dir=base_dir, row_index=kept.df.index.to_numpy(),
+        groups=kept.df[groups_col].astype(str).to_numpy() if groups_col else None, groups_column=groups_col,
+    )
+
+
+@dataclass
+class _Kept:
+    """The rows still kept: the table, each row's input as its modality keeps it, and each row's content key."""
+
+    df: pd.DataFrame
+    rows: Any
+    keys: list[str]
+
+    def where(self, mask: np.ndarray) -> _Kept:
+        """Only the rows where `mask` holds."""
+        return _Kept(self.df[mask], _subset(self.rows, mask), [k for k, m in zip(self.keys, mask) if m])
+
+
+def _read_frame(data: Any) -> tuple[pd.DataFrame, str | None]:
+    """The user's data as a DataFrame (and its base dir), refused if its columns repeat or it has no rows."""
     df, base_dir = to_dataframe(data)
     if df.columns.duplicated().any():
         dups = sorted({str(c) for c in df.columns[df.columns.duplicated()]})
@@ -423,35 +474,36 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
                         "Fix: rename the columns, e.g. df.columns = [...].")
     if len(df) == 0:
         raise DataError("The dataset is empty (0 rows); expected labelled examples. Fix: pass a non-empty dataset.")
-    report = DataReport(rows_received=int(len(df)))
-    label_col = find_label_column(df, label)
+    return df, base_dir
+
+
+def _check_groups(df: pd.DataFrame, groups: str | None, inputs: list[str] | None) -> None:
+    """Refuse a groups column that is missing or that is also an input."""
     if groups is not None and groups not in df.columns:
         raise DataError(f"Groups column {groups!r} not found; the columns are {list(map(str, df.columns))}. "
                         "Fix: pass groups= one of these columns (its values get their own test metrics).")
     if groups is not None and inputs is not None and groups in inputs:
         raise DataError(f"Column {groups!r} is both an input and the groups column; the groups column is only "
                         "used to break down the test metrics. Fix: drop it from inputs= or from groups=.")
-    groups_col = groups
-    modality, in_cols, ignored = infer_inputs(df, label_col, inputs, exclude=(groups_col,) if groups_col else ())
-    report.ignored_columns = ignored
-    df = _clean_labels(df, label_col, report)
 
-    adapter = modalities.get(modality)
+
+def _read_rows(adapter: Any, df: pd.DataFrame, in_cols: list[str], label_col: str, base_dir: str | None,
+               report: DataReport, strict: bool) -> _Kept:
+    """The rows with present, readable inputs, duplicates removed (each drop counted in `report`)."""
     ok = adapter.present(df, in_cols)  # missing / empty inputs
     report.dropped_missing_input = int((~ok).sum())
     df = df[ok.to_numpy()]
-    rows, keys, keep = adapter.read_rows(df, in_cols, base_dir, report, strict=not drop_bad_images)
+    rows, keys, keep = adapter.read_rows(df, in_cols, base_dir, report, strict=strict)
     df = df.iloc[keep]
+    return _Kept(df, rows, keys).where(_dedupe(keys, df[label_col], report))
 
-    keep_mask = _dedupe(keys, df[label_col], report)
-    df = df[keep_mask]
-    rows, keys = _subset(rows, keep_mask), [k for k, m in zip(keys, keep_mask) if m]
 
-    labels = df[label_col]
-    task = infer_task(labels, task, label_col)
+def _drop_rare(kept: _Kept, label_col: str, task: str, has_split_col: bool, drop_rare_classes: bool,
+               report: DataReport) -> tuple[_Kept, pd.Series]:
+    """Refuse, or drop and report, classes too small to split; returns the rows kept and each label's count."""
+    labels = kept.df[label_col]
     counts = labels.value_counts()
     rare = counts[counts < MIN_PER_CLASS] if task != "regression" else counts.iloc[:0]
-    has_split_col = any(str(c).lower() == "split" for c in df.columns)
     if len(rare) and not has_split_col:
         if not drop_rare_classes:
             raise DataError(
@@ -461,9 +513,14 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
                 "(they are listed in the data report).")
         report.dropped_rare_classes = {str(k): int(v) for k, v in rare.items()}
         keep = ~labels.isin(rare.index).to_numpy()
-        df, labels = df[keep], labels[keep]
-        rows, keys = _subset(rows, keep), [k for k, m in zip(keys, keep) if m]
-        counts = labels.value_counts()
+        kept = kept.where(keep)
+        counts = labels[keep].value_counts()
+    return kept, counts
+
+
+def _check_enough(counts: pd.Series, task: str, label_col: str, known_classes: list | None,
+                  report: DataReport) -> None:
+    """Refuse data left with no rows, or with a single label (unless a base model brings other classes)."""
     if len(counts) == 0:
         r = report
         raise DataError(
@@ -479,6 +536,10 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
             f"Label column {label_col!r} has only one class ({list(map(str, counts.index))}) after cleaning; "
             "classification needs at least two. Fix: check the label column, or add examples of other classes.")
 
+
+def _encode_labels(labels: pd.Series, counts: pd.Series, task: str,
+                   known_classes: list | None) -> tuple[list, np.ndarray, np.ndarray]:
+    """(classes in code order, each row's target, each row's stratum); regression has no classes."""
     if task == "regression":
         classes = []
         y = labels.astype(float).to_numpy(dtype=np.float32)
@@ -494,42 +555,56 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         code = {c: i for i, c in enumerate(classes)}
         y = labels.map(code).to_numpy(dtype=np.int64)
         strata = y
+    return classes, y, strata
 
-    u = row_positions(keys, seed)
-    if has_split_col:
-        split_col = next(c for c in df.columns if str(c).lower() == "split")
-        names = df[split_col].astype(str).str.lower().map(SPLIT_NAMES)
-        if names.isna().any():
-            bad = sorted(set(df[split_col][names.isna()].astype(str)))
-            raise DataError(f"Split column {split_col!r} has values {bad}; expected train/validation/test. "
-                            "Fix: rename those values or drop the column to split automatically.")
-        splits = {k: np.flatnonzero(names.to_numpy() == k) for k in ("train", "validation", "test")}
-        if len(splits["train"]) == 0:
-            raise DataError(f"Split column {split_col!r} marks no rows as 'train'. Fix: mark training rows.")
-        missing = [k for k in ("validation", "test") if len(splits[k]) == 0]
-        if missing:
-            splits = _carve(splits, missing, strata, u, classes, task, split_col, report)
-    else:
-        n = len(y)
-        n_groups = 2 if task == "regression" else max(len(counts), 2)
-        if n < MIN_PER_CLASS * n_groups:
-            raise DataError(f"Only {n} usable rows for {n_groups} classes; need at least {MIN_PER_CLASS} per class to split. "
-                            "Fix: add more labelled rows.")
-        # Small data needs proportionally bigger held-out sets for a stable score.
-        default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1
-        splits = _split(strata, u, val_frac or default, test_frac or default)
 
-    report.rows_used = int(len(y))
-    if task != "regression":
-        in_train = set(np.unique(y[splits["train"]]).tolist())
-        if len(in_train) < 2:
-            names = ", ".join(str(classes[i]) for i in in_train)
-            raise DataError(f"The training split holds {len(in_train)} class ({names}) of {len(classes)}: nothing to "
-                            "learn to tell apart. Fix: mark rows of every class as 'train' in the split column, or "
-                            "drop it to split automatically.")
-        absent = [str(classes[i]) for i in range(len(classes)) if i not in in_train]
-        if absent:
-            report.notes.append(f"classes with no training row (the model cannot predict them): {', '.join(absent)}")
+def _column_splits(df: pd.DataFrame, strata: np.ndarray, u: np.ndarray, classes: list, task: str,
+                   report: DataReport) -> dict[str, np.ndarray]:
+    """The splits the split column names, carving out of train those it has no rows for."""
+    split_col = next(c for c in df.columns if str(c).lower() == "split")
+    names = df[split_col].astype(str).str.lower().map(SPLIT_NAMES)
+    if names.isna().any():
+        bad = sorted(set(df[split_col][names.isna()].astype(str)))
+        raise DataError(f"Split column {split_col!r} has values {bad}; expected train/validation/test. "
+                        "Fix: rename those values or drop the column to split automatically.")
+    splits = {k: np.flatnonzero(names.to_numpy() == k) for k in ("train", "validation", "test")}
+    if len(splits["train"]) == 0:
+        raise DataError(f"Split column {split_col!r} marks no rows as 'train'. Fix: mark training rows.")
+    missing = [k for k in ("validation", "test") if len(splits[k]) == 0]
+    if missing:
+        splits = _carve(splits, missing, strata, u, classes, task, split_col, report)
+    return splits
+
+
+def _auto_splits(y: np.ndarray, strata: np.ndarray, u: np.ndarray, task: str, counts: pd.Series,
+                 val_frac: float | None, test_frac: float | None) -> dict[str, np.ndarray]:
+    """Stable stratified splits, with held-out fractions sized by the data unless given."""
+    n = len(y)
+    n_groups = 2 if task == "regression" else max(len(counts), 2)
+    if n < MIN_PER_CLASS * n_groups:
+        raise DataError(f"Only {n} usable rows for {n_groups} classes; need at least {MIN_PER_CLASS} per class to split. "
+                        "Fix: add more labelled rows.")
+    # Small data needs proportionally bigger held-out sets for a stable score.
+    default = 0.2 if n < 500 else 0.15 if n < 5000 else 0.1
+    return _split(strata, u, val_frac or default, test_frac or default)
+
+
+def _check_training_classes(y: np.ndarray, classes: list, splits: dict[str, np.ndarray], report: DataReport) -> None:
+    """Refuse a training split of one class; note the classes it lacks."""
+    in_train = set(np.unique(y[splits["train"]]).tolist())
+    if len(in_train) < 2:
+        names = ", ".join(str(classes[i]) for i in in_train)
+        raise DataError(f"The training split holds {len(in_train)} class ({names}) of {len(classes)}: nothing to "
+                        "learn to tell apart. Fix: mark rows of every class as 'train' in the split column, or "
+                        "drop it to split automatically.")
+    absent = [str(classes[i]) for i in range(len(classes)) if i not in in_train]
+    if absent:
+        report.notes.append(f"classes with no training row (the model cannot predict them): {', '.join(absent)}")
+
+
+def _summarise(report: DataReport, task: str, y: np.ndarray, classes: list, counts: pd.Series,
+               splits: dict[str, np.ndarray]) -> str:
+    """Fill in the report's target summary and split sizes; returns the task's final name."""
     if task == "regression":
         report.notes.append(f"regression target: mean {y.mean():.4g}, std {y.std():.4g}, range [{y.min():.4g}, {y.max():.4g}]")
     else:
@@ -537,12 +612,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
         report.imbalance_ratio = float(counts.max() / counts.min())
         task = "binary" if len(classes) == 2 else "multiclass"
     report.split_sizes = {k: int(len(v)) for k, v in splits.items()}
-    return TaskData(
-        modality=modality, task=task, classes=classes, y=y,
-        input_columns=[str(c) for c in in_cols], label_column=str(label_col), splits=splits, report=report,
-        **adapter.task_fields(rows, keys), base_dir=base_dir, row_index=df.index.to_numpy(),
-        groups=df[groups_col].astype(str).to_numpy() if groups_col else None, groups_column=groups_col,
-    )
+    return task
 
 
 def _subset(rows, mask) -> Any:

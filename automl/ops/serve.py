@@ -120,42 +120,13 @@ def _app(models: dict[str, dict], opts: ServeOptions):
                       ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica})
     class ModelServer:
         def __init__(self, export_dir: str, max_batch_size: int, batch_wait_s: float):
-            from automl.export.predictor import load
-            from automl.runtime import quiet_libraries, set_threads
-
-            quiet_libraries(search=False)  # a replica starts without Optuna, Ray Tune or Ray Train
-            set_threads(max(1, int(opts.cpus_per_replica)))
-            self.model = load(export_dir)
-            if opts.gpus_per_replica:  # the replica was given a GPU: predict on it
-                from automl.runtime import device
-
-                self.model.to(device())
+            self.model = _load_model(export_dir, opts)
             self.predict.set_max_batch_size(max_batch_size)
             self.predict.set_batch_wait_timeout_s(batch_wait_s)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
         async def predict(self, requests: list[list]) -> list:
-            # Each element is one request's inputs: predict them all at once, hand each request its own rows.
-            # If that fails, each request alone: one bad input must not fail the requests batched with it.
-            # Serve batches requests, each up to max_inputs inputs: predicted max_inputs at a time, so memory stays
-            # that of one full request however many are batched.
-            flat = [x for r in requests for x in r]
-            try:
-                results = [y for i in range(0, len(flat), opts.max_inputs)
-                           for y in answer(self.model, flat[i:i + opts.max_inputs])]
-            except Exception:
-                return [self._alone(r) for r in requests]
-            out, start = [], 0
-            for r in requests:
-                out.append(results[start:start + len(r)])
-                start += len(r)
-            return out
-
-        def _alone(self, inputs: list):
-            try:
-                return answer(self.model, inputs)
-            except Exception as exc:  # reported to this request's client as a 422
-                return {"error": f"the model could not read these inputs ({type(exc).__name__}: {str(exc)[:300]})"}
+            return _answer_batch(self.model, requests, opts.max_inputs)
 
     app = FastAPI(title="automl", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -165,59 +136,30 @@ def _app(models: dict[str, dict], opts: ServeOptions):
         def __init__(self, handles: dict, info: dict):
             self.handles, self.info = handles, info
 
-        def _refuse(self, request: Request):
-            if opts.token is not None:
-                given = request.headers.get("authorization", "")
-                if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(),
-                                                                               opts.token.encode()):
-                    return JSONResponse({"error": "missing or wrong bearer token; send the header "
-                                                  "'Authorization: Bearer <token>' with the server's token"},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            return None
-
         @app.get("/healthz")
         async def healthz(self):
             return {"status": "ok", "models": len(self.handles)}
 
         @app.get("/models")
         async def list_models(self, request: Request):
-            return self._refuse(request) or {"models": list(self.info.values())}
+            return _refusal(request, opts.token) or {"models": list(self.info.values())}
 
         @app.post("/models/{name}/predict")
         async def predict(self, name: str, request: Request):
-            refused = self._refuse(request)
+            refused = _refusal(request, opts.token)
             if refused:
                 return refused
             if name not in self.handles:
                 return JSONResponse({"error": f"no model named {name!r}; served: {sorted(self.handles)}"},
                                     status_code=404)
             try:
-                length = int(request.headers.get("content-length") or 0)
-                if length > opts.max_request_bytes:
-                    raise RequestError(413, f"request body of {length} bytes; at most {opts.max_request_bytes}")
-                raw = b""
-                async for chunk in request.stream():  # a body sent without Content-Length is capped as it arrives
-                    raw += chunk
-                    if len(raw) > opts.max_request_bytes:
-                        raise RequestError(413, f"request body of over {opts.max_request_bytes} bytes; at most "
-                                                f"{opts.max_request_bytes}")
-                try:
-                    import json
-
-                    body = json.loads(raw)
-                except ValueError as exc:
-                    raise RequestError(400, f"the body is not JSON ({exc}); expected {{\"inputs\": [...]}}") from None
+                body = await _read_json(request, opts.max_request_bytes)
                 info = self.info[name]
                 inputs = parse_inputs(body, info["modality"], len(info["input_columns"]), opts.max_inputs)
             except RequestError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
             rows = await self.handles[name].predict.remote(inputs)
-            if isinstance(rows, dict):
-                return JSONResponse({"error": rows["error"]}, status_code=422)
-            result = {"predictions": [r["prediction"] for r in rows]}
-            if not info["regression"]:
-                result["probabilities"] = [r["probabilities"] for r in rows]
-            return result
+            return _prediction_response(rows, info["regression"])
 
     handles, info = {}, {}
     for name, spec in models.items():
@@ -225,6 +167,87 @@ def _app(models: dict[str, dict], opts: ServeOptions):
                                                                        opts.batch_wait_s)
         info[name] = spec["info"]
     return Ingress.bind(handles, info)
+
+
+def _load_model(export_dir: str, opts: ServeOptions):
+    """A replica's model: loaded with the replica's threads, on its GPU if it was given one."""
+    from automl.export.predictor import load
+    from automl.runtime import quiet_libraries, set_threads
+
+    quiet_libraries(search=False)  # a replica starts without Optuna, Ray Tune or Ray Train
+    set_threads(max(1, int(opts.cpus_per_replica)))
+    model = load(export_dir)
+    if opts.gpus_per_replica:  # the replica was given a GPU: predict on it
+        from automl.runtime import device
+
+        model.to(device())
+    return model
+
+
+def _answer_batch(model, requests: list[list], max_inputs: int) -> list:
+    """The answers to a batch of requests, one entry per request (its rows, or an error for that request alone)."""
+    # Each element is one request's inputs: predict them all at once, hand each request its own rows.
+    # If that fails, each request alone: one bad input must not fail the requests batched with it.
+    # Serve batches requests, each up to max_inputs inputs: predicted max_inputs at a time, so memory stays
+    # that of one full request however many are batched.
+    flat = [x for r in requests for x in r]
+    try:
+        results = [y for i in range(0, len(flat), max_inputs)
+                   for y in answer(model, flat[i:i + max_inputs])]
+    except Exception:
+        return [_answer_alone(model, r) for r in requests]
+    out, start = [], 0
+    for r in requests:
+        out.append(results[start:start + len(r)])
+        start += len(r)
+    return out
+
+
+def _answer_alone(model, inputs: list):
+    """One request's answers, or the error its inputs raise (as a dict)."""
+    try:
+        return answer(model, inputs)
+    except Exception as exc:  # reported to this request's client as a 422
+        return {"error": f"the model could not read these inputs ({type(exc).__name__}: {str(exc)[:300]})"}
+
+
+def _refusal(request: Request, token: str | None) -> JSONResponse | None:
+    """A 401 answer when the server has a token and the request does not send it; None when it may pass."""
+    if token is not None:
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].strip().encode(), token.encode()):
+            return JSONResponse({"error": "missing or wrong bearer token; send the header "
+                                          "'Authorization: Bearer <token>' with the server's token"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
+
+
+async def _read_json(request: Request, max_bytes: int) -> object:
+    """The request's JSON body, refused (RequestError) when it is over `max_bytes` or not JSON."""
+    length = int(request.headers.get("content-length") or 0)
+    if length > max_bytes:
+        raise RequestError(413, f"request body of {length} bytes; at most {max_bytes}")
+    raw = b""
+    async for chunk in request.stream():  # a body sent without Content-Length is capped as it arrives
+        raw += chunk
+        if len(raw) > max_bytes:
+            raise RequestError(413, f"request body of over {max_bytes} bytes; at most {max_bytes}")
+    try:
+        import json
+
+        return json.loads(raw)
+    except ValueError as exc:
+        raise RequestError(400, f"the body is not JSON ({exc}); expected {{\"inputs\": [...]}}") from None
+
+
+def _prediction_response(rows, regression: bool):
+    """The HTTP answer to a predict request from its rows (or a 422 with the error its inputs raised)."""
+    if isinstance(rows, dict):
+        return JSONResponse({"error": rows["error"]}, status_code=422)
+    result = {"predictions": [r["prediction"] for r in rows]}
+    if not regression:
+        result["probabilities"] = [r["probabilities"] for r in rows]
+    return result
 
 
 @dataclass

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 # A trial that starts too late for its full length trains a shorter schedule that ends with the search (a trial
@@ -24,6 +25,38 @@ def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float |
                                       "ends_at": None if ends_in_s is None else now + ends_in_s,
                                       "trial_s": trial_s, "stretch_rows": stretch_rows, "kinds": kinds or {},
                                       "first_ends_at": None if first_ends_in_s is None else now + first_ends_in_s}))
+
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """When the search ends and what its trials may train: the plan's figures (search/plan.py), in seconds from
+    the search's start.
+
+    time_budget_s / max_trials: the search ends at whichever comes first (one of them is needed). last_start_s: no
+    trial starts later. trial_s: a full-length trial's planned time; a trial that starts when it no longer fits
+    trains a schedule shortened to end in time. stretch_rows: rows a report of a start point alone may grow to when
+    it runs ahead of its plan. kinds: backbones with their own length and price (plan.price_kinds). first_ends_s:
+    the first start point ends its schedule then."""
+
+    time_budget_s: float | None = None
+    max_trials: int | None = None
+    last_start_s: float | None = None
+    trial_s: float | None = None
+    first_ends_s: float | None = None
+    stretch_rows: int = 0
+    kinds: dict | None = None
+
+    def __post_init__(self) -> None:
+        if self.time_budget_s is None and not self.max_trials:
+            raise ValueError("Give time_budget_s or max_trials: without either the search never ends.")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0 seconds; got {self.time_budget_s!r}.")
+
+    def write(self, path: str) -> None:
+        """These limits as the searcher's clock file (write_deadlines)."""
+        write_deadlines(path, last_start_s=self.last_start_s, ends_in_s=self.time_budget_s, trial_s=self.trial_s,
+                        stretch_rows=self.stretch_rows, kinds=self.kinds, first_ends_in_s=self.first_ends_s)
+
 
 
 def fits(trial_s: float | None, left_s: float) -> bool:

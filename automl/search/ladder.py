@@ -277,23 +277,36 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
                   np.concatenate([f_train, f_val]) if len(pick) == n_train else None, [h["proba"] for h in heads],
                   row_flops=flops)
         result.probes.append(p)
-        input_cols = {k: config[k] for k in ("image_size", "max_length") if config.get(k) is not None}
-        for j, h in enumerate(heads):
-            result.rows.append({"trial_id": tid if h is best else f"{tid}_{j}", "rung": 0, "start_point": False,
-                                "config/backbone": name, "config/unfreeze": 0, **{f"config/{k}": v for k, v in
-                                                                                   input_cols.items()},
-                                "config/class_weighted": h["balanced"], "head": f"logistic C={h['C']:g}",
-                                f"best_val_{metric}": h["score"], "best_epoch": 0, "best_val_loss": math.nan,
-                                "epochs_run": 0, "time_s": h["fit_s"] + (seconds - sum(x["fit_s"] for x in heads))
-                                / len(heads), "status": "COMPLETED", "rows": len(pick)})
+        result.rows.extend(_head_rows(tid, name, heads, best, config, metric, seconds, len(pick)))
         if progress:
-            progress(f"rung 0: {name} features {row_s * 1000:.1f} ms/row, {len(heads)} heads on {len(pick)} rows, "
-                     f"best val {metric} {best['score']:.4f} (C={best['C']:g}"
-                     f"{', class-weighted' if best['balanced'] else ''}) in {seconds:.0f} s")
+            progress(_progress_line(name, row_s, heads, best, metric, seconds, len(pick)))
         del model
     result.probes.sort(key=lambda p: p.val_score, reverse=True)
     result.seconds = time.monotonic() - t_start
     return result
+
+
+def _head_rows(tid: str, name: str, heads: list[dict], best: dict, config: dict, metric: str, seconds: float,
+               n_rows: int) -> list[dict]:
+    """One trial-table row per head fitted on `name`'s features (the best head under the trial id `tid`)."""
+    input_cols = {k: config[k] for k in ("image_size", "max_length") if config.get(k) is not None}
+    out = []
+    for j, h in enumerate(heads):
+        out.append({"trial_id": tid if h is best else f"{tid}_{j}", "rung": 0, "start_point": False,
+                    "config/backbone": name, "config/unfreeze": 0, **{f"config/{k}": v for k, v in input_cols.items()},
+                    "config/class_weighted": h["balanced"], "head": f"logistic C={h['C']:g}",
+                    f"best_val_{metric}": h["score"], "best_epoch": 0, "best_val_loss": math.nan,
+                    "epochs_run": 0, "time_s": h["fit_s"] + (seconds - sum(x["fit_s"] for x in heads))
+                    / len(heads), "status": "COMPLETED", "rows": n_rows})
+    return out
+
+
+def _progress_line(name: str, row_s: float, heads: list[dict], best: dict, metric: str, seconds: float,
+                   n_rows: int) -> str:
+    """What rung 0 reports once backbone `name` is probed."""
+    return (f"rung 0: {name} features {row_s * 1000:.1f} ms/row, {len(heads)} heads on {n_rows} rows, "
+            f"best val {metric} {best['score']:.4f} (C={best['C']:g}"
+            f"{', class-weighted' if best['balanced'] else ''}) in {seconds:.0f} s")
 
 
 def out_of_fold(probe_: Probe, y_full: np.ndarray, num_classes: int, folds: int = LABEL_ERROR_FOLDS,

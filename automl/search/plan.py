@@ -35,7 +35,7 @@ import numpy as np
 
 from automl.budget import Costs
 from automl.search.space import SearchSpace
-from automl.search.clock import FIT_MARGIN, MIN_FIT
+from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits
 
 # A full-length trial may take this share of a slot's search time (the start point runs at full length first);
 # narrow: one full-length trial per slot; single: the start point alone.
@@ -123,7 +123,7 @@ class Plan:
     label_errors: bool = False         # the suspected-label-error cross-fit is planned in
     cross_fit_s: float = 0.0
     reasons: list[str] = field(default_factory=list)
-    regime: str = "search"             # "search", "narrow" or "single" (see choose() in make_plan)
+    regime: str = "search"             # "search", "narrow" or "single" (see _Frame.choose)
     val_rows: int | None = None        # trials score on a stratified sample of this many validation rows
     speed: dict = field(default_factory=dict)
     planned_at_s: float = 0.0          # seconds after the run started when the plan was made
@@ -141,6 +141,17 @@ class Plan:
         d = asdict(self)
         d["space"] = self.space.name
         return d
+
+    def search_limits(self, elapsed_s: float) -> SearchLimits:
+        """The search's limits when it starts `elapsed_s` into the run: the plan's deadlines (seconds after the run
+        started) as seconds from the search's start, the one place they are converted."""
+        def left(at: float | None) -> float | None:
+            return None if at is None else max(5.0, at - elapsed_s)
+
+        return SearchLimits(time_budget_s=left(self.search_ends_at_s), max_trials=self.max_trials,
+                            last_start_s=None if self.last_start_at_s is None else self.last_start_at_s - elapsed_s,
+                            trial_s=self.trial_s or None, first_ends_s=left(self.first_ends_at_s),
+                            stretch_rows=self.stretch_rows, kinds=self.kinds)
 
     def save(self, path) -> None:
         """The plan as JSON beside the search, so a resumed search keeps the trial length and sizes it began with."""
@@ -252,6 +263,126 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     measured speed (at the largest candidate size): they are priced as themselves (price_kinds), not at the
     start point's cost, and one that is a start point of the space gets its own run where it is affordable."""
     reasons: list[str] = []
+    f = _frame(space, stats, speed_at, budget_left_s, costs, resources, concurrency, pretrained, export_formats,
+               pinned_size, node_cpus)
+    ratio = stats.n_full / max(1, stats.n_train)
+    if regression:  # label errors and cross-validation are for classification: nothing to reserve
+        label_errors, cv_folds, rung0_backbones = False, None, 0
+    rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones)
+    if rung0_s:
+        budget_left_s -= rung0_s
+        reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
+                       "pretrained backbone(s), before any fine-tune (the fine-tunes start from the best heads)")
+    scratch_s = _reserve_scratch(f, space, others, budget_left_s, reasons)
+    if budget_left_s is not None:
+        budget_left_s -= scratch_s
+    if rung0_backbones and (rung0_s or budget_left_s is None) and label_errors == "auto":
+        label_errors = False  # rung 0's out-of-fold heads list them for seconds: no cross-fit to plan
+    if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
+        r = _reserves_unlimited(f, retrain, label_errors, ratio)
+    else:
+        r = _reserves_budgeted(f, budget_left_s, retrain, label_errors, cv_folds, ratio, reasons)
+        if scratch_s:
+            r.search_s += scratch_s  # the priced from-scratch start point runs after the start point, in the search
+    choice = r.choice
+    resources = _regime_resources(choice, resources, node_cpus, reasons)
+    p = _pin(f, space, choice, pinned_size, max_length)
+    reasons[:0] = _length_reasons(f, choice, p, max_length)
+    if stats.sized and stats.image_side:
+        reasons.append(_image_reason(f, choice, p.space, pinned_size, pretrained))
+    kinds = price_kinds(others or {}, stats, choice, p.reports, speed_at, costs, f.more_cpus, f.vrows,
+                        r.search_s if budget_left_s is not None else math.inf)
+    for b, k in kinds.items():
+        reasons.append(f"{b} priced as itself: {p.reports} reports of {k['report_rows']} rows (~{k['epochs']:.0f} "
+                       f"epochs from scratch, ~{k['trial_s']:.0f} s at its measured {k['step_s'] * 1000:.0f} ms/step"
+                       f" against the start point's {choice.step_s * 1000:.0f})")
+    ends_at = last_start = first_ends = None
+    if budget_left_s is not None:
+        ends_at, last_start, first_ends = _deadlines(f, elapsed_s, rung0_s, r.search_s, scratch_s, choice, kinds,
+                                                     reasons)
+    val_rows = f.vrows if stats.n_val > f.vrows else None
+    if val_rows:
+        reasons.append(f"trials and the final choice score on a stratified {val_rows} of the {stats.n_val} validation "
+                       "rows (enough to rank configs, and validating often stays cheap); the final model is tested "
+                       "on the whole test split")
+    msg = _overrun(budget_left_s, r.total, choice, pinned_size) if budget_left_s is not None else None
+    if msg:
+        reasons.append(msg)
+        warnings.warn(msg, stacklevel=2)
+    return Plan(p.space, planned_size(p.space) if stats.sized else None, resources, choice.concurrency,
+                retrain_cpus, ends_at, last_start, max_trials, p.reports, p.report_rows, p.pins["grace_period"], p.rf,
+                choice.trial_s, r.retrain, r.retrain_s, bool(r.want_errors), r.cross_fit_s, reasons, choice.regime,
+                val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
+                planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if r.retrain_s else 0.0,
+                rung0_s=rung0_s, stretch_rows=p.stretch_rows, kinds=kinds, first_ends_at_s=first_ends)
+
+
+# ---------------------------------------------------------------------------- the plan's steps
+
+@dataclass
+class _Frame:
+    """What every step of make_plan derives from the data, the start point's speed and the budget."""
+
+    stats: DataStats
+    speed_at: Callable[[int | None], Speed]
+    costs: Costs
+    concurrency: int                  # trials side by side, as asked (a choice may run fewer)
+    fixed_reports: int | None         # the user pinned the trial length in reports
+    bs: int                           # the start point's batch size
+    steps_per_pass: int
+    sensible: int                     # steps of a full-length trial
+    shortest: int                     # ...and the fewest it may be shortened to
+    sizes: list[int | None]           # candidate image sizes, largest first ([None] for text)
+    after: float                      # the fixed costs after the search: export (or evaluation) and finalising
+    vrows: int                        # validation rows trials and finalising score on
+    more_cpus: bool                   # a trial running alone gets more CPUs than one beside others
+
+    def total(self, budget_left_s: float) -> float:
+        """The time left for training: the budget less what follows the search and Ray's start."""
+        return budget_left_s - self.after - self.costs["ray_start_s"]
+
+    def seconds(self, size: int | None, steps: int, c: int) -> tuple[float, float]:
+        """The start point's full-length trial time and one step's at `size` (trial_seconds)."""
+        return trial_seconds(self.speed_at(size), steps, c, self.more_cpus, self.costs, self.vrows)
+
+    def choose(self, search_s: float) -> Choice:
+        """The first that fits, size by size from the largest (the data's own) down: a search (a full-length trial
+        takes at most a third of a slot's time); a search with the start point in a slot of its own all along
+        ("narrow"); the start point alone with every CPU ("single"), as long as the time allows up to its
+        sensible length and not under half of it. Only
+        then smaller images; at the smallest, trained as long as the time allows. Inputs and length come first:
+        on Tux Paint stamps EfficientNet-Lite0 scored 0.78 macro-F1 at 128 px and 0.69 at 96 px for the same 320
+        steps, 0.61 at 96 px and 160 steps; a search of shorter trials on smaller images does not win that back."""
+        sensible, shortest, concurrency = self.sensible, self.shortest, self.concurrency
+        lengths = [sensible] if self.fixed_reports else sorted(
+            {sensible, max(shortest, int(sensible * 0.75)), shortest}, reverse=True)
+        tries = [("search", concurrency, FULL_TRIAL_SHARE, lengths[:1]),
+                 ("narrow", concurrency, NARROW_SHARE, lengths[:1]), ("single", 1, SINGLE_SHARE, lengths)]
+        for size in self.sizes:
+            for regime, c, share, candidates in tries:
+                if regime == "narrow" and concurrency == 1:
+                    continue
+                # Narrow keeps the start point's full length: a shortened trial beside another does worse than
+                # the full-length one alone (stamps, 300 s: 240 steps beside a rival 0.70 macro-F1, 320 alone 0.74).
+                if regime == "single" and not self.fixed_reports:
+                    # Alone, the start point trains as long as the time allows, up to its sensible length.
+                    fixed_s, per_step = self.seconds(size, 0, 1)
+                    n = min(sensible, int((share * search_s - fixed_s) / per_step))
+                    candidates = [n] if n >= shortest else []
+                for n in candidates:
+                    t, step_s = self.seconds(size, n, c)
+                    if t <= share * search_s:
+                        return Choice(size, n, t, step_s, c, regime)
+        size = self.sizes[-1]
+        fixed_s, step_s = self.seconds(size, 0, 1)  # the set-up and the validations: paid whatever the length
+        n = max(4, int((SINGLE_SHARE * search_s - fixed_s) / (step_s * 1.1)))
+        return Choice(size, n, self.seconds(size, n, 1)[0], step_s, 1, "single")
+
+
+def _frame(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None], Speed],
+           budget_left_s: float | None, costs: Costs, resources: dict, concurrency: int, pretrained: bool,
+           export_formats: bool, pinned_size: int | None, node_cpus: int) -> _Frame:
+    """The start point's lengths in steps, the candidate sizes, the validation rows and the costs after the search."""
     bs = speed_at(pinned_size if stats.sized else None).batch_size
     steps_per_pass = max(1, math.ceil(stats.n_train / bs))
     fixed_reports = space.max_epochs  # the user pinned the trial length in reports
@@ -271,64 +402,32 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     after += costs["evaluate_s"] + stats.n_test * sp.eval_row_s + 2.0 + TOP_TRIALS * (
         0.5 * sp.setup_s + 2 * vrows * sp.eval_row_s)
     more_cpus = node_cpus > resources.get("cpu", 1) and not resources.get("gpu")
+    return _Frame(stats, speed_at, costs, concurrency, fixed_reports, bs, steps_per_pass, sensible, shortest, sizes,
+                  after, vrows, more_cpus)
 
-    def seconds(size, steps: int, c: int) -> tuple[float, float]:
-        """The start point's full-length trial time and one step's at `size` (trial_seconds)."""
-        return trial_seconds(speed_at(size), steps, c, more_cpus, costs, vrows)
 
-    def choose(search_s: float) -> Choice:
-        """The first that fits, size by size from the largest (the data's own) down: a search (a full-length trial
-        takes at most a third of a slot's time); a search with the start point in a slot of its own all along
-        ("narrow"); the start point alone with every CPU ("single"), as long as the time allows up to its
-        sensible length and not under half of it. Only
-        then smaller images; at the smallest, trained as long as the time allows. Inputs and length come first:
-        on Tux Paint stamps EfficientNet-Lite0 scored 0.78 macro-F1 at 128 px and 0.69 at 96 px for the same 320
-        steps, 0.61 at 96 px and 160 steps; a search of shorter trials on smaller images does not win that back."""
-        lengths = [sensible] if fixed_reports else sorted({sensible, max(shortest, int(sensible * 0.75)), shortest},
-                                                          reverse=True)
-        tries = [("search", concurrency, FULL_TRIAL_SHARE, lengths[:1]),
-                 ("narrow", concurrency, NARROW_SHARE, lengths[:1]), ("single", 1, SINGLE_SHARE, lengths)]
-        for size in sizes:
-            for regime, c, share, candidates in tries:
-                if regime == "narrow" and concurrency == 1:
-                    continue
-                # Narrow keeps the start point's full length: a shortened trial beside another does worse than
-                # the full-length one alone (stamps, 300 s: 240 steps beside a rival 0.70 macro-F1, 320 alone 0.74).
-                if regime == "single" and not fixed_reports:
-                    # Alone, the start point trains as long as the time allows, up to its sensible length.
-                    fixed_s, per_step = seconds(size, 0, 1)
-                    n = min(sensible, int((share * search_s - fixed_s) / per_step))
-                    candidates = [n] if n >= shortest else []
-                for n in candidates:
-                    t, step_s = seconds(size, n, c)
-                    if t <= share * search_s:
-                        return Choice(size, n, t, step_s, c, regime)
-        size = sizes[-1]
-        fixed_s, step_s = seconds(size, 0, 1)  # the set-up and the validations: paid whatever the length
-        n = max(4, int((SINGLE_SHARE * search_s - fixed_s) / (step_s * 1.1)))
-        return Choice(size, n, seconds(size, n, 1)[0], step_s, 1, "single")
+def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int) -> float:
+    """The time reserved for rung 0 before the search (0.0 when none is)."""
+    if not (rung0_backbones and budget_left_s is not None):
+        return 0.0
+    total = f.total(budget_left_s)
+    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0])))
+    # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
+    # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
+    # or an eighth (it then probes fewer rows or backbones), or nothing.
+    alone = f.choose(total)
 
-    ratio = stats.n_full / max(1, stats.n_train)
-    if regression:  # label errors and cross-validation are for classification: nothing to reserve
-        label_errors, cv_folds, rung0_backbones = False, None, 0
-    rung0_s = 0.0
-    if rung0_backbones and budget_left_s is not None:
-        total = budget_left_s - after - costs["ray_start_s"]
-        want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, stats, speed_at(sizes[0])))
-        # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
-        # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
-        # or an eighth (it then probes fewer rows or backbones), or nothing.
-        alone = choose(total)
+    def affordable(r: float) -> bool:
+        c = f.choose(total - r)
+        return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps
 
-        def affordable(r: float) -> bool:
-            c = choose(total - r)
-            return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps
+    return next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
 
-        rung0_s = next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
-        budget_left_s -= rung0_s
-    if rung0_s:
-        reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
-                       "pretrained backbone(s), before any fine-tune (the fine-tunes start from the best heads)")
+
+def _reserve_scratch(f: _Frame, space: SearchSpace, others: dict[str, Speed] | None, budget_left_s: float | None,
+                     reasons: list[str]) -> float:
+    """The time reserved for the space's from-scratch start points after the start point (a reason names those
+    that get none)."""
     # A from-scratch start point where the start point runs alone: it gets time reserved after it when that costs
     # the start point neither its size nor more than RUNG0_MAX_STEP_LOSS of its steps. Otherwise it reserves
     # nothing and runs in what the start point leaves, if anything (a speed probe of a few steps is often 15-40%
@@ -336,67 +435,88 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     scratch_s, unreserved = 0.0, []
     scratch_starts = [b for b in (others or {}) if any(p.get("backbone") == b for p in space.start_points[1:])]
     if scratch_starts and budget_left_s is not None:
-        total = budget_left_s - after - costs["ray_start_s"]
-        alone = choose(total)
+        total = f.total(budget_left_s)
+        alone = f.choose(total)
         for b in scratch_starts:
             if alone.regime != "single":
                 continue  # it runs in a slot of its own beside the start point
-            t_b = _kind_time(others[b], stats, alone.size, speed_at, costs, more_cpus, 1, vrows,
+            t_b = _kind_time(others[b], f.stats, alone.size, f.speed_at, f.costs, f.more_cpus, 1, f.vrows,
                              FULL_TRIAL_SHARE * total)[1]
-            c = choose(total - scratch_s - t_b)
+            c = f.choose(total - scratch_s - t_b)
             if c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps \
                     and t_b <= FULL_TRIAL_SHARE * total:
                 scratch_s += t_b
             else:
                 unreserved.append(b)
-        budget_left_s -= scratch_s
     if unreserved:
         reasons.append(f"no time reserved for {', '.join(unreserved)}: at its own measured price it would cost the "
                        f"start point more than {RUNG0_MAX_STEP_LOSS:.0%} of its steps or its image size; it runs "
                        "after the start point in the time that leaves, if any")
-    if rung0_backbones and (rung0_s or budget_left_s is None) and label_errors == "auto":
-        label_errors = False  # rung 0's out-of-fold heads list them for seconds: no cross-fit to plan
-    wanted = retrain
-    if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
-        choice, search_s, retrain, cross_fit_s = choose(math.inf), 0.0, wanted is not False, 0.0
-        # Not a reserve (nothing to fit into) but the retrain's planned training: what a retrain takes beyond it
-        # is learned as Ray Train's start-up (stages.finalise), which budgeted runs then reserve.
-        retrain_s = costs["ray_train_startup_s"] + choice.trial_s * ratio if retrain else 0.0
-        want_errors = label_errors is True or (label_errors == "auto" and stats.n_full <= 20000)
-    else:
-        total = budget_left_s - after - costs["ray_start_s"]
-        choice = choose(total)
-        for _ in range(2):  # reserves depend on the trial length, and the length on what the reserves leave
-            retrain_s = costs["ray_train_startup_s"] + choice.trial_s * ratio
-            retrain = wanted is True or (wanted == "auto" and choice.regime == "search"
-                                         and total - retrain_s >= MIN_FULL_TRIALS * choice.trial_s)
-            # The cross-fit trains its folds side by side, each on part of train+validation.
-            cross_fit_s = 5.0 + choice.trial_s * ratio * (cv_folds or 2) / max(2, concurrency)
-            want_errors = label_errors is True or (
-                label_errors == "auto" and stats.n_full <= 20000 and choice.regime == "search"
-                and total - (retrain_s if retrain else 0.0) - cross_fit_s >= MIN_FULL_TRIALS * choice.trial_s)
-            reserve = (retrain_s if retrain else 0.0) + (cross_fit_s if want_errors or cv_folds else 0.0)
-            # The search never ends past the budget for a reserve: what does not fit is not reserved (finalise
-            # skips a retrain or a cross-fit the time left cannot pay for).
-            search_s = max(total - reserve, min(choice.trial_s, max(total, 0.0)))
-            again = choose(search_s)
-            if again == choice:
-                break
-            choice = again
-        if not retrain and wanted is False:
-            reasons.append("no retrain on train+validation (retrain=False): the best trial's own weights, or a soup "
-                           "or an ensemble of the top trials, are exported")
-            retrain_s = 0.0
-        elif not retrain:
-            reasons.append(f"no retrain on train+validation (~{retrain_s:.0f} s would leave the search less than "
-                           f"{MIN_FULL_TRIALS:.0f} full-length trials): the winner's own best weights are exported")
-            retrain_s = 0.0
-        if label_errors == "auto" and not want_errors:
-            reasons.append(f"suspected-label-error cross-fit skipped: the ~{cross_fit_s:.0f} s it takes are better "
-                           "spent on the search (pass find_label_errors=True to force it)")
-    if budget_left_s is not None and scratch_s:
-        search_s += scratch_s  # the priced from-scratch start point runs after the start point, in the search
-    concurrency = choice.concurrency
+    return scratch_s
+
+
+@dataclass
+class _Reserves:
+    """The full-length trial chosen, the search's time and what is reserved after it."""
+
+    choice: Choice
+    search_s: float
+    total: float | None               # the time left for training (None without a time limit)
+    retrain: bool
+    retrain_s: float
+    cross_fit_s: float
+    want_errors: bool                 # the suspected-label-error cross-fit is planned in
+
+
+def _reserves_unlimited(f: _Frame, wanted: bool | str, label_errors: bool | str, ratio: float) -> _Reserves:
+    """Without a time limit: the sensible length, and a retrain unless refused."""
+    choice, search_s, retrain, cross_fit_s = f.choose(math.inf), 0.0, wanted is not False, 0.0
+    # Not a reserve (nothing to fit into) but the retrain's planned training: what a retrain takes beyond it
+    # is learned as Ray Train's start-up (stages.finalise), which budgeted runs then reserve.
+    retrain_s = f.costs["ray_train_startup_s"] + choice.trial_s * ratio if retrain else 0.0
+    want_errors = label_errors is True or (label_errors == "auto" and f.stats.n_full <= 20000)
+    return _Reserves(choice, search_s, None, retrain, retrain_s, cross_fit_s, want_errors)
+
+
+def _reserves_budgeted(f: _Frame, budget_left_s: float, wanted: bool | str, label_errors: bool | str,
+                       cv_folds: int | None, ratio: float, reasons: list[str]) -> _Reserves:
+    """The trial and the search's time once the retrain and the cross-fit that fit are reserved (a reason says
+    what is skipped)."""
+    total = f.total(budget_left_s)
+    choice = f.choose(total)
+    for _ in range(2):  # reserves depend on the trial length, and the length on what the reserves leave
+        retrain_s = f.costs["ray_train_startup_s"] + choice.trial_s * ratio
+        retrain = wanted is True or (wanted == "auto" and choice.regime == "search"
+                                     and total - retrain_s >= MIN_FULL_TRIALS * choice.trial_s)
+        # The cross-fit trains its folds side by side, each on part of train+validation.
+        cross_fit_s = 5.0 + choice.trial_s * ratio * (cv_folds or 2) / max(2, f.concurrency)
+        want_errors = label_errors is True or (
+            label_errors == "auto" and f.stats.n_full <= 20000 and choice.regime == "search"
+            and total - (retrain_s if retrain else 0.0) - cross_fit_s >= MIN_FULL_TRIALS * choice.trial_s)
+        reserve = (retrain_s if retrain else 0.0) + (cross_fit_s if want_errors or cv_folds else 0.0)
+        # The search never ends past the budget for a reserve: what does not fit is not reserved (finalise
+        # skips a retrain or a cross-fit the time left cannot pay for).
+        search_s = max(total - reserve, min(choice.trial_s, max(total, 0.0)))
+        again = f.choose(search_s)
+        if again == choice:
+            break
+        choice = again
+    if not retrain and wanted is False:
+        reasons.append("no retrain on train+validation (retrain=False): the best trial's own weights, or a soup "
+                       "or an ensemble of the top trials, are exported")
+        retrain_s = 0.0
+    elif not retrain:
+        reasons.append(f"no retrain on train+validation (~{retrain_s:.0f} s would leave the search less than "
+                       f"{MIN_FULL_TRIALS:.0f} full-length trials): the winner's own best weights are exported")
+        retrain_s = 0.0
+    if label_errors == "auto" and not want_errors:
+        reasons.append(f"suspected-label-error cross-fit skipped: the ~{cross_fit_s:.0f} s it takes are better "
+                       "spent on the search (pass find_label_errors=True to force it)")
+    return _Reserves(choice, search_s, total, retrain, retrain_s, cross_fit_s, want_errors)
+
+
+def _regime_resources(choice: Choice, resources: dict, node_cpus: int, reasons: list[str]) -> dict:
+    """A trial's resources in the chosen regime (every CPU of the node for the start point alone), with its reason."""
     if choice.regime == "single":
         resources = {**resources, "cpu": float(max(resources.get("cpu", 1), node_cpus))}
         # Time the start point leaves goes to other configs, one at a time, each started only while it can
@@ -406,79 +526,98 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                        "follow one at a time while the time left lets them reach a rung")
     elif choice.regime == "narrow":
         reasons.append("the start point trains at full length in one slot for most of the search; the other "
-                       f"slot{'s' if concurrency > 2 else ''} try other configs of the same length")
+                       f"slot{'s' if choice.concurrency > 2 else ''} try other configs of the same length")
+    return resources
 
-    reports = fixed_reports or int(min(REPORTS[1], max(REPORTS[0], _reports_for_eval(choice, stats, speed_at))))
-    report_rows = 0 if fixed_reports else max(1, math.ceil(choice.steps * bs / reports))
+
+@dataclass
+class _Pins:
+    """The trial length in reports and rows, ASHA's rungs and the space with them (and the inputs' size) pinned."""
+
+    space: SearchSpace
+    reports: int
+    report_rows: int
+    stretch_rows: int
+    pins: dict
+    rf: int                           # ASHA's reduction factor
+
+
+def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None, max_length: int | None) -> _Pins:
+    """The full-length trial as reports of rows, ASHA's first rung, and the space as searched."""
+    reports = f.fixed_reports or int(min(REPORTS[1], max(
+        REPORTS[0], _reports_for_eval(choice, f.stats, f.speed_at))))
+    report_rows = 0 if f.fixed_reports else max(1, math.ceil(choice.steps * f.bs / reports))
     # Shortened to fit, the start point may still grow back towards its sensible length when it runs ahead of the
     # plan (a speed probe of a few steps is often 15-40% off; loop.Pace), instead of leaving that time unused.
-    stretch_rows = math.ceil(sensible * bs / reports) if report_rows and choice.regime != "search" else 0
+    stretch_rows = math.ceil(f.sensible * f.bs / reports) if report_rows and choice.regime != "search" else 0
     stretch_rows = stretch_rows if stretch_rows > report_rows else 0
     grace = space.grace_period or max(1, math.ceil(FIRST_RUNG * reports))
     rf = space.reduction_factor or REDUCTION_FACTOR
     pins = {"max_epochs": reports, "grace_period": min(grace, reports), "reduction_factor": rf}
     if report_rows and "report_rows" not in space.parameters:
         pins["report_rows"] = report_rows
-    if stats.sized and choice.size and not pinned_size:
+    if f.stats.sized and choice.size and not pinned_size:
         pins["image_size"] = choice.size
-    if not stats.sized and max_length:
+    if not f.stats.sized and max_length:
         pins["max_length"] = max_length
-    planned = space.with_overrides(pins)
+    return _Pins(space.with_overrides(pins), reports, report_rows, stretch_rows, pins, rf)
 
-    epochs = choice.steps / steps_per_pass
-    reasons[:0] = [
-        f"a full-length trial: {reports} reports of {report_rows or 'one pass of'} {'rows' if report_rows else 'the data'}"
-        f" = {choice.steps} steps of batch {bs} (~{epochs:.1f} epochs, ~{choice.trial_s:.0f} s at "
+
+def _length_reasons(f: _Frame, choice: Choice, p: _Pins, max_length: int | None) -> list[str]:
+    """The full-length trial and ASHA's first judgement, in words (the first of the plan's reasons)."""
+    epochs = choice.steps / f.steps_per_pass
+    return [
+        f"a full-length trial: {p.reports} reports of {p.report_rows or 'one pass of'} "
+        f"{'rows' if p.report_rows else 'the data'}"
+        f" = {choice.steps} steps of batch {f.bs} (~{epochs:.1f} epochs, ~{choice.trial_s:.0f} s at "
         f"{choice.step_s * 1000:.0f} ms/step, from the start point's measured speed"
-        + (f", {choice.size} px images" if stats.sized else "")
+        + (f", {choice.size} px images" if f.stats.sized else "")
         + (f", {max_length} tokens" if max_length else "") + ")",
-        f"ASHA judges trials first after {pins['grace_period']} of {reports} reports (reduction factor {rf}); "
+        f"ASHA judges trials first after {p.pins['grace_period']} of {p.reports} reports (reduction factor {p.rf}); "
         "the start point runs first and is never stopped",
     ]
-    if stats.sized and stats.image_side:
-        reasons.append(f"images are {stats.image_side} px (median longer side); trained at {planned_size(planned)} px"
-                       + (" (pinned)" if pinned_size else " (upscaled: a pretrained backbone sees too little below "
-                          f"{MIN_IMAGE_PRETRAINED} px)" if pretrained and stats.image_side < MIN_IMAGE_PRETRAINED
-                          and choice.size == MIN_IMAGE_PRETRAINED else "" if choice.size and choice.size >= min(
-                           _round8(stats.image_side), sizes[0]) else " to fit the budget"))
-    kinds = price_kinds(others or {}, stats, choice, reports, speed_at, costs, more_cpus, vrows,
-                        search_s if budget_left_s is not None else math.inf)
-    for b, k in kinds.items():
-        reasons.append(f"{b} priced as itself: {reports} reports of {k['report_rows']} rows (~{k['epochs']:.0f} "
-                       f"epochs from scratch, ~{k['trial_s']:.0f} s at its measured {k['step_s'] * 1000:.0f} ms/step"
-                       f" against the start point's {choice.step_s * 1000:.0f})")
-    ends_at = last_start = first_ends = None
-    if budget_left_s is not None:
-        ends_at = elapsed_s + rung0_s + costs["ray_start_s"] + search_s
-        first_ends = ends_at - scratch_s if scratch_s else None
-        # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end
-        # (the cheapest kind's: a cheap net may still start where the start point's kind could not).
-        last_start = ends_at - min([choice.trial_s] + [k["trial_s"] for k in kinds.values()]) * MIN_FIT / FIT_MARGIN
-        capacity = search_s * concurrency / max(choice.trial_s, 1e-9)
-        reasons.append(f"search: ~{search_s:.0f} s on {concurrency} trial slot(s), room for ~{capacity:.1f} "
-                       "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"
-                                               if choice.regime == "search" else "")
-                       + f"; a trial that starts when its full length no longer fits trains a schedule shortened "
-                         f"to end in time (down to {MIN_FIT:.0%} of the length), none starts later than that")
-    val_rows = vrows if stats.n_val > vrows else None
-    if val_rows:
-        reasons.append(f"trials and the final choice score on a stratified {val_rows} of the {stats.n_val} validation "
-                       "rows (enough to rank configs, and validating often stays cheap); the final model is tested "
-                       "on the whole test split")
-    if budget_left_s is not None and choice.trial_s > max(total, 0.0):
-        msg = (f"the time budget cannot pay for the shortest run: {max(total, 0.0):.0f} s are left for training after "
-               f"this machine's fixed costs (start-up, evaluation, export), and {choice.steps} steps at "
-               f"{choice.size or ''}{' px ' if choice.size else ''}take ~{choice.trial_s:.0f} s; expect the run to "
-               f"overrun. Fix: a budget of at least ~{budget_left_s + choice.trial_s - max(total, 0.0) + 30:.0f} s"
-               + (", or a smaller image_size" if pinned_size else ""))
-        reasons.append(msg)
-        warnings.warn(msg, stacklevel=2)
-    return Plan(planned, planned_size(planned) if stats.sized else None, resources, concurrency,
-                retrain_cpus, ends_at, last_start, max_trials, reports, report_rows, pins["grace_period"], rf,
-                choice.trial_s, retrain, retrain_s, bool(want_errors), cross_fit_s, reasons, choice.regime,
-                val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
-                planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if retrain_s else 0.0,
-                rung0_s=rung0_s, stretch_rows=stretch_rows, kinds=kinds, first_ends_at_s=first_ends)
+
+
+def _image_reason(f: _Frame, choice: Choice, planned: SearchSpace, pinned_size: int | None, pretrained: bool) -> str:
+    """The images' size and the size they are trained at, and why they differ."""
+    side = f.stats.image_side
+    if pinned_size:
+        why = " (pinned)"
+    elif pretrained and side < MIN_IMAGE_PRETRAINED and choice.size == MIN_IMAGE_PRETRAINED:
+        why = f" (upscaled: a pretrained backbone sees too little below {MIN_IMAGE_PRETRAINED} px)"
+    elif choice.size and choice.size >= min(_round8(side), f.sizes[0]):
+        why = ""
+    else:
+        why = " to fit the budget"
+    return f"images are {side} px (median longer side); trained at {planned_size(planned)} px" + why
+
+
+def _deadlines(f: _Frame, elapsed_s: float, rung0_s: float, search_s: float, scratch_s: float, choice: Choice,
+               kinds: dict, reasons: list[str]) -> tuple[float, float, float | None]:
+    """When the search ends, when the last trial may start and when the start point ends (with the reason)."""
+    ends_at = elapsed_s + rung0_s + f.costs["ray_start_s"] + search_s
+    first_ends = ends_at - scratch_s if scratch_s else None
+    # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end
+    # (the cheapest kind's: a cheap net may still start where the start point's kind could not).
+    last_start = ends_at - min([choice.trial_s] + [k["trial_s"] for k in kinds.values()]) * MIN_FIT / FIT_MARGIN
+    capacity = search_s * choice.concurrency / max(choice.trial_s, 1e-9)
+    reasons.append(f"search: ~{search_s:.0f} s on {choice.concurrency} trial slot(s), room for ~{capacity:.1f} "
+                   "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"
+                                           if choice.regime == "search" else "")
+                   + f"; a trial that starts when its full length no longer fits trains a schedule shortened "
+                     f"to end in time (down to {MIN_FIT:.0%} of the length), none starts later than that")
+    return ends_at, last_start, first_ends
+
+
+def _overrun(budget_left_s: float, total: float, choice: Choice, pinned_size: int | None) -> str | None:
+    """The warning when the time left cannot pay even for the shortest run (else None)."""
+    if choice.trial_s > max(total, 0.0):
+        return (f"the time budget cannot pay for the shortest run: {max(total, 0.0):.0f} s are left for training "
+                f"after this machine's fixed costs (start-up, evaluation, export), and {choice.steps} steps at "
+                f"{choice.size or ''}{' px ' if choice.size else ''}take ~{choice.trial_s:.0f} s; expect the run "
+                f"to overrun. Fix: a budget of at least ~{budget_left_s + choice.trial_s - max(total, 0.0) + 30:.0f} s"
+                + (", or a smaller image_size" if pinned_size else ""))
+    return None
 
 
 def _kind_time(sp: Speed, stats: DataStats, size: int | None, speed_at, costs: Costs, more_cpus: bool, c: int,

@@ -21,7 +21,7 @@ from automl.errors import NoTrialScored
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
-from automl.search.clock import fits, fitted_rows, write_deadlines
+from automl.search.clock import SearchLimits, fits, fitted_rows
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -343,79 +343,119 @@ def _searchable_point(space: SearchSpace, point: dict) -> dict:
     return space.sampling_point(point)
 
 
-def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path: str, name: str,
-               time_budget_s: float | None, max_trials: int | None, seed: int = 0, resources: dict,
-               concurrency: int, resume: bool = False, progress: bool = True, checkpoint: bool = True,
-               start_points: list[dict] | None = None, local_dir: str | None = None,
-               sampler: str = "tpe", early_stopping: bool = True,
-               checkpoint_every_s: float = CHECKPOINT_EVERY_S, protect_start_points: bool = True,
-               last_start_s: float | None = None, keep_best: int = 5, plan_lines: list[str] | None = None,
-               callbacks: list | None = None, trial_s: float | None = None,
-               init_heads: dict | None = None, stretch_rows: int = 0, kinds: dict | None = None,
-               first_ends_s: float | None = None) -> SearchResult:
+@dataclass(frozen=True)
+class SearchStorage:
+    """Where a search keeps its experiment and how its trials checkpoint.
+
+    path: a local folder or a URI (s3://, gs://, ...); name: the experiment's folder in it. local_dir: the driver's
+    own bookkeeping (ASHA's decisions, the deadlines; default: the experiment folder when it is local). resume:
+    continue the experiment when it exists. checkpoint_every_s: least time between a trial's checkpoints (0: after
+    every report). keep_best: the weights of this many top trials are kept (in <experiment>/best)."""
+
+    path: str
+    name: str
+    local_dir: str | None = None
+    resume: bool = False
+    checkpoint: bool = True
+    checkpoint_every_s: float = CHECKPOINT_EVERY_S
+    keep_best: int = 5
+
+    def __post_init__(self) -> None:
+        if not str(self.path) or not str(self.name):
+            raise ValueError(f"SearchStorage needs a path and an experiment name; got path={self.path!r}, "
+                             f"name={self.name!r}.")
+        if self.checkpoint_every_s < 0 or self.keep_best < 1:
+            raise ValueError(f"SearchStorage: checkpoint_every_s must be >= 0 and keep_best >= 1; got "
+                             f"{self.checkpoint_every_s!r} and {self.keep_best!r}.")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """What one search needs: the metric it maximises, where it is stored, its limits, and the trial slots (each
+    slot gets `resources`; `concurrency` slots run at once). plan_lines: the plan's reasons, for the progress
+    view."""
+
+    metric: str
+    storage: SearchStorage
+    limits: SearchLimits
+    resources: dict
+    concurrency: int = 1
+    seed: int = 0
+    progress: bool = True
+    plan_lines: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1 trial at a time; got {self.concurrency!r}.")
+        if not (self.resources.get("cpu", 0) > 0 or self.resources.get("gpu", 0) > 0):
+            raise ValueError(f"A trial slot needs CPUs or a GPU; got resources={self.resources!r}.")
+
+
+def asha_tpe(space: SearchSpace, *, metric: str, points: list[dict], deadline_file: str, seed: int,
+             asha_log: str) -> tuple[Any, TrialScheduler]:
+    """The product's engine: Optuna's TPE proposes configs within the plan's deadlines (DeadlineOptunaSearch) and
+    ASHA stops bad trials, never the start points. An engine is any function of these arguments that returns
+    (a Tune searcher, a Tune scheduler): the benchmarks build their baselines (random sampling, no early stopping)
+    with their own."""
+    searcher = DeadlineOptunaSearch(space, metric=metric, mode="max", points_to_evaluate=points or None,
+                                    sampler=tpe_sampler(seed), deadline_file=deadline_file)
+    scheduler = RecordingASHA(asha_log, protected=len(points), time_attr="training_iteration",
+                              max_t=space.max_epochs, grace_period=min(space.grace_period or 1, space.max_epochs),
+                              reduction_factor=space.reduction_factor or 3)
+    return searcher, scheduler
+
+
+def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, start_points: list[dict] | None = None,
+               init_heads: dict | None = None, callbacks: list | None = None, engine=asha_tpe) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
 
-    checkpoint_every_s: least time between a trial's checkpoints (0: after every report).
-    protect_start_points: ASHA never stops the start points. last_start_s: start no trial later than this many
-    seconds from now. trial_s: a full-length trial's planned time; with time_budget_s, a trial that starts when
-    it no longer fits trains a shortened schedule that does; kinds: backbones with their own length and price
-    (search/plan.price_kinds); first_ends_s: the first start point ends its schedule then. keep_best: the best
-    weights of this many top trials are kept (in <experiment>/best).
-    """
+    start_points: configs tried first (default: the space's). init_heads: rung 0's head files a fine-tune may
+    start from (LP-FT). engine: what proposes and stops trials (`asha_tpe`)."""
     from ray import tune
 
     from automl.search.progress import SearchProgress
 
-    if time_budget_s is None and not max_trials:
-        raise ValueError("Give time_budget_s or max_trials: without either the search never ends.")
     if not space.max_epochs:
         raise ValueError("The space has no trial length (max_epochs): plan it (search/plan.py) or pin it.")
-    val_metric = f"val_{metric}"
+    st, lim, val_metric = config.storage, config.limits, f"val_{config.metric}"
     # Persist Tune's experiment state often: it is what a resume after a killed driver starts from.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
-    threads = max(1, int(resources.get("cpu", 1)))
-    remote = is_uri(storage_path)
-    storage = storage_path.rstrip("/") if remote else str(Path(storage_path).resolve())
-    exp_path = f"{storage}/{name}"
+    remote = is_uri(st.path)
+    storage = st.path.rstrip("/") if remote else str(Path(st.path).resolve())
+    exp_path = f"{storage}/{st.name}"
     # Driver-side bookkeeping (ASHA's decisions, the deadline) stays on local disk even when results go to a URI.
-    local = Path(local_dir or (exp_path if not remote else tempfile.mkdtemp()))
+    local = Path(st.local_dir or (exp_path if not remote else tempfile.mkdtemp()))
     local.mkdir(parents=True, exist_ok=True)
-    asha_log = str(local / (ASHA_LOG if not local_dir else f"{name}_{ASHA_LOG}"))
-    deadline_file = str(local / f"{name}_deadlines.json")
-    write_deadlines(deadline_file, last_start_s=last_start_s, ends_in_s=time_budget_s, trial_s=trial_s,
-                    stretch_rows=stretch_rows, kinds=kinds, first_ends_in_s=first_ends_s)
+    asha_log = str(local / (ASHA_LOG if not st.local_dir else f"{st.name}_{ASHA_LOG}"))
+    deadline_file = str(local / f"{st.name}_deadlines.json")
+    lim.write(deadline_file)
     best_dir = None if remote else f"{exp_path}/best"
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs, threads=threads,
-                             checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s, metric=val_metric,
-                             best_dir=best_dir, plugins=snapshot(), init_heads=init_heads,
-                             search_end=None if time_budget_s is None else time.time() + time_budget_s),
-        resources)
-    progress_cb = SearchProgress(metric, space.max_epochs, time_budget_s, enabled=progress, plan_lines=plan_lines)
+        tune.with_parameters(tune_trainable, data=data, max_epochs=space.max_epochs,
+                             threads=max(1, int(config.resources.get("cpu", 1))), checkpoint=st.checkpoint,
+                             checkpoint_every_s=st.checkpoint_every_s, metric=val_metric, best_dir=best_dir,
+                             plugins=snapshot(), init_heads=init_heads,
+                             search_end=None if lim.time_budget_s is None else time.time() + lim.time_budget_s),
+        config.resources)
+    progress_cb = SearchProgress(config.metric, space.max_epochs, lim.time_budget_s, enabled=config.progress,
+                                 plan_lines=list(config.plan_lines))
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
-    janitor = CheckpointJanitor(exp_path, keep_best=keep_best, start_file=asha_log + ".start") if not remote else None
+    janitor = CheckpointJanitor(exp_path, keep_best=st.keep_best, start_file=asha_log + ".start") if not remote else None
     try:
-        if resume and tune.Tuner.can_restore(exp_path):
+        if st.resume and tune.Tuner.can_restore(exp_path):
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
         else:
             points = [_searchable_point(space, p) for p in (start_points if start_points is not None else space.start_points)]
-            from ray.tune.schedulers import FIFOScheduler
-
-            # sampler="random" and early_stopping=False give the baselines the benchmarks compare against.
-            searcher = DeadlineOptunaSearch(space, metric=val_metric, mode="max", points_to_evaluate=points or None,
-                                            sampler=_sampler(sampler, seed), deadline_file=deadline_file)
-            scheduler = RecordingASHA(asha_log, protected=len(points) if protect_start_points else 0,
-                                      time_attr="training_iteration", max_t=space.max_epochs,
-                                      grace_period=min(space.grace_period or 1, space.max_epochs),
-                                      reduction_factor=space.reduction_factor or 3) if early_stopping else FIFOScheduler()
+            searcher, scheduler = engine(space, metric=val_metric, points=points, deadline_file=deadline_file,
+                                         seed=config.seed, asha_log=asha_log)
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
                     metric=val_metric, mode="max", search_alg=searcher, scheduler=scheduler,
-                    num_samples=max_trials or -1, time_budget_s=time_budget_s,
-                    max_concurrent_trials=concurrency, reuse_actors=True, trial_dirname_creator=trial_dirname),
+                    num_samples=lim.max_trials or -1, time_budget_s=lim.time_budget_s,
+                    max_concurrent_trials=config.concurrency, reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
-                    name=name, storage_path=storage, verbose=0,
+                    name=st.name, storage_path=storage, verbose=0,
                     callbacks=[progress_cb] + ([janitor] if janitor else []) + list(callbacks or []),
                     # Locally Ray keeps every checkpoint and CheckpointJanitor deletes them once it is safe;
                     # on remote storage Ray keeps the last two (the saved state may lag one behind).
@@ -428,7 +468,7 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
         grid = tuner.fit()
     finally:
         progress_cb.close()
-    result = summarize(grid, space, metric, exp_path, asha_log)
+    result = summarize(grid, space, config.metric, exp_path, asha_log)
     if janitor:
         janitor._measure()
         janitor.prune_all()
@@ -440,15 +480,13 @@ def run_search(data: TrialData, space: SearchSpace, *, metric: str, storage_path
 TPE_STARTUP_TRIALS = 6
 
 
-def _sampler(kind: str, seed: int):
+def tpe_sampler(seed: int):
     """Optuna sampler: multivariate TPE (models how parameters interact; `group` handles the conditional ones)
-    with a constant liar so concurrent trials do not all get the same proposal; or random, as a baseline."""
+    with a constant liar so concurrent trials do not all get the same proposal."""
     import warnings
 
     import optuna
 
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=TPE_STARTUP_TRIALS, multivariate=True,
