@@ -350,6 +350,9 @@ def test_a_combination_that_keeps_the_start_point_is_preferred_to_replacing_it_a
     clear = [option("single", stranger, ["other"]), option("ensemble", lucky, ["start", "other"])]
     replaced = _decide(clear, start, y, "accuracy", k, ALPHA, pool + [stranger])
     assert replaced.kind == "single" and "chosen over the ensemble with the start point" in replaced.decision
+    # A start point that learnt nothing (no better than guessing the most frequent class) is not kept inside.
+    guess = Member("start", {}, 0.3, model="start-model", proba=np.eye(k)[np.full(n, np.bincount(y).argmax())])
+    assert _decide(both, guess, y, "accuracy", k, ALPHA, pool + [near]).trial_ids == ["other"]
     # Without such a combination the stranger replaces the start point, as the best of its pool.
     alone = _decide(clear[:1], start, y, "accuracy", k, ALPHA, pool + [stranger])
     assert alone.kind == "single" and "as the best of 25 candidates" in alone.decision
