@@ -50,10 +50,34 @@ def suite(tmp_path_factory, digits_df):
     return root / "suite.yaml"
 
 
-def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path, capsys, monkeypatch):
+def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_the_next_night(
+        ray_session, suite, tmp_path, capsys, monkeypatch):
+    """Night 1 is a refresh (the CLI, in its own process) killed mid-way and completed by the next; nights 2 and 3
+    warm-start from its champions; then the board as a table and as HTML."""
+    import ray
+
     url = f"sqlite:///{tmp_path / 'lb.db'}"
-    assert cli_main(["leaderboard", "refresh", str(suite), "--db", url, "--quiet"]) == 0
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(suite), "--db", url,
+                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     store = Store(url)
+    deadline = time.time() + 600  # a safety net: the kill waits for the event below, not for a time
+    while time.time() < deadline and proc.poll() is None:
+        runs = store.table("runs")
+        # The first dataset is finished and the second one running: kill now, mid-refresh.
+        if len(runs) == 2 and sorted(runs["status"]) == ["finished", "running"]:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the refresh ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    runs = store.table("runs")
+    assert (runs["status"] == "finished").sum() == 1, runs
+    assert len(store.leaderboard()) == 1  # consistent: one finished run, one model
+    results = leaderboard.refresh(suite, store, progress=False, stale_after_s=0)
+    assert sorted(r["status"] for r in results) == ["champion", "skipped"], results
+    runs = store.table("runs")
+    assert set(runs["status"]) <= {"finished", "interrupted"} and (runs["status"] == "finished").sum() == 2
     first = store.leaderboard()
     assert sorted(first["dataset"]) == ["evens", "odds"] and first["is_champion"].all()
     winners = first.set_index("dataset")["hyperparameters"]
@@ -125,31 +149,3 @@ def test_refresh_warm_start_champions_and_html(ray_session, suite, tmp_path, cap
     x, labels = load_test_split(res["export"])
     rescored = float(np.mean(load(champion["export_path"]).predict(list(x)) == np.array(labels)))
     assert f"re-scored on the new test split: {rescored:.4f}" in res["reason"], (res, rescored)
-
-
-def test_killed_refresh_is_completed_by_the_next(ray_session, suite, tmp_path):
-    import ray
-
-    url = f"sqlite:///{tmp_path / 'lb.db'}"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(suite), "--db", url,
-                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store = Store(url)
-    deadline = time.time() + 600  # a safety net: the kill waits for the event below, not for a time
-    while time.time() < deadline and proc.poll() is None:
-        runs = store.table("runs")
-        # The first dataset is finished and the second one running: kill now, mid-refresh.
-        if len(runs) == 2 and sorted(runs["status"]) == ["finished", "running"]:
-            break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the refresh ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    runs = store.table("runs")
-    assert (runs["status"] == "finished").sum() == 1, runs
-    assert len(store.leaderboard()) == 1  # consistent: one finished run, one model
-    results = leaderboard.refresh(suite, store, progress=False, stale_after_s=0)
-    assert sorted(r["status"] for r in results)[0] in ("champion",) and any(r["status"] == "skipped" for r in results)
-    runs = store.table("runs")
-    assert set(runs["status"]) <= {"finished", "interrupted"} and (runs["status"] == "finished").sum() == 2
-    assert store.leaderboard()["is_champion"].sum() == 2
