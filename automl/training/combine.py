@@ -276,7 +276,7 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
     # a lucky stranger. The best that clears its bar becomes the reference; a model without the start point must
     # beat that, as the best of every candidate scored. At 300 s on icons and stamps (two runs of 3 seeds each,
     # every option scored on test in the same run), the combinations with the start point that cleared their bar
-    # scored +2.6 test points over it on average (7 cases), the replacements the reality check let through -1.5 (5).
+    # scored +2.5 test points over it on average (7 cases), the replacements the reality check let through -1.5 (5).
     # ...but only a start point that has learnt something is worth keeping: one no better than always guessing the
     # most frequent class (a config that did not train) is not protected, and is judged like any other.
     guess = np.eye(num_classes)[np.full(len(y_val), np.bincount(y_val, minlength=num_classes).argmax())]
