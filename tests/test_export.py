@@ -151,3 +151,32 @@ def test_schema_1_exports_still_load_and_predict_as_they_did(tmp_path):
     got = txt.predict_proba(pd.DataFrame({"text": expected["texts"]}))
     np.testing.assert_allclose(got.to_numpy(), expected["text_proba"], atol=1e-6)
     assert txt.classes == expected["text_classes"]
+
+
+def test_an_image_ensemble_adapts_its_input_for_each_member_and_loads_back_predicting_the_same(tmp_path):
+    """Members with other sizes and normalisations: the ensemble turns the first member's normalised input into each
+    member's (the image adapter's ensemble_input), averages their probabilities, and loads back from its export."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from automl.models.ensemble import EnsembleClassifier
+
+    torch.manual_seed(0)
+    names = ("timm/resnet10t:scratch", "timm/mobilenetv3_small_050:scratch")
+    members = [models.build(n, 3).eval() for n in names]
+    pre = [{"kind": "image", "size": 16, "mean": [0.5] * 3, "std": [0.5] * 3},
+           {"kind": "image", "size": 24, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}]
+    ens = EnsembleClassifier(members, pre).eval()
+    x = torch.randn(4, 3, 16, 16)  # normalised as the first member wants it
+    raw = x * 0.5 + 0.5
+    second = (raw - torch.tensor(pre[1]["mean"]).view(1, 3, 1, 1)) / torch.tensor(pre[1]["std"]).view(1, 3, 1, 1)
+    second = F.interpolate(second, size=(24, 24), mode="bilinear", align_corners=False)
+    with torch.no_grad():
+        expected = torch.log((torch.softmax(members[0](x), -1) + torch.softmax(members[1](second), -1)) / 2)
+        assert torch.allclose(ens(x), expected, atol=1e-5)
+    spec = models.BackboneSpec("ensemble", "+".join(names), False, kwargs={"members": [
+        {"backbone": models.resolve(n).to_dict(), "hyperparameters": {}, "preprocessing": p} for n, p in zip(names, pre)]})
+    write_export(tmp_path / "ens", ens, ENC, dataclasses.replace(_manifest(), backbone=spec), formats=False)
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path / "ens").model(x), expected, atol=1e-5)

@@ -70,6 +70,12 @@ class Modality:
         """A batch mixer (timm's Mixup) when the config asks for one, else None."""
         return None
 
+    def ensemble_input(self, first: dict, member: dict) -> tuple | None:
+        """How an ensemble turns its first member's input into this member's (`member`, `first`: their
+        preprocessing): (scale, shift, size) applied to a normalised image batch, or None where the members take the
+        same input (one tokenizer)."""
+        return None
+
     # ------------------------------------------------------------------ export and serving
     def model_inputs(self, raw: list, preprocessing, encoder):
         """Inputs read for prediction -> what the model's encoder batches."""

@@ -15,6 +15,13 @@ class ImageModality(Modality):
     channels_last = True
     test_file = "test_split.npz"
 
+    def ensemble_input(self, first, member):
+        import torch
+
+        m0, s0 = torch.tensor(first["mean"]), torch.tensor(first["std"])
+        mi, si = torch.tensor(member["mean"]), torch.tensor(member["std"])
+        return (s0 / si).view(1, 3, 1, 1), ((m0 - mi) / si).view(1, 3, 1, 1), int(member["size"])
+
     # ------------------------------------------------------------------ data
     def present(self, df, columns):
         return df[columns[0]].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))

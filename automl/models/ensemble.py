@@ -24,13 +24,14 @@ class EnsembleClassifier(nn.Module):
         first = preprocessing[0]
         # Per member: (scale, shift) turning the first member's normalised input into this member's, and its size.
         scales, shifts, sizes = [], [], []
+        from automl import modalities
+
         for p in preprocessing:
-            if p["kind"] == "image":
-                m0, s0 = torch.tensor(first["mean"]), torch.tensor(first["std"])
-                mi, si = torch.tensor(p["mean"]), torch.tensor(p["std"])
-                scales.append((s0 / si).view(1, 3, 1, 1))
-                shifts.append(((m0 - mi) / si).view(1, 3, 1, 1))
-                sizes.append(int(p["size"]))
+            mapped = modalities.get(p["kind"]).ensemble_input(first, p)  # None: the members share the input
+            if mapped is not None:
+                scales.append(mapped[0])
+                shifts.append(mapped[1])
+                sizes.append(mapped[2])
         self.sizes = sizes
         for i, (a, b) in enumerate(zip(scales, shifts)):
             self.register_buffer(f"scale{i}", a, persistent=False)
