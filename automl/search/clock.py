@@ -58,7 +58,6 @@ class SearchLimits:
                         stretch_rows=self.stretch_rows, kinds=self.kinds, first_ends_in_s=self.first_ends_s)
 
 
-
 def fits(trial_s: float | None, left_s: float) -> bool:
     """Whether a trial of this full length can still train its shortest fitted schedule in `left_s`."""
     return not trial_s or left_s >= trial_s * MIN_FIT / FIT_MARGIN

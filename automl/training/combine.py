@@ -279,9 +279,10 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
     # scored +2.5 test points over it on average (7 cases), the replacements the reality check let through -1.5 (5).
     # ...but only a start point that has learnt something is worth keeping: one no better than always guessing the
     # most frequent class (a config that did not train) is not protected, and is judged like any other.
-    guess = np.eye(num_classes)[np.full(len(y_val), np.bincount(y_val, minlength=num_classes).argmax())]
-    learnt = p_not_better(y_val, ref.proba, guess, metric, num_classes) <= alpha
-    keeps = [(o, p) for _, (o, p) in ranked if learnt and ref.trial_id in o.trial_ids and o.trial_ids != [ref.trial_id]]
+    keeps = [(o, p) for _, (o, p) in ranked if ref.trial_id in o.trial_ids and o.trial_ids != [ref.trial_id]]
+    if keeps:  # the check is a bootstrap of its own: only where there is something to keep the start point in
+        guess = np.eye(num_classes)[np.full(len(y_val), np.bincount(y_val, minlength=num_classes).argmax())]
+        keeps = keeps if p_not_better(y_val, ref.proba, guess, metric, num_classes) <= alpha else []
     others = [(o, p) for _, (o, p) in ranked if ref.trial_id not in o.trial_ids]
     best, best_proba, best_score, name = start, ref.proba, ref_score, "start point"
     for option, proba in keeps:
