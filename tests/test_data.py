@@ -191,3 +191,34 @@ def test_texts_to_predict_are_stripped_as_training_texts_are():
     assert read_inputs(df[["text"]], "text", ["text"]) == [["good movie"], ["bad"]]
     many = pd.DataFrame({"text": [f"  movie {i} \n" for i in range(12)], "label": [1, 0] * 6})
     assert prepare(many).texts[0] == ["movie 0"]
+
+
+def test_which_columns_are_inputs_is_the_modality_adapters_call():
+    """Column detection asks the registered adapters (in registration order), so a third modality is one
+    registration: a toy adapter that claims 1-d feature vectors makes such a column an input, and mixing it
+    with text by inputs= is refused naming both."""
+    from automl.data.intake import infer_inputs
+    from automl.modalities import base
+
+    class Vectors(base.Modality):
+        name = "vector"
+        max_columns = 1
+
+        def claims(self, sample):
+            return isinstance(sample.iloc[0], np.ndarray) and sample.iloc[0].ndim == 1
+
+    df = pd.DataFrame({"v": [np.zeros(4), np.ones(4)], "w": [np.ones(4), np.zeros(4)], "t": ["a b", "c d"],
+                       "label": [0, 1]})
+    before = dict(base._MODALITIES)
+    with pytest.raises(DataError, match="No usable input column"):
+        infer_inputs(df[["v", "label"]], "label", None)
+    try:
+        base.register(Vectors())
+        # text registered before vectors: it comes first where both are present; alone, the vectors are read
+        assert infer_inputs(df, "label", None) == ("text", ["t"], ["v", "w"])
+        assert infer_inputs(df[["v", "w", "label"]], "label", None) == ("vector", ["v"], ["w"])
+        with pytest.raises(DataError, match=r"mix text columns \['t'\] and vector columns \['v'\]"):
+            infer_inputs(df, "label", ["v", "t"])
+    finally:
+        base._MODALITIES.clear()
+        base._MODALITIES.update(before)

@@ -18,7 +18,8 @@ def test_planted_label_flips_are_found(digits_df):
     t = prepare(df)
     X = stack_resized(t.images, 16)
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "batch_size": 16, "schedule": "cosine"}
-    proba = out_of_fold_proba(cfg, X, t.y, t.num_classes, epochs=5, schedule_epochs=5, folds=2, use_ray=False)
+    proba = out_of_fold_proba(cfg, X, t.y, t.num_classes, modality=t.modality, epochs=5, schedule_epochs=5, folds=2,
+                              use_ray=False)
     found = suspects(proba, t.y, t.classes, t.row_index)
     assert {"row", "given_label", "suspected_label", "p_given_label", "margin"} <= set(found.columns)
     hits = len(set(found["row"]) & set(flipped))

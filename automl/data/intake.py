@@ -17,8 +17,7 @@ import pandas as pd
 
 from automl import modalities
 from automl.errors import DataError
-from automl.data.images import (IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, inspect_image,
-                                looks_like_image_path)
+from automl.data.images import IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, inspect_image
 
 LABEL_NAMES = ("label", "labels", "target", "class", "y", "category", "sentiment", "intent", "topic", "emotion")
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -165,7 +164,8 @@ def to_dataframe(data: Any) -> tuple[pd.DataFrame, str | None]:
         if isinstance(X, np.ndarray) and X.ndim == 2 and int(np.sqrt(X.shape[1])) ** 2 == X.shape[1]:
             side = int(np.sqrt(X.shape[1]))
             X = X.reshape(len(X), side, side)  # flattened square images, e.g. sklearn digits
-        col = "image" if isinstance(X, np.ndarray) and X.ndim >= 3 else "text"
+        # The column is named after the modality that reads it (an export's input column for predict(X)).
+        col = modalities.detect(pd.Series(list(X[:50]))) or "input"
         return pd.DataFrame({col: list(X), "label": list(y)}), None
     if hasattr(data, "to_pandas") and hasattr(data, "features"):  # datasets.Dataset
         return data.to_pandas(), None
@@ -200,32 +200,10 @@ def find_label_column(df: pd.DataFrame, label: str | None) -> str:
         f"{list(map(str, df.columns))}. Fix: pass label='<column with the classes>'.")
 
 
-def _column_kind(series: pd.Series) -> str | None:
-    """'image', 'text' or None (not usable as model input)."""
-    values = series.dropna()
-    if values.empty:
-        return "empty"
-    sample = values.iloc[: min(len(values), 50)]
-    first = sample.iloc[0]
-    from PIL import Image
-
-    if isinstance(first, (Image.Image, bytes, bytearray, np.ndarray)) or (isinstance(first, dict) and "bytes" in first):
-        if isinstance(first, np.ndarray) and first.ndim < 2:
-            return None
-        return "image"
-    if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-        return None
-    strings = sample[sample.map(lambda v: isinstance(v, str))]
-    if len(strings) == 0:
-        return None
-    if strings.map(looks_like_image_path).mean() >= 0.8:
-        return "image"
-    return "text"
-
-
 def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None,
                  exclude: tuple = ()) -> tuple[str, list[str], list[str]]:
-    """Return (modality, input columns, ignored columns)."""
+    """Return (modality, input columns, ignored columns): each column's modality is the adapters' call
+    (modalities.detect); where columns of several modalities are present the first registered wins."""
     candidates = [c for c in df.columns if c != label_col and str(c).lower() != "split" and c not in exclude]
     if inputs is not None:
         missing = [c for c in inputs if c not in df.columns]
@@ -233,24 +211,23 @@ def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None,
             raise DataError(f"Input columns {missing} not found; the columns are {list(map(str, df.columns))}. "
                             "Fix: pass inputs= existing column names.")
         candidates = list(inputs)
-    kinds = {c: _column_kind(df[c]) for c in candidates}
-    images = [c for c, k in kinds.items() if k == "image"]
-    texts = [c for c, k in kinds.items() if k == "text"]
-    empty = [c for c, k in kinds.items() if k == "empty"]
-    if images:
-        if texts and inputs is not None:
-            raise DataError(
-                f"Inputs mix image columns {images} and text columns {texts}; one modality per model is supported. "
-                "Fix: pass inputs= with only image or only text columns.")
-        chosen, modality = images[:1], "image"
-    elif texts:
-        chosen, modality = texts, "text"
-    else:
+    kinds = {c: modalities.detect(df[c]) for c in candidates}
+    found = {name: [c for c, k in kinds.items() if k == name] for name in modalities.names()}
+    found = {name: cols for name, cols in found.items() if cols}
+    if not found:
+        empty = [c for c in candidates if df[c].dropna().empty]
         detail = f" (all values empty in {empty})" if empty else ""
+        expected = " or ".join(modalities.get(n).column_hint or f"a {n} column" for n in modalities.names())
         raise DataError(
-            f"No usable input column{detail}: columns {[str(c) for c in candidates]} hold neither text nor "
-            "images; expected a text column or an image column (file paths, bytes, PIL images or arrays). "
+            f"No usable input column{detail}: columns {[str(c) for c in candidates]} hold no inputs of a known "
+            f"modality ({', '.join(modalities.names())}); expected {expected}. "
             "Fix: add such a column, or pass inputs=[...] naming it.")
+    if len(found) > 1 and inputs is not None:
+        mixed = " and ".join(f"{name} columns {cols}" for name, cols in found.items())
+        raise DataError(f"Inputs mix {mixed}; one modality per model is supported. "
+                        "Fix: pass inputs= with the columns of one modality only.")
+    modality, chosen = next(iter(found.items()))
+    chosen = chosen[: modalities.get(modality).max_columns]
     ignored = [str(c) for c in candidates if c not in chosen]
     return modality, list(chosen), ignored
 

@@ -37,9 +37,9 @@ def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads:
     return torch.softmax(logits, 1).numpy()
 
 
-def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epochs: int, schedule_epochs: int,
-                      folds: int = 2, seed: int = 0, use_ray: bool = True, return_folds: bool = False,
-                      modality: str | None = None, gpus: float = 0.0):
+def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modality: str, epochs: int,
+                      schedule_epochs: int, folds: int = 2, seed: int = 0, use_ray: bool = True,
+                      return_folds: bool = False, gpus: float = 0.0):
     """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold).
     gpus: what each fold's Ray task holds (a trial's share, where trials train on GPUs)."""
     from sklearn.model_selection import StratifiedKFold
@@ -51,7 +51,6 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, epoch
     counts = np.bincount(y, minlength=num_classes)
     k = int(max(2, min(folds, counts[counts > 0].min())))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    modality = modality or ("image" if isinstance(x, np.ndarray) else "text")
     jobs = []
     for train_idx, out_idx in splitter.split(np.zeros(n), y):
         data = TrialData(modality, num_classes, subset(x, train_idx), y[train_idx])

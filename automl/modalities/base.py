@@ -16,8 +16,14 @@ class Modality:
     library = ""                # the backbone family that builds example inputs for tracing its models
     channels_last = False       # its batches are channels-last on a GPU (and the model is converted to match)
     test_file = ""              # the export's stored test split
+    max_columns: int | None = None  # input columns one model takes (None: every column of this kind)
+    column_hint = ""            # what a column of its inputs holds, for error messages
 
     # ------------------------------------------------------------------ data
+    def claims(self, sample) -> bool:
+        """Whether a column holds this modality's inputs, from a sample of its non-missing values (a Series)."""
+        raise NotImplementedError
+
     def present(self, df, columns: list[str]):
         """A boolean Series: rows whose input is present (others are dropped as missing); raises DataError when
         no row has one."""
@@ -129,3 +135,13 @@ def get(name: str) -> Modality:
 
 def names() -> list[str]:
     return list(_MODALITIES)
+
+
+def detect(values) -> str | None:
+    """The modality whose inputs a column holds (values: a Series), or None. Modalities are asked in the order
+    they registered, so a column that several could read (image paths are strings) goes to the first."""
+    sample = values.dropna()
+    sample = sample.iloc[: min(len(sample), 50)]
+    if sample.empty:
+        return None
+    return next((name for name, m in _MODALITIES.items() if m.claims(sample)), None)

@@ -14,6 +14,21 @@ class ImageModality(Modality):
     library = "timm"
     channels_last = True
     test_file = "test_split.npz"
+    max_columns = 1
+    column_hint = "an image column (file paths, bytes, PIL images or arrays)"
+
+    def claims(self, sample):
+        from PIL import Image
+
+        from automl.data.images import looks_like_image_path
+
+        first = sample.iloc[0]
+        if isinstance(first, np.ndarray):
+            return first.ndim >= 2  # a 1-d array is a feature vector, not an image
+        if isinstance(first, (Image.Image, bytes, bytearray)) or (isinstance(first, dict) and "bytes" in first):
+            return True
+        strings = sample[sample.map(lambda v: isinstance(v, str))]
+        return len(strings) > 0 and strings.map(looks_like_image_path).mean() >= 0.8
 
     def ensemble_input(self, first, member):
         import torch

@@ -14,8 +14,12 @@ class TextModality(Modality):
     name = "text"
     library = "hf"
     test_file = "test_split.jsonl"
+    column_hint = "a text column (strings)"
 
     # ------------------------------------------------------------------ data
+    def claims(self, sample):
+        return bool(sample.map(lambda v: isinstance(v, str)).any())
+
     def present(self, df, columns):
         from automl.errors import DataError
 
@@ -35,12 +39,14 @@ class TextModality(Modality):
         return {"texts": rows}
 
     def read_for_prediction(self, df, columns, base_dir):
-        from automl.data.intake import _column_kind, require_columns
+        from automl.data.intake import require_columns
         from automl.errors import DataError
+        from automl.modalities.base import detect
 
         require_columns(df, columns)
-        if _column_kind(df[columns[0]]) == "image":
-            raise DataError(f"Column {columns[0]!r} holds images but this model classifies text. "
+        kind = detect(df[columns[0]])
+        if kind not in (None, self.name):
+            raise DataError(f"Column {columns[0]!r} holds {kind} inputs but this model classifies text. "
                             "Fix: pass the text column the model was trained on.")
         # Stripped as in training (prepare): tokenizers that keep spaces as tokens would otherwise see other inputs.
         return [[("" if not isinstance(v, str) else v.strip()) for v in row]
