@@ -463,3 +463,37 @@ def test_a_request_whose_images_decode_to_too_many_pixels_is_refused_before_deco
     assert err.value.status == 413 and f"at most {MAX_REQUEST_PIXELS:,}" in str(err.value)
     with pytest.raises(ImageDecodeError, match="decompression bomb"):
         decode_image(png(7000))
+
+
+def test_a_regression_export_reports_rmse_and_mae_of_its_own_predictions(tmp_path):
+    """README: regression is scored with R², RMSE and MAE: evaluate() gives sklearn's values for what predict()
+    returns on the same rows."""
+    from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+    from automl import load
+
+    hwc, x = _regression_images()
+    m = load(_regression_export(tmp_path / "reg", 0, x, np.zeros(len(x), np.float32), scale=(10.0, 4.0)))
+    pred = m.predict(list(hwc))
+    y = np.linspace(0.0, 20.0, len(pred))
+    got = m.evaluate(pd.DataFrame({"image": list(hwc), "price": y}), label="price")
+    assert got["rmse"] == pytest.approx(mean_squared_error(y, pred) ** 0.5, rel=1e-6)
+    assert got["mae"] == pytest.approx(mean_absolute_error(y, pred), rel=1e-6)
+    assert got["r2"] == pytest.approx(r2_score(y, pred), rel=1e-6)
+    assert np.ptp(pred) > 0 and abs(np.mean(pred) - 10.0) < 8.0  # numbers on the target's scale, not standardised
+
+
+def test_an_export_stores_at_most_5000_test_rows_each_with_its_own_label(tmp_path):
+    """README: up to 5,000 test rows are kept in the export for later forgetting checks; a larger test split is
+    sampled, never cut at the front, and every stored input keeps its label."""
+    from automl.diagnostics.update import MAX_STORED, load_test_split, save_test_split
+
+    n = MAX_STORED + 37
+    texts = [(f"row {i}",) for i in range(n)]
+    y = np.arange(n) % 3
+    assert save_test_split(tmp_path, "text", texts, y, ["a", "b", "c"]) == "test_split.jsonl"
+    inputs, labels = load_test_split(tmp_path)
+    rows = [int(t[0].split()[1]) for t in inputs]
+    assert MAX_STORED == 5000 and len(rows) == 5000 and len(set(rows)) == 5000
+    assert max(rows) >= 5000  # a sample of the whole split, not its first 5,000 rows
+    assert labels == [["a", "b", "c"][r % 3] for r in rows]
