@@ -10,11 +10,14 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, num_classes: i
 
     y_pred = proba.argmax(1)
     labels = list(range(num_classes))
+    # Clipped (log 0) and renormalised in float64: float32 rows sum to 1 only within ~1e-6, which sklearn warns of.
+    clipped = np.clip(np.asarray(proba, dtype=np.float64), 1e-7, 1.0)
+    clipped /= clipped.sum(1, keepdims=True)
     out = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "f1_macro": float(f1_score(y_true, y_pred, average="macro", labels=labels, zero_division=0)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "log_loss": float(log_loss(y_true, np.clip(proba, 1e-7, 1.0), labels=labels)),
+        "log_loss": float(log_loss(y_true, clipped, labels=labels)),
         "ece": expected_calibration_error(y_true, proba),
     }
     if detailed:
