@@ -112,6 +112,19 @@ def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digi
     assert listed["broken"]["status"] == "FAILED" and "only one class" in listed["broken"]["error"]
     out = capsys.readouterr().out
     assert "SUCCEEDED" in out and "FAILED" in out
+    # README: `automl jobs list --batch ID` follows one batch (its id is printed at submission)
+    batch = listed["digits"]["batch"]
+    assert f"automl jobs list --batch {batch}" in out
+    assert sorted(r["name"] for r in jobs.list_jobs(url, batch=batch)) == ["broken", "digits"]
+    assert jobs.list_jobs(url, batch="no-such-batch") == []
+    monkeypatch.setenv("COLUMNS", "400")  # rich's table on one line a job, nothing wrapped
+    assert cli_main(["jobs", "list", "--batch", batch, "--address", url]) == 0
+    table = capsys.readouterr().out
+    for r in jobs.list_jobs(url, batch=batch):
+        assert any(r["submission_id"] in line and r["status"] in line for line in table.splitlines()), table
+    assert "only one class" in table
+    assert cli_main(["jobs", "list", "--batch", "no-such-batch", "--address", url]) == 0
+    assert "digits" not in capsys.readouterr().out
     assert cli_main(["jobs", "logs", listed["broken"]["submission_id"], "--address", url]) == 0
     assert "only one class" in capsys.readouterr().out
     assert cli_main(["jobs", "status", listed["digits"]["submission_id"], "--address", url]) == 0
