@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -30,10 +31,16 @@ def test_image_folder_with_split_subfolders_end_to_end(ray_session, tmp_path):
         split = "train" if i < 6 else "val" if i < 8 else "test"
         (root / split / label).mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).convert("P").save(root / split / label / f"{i}.png")  # palette images
-    m = auto_finetune(str(root), output_dir=tmp_path / "out", search_space=TINY_IMG, **QUICK)
+    m = auto_finetune(str(root), output_dir=tmp_path / "out", search_space=TINY_IMG, keep_test_split=False,
+                      **QUICK)
     assert m.data_report["split_sizes"] == {"train": 12, "validation": 4, "test": 4}
     preds = load(m.export_dir).predict(str(root / "test"))
     assert (preds == np.array(["blue"] * 2 + ["red"] * 2)).all()  # red vs blue: every test image right
+    # README: keep_test_split=False leaves your test images out of the export, and the card says what that costs.
+    from automl.diagnostics.update import load_test_split
+
+    assert load_test_split(m.export_dir) is None and load(m.export_dir).manifest.test_split is None
+    assert "The test split is not stored" in (Path(m.export_dir) / "MODEL_CARD.md").read_text()
 
 
 @pytest.mark.slow
