@@ -387,6 +387,39 @@ class Pace:
                 "carry": self.carry, "compressed": self.compressed, "stretched": self.stretched}
 
 
+def _resumed(s, resume: dict) -> tuple[int, list]:
+    """Restore a checkpointed state into a set-up run; (the reports done, their history)."""
+    set_trainable(s.model, s.groups, int(resume["trainable_k"]))
+    s.model.load_state_dict(resume["model"], strict=False)
+    s.optimizer.load_state_dict(resume["optimizer"])
+    s.scheduler.load_state_dict(resume["scheduler"])
+    return int(resume["epoch"]), list(resume.get("history", []))
+
+
+def _on_cached_features(config: dict, data: TrialData, s, start_epoch: int, device):
+    """Frozen-feature caching (featcache.py): the trainable top trains on frozen activations computed once.
+    (model run, its encoder, validation inputs, cache use, where a hit came from); the full model where the
+    frozen prefix is not worth caching (s.x_train is replaced by the cached features where it is)."""
+    model, groups = s.model, s.groups
+    if data.cache_dir is None:
+        return model, s.encoder, s.x_val, "off", ""
+    k = n_trainable_groups(config, len(groups) - 1, start_epoch)
+    set_trainable(model, groups, k)
+    split = featcache.plan(config, model, s.encoder, k, s.x_train, device)
+    if split is None:
+        return model, s.encoder, s.x_val, "off", ""
+    hits = featcache.STATS["hits"]
+    s.x_train = featcache.cached_features(split, s.encoder, s.x_train, device, data.cache_dir,
+                                          featcache.cache_key(config, s.spec, data.x_train, split))
+    x_val = s.x_val
+    if x_val is not None:
+        x_val = featcache.cached_features(split, s.encoder, x_val, device, data.cache_dir,
+                                          featcache.cache_key(config, s.spec, data.x_val, split))
+    hit = featcache.STATS["hits"] > hits
+    return (split.top(), featcache.FeatureInputs(), x_val, f"{split.tag}:hit" if hit else f"{split.tag}:computed",
+            featcache.STATS["from"] if hit else "")
+
+
 def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | None = None,
         report: Callable[[dict, Callable[..., dict]], None] | None = None, resume: dict | None = None,
         wrap_model: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1,
@@ -412,36 +445,13 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
     model, groups = s.model, s.groups
     n_body = len(groups) - 1
     regression = data.task == "regression"
-    start_epoch, history = 0, []
-    if resume:
-        set_trainable(model, groups, int(resume["trainable_k"]))
-        model.load_state_dict(resume["model"], strict=False)
-        s.optimizer.load_state_dict(resume["optimizer"])
-        s.scheduler.load_state_dict(resume["scheduler"])
-        start_epoch, history = int(resume["epoch"]), list(resume.get("history", []))
+    start_epoch, history = _resumed(s, resume) if resume else (0, [])
     stretch = steps_per_report({"report_rows": max_report_rows}, 0, s.batches.bs, world_size) if max_report_rows \
         else None
     pace = Pace(s.steps_per_report, epochs, start_epoch, deadline, resume.get("pace") if resume else None,
                 max_per_report=stretch)
 
-    # Frozen-feature caching: the trainable top trains on frozen activations computed once (featcache.py).
-    run_model, run_encoder, x_val = model, s.encoder, s.x_val
-    cache_use, cache_from = "off", ""
-    if data.cache_dir is not None:
-        set_trainable(model, groups, n_trainable_groups(config, n_body, start_epoch))
-        split = featcache.plan(config, model, s.encoder, n_trainable_groups(config, n_body, start_epoch),
-                               s.x_train, device)
-        if split is not None:
-            hits = featcache.STATS["hits"]
-            run_model, run_encoder = split.top(), featcache.FeatureInputs()
-            s.x_train = featcache.cached_features(split, s.encoder, s.x_train, device, data.cache_dir,
-                                                  featcache.cache_key(config, s.spec, data.x_train, split))
-            if x_val is not None:
-                x_val = featcache.cached_features(split, s.encoder, x_val, device, data.cache_dir,
-                                                  featcache.cache_key(config, s.spec, data.x_val, split))
-            hit = featcache.STATS["hits"] > hits
-            cache_use = f"{split.tag}:hit" if hit else f"{split.tag}:computed"
-            cache_from = featcache.STATS["from"] if hit else ""
+    run_model, run_encoder, x_val, cache_use, cache_from = _on_cached_features(config, data, s, start_epoch, device)
     fwd_model, current_k, seed = model, -1, int(config["seed"]) + rank
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
