@@ -114,7 +114,7 @@ def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digi
     assert "SUCCEEDED" in out and "FAILED" in out
     # README: `automl jobs list --batch ID` follows one batch (its id is printed at submission)
     batch = listed["digits"]["batch"]
-    assert f"automl jobs list --batch {batch}" in out
+    assert f"batch {batch}: submitted 2 job(s)" in out
     assert sorted(r["name"] for r in jobs.list_jobs(url, batch=batch)) == ["broken", "digits"]
     assert jobs.list_jobs(url, batch="no-such-batch") == []
     monkeypatch.setenv("COLUMNS", "400")  # rich's table on one line a job, nothing wrapped
