@@ -28,8 +28,14 @@ from automl.training.params import PARAMS, problem
 TYPES = {"choice": {"values"}, "float": {"low", "high"}, "int": {"low", "high"}, "fixed": {"value"}}
 OPTIONAL = {"log", "step", "when", "help"}
 VARIANT_MARK = "__"  # Optuna's name for variant i > 0 of a parameter: "<name>__<i>"
-TOP_KEYS = {"name", "description", "max_epochs", "grace_period", "reduction_factor", "parameters",
-            "image", "text", "start_points"}
+TOP_KEYS = {"name", "description", "max_epochs", "grace_period", "reduction_factor", "parameters", "start_points"}
+
+
+def _top_keys() -> set[str]:
+    """A space's top-level keys: the common ones and a section per registered modality (`image:`, `text:`, ...)."""
+    from automl import modalities
+
+    return TOP_KEYS | set(modalities.names())
 
 
 def spaces_dir() -> Path:
@@ -337,7 +343,7 @@ def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
     where = "<dict>"
     if source is None:
         source = f"{modality}_classification"
-    if isinstance(source, dict) and "parameters" not in source and "image" not in source and "text" not in source:
+    if isinstance(source, dict) and not ({"parameters"} | (_top_keys() - TOP_KEYS)) & set(source):
         # A dict without sections is a set of overrides of the default space.
         return load_space(None, modality, {**source, **(overrides or {})})
     if isinstance(source, (str, Path)):
@@ -357,9 +363,10 @@ def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
         raw = source
     if not isinstance(raw, dict):
         raise SearchSpaceError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}.")
-    unknown = set(raw) - TOP_KEYS - {"modality"}
+    allowed = _top_keys()
+    unknown = set(raw) - allowed - {"modality"}
     if unknown:
-        raise SearchSpaceError(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}.")
+        raise SearchSpaceError(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
     section = raw.get(modality) or {}
     if raw.get("modality") not in (None, "any", modality) and not section:
         raise SearchSpaceError(f"{where}: this space is for {raw['modality']!r} data, but the dataset is {modality!r}. "

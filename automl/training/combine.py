@@ -161,10 +161,42 @@ def _member(tid: str, cfg: dict, score: float, best_dir: str, num_classes: int, 
     return m
 
 
+def _greedy_soup(best: Member, single: float, members: list[Member], best_dir: str, num_classes: int,
+                 y_val: np.ndarray, metric: str, inputs_for) -> tuple[Combined | None, np.ndarray | None, int]:
+    """A greedy soup (weights averaged) of the winner's other kept reports, then of the other top trials of the same
+    architecture, each kept where it raises the validation score: (the soup or None, its probabilities, the
+    ingredients tried)."""
+    def state_of(weights_file: str) -> dict:
+        m, _ = load_best(best.config, num_classes, weights_file)
+        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
+
+    own = kept.model_file(best_dir, best.trial_id)
+    ingredients = [(f"{best.trial_id}@{Path(f).stem.rsplit('.r', 1)[-1]}", f)
+                   for f in kept.snapshot_files(best_dir, best.trial_id) if f != own]
+    ingredients += [(m.trial_id, kept.model_file(best_dir, m.trial_id)) for m in members[1:] if m.key == best.key]
+    soup_ids, soup_score, soup_model, soup_proba = [best.trial_id], single, None, None
+    states = [{k: v.detach().cpu().clone() for k, v in best.model.state_dict().items()}]
+    for name, weights in ingredients:
+        candidate_states = states + [state_of(weights)]
+        avg = {k: (sum(st[k].float() for st in candidate_states) / len(candidate_states)).to(v.dtype)
+               for k, v in states[0].items()}
+        candidate, _ = load_best(best.config, num_classes, own)
+        candidate.load_state_dict(avg)
+        candidate_proba = _proba(candidate.eval(), best.encoder, inputs_for(best.config))
+        score = _score(y_val, candidate_proba, metric, num_classes)
+        if score > soup_score:
+            soup_ids, soup_score, soup_model, states = soup_ids + [name], score, candidate, candidate_states
+            soup_proba = candidate_proba
+    if soup_model is None:
+        return None, None, len(ingredients)
+    return (Combined("soup", soup_model, best.encoder, best.spec, best.config, soup_score, soup_ids), soup_proba,
+            len(ingredients))
+
+
 def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int, y_val: np.ndarray,
             metric: str, inputs_for, reference: tuple[str, dict, float] | None = None,
             kinds: tuple[str, ...] = ("single", "soup", "ensemble"),
-            alpha: float = ALPHA, pool: list[np.ndarray] | None = None) -> Combined:  # noqa: C901  (three greedy passes, read top to bottom)
+            alpha: float = ALPHA, pool: list[np.ndarray] | None = None) -> Combined:
     """Pick, on the validation split, the start point (`reference`) or the best of the winner, a soup and an
     ensemble that beats it by more than validation noise (see the module docstring); without a reference, the
     best of the options.
@@ -185,34 +217,12 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
     scores = {"single": single}
     options = [(result, best.proba)]
 
-    # Greedy soup: the winner's other kept reports, then the other top trials of the same architecture.
-    def state_of(weights_file: str) -> dict:
-        m, _ = load_best(best.config, num_classes, weights_file)
-        return {k: v.detach().cpu() for k, v in m.state_dict().items()}
-
-    own = kept.model_file(best_dir, best.trial_id)
-    ingredients = [(f"{best.trial_id}@{Path(f).stem.rsplit('.r', 1)[-1]}", f)
-                   for f in kept.snapshot_files(best_dir, best.trial_id) if f != own]
-    ingredients += [(m.trial_id, kept.model_file(best_dir, m.trial_id)) for m in members[1:] if m.key == best.key]
-    soup_ids, soup_score, soup_model, tried = [best.trial_id], single, None, 0
-    states = [{k: v.detach().cpu().clone() for k, v in best.model.state_dict().items()}]
-    for name, weights in ingredients if "soup" in kinds else []:
-        candidate_states = states + [state_of(weights)]
-        avg = {k: (sum(s[k].float() for s in candidate_states) / len(candidate_states)).to(v.dtype)
-               for k, v in states[0].items()}
-        candidate, _ = load_best(best.config, num_classes, own)
-        candidate.load_state_dict(avg)
-        candidate_proba = _proba(candidate.eval(), best.encoder, inputs_for(best.config))
-        s = _score(y_val, candidate_proba, metric, num_classes)
-        tried += 1
-        if s > soup_score:
-            soup_ids, soup_score, soup_model, states = soup_ids + [name], s, candidate, candidate_states
-            soup_proba = candidate_proba
-    if tried:
-        scores["soup"] = soup_score
-        if soup_model is not None:
-            options.append((Combined("soup", soup_model, best.encoder, best.spec, best.config, soup_score, soup_ids),
-                            soup_proba))
+    if "soup" in kinds:
+        soup, soup_proba, tried = _greedy_soup(best, single, members, best_dir, num_classes, y_val, metric, inputs_for)
+        if tried:
+            scores["soup"] = soup.val_score if soup else single
+        if soup is not None:
+            options.append((soup, soup_proba))
 
     # Greedy ensembles of probabilities, one grown from the winner and, when the start point is not the winner, one
     # grown from the start point (one tokenizer for text: members share the first one's checkpoint and length, and
