@@ -372,6 +372,11 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     write_deadlines(str(clock), last_start_s=30.0, ends_in_s=40.0, trial_s=100.0, kinds=kinds)
     late = [s.suggest(f"c{i}") for i in range(4)]
     assert all(c["backbone"] == SCRATCH and c["report_rows"] == 1000 for c in late)  # 40 s left: fits 20 s
+    # Past the last start (the start point's kind), a cheaper kind whose shortest schedule still fits starts, fitted
+    # to the time left; once not even that fits, the search is over.
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=15.0, trial_s=100.0, kinds=kinds)
+    after = s.suggest("e")
+    assert after["backbone"] == SCRATCH and after["report_rows"] == int(1000 * FIT_MARGIN * 15 / 20)
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=10.0, trial_s=100.0, kinds=kinds)
     assert s.suggest("d") == Searcher.FINISHED
 
