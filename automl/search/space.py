@@ -31,11 +31,12 @@ VARIANT_MARK = "__"  # Optuna's name for variant i > 0 of a parameter: "<name>__
 TOP_KEYS = {"name", "description", "max_epochs", "grace_period", "reduction_factor", "parameters", "start_points"}
 
 
-def _top_keys() -> set[str]:
-    """A space's top-level keys: the common ones and a section per registered modality (`image:`, `text:`, ...)."""
+def _sections() -> set[str]:
+    """The keys that make a dict a space rather than overrides: `parameters` and a section per registered modality
+    (`image:`, `text:`, ...)."""
     from automl import modalities
 
-    return TOP_KEYS | set(modalities.names())
+    return {"parameters", *modalities.names()}
 
 
 def spaces_dir() -> Path:
@@ -343,7 +344,7 @@ def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
     where = "<dict>"
     if source is None:
         source = f"{modality}_classification"
-    if isinstance(source, dict) and not ({"parameters"} | (_top_keys() - TOP_KEYS)) & set(source):
+    if isinstance(source, dict) and not _sections() & set(source):
         # A dict without sections is a set of overrides of the default space.
         return load_space(None, modality, {**source, **(overrides or {})})
     if isinstance(source, (str, Path)):
@@ -363,7 +364,7 @@ def load_space(source: str | Path | dict | SearchSpace | None, modality: str,
         raw = source
     if not isinstance(raw, dict):
         raise SearchSpaceError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}.")
-    allowed = _top_keys()
+    allowed = TOP_KEYS | _sections()
     unknown = set(raw) - allowed - {"modality"}
     if unknown:
         raise SearchSpaceError(f"{where}: unknown top-level keys {sorted(unknown)}; allowed: {sorted(allowed)}.")
