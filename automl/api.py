@@ -37,7 +37,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
                                    resources=opts.resources, output=opts.output)
         with budget.stage("finalise"):
             final = stages.finalise(prepared, plan, inputs, result, budget, search=opts.search,
-                                    resources=opts.resources, output=opts.output)
+                                    resources=opts.resources, diagnostics=opts.diagnostics, output=opts.output)
         with budget.stage("evaluate"):
             test_metrics = stages.evaluate(prepared, inputs, final)
         with budget.stage("diagnose"):

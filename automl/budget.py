@@ -92,6 +92,12 @@ class Budget:
     def can_afford(self, seconds: float) -> bool:
         return seconds <= self.available()
 
+    def deadline(self, floor_s: float = 0.0) -> float | None:
+        """The wall-clock time (time.time()) the current stage must end by to leave later stages their reserves
+        (None without a limit): training paces its schedule to it (training.loop.Pace). floor_s: at least this far
+        ahead, since a deadline already past when training starts is ignored as stale."""
+        return None if self.total_s is None else time.time() + max(floor_s, self.available())
+
     @contextmanager
     def stage(self, name: str):
         """Time a stage; its reserve (if any) is released when it starts."""

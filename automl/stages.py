@@ -4,6 +4,7 @@ reads the data, search, update and output options; each later stage takes only t
 keyword arguments (no stage gets the whole FinetuneOptions)."""
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -32,6 +33,10 @@ from automl.search.space import SearchSpace, load_space
 if TYPE_CHECKING:
     from automl.search.ladder import Rung0
     from automl.search.tune import SearchResult  # annotations only: Ray Tune loads with the search
+
+# A forced retrain or cross-fit that starts with its time already spent still gets this long to pace its schedule
+# into (a deadline past when training starts is ignored as stale, and the run would train its whole length).
+MIN_PACED_S = 5.0
 
 
 def say(msg: str) -> None:
@@ -485,8 +490,39 @@ def _scaled(config: dict, rows: int, n_train: int) -> dict:
     return {**config, "report_rows": max(1, round(int(config["report_rows"]) * rows / max(1, n_train)))}
 
 
+def winner_price(plan: Plan, result: SearchResult, rows_ratio: float, runs: int = 1) -> float:
+    """Seconds to train the search's winner for the plan's full length on `rows_ratio` times its training rows,
+    `runs` at a time in the plan's trial slots, from its own measured time a report (0.0 when unknown). A winner
+    trained on cached features is timed without its feature pass, so this is a floor, never the price alone."""
+    t = result.trials
+    row = t[t["trial_id"].astype(str) == str(result.best_trial_id)] if "trial_id" in t else t.iloc[:0]
+    if row.empty or "time_s" not in row or "epochs_run" not in row:
+        return 0.0
+    per_report = float(row["time_s"].iloc[0]) / max(1, int(row["epochs_run"].iloc[0]))
+    return per_report * plan.reports * rows_ratio * math.ceil(runs / max(1, plan.concurrency))
+
+
+def _cross_fits(prepared: Prepared, plan: Plan, result: SearchResult, diagnostics: DiagnosticsOptions) -> bool:
+    """Whether diagnose will cross-fit the winner: for cross-validation, or for label errors rung 0 did not give
+    (when forced, or when the plan made room for them)."""
+    if prepared.task.task == "regression":
+        return False
+    rung0 = getattr(result, "rung0", None)
+    from_rung0 = rung0 is not None and rung0.oof_proba is not None and diagnostics.find_label_errors is not False
+    return bool(diagnostics.cv_folds) or (not from_rung0 and (diagnostics.find_label_errors is True
+                                                               or plan.label_errors))
+
+
+def cross_fit_price(prepared: Prepared, plan: Plan, result: SearchResult, folds: int = 2) -> float:
+    """The cross-fit's price: the plan's (from the start point's speed) or the winner's own, whichever is more."""
+    n_train = max(1, len(prepared.task.splits["train"]))
+    n_full = n_train + len(prepared.task.splits.get("validation", ()))
+    return max(plan.cross_fit_s, 5.0 + winner_price(plan, result, n_full * (folds - 1) / folds / n_train, folds))
+
+
 def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, budget: Budget, *,
-             search: SearchOptions, resources: ResourceOptions, output: OutputOptions) -> FinalModel:
+             search: SearchOptions, resources: ResourceOptions, diagnostics: DiagnosticsOptions,
+             output: OutputOptions) -> FinalModel:
     """The winner, as validated: retrained on train+validation for its full planned length with its own schedule
     (Ray Train), or, when the plan has no time for that, the winner's own best weights."""
     from automl.training.loop import build_encoder
@@ -497,8 +533,13 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     # releases its own reserve when it starts).
     costs = Costs.load()
     budget.reserve("evaluate", costs["evaluate_s"])
+    budget.reserve("diagnose", cross_fit_price(prepared, plan, result, diagnostics.cv_folds or 2)
+                   if _cross_fits(prepared, plan, result, diagnostics) else 0.0)
     budget.reserve("export", costs[f"export_{prepared.task.modality}_s"] if output.export_formats else 0.0)
-    if not plan.retrain or (search.retrain == "auto" and not budget.can_afford(plan.retrain_s)):
+    # The winner's own measured speed, where it was slower than the start point the plan priced the retrain at.
+    retrain_s = max(plan.retrain_s, plan.retrain_fixed_s + winner_price(plan, result, len(inputs.split("full"))
+                                                                        / max(1, n_train)))
+    if not plan.retrain or (search.retrain == "auto" and not budget.can_afford(retrain_s)):
         why = ("retrain=False" if search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
         return _best_weights(prepared, inputs, result, why, plan.val_rows, progress=output.progress)
@@ -511,9 +552,12 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
               f"Ray Train ({resources.retrain_workers} worker(s))")
     t0 = time.monotonic()
     storage = resources.storage_path or str(prepared.out / "ray_results")
+    # Paced to end where the later stages' reserves begin (a retrain slower than its price shortens its schedule
+    # instead of overrunning the budget; Ray Train's start-up is spent before the pace is first measured).
     model, spec, metrics = retrain(config, full, epochs=plan.reports, schedule_epochs=plan.reports,
                                    storage_path=storage, num_workers=resources.retrain_workers,
-                                   use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus)
+                                   use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus,
+                                   deadline=budget.deadline(floor_s=MIN_PACED_S))
     # What the retrain took beyond its planned training is Ray Train's fixed cost on this machine: learn it.
     costs = Costs.load()
     costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (plan.retrain_s - plan.retrain_fixed_s)))
@@ -617,6 +661,8 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     from automl.diagnostics.update import compare_with_base
 
     task, out = prepared.task, Diagnostics()
+    if output.export_formats:  # an ensemble exports (and parity-checks) each member: hold back that much
+        budget.reserve("export", Costs.load()[f"export_{task.modality}_s"] * _members(final.model))
     regression = task.task == "regression"
     full = inputs.split("full")
     oof = getattr(result, "rung0", None)
@@ -629,9 +675,11 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         out.label_error_summary["model"] = f"rung 0: {oof.best.backbone} frozen features + logistic regression"
     want = not regression and out.label_errors is None and (diagnostics.find_label_errors is True
                                                         or plan.label_errors)
-    if diagnostics.find_label_errors == "auto" and want and not budget.can_afford(plan.cross_fit_s):
+    folds = diagnostics.cv_folds or 2
+    price = cross_fit_price(prepared, plan, result, folds) if want or diagnostics.cv_folds else 0.0
+    if diagnostics.find_label_errors == "auto" and want and not budget.can_afford(price):
         want = False
-        out.notes.append(f"suspected-label-error search skipped: ~{plan.cross_fit_s:.0f} s needed, "
+        out.notes.append(f"suspected-label-error search skipped: ~{price:.0f} s needed, "
                          f"{max(budget.available(), 0):.0f} s of the time budget left "
                          "(pass find_label_errors=True to force)")
     elif diagnostics.find_label_errors == "auto" and not plan.label_errors and not regression \
@@ -639,7 +687,6 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         out.notes.append("suspected-label-error search skipped: the plan gave its time to the search "
                          "(pass find_label_errors=True to force)")
     if not regression and (want or diagnostics.cv_folds):
-        folds = diagnostics.cv_folds or 2
         if output.progress:
             say(f"cross-fitting {folds} folds to {'cross-validate and ' if diagnostics.cv_folds else ''}"
                 "find suspected label errors")
@@ -648,7 +695,8 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
         proba, fold_of = out_of_fold_proba(config, inputs.rows(full), task.y[full], task.num_classes,
                                            epochs=plan.reports, schedule_epochs=plan.reports, modality=task.modality,
                                            seed=search.seed, folds=folds, return_folds=True,
-                                           gpus=float(plan.resources.get("gpu") or 0))
+                                           gpus=float(plan.resources.get("gpu") or 0),
+                                           deadline=budget.deadline(floor_s=MIN_PACED_S))  # forced ones too: paced to the export
         if want:
             rows = task.row_index[full] if task.row_index is not None else full
             out.label_errors = suspects(proba, task.y[full], prepared.classes, rows)
@@ -666,6 +714,11 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
 
 
 # ---------------------------------------------------------------------------- export
+
+def _members(model) -> int:
+    """How many models an export holds (an ensemble's members are each exported and checked)."""
+    return len(getattr(model, "members", None) or [model])
+
 
 def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, final: FinalModel,
            test_metrics: dict, diagnostics: Diagnostics, budget: Budget, *, search: SearchOptions,
@@ -717,8 +770,8 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
     t0 = time.monotonic()
     write_export(export_dir, final.model, final.encoder, manifest, tables=tables, formats=output.export_formats,
                  writers=writers)
-    if output.export_formats:  # the next plan reserves what exporting took here
-        Costs.load().observe(f"export_{task.modality}_s", time.monotonic() - t0)
+    if output.export_formats:  # the next plan reserves what exporting took here (a member's share)
+        Costs.load().observe(f"export_{task.modality}_s", (time.monotonic() - t0) / _members(final.model))
     fm = FinetunedModel(final.model, final.encoder, ExportManifest.read(export_dir), export_dir=export_dir,
                         trials=trials, search=result)
     fm.label_errors = diagnostics.label_errors

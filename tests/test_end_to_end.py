@@ -74,9 +74,10 @@ def text_run(ray_session, text_df, tmp_path_factory):
 @pytest.mark.slow
 def test_a_minute_gives_an_exported_model_within_the_budget(image_run):
     m, wall, _ = image_run
-    assert wall <= BUDGET * 1.10, wall  # search, finalising, evaluation, cross-fits and export: the budget +10%
-    assert m.metrics["accuracy"] > 0.6  # 4 digit classes: chance is 0.25
     spent = m.manifest.budget["spent_s"]
+    # Search, finalising, evaluation, cross-fits and export: the budget +10%
+    assert wall <= BUDGET * 1.10, (wall, spent, m.manifest.plan["search_ends_at_s"], m.backbone)
+    assert m.metrics["accuracy"] > 0.6  # 4 digit classes: chance is 0.25
     assert {"prepare", "plan", "search", "finalise", "evaluate", "diagnose"} <= set(spent)
     # Each stage took time, and together they are the run: the budget's clock (read while the export was written,
     # so the export's own time is not in it) and this test's wall clock, within a generous tolerance.

@@ -70,3 +70,31 @@ def test_expected_calibration_error_against_a_hand_computed_value():
     # |0.5 - 0.75| * 2/4; (0.4, 0.6] holds 0.6 (right): |1 - 0.6| * 1/4.  0.025 + 0.125 + 0.1 = 0.25
     assert expected_calibration_error(y, proba, bins=5) == pytest.approx(0.25)
     assert expected_calibration_error(np.array([0, 0]), np.array([[1.0, 0.0], [1.0, 0.0]])) == 0.0
+
+
+def test_a_cross_fit_given_a_deadline_paces_every_fold_to_end_by_it(digits_df):
+    """A forced cross-fit after the search must not overrun the budget: with a deadline each fold compresses its
+    schedule, and folds that run one after another each get their share (a later fold must not start with the
+    deadline already past, which training ignores as stale)."""
+    import time
+
+    from automl.diagnostics.labelnoise import fold_deadlines
+
+    t = prepare(digits_df)
+    X = stack_resized(t.images, 16)
+    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "batch_size": 16,
+           "schedule": "cosine", "report_rows": 16 * 4}
+    kw = dict(modality=t.modality, epochs=6, schedule_epochs=6, folds=2, use_ray=False)
+    t0 = time.monotonic()
+    out_of_fold_proba(cfg, X, t.y, t.num_classes, **kw)
+    unpaced = time.monotonic() - t0
+    t0 = time.monotonic()
+    proba = out_of_fold_proba(cfg, X, t.y, t.num_classes, deadline=time.time() + unpaced / 3, **kw)
+    paced = time.monotonic() - t0
+    # A third of the time asked for; each fold's first report (a sixth of it) trains before the pace is known.
+    assert paced <= 0.6 * unpaced, (paced, unpaced)
+    assert proba.shape == (len(t.y), t.num_classes) and np.allclose(proba.sum(1), 1, atol=1e-4)
+    now = time.time()
+    ends = fold_deadlines(now + 90, 5, 2)  # rounds of 2, 2 and 1 fold(s): 30 s each
+    assert np.allclose(np.array(ends) - now, [30, 30, 60, 60, 90], atol=0.5)
+    assert fold_deadlines(None, 3, 2) == [None, None, None]

@@ -255,6 +255,7 @@ def test_diagnose_of_a_regression_update_does_not_crash(tmp_path):
     import pandas as pd
 
     from automl import load, stages
+    from automl.budget import Budget
     from automl.data.inputs import Inputs
     from automl.options import FinetuneOptions
 
@@ -267,7 +268,7 @@ def test_diagnose_of_a_regression_update_does_not_crash(tmp_path):
     inputs = Inputs.materialise(prepared.task, 16, tmp_path / "cache")
     update = load(base_dir)
     final = stages.FinalModel(update.model, update.encoder, update.manifest.backbone, {})
-    diag = stages.diagnose(prepared, None, inputs, None, final, None, search=opts.search,
+    diag = stages.diagnose(prepared, None, inputs, None, final, Budget(None), search=opts.search,
                            diagnostics=opts.diagnostics, update=opts.update, output=opts.output)
     assert diag.update["metric"] == "r2" and diag.update["forgetting_checked"]
 
@@ -436,6 +437,31 @@ def test_a_later_stages_reserve_holds_until_that_stage_starts():
         assert b.can_afford(66.0) and not b.can_afford(70.0)
     with b.stage("export"):
         assert b.can_afford(90.0)
+
+
+def test_the_retrain_and_the_cross_fit_are_priced_at_the_winners_own_speed_not_the_start_points():
+    """Issue 25.6: a head-only start point priced the plan's retrain and cross-fit; a winner that fine-tunes
+    every layer is ten times slower a report. The reserve finalise holds for the cross-fit is the winner's."""
+    from automl import stages
+    from automl.search.plan import Plan
+    from automl.search.space import load_space
+    from automl.search.tune import SearchResult
+
+    plan = Plan(space=load_space("image_classification", "image"), storage_size=32, resources={"cpu": 1},
+                concurrency=2, retrain_cpus=2, search_ends_at_s=40, last_start_at_s=38, max_trials=None, reports=4,
+                trial_s=3.0, retrain_s=18.0, retrain_fixed_s=15.0, cross_fit_s=9.0)
+    trials = pd.DataFrame({"trial_id": ["head", "all"], "time_s": [3.0, 20.0], "epochs_run": [4, 2]})
+    result = SearchResult(trials, {}, 2, 0.9, "accuracy", "", {}, best_trial_id="all")
+    # 10 s a report x 4 reports x (1.2 x the training rows) = 48 s; the start point's plan said 3 s.
+    assert stages.winner_price(plan, result, rows_ratio=1.2) == pytest.approx(48.0)
+    # Two folds side by side in the two trial slots, each on 0.5 x (train + validation) rows.
+    prepared = type("P", (), {"task": type("T", (), {"splits": {"train": np.arange(100), "validation":
+                                                                 np.arange(20)}})})()
+    assert stages.cross_fit_price(prepared, plan, result, folds=2) == pytest.approx(5.0 + 10 * 4 * 0.6)
+    assert stages.cross_fit_price(prepared, plan, result, folds=4) == pytest.approx(5.0 + 10 * 4 * 0.9 * 2)
+    # The start point winning: the plan's own price stands.
+    head = SearchResult(trials, {}, 4, 0.9, "accuracy", "", {}, best_trial_id="head")
+    assert stages.cross_fit_price(prepared, plan, head, folds=2) == pytest.approx(9.0)
 
 
 def test_a_request_whose_images_decode_to_too_many_pixels_is_refused_before_decoding():

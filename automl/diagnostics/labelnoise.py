@@ -14,6 +14,9 @@ those probabilities are calibrated.
 """
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 import pandas as pd
 
@@ -22,7 +25,7 @@ NOISY_SHARE = 0.10  # flagged share above which the list is more model confusion
 
 
 def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads: int,
-          plugins: dict | None = None) -> np.ndarray:
+          plugins: dict | None = None, deadline: float | None = None) -> np.ndarray:
     import torch
 
     from automl.data.encoders import predict_logits
@@ -32,16 +35,29 @@ def _fold(config: dict, data, x_out, epochs: int, schedule_epochs: int, threads:
 
     set_threads(threads)
     install(plugins)
-    res = fit(config, data, epochs=epochs, schedule_epochs=schedule_epochs)  # on the device Ray gave this task
+    # On the device Ray gave this task; paced to end by the deadline when there is one.
+    res = fit(config, data, epochs=epochs, schedule_epochs=schedule_epochs, deadline=deadline)
     logits = predict_logits(res.model, res.encoder, encode_inputs(res.encoder, x_out), device())
     return torch.softmax(logits, 1).numpy()
 
 
+def fold_deadlines(deadline: float | None, folds: int, slots: int) -> list[float | None]:
+    """Each fold's deadline when `folds` folds run `slots` at a time and all must end by `deadline`: the time left
+    is split evenly between the rounds, so a fold of a later round does not start with the deadline already past
+    (a past deadline is ignored as stale, and the fold would then run its whole length)."""
+    if deadline is None:
+        return [None] * folds
+    now, rounds = time.time(), math.ceil(folds / max(1, min(slots, folds)))
+    per_round = max(0.0, deadline - now) / rounds
+    return [now + per_round * (i // max(1, min(slots, folds)) + 1) for i in range(folds)]
+
+
 def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modality: str, epochs: int,
                       schedule_epochs: int, folds: int = 2, seed: int = 0, use_ray: bool = True,
-                      return_folds: bool = False, gpus: float = 0.0):
+                      return_folds: bool = False, gpus: float = 0.0, deadline: float | None = None):
     """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold).
-    gpus: what each fold's Ray task holds (a trial's share, where trials train on GPUs)."""
+    gpus: what each fold's Ray task holds (a trial's share, where trials train on GPUs). deadline: a time.time()
+    every fold paces its schedule to end by (training.loop.Pace)."""
     from sklearn.model_selection import StratifiedKFold
 
     from automl.data.trial_data import TrialData, subset
@@ -60,11 +76,16 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modal
 
         from automl.plugins import snapshot
 
+        free = ray.available_resources()
+        slots = int(free.get("GPU", 0) / gpus) if gpus else int(free.get("CPU", 1))
+        ends = fold_deadlines(deadline, len(jobs), slots)
         remote, plugins = ray.remote(num_cpus=1, num_gpus=gpus)(_fold), ray.put(snapshot())
-        refs = [remote.remote(config, d, xo, epochs, schedule_epochs, 1, plugins) for _, d, xo in jobs]
+        refs = [remote.remote(config, d, xo, epochs, schedule_epochs, 1, plugins, end)
+                for (_, d, xo), end in zip(jobs, ends)]
         results = ray.get(refs)
     else:
-        results = [_fold(config, d, xo, epochs, schedule_epochs, 1) for _, d, xo in jobs]
+        ends = fold_deadlines(deadline, len(jobs), 1)
+        results = [_fold(config, d, xo, epochs, schedule_epochs, 1, None, end) for (_, d, xo), end in zip(jobs, ends)]
     fold_of = np.zeros(n, dtype=np.int64)
     for f, ((out_idx, _, _), p) in enumerate(zip(jobs, results)):
         proba[out_idx] = p

@@ -56,15 +56,17 @@ def _train_loop(cfg: dict) -> None:
         return prepare_model(model, move_to_device=False) if world > 1 else model
 
     fit(cfg["config"], data, epochs=epochs, schedule_epochs=cfg["schedule_epochs"], report=report,
-        wrap_model=wrap, rank=rank, world_size=world, device=get_device(), initial_state=initial)
+        wrap_model=wrap, rank=rank, world_size=world, device=get_device(), initial_state=initial,
+        deadline=cfg.get("deadline"))
 
 
 def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int, storage_path: str,
             num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int = 1,
-            initial_state: dict | None = None):
+            initial_state: dict | None = None, deadline: float | None = None):
     """Train `config` on all of `data` with TorchTrainer (each worker asks for at most one node's CPUs; DDP ranks
     get equal shards and batch_size / workers rows per step). Returns (model on CPU, spec, rank 0's last metrics:
-    with several workers, `nodes` and `weight_sums` per rank)."""
+    with several workers, `nodes` and `weight_sums` per rank). deadline: a time.time() the training paces its
+    schedule to end by (loop.Pace), so a retrain slower than planned still leaves later stages their time."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -81,7 +83,7 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
         train_loop_config={"config": config, "data_ref": ray.put(data), "epochs": int(epochs),
                            "schedule_epochs": int(schedule_epochs), "threads": int(cpus_per_worker),
                            "initial_ref": ray.put(initial_state) if initial_state else None,
-                           "plugins": plugins.snapshot()},
+                           "plugins": plugins.snapshot(), "deadline": deadline},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
         # A reused run name silently resumes the old run: always use a fresh one.
