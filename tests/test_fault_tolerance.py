@@ -138,6 +138,40 @@ def test_sigkilled_driver_resumes_keeping_finished_trials(ray_session, tmp_path)
     assert model.manifest.search["best_score"] >= max(r["val_accuracy"] for r in before.values())
 
 
+def test_a_resume_whose_saved_searcher_lags_its_trials_still_starts_new_trials(tmp_path):
+    """Tune saves the searcher's state and the trials' at different moments. A driver killed between the two left a
+    concurrency limiter that counted two trials as live which the experiment state records as finished: restored
+    finished trials report nothing, so the resumed search waited forever for a suggestion (a suite run hung in
+    test_sigkilled_driver_resumes). The generator's restore takes the live trials and the count from the trials."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+
+    from automl.search.tune import DeadlineOptunaSearch, ResumableSearch
+
+    def generator():
+        searcher = DeadlineOptunaSearch({"x": tune.uniform(0, 1)}, metric="m", mode="max")
+        return ResumableSearch(ConcurrencyLimiter(searcher, max_concurrent=2))
+
+    saved = generator()
+    for tid in ("a", "b"):  # suggested and live when the searcher's state was saved
+        assert saved.searcher.suggest(tid) is not None
+    saved._counter, saved._total_samples = 2, 8
+    saved.save_to_dir(str(tmp_path), session_str="s")
+    # The trials' state, saved later: a and b finished, c runs, d finished (one Tune line per trial).
+    trials = [[json.dumps({"trial_id": t, "status": s}), "{}"]
+              for t, s in (("a", "TERMINATED"), ("b", "TERMINATED"), ("c", "RUNNING"), ("d", "TERMINATED"))]
+    (tmp_path / "experiment_state-2026-12-03_17-39-19.json").write_text(json.dumps({"trial_data": trials}))
+
+    resumed = generator()
+    resumed.restore_from_dir(str(tmp_path))
+    assert resumed.searcher.live_trials == {"c"} and resumed.searcher.num_unfinished_live_trials == 1
+    assert resumed._counter == 4 and resumed._total_samples == 8  # four of the eight trials exist
+    assert isinstance(resumed.searcher.suggest("e"), dict)  # a free slot: a new trial starts
+    assert resumed.searcher.suggest("f") is None  # c and e are live: the limit holds
+    resumed.searcher.on_trial_complete("c", {"m": 0.5})  # a trial this searcher never suggested: no KeyError
+    assert resumed.searcher.live_trials == {"e"}
+
+
 def test_checkpoint_policy_at_its_production_values():
     """Every >= 10 s, and >= 20x the last checkpoint's cost (so checkpoints take <= 5% of a trial's time)."""
     from automl.search.tune import CHECKPOINT_EVERY_S, checkpoint_due

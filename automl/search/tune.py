@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.data.intake import plain
@@ -309,6 +310,53 @@ class DeadlineOptunaSearch(OptunaSearch):
         return config
 
 
+    def on_trial_result(self, trial_id, result):
+        if trial_id in self._ot_trials:  # a trial this (restored) searcher never suggested: nothing to tell Optuna
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if trial_id in self._ot_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def _trial_statuses(dirpath: str) -> dict[str, str] | None:
+    """trial id -> status in the newest experiment state in `dirpath` (None when there is none to read)."""
+    import json
+
+    states = sorted(Path(dirpath).glob("experiment_state-*.json"))
+    if not states:
+        return None
+    try:
+        data = json.loads(states[-1].read_text())["trial_data"]
+        return {s["trial_id"]: s["status"] for s in (json.loads(entry[0]) for entry in data)}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+class ResumableSearch(SearchGenerator):
+    """Tune's search generator, whose restore agrees with the trials it resumes.
+
+    Tune saves the searcher's state and the trials' state at different moments, so after a killed driver the
+    saved concurrency limiter can still count as live two trials the experiment state records as finished (or
+    never recorded at all). Restored finished trials report nothing, the limiter never frees their slots, and the
+    resumed search waits forever for a suggestion (seen: a resume hung ten minutes). On restore, the live trials
+    become those the experiment state leaves unfinished, and the trial count starts from the trials it holds."""
+
+    def restore_from_dir(self, dirpath: str):
+        super().restore_from_dir(dirpath)
+        statuses = _trial_statuses(dirpath)
+        if statuses is None:
+            return
+        self._counter = max(self._counter, len(statuses))
+        limiter = self.searcher
+        if isinstance(limiter, ConcurrencyLimiter):
+            limiter.live_trials = {t for t, s in statuses.items() if s in UNFINISHED}
+            limiter.num_unfinished_live_trials = len(limiter.live_trials)
+
+
 def experiment_name(out: Path, resume: bool) -> str:
     """A fresh experiment name, or with resume=True the one of the last search in `out` (its LATEST_SEARCH)."""
     marker = out / "LATEST_SEARCH"
@@ -408,6 +456,18 @@ def asha_tpe(space: SearchSpace, *, metric: str, points: list[dict], deadline_fi
     return searcher, scheduler
 
 
+def _resumable(searcher, concurrency: int):
+    """The engine's searcher as Tune would wrap it for `max_concurrent_trials`, in a generator that resumes
+    consistently (ResumableSearch); a search algorithm that is not a Searcher is used as it is."""
+    from ray.tune.search import Searcher
+
+    if not isinstance(searcher, Searcher):
+        return searcher
+    if not isinstance(searcher, ConcurrencyLimiter):
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+    return ResumableSearch(searcher)
+
+
 def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, start_points: list[dict] | None = None,
                init_heads: dict | None = None, callbacks: list | None = None, engine=asha_tpe) -> SearchResult:
     """Run the search; returns the trial table and the winner (config + report of its peak).
@@ -454,9 +514,9 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(
-                    metric=val_metric, mode="max", search_alg=searcher, scheduler=scheduler,
-                    num_samples=lim.max_trials or -1, time_budget_s=lim.time_budget_s,
-                    max_concurrent_trials=config.concurrency, reuse_actors=True, trial_dirname_creator=trial_dirname),
+                    metric=val_metric, mode="max", search_alg=_resumable(searcher, config.concurrency),
+                    scheduler=scheduler, num_samples=lim.max_trials or -1, time_budget_s=lim.time_budget_s,
+                    reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=st.name, storage_path=storage, verbose=0,
                     callbacks=[progress_cb] + ([janitor] if janitor else []) + list(callbacks or []),
