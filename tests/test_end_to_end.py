@@ -51,6 +51,9 @@ def image_run(ray_session, digits_df, tmp_path_factory):
     # Three head-only trials of EfficientNet-Lite0 tried first: the third reads the features the first computed.
     head_only = [{"backbone": "efficientnet-lite0", "unfreeze": 0, "lr": lr, "optimizer": "adamw"}
                  for lr in (0.01, 0.003, 0.02)]
+    from automl.budget import Costs
+
+    df.attrs["costs_before"] = dict(Costs.load().values)  # the session's $AUTOML_COSTS_FILE (conftest)
     t0 = time.monotonic()
     m = auto_finetune(df, time_budget_s=BUDGET, search_space=space, output_dir=out, progress=False, cv_folds=2,
                       find_label_errors=True, groups="site", retrain=False, start_points=head_only, prerank=True)
@@ -86,6 +89,22 @@ def test_a_minute_gives_an_exported_model_within_the_budget(image_run):
     assert sum(spent.values()) <= elapsed + 0.01 * len(spent) and elapsed <= wall, (spent, elapsed, wall)
     assert sum(spent.values()) >= 0.75 * wall, (spent, wall)
     assert any("full-length trial" in r for r in m.manifest.plan["reasons"])
+
+
+@pytest.mark.slow
+def test_the_run_teaches_the_costs_file_what_exporting_took(image_run):
+    """README: each run updates $AUTOML_COSTS_FILE with what its fixed costs took, for the next plan's reserves.
+    Exporting took some time x > 0 a member here; the file blends it in at half weight."""
+    import json
+
+    from automl.budget import DEFAULT_COSTS
+
+    m, wall, df = image_run
+    before = df.attrs["costs_before"]["export_image_s"]
+    saved = json.loads(Path(os.environ["AUTOML_COSTS_FILE"]).read_text())
+    x = 2 * saved["export_image_s"] - before  # what this run measured, a member's share
+    assert saved["export_image_s"] != before and 0 < x < wall, (saved, before)
+    assert set(saved) <= set(DEFAULT_COSTS)
 
 
 @pytest.mark.slow
