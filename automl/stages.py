@@ -692,10 +692,15 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                 "find suspected label errors")
         fold_rows = len(full) * (folds - 1) // folds
         config = _scaled(full_config(result.best_config), fold_rows, len(task.splits["train"]))
+        # On one CPU node the folds train here, one after another on all its cores: a Ray task per fold would
+        # start a worker process and import torch first (3-8 s of a 60 s budget on 2 loaded cores).
+        here = cluster.ClusterInfo.current()
+        local = here.nodes == here.max_nodes == 1 and not plan.resources.get("gpu")
         proba, fold_of = out_of_fold_proba(config, inputs.rows(full), task.y[full], task.num_classes,
                                            epochs=plan.reports, schedule_epochs=plan.reports, modality=task.modality,
                                            seed=search.seed, folds=folds, return_folds=True,
-                                           gpus=float(plan.resources.get("gpu") or 0),
+                                           gpus=float(plan.resources.get("gpu") or 0), use_ray=not local,
+                                           threads=int(here.node_cpus),
                                            deadline=budget.deadline(floor_s=MIN_PACED_S))  # forced ones too: paced to the export
         if want:
             rows = task.row_index[full] if task.row_index is not None else full

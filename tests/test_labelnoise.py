@@ -18,8 +18,13 @@ def test_planted_label_flips_are_found(digits_df):
     t = prepare(df)
     X = stack_resized(t.images, 16)
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "batch_size": 16, "schedule": "cosine"}
+    import torch
+
+    torch.set_num_threads(2)
     proba = out_of_fold_proba(cfg, X, t.y, t.num_classes, modality=t.modality, epochs=5, schedule_epochs=5, folds=2,
-                              use_ray=False)
+                              use_ray=False, threads=1)
+    # In-process folds (the product's choice on one CPU node) leave the caller's threads as they were.
+    assert torch.get_num_threads() == 2
     found = suspects(proba, t.y, t.classes, t.row_index)
     assert {"row", "given_label", "suspected_label", "p_given_label", "margin"} <= set(found.columns)
     hits = len(set(found["row"]) & set(flipped))

@@ -15,6 +15,7 @@ those probabilities are calibrated.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -54,10 +55,12 @@ def fold_deadlines(deadline: float | None, folds: int, slots: int) -> list[float
 
 def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modality: str, epochs: int,
                       schedule_epochs: int, folds: int = 2, seed: int = 0, use_ray: bool = True,
-                      return_folds: bool = False, gpus: float = 0.0, deadline: float | None = None):
+                      return_folds: bool = False, gpus: float = 0.0, deadline: float | None = None,
+                      threads: int = 1):
     """Probabilities for every row from a model that never saw that row (and, optionally, each row's fold).
-    gpus: what each fold's Ray task holds (a trial's share, where trials train on GPUs). deadline: a time.time()
-    every fold paces its schedule to end by (training.loop.Pace)."""
+    use_ray: each fold in a Ray task (else one after another in this process, with `threads` torch threads;
+    this process's thread count is restored after). gpus: what each fold's Ray task holds (a trial's share, where
+    trials train on GPUs). deadline: a time.time() every fold paces its schedule to end by (training.loop.Pace)."""
     from sklearn.model_selection import StratifiedKFold
 
     from automl.data.trial_data import TrialData, subset
@@ -84,8 +87,19 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modal
                 for (_, d, xo), end in zip(jobs, ends)]
         results = ray.get(refs)
     else:
+        import torch
+
+        before, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
         ends = fold_deadlines(deadline, len(jobs), 1)
-        results = [_fold(config, d, xo, epochs, schedule_epochs, 1, None, end) for (_, d, xo), end in zip(jobs, ends)]
+        try:
+            results = [_fold(config, d, xo, epochs, schedule_epochs, threads, None, end)
+                       for (_, d, xo), end in zip(jobs, ends)]
+        finally:
+            torch.set_num_threads(before)
+            if omp is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = omp
     fold_of = np.zeros(n, dtype=np.int64)
     for f, ((out_idx, _, _), p) in enumerate(zip(jobs, results)):
         proba[out_idx] = p
