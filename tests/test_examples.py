@@ -1,0 +1,39 @@
+"""The README's first command, `python examples/digits_image.py`, run with a one-minute budget (the README's own
+run is 240 s): it trains on all 1,797 digits, prints what the README says it prints, and its export reloads."""
+from __future__ import annotations
+
+import re
+import runpy
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_readme_demo_runs_with_a_one_minute_budget(ray_session, tmp_path, monkeypatch, capsys):
+    from automl import load
+
+    monkeypatch.chdir(tmp_path)  # the example writes demo_output/ where it runs
+    main = runpy.run_path(str(ROOT / "examples" / "digits_image.py"), run_name="example")["main"]
+    t0 = time.monotonic()
+    main(60)
+    wall = time.monotonic() - t0
+    out = capsys.readouterr().out
+    export = Path(re.search(r"exported model: (\S+)", out).group(1))
+    assert export == tmp_path / "demo_output" / "digits" / "model"
+    acc = float(re.search(r"test accuracy:\s+([\d.]+)", out).group(1))
+    model = load(export)
+    assert acc == pytest.approx(model.metrics["accuracy"], abs=1e-4)
+    assert acc >= 0.9, out  # 10 classes; 0.959, 0.964 and 0.987 at 60 s on three seeds (RESULTS)
+    tried = re.search(r"configurations tried: (\d+) on (\d+) backbones \((\d+) linear heads on frozen features, "
+                      r"(\d+) fine-tunes", out)
+    n, backbones, heads, tunes = map(int, tried.groups())
+    assert n == heads + tunes == len(model.trials) and heads >= 1 and tunes >= 1, out
+    assert backbones == model.trials["config/backbone"].nunique()
+    pred, true = (list(map(int, s.split(", "))) for s in
+                  re.search(r"reloaded model predicts: \[(.*)\] true: \[(.*)\]", out).groups())
+    assert len(pred) == len(true) == 10 and sum(p == t for p, t in zip(pred, true)) >= 8, out
+    assert wall <= 60 * 1.10, wall
