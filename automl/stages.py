@@ -4,7 +4,6 @@ reads the data, search, update and output options; each later stage takes only t
 keyword arguments (no stage gets the whole FinetuneOptions)."""
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import time
@@ -27,6 +26,7 @@ from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, Reso
                             UpdateOptions)
 from automl.runtime import device
 from automl.search.plan import Plan, make_plan
+from automl.search.probes import pretrained, scratch_speeds, speed_probe
 from automl.training.loop import full_config
 from automl.search.space import SearchSpace, load_space
 
@@ -207,8 +207,8 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
 
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), seed)
-    speed_at = _speed_probe(prepared, start, res, max_length, int(ray.node_cpus), stats.image_side)
-    others = _scratch_speeds(prepared, space, res, pinned_size or speed_at.largest, max_length) \
+    speed_at = speed_probe(prepared.task, start, res, max_length, int(ray.node_cpus), stats.image_side)
+    others = scratch_speeds(prepared.task, space, res, pinned_size or speed_at.largest, max_length) \
         if budget_bound else {}
     return start, spec, stats, pinned_size, max_length, speed_at, others
 
@@ -231,7 +231,7 @@ def _rung0_backbones(prepared: Prepared, space: SearchSpace, ladder: bool) -> in
     spec = space.parameters.get("backbone", {})
     values = list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
     start = full_config(space.default_config())["backbone"]
-    return len({v for v in values + [start] if _pretrained(v)}) if _pretrained(start) else 0
+    return len({v for v in values + [start] if pretrained(v)}) if pretrained(start) else 0
 
 
 def _prerank(prepared: Prepared, space: SearchSpace, search: SearchOptions) -> tuple[SearchSpace, dict | None]:
@@ -263,125 +263,6 @@ def _retrain_choice(storage: str | None, retrain: bool | str) -> bool | str:
     return retrain
 
 
-def _speed_probe(prepared: Prepared, start: dict, res: dict, max_length: int | None, node_cpus: int,
-                 side: int | None = None):
-    """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
-    chooses, images: at two sizes, scaled with the pixel count in between). side: the inputs' median size."""
-    from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
-
-    task = prepared.task
-    adapter = modalities.get(task.modality)
-    rng = np.random.default_rng(0)
-    tr = rng.permutation(task.splits["train"])[:64]
-    va = rng.permutation(task.splits["validation"])[:64]
-    memo: dict = {}
-    probe_hi = None
-    if adapter.sized:
-        smallest = min_image(models.resolve(start["backbone"]).pretrained)
-        # Timed at the largest size the plan may choose (interpolating by pixel count from 96 px under-estimated
-        # EfficientNet-Lite0 at 128 px by 30%, and the start point was cut by the budget mid-schedule).
-        probe_hi = min(MAX_IMAGE if res.get("gpu") else MAX_IMAGE_CPU, max(smallest, -(-(side or smallest) // 8) * 8))
-
-    def measure(size):
-        if size not in memo:
-            memo[size] = _measured_speed(prepared, start, res, max_length, node_cpus, size, tr, va)
-        return memo[size]
-
-    def speed_at(size):
-        if not adapter.sized or size is None or size <= MIN_IMAGE:
-            return measure(MIN_IMAGE if adapter.sized else None)
-        # Two probes (32 px and the largest size) and the cost in between grows with the pixel count.
-        lo, hi = measure(MIN_IMAGE), measure(probe_hi)
-        if hi.size == lo.size:
-            return lo
-        frac = (size ** 2 - MIN_IMAGE ** 2) / (hi.size ** 2 - MIN_IMAGE ** 2)
-        # Monotone in the size: never below the cheaper probe (a GPU can time 96 px faster than 32 px).
-        mix = lambda a, b: max(min(a, b), a + (b - a) * frac)  # noqa: E731
-        alone = mix(lo.step_s_alone, hi.step_s_alone) if lo.step_s_alone and hi.step_s_alone else None
-        return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
-                     lo.batch_size, size, alone)
-
-    # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
-    # size the search for seconds the probes then spend.
-    speed_at(probe_hi)
-    speed_at.largest = probe_hi
-    return speed_at
-
-
-def _measured_speed(prepared: Prepared, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
-                    size: int | None, tr: np.ndarray, va: np.ndarray):
-    """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own
-    CPUs, and with a whole node's when it runs alone."""
-    from automl.data.trial_data import TrialData
-    from automl.search.plan import Speed
-
-    task = prepared.task
-    adapter = modalities.get(task.modality)
-    pick = lambda idx: adapter.rows(task, idx, size)  # noqa: E731
-    data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
-                     task="regression" if task.task == "regression" else "classification")
-    cfg = {**cfg, "image_size": size or cfg.get("image_size"), "max_length": max_length or 64}
-    mine, alone = int(res.get("cpu", 1)), int(node_cpus)
-    m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
-    return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"))
-
-
-def _scratch_speeds(prepared: Prepared, space: SearchSpace, res: dict, size: int | None,
-                    max_length: int | None) -> dict:
-    """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
-    prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch."""
-    start = full_config(space.default_config())
-    spec = space.parameters.get("backbone", {})
-    values = list(spec.get("values") or []) if isinstance(spec, dict) else []
-    if not _pretrained(start["backbone"]):
-        return {}
-    task = prepared.task
-    rng = np.random.default_rng(1)
-    tr = rng.permutation(task.splits["train"])[:64]
-    va = rng.permutation(task.splits["validation"])[:64]
-    out = {}
-    for b in values:
-        if b == start["backbone"] or _pretrained(b):
-            continue
-        point = next((p for p in space.start_points if p.get("backbone") == b), {})
-        cfg = full_config(space.fit_point({**start, **point, "backbone": b}))
-        try:
-            # With a trial's own CPUs only (the plan scales that for a trial alone): each probe is budget the start
-            # point does not train with (two nets at 128 px, timed twice each, cost it ~10 s of 300).
-            out[b] = _measured_speed(prepared, cfg, res, max_length, int(res.get("cpu", 1)), size, tr, va)
-        except AutoMLError:
-            continue  # it cannot be built here: the search drops it when a trial tries (as before)
-    return out
-
-
-def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...]) -> dict:
-    """measure_speed on the device trials will use: here when this process has it (or trials use no GPU), else
-    in a Ray task holding a trial's GPU (a cluster whose driver has none must not plan GPU trials at CPU speed)."""
-    import torch
-
-    from automl.runtime import device
-    from automl.training.loop import measure_speed
-
-    if not res.get("gpu"):
-        return measure_speed(cfg, data, device=torch.device("cpu"), steps=3, threads=threads)
-    if device().type != "cpu":
-        return measure_speed(cfg, data, device=device(), steps=3, threads=threads)
-    import ray
-
-    from automl.plugins import snapshot
-
-    task = ray.remote(num_cpus=res.get("cpu", 1), num_gpus=res["gpu"])(_measure_in_worker)
-    return ray.get(task.remote(cfg, data, threads, snapshot()))
-
-
-def _measure_in_worker(cfg: dict, data, threads: tuple[int, ...], plugins: dict) -> dict:
-    from automl.plugins import install
-    from automl.training.loop import measure_speed
-
-    install(plugins)  # the user's registered backbones and policies, as trials get them
-    return measure_speed(cfg, data, steps=3, threads=threads)
-
-
 def shared_dir(out: Path, storage: str | None) -> Path:
     """Where run artefacts that trials on other nodes must read live: the storage path `storage`
     (ResourceOptions.storage_path) when it is a filesystem path (shared on a cluster), else the output folder."""
@@ -409,8 +290,8 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
         return None
     start = full_config(space.default_config())
     values = list(space.parameters.get("backbone", {}).get("values") or [start["backbone"]])
-    pretrained = [v for v in values if _pretrained(v)]
-    candidates = [start["backbone"]] + [v for v in pretrained if v != start["backbone"]]
+    with_weights = [v for v in values if pretrained(v)]
+    candidates = [start["backbone"]] + [v for v in with_weights if v != start["backbone"]]
     data = inputs.trial_data(max_val=plan.val_rows)
     allowance = None if budget.total_s is None else plan.rung0_s
     rung0 = ladder.probe(candidates, start, data.x_train, data.y_train, data.x_val, data.y_val,
@@ -421,7 +302,7 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
         plan.reasons.append(rung0.summary())
         return rung0
     chosen, why = ladder.choose_start(rung0, start["backbone"], data.y_val, prepared.metric, task.num_classes, ALPHA)
-    keep = ladder.promoted(rung0, chosen) + [v for v in values if not _pretrained(v)]
+    keep = ladder.promoted(rung0, chosen) + [v for v in values if not pretrained(v)]
     plan.space = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
     plan.space.start_points = [plan.space.fit_point({**p, "backbone": chosen} if p.get("backbone") == start["backbone"]
                                                     else p) for p in space.start_points
@@ -436,13 +317,6 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
     if output.progress:
         say(plan.reasons[-1])
     return rung0
-
-
-def _pretrained(name) -> bool:
-    try:
-        return models.resolve(name).pretrained
-    except AutoMLError:
-        return False
 
 
 # ---------------------------------------------------------------------------- search
@@ -490,18 +364,6 @@ def _scaled(config: dict, rows: int, n_train: int) -> dict:
     return {**config, "report_rows": max(1, round(int(config["report_rows"]) * rows / max(1, n_train)))}
 
 
-def winner_price(plan: Plan, result: SearchResult, rows_ratio: float, runs: int = 1) -> float:
-    """Seconds to train the search's winner for the plan's full length on `rows_ratio` times its training rows,
-    `runs` at a time in the plan's trial slots, from its own measured time a report (0.0 when unknown). A winner
-    trained on cached features is timed without its feature pass, so this is a floor, never the price alone."""
-    t = result.trials
-    row = t[t["trial_id"].astype(str) == str(result.best_trial_id)] if "trial_id" in t else t.iloc[:0]
-    if row.empty or "time_s" not in row or "epochs_run" not in row:
-        return 0.0
-    per_report = float(row["time_s"].iloc[0]) / max(1, int(row["epochs_run"].iloc[0]))
-    return per_report * plan.reports * rows_ratio * math.ceil(runs / max(1, plan.concurrency))
-
-
 def _cross_fits(prepared: Prepared, plan: Plan, result: SearchResult, diagnostics: DiagnosticsOptions) -> bool:
     """Whether diagnose will cross-fit the winner: for cross-validation, or for label errors rung 0 did not give
     (when forced, or when the plan made room for them)."""
@@ -513,11 +375,10 @@ def _cross_fits(prepared: Prepared, plan: Plan, result: SearchResult, diagnostic
                                                                or plan.label_errors))
 
 
-def cross_fit_price(prepared: Prepared, plan: Plan, result: SearchResult, folds: int = 2) -> float:
-    """The cross-fit's price: the plan's (from the start point's speed) or the winner's own, whichever is more."""
-    n_train = max(1, len(prepared.task.splits["train"]))
-    n_full = n_train + len(prepared.task.splits.get("validation", ()))
-    return max(plan.cross_fit_s, 5.0 + winner_price(plan, result, n_full * (folds - 1) / folds / n_train, folds))
+def _cross_fit_price(prepared: Prepared, plan: Plan, result: SearchResult, folds: int) -> float:
+    n_train = len(prepared.task.splits["train"])
+    return plan.cross_fit_price(result.trials, result.best_trial_id, n_train,
+                                n_train + len(prepared.task.splits.get("validation", ())), folds)
 
 
 def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, budget: Budget, *,
@@ -533,12 +394,12 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     # releases its own reserve when it starts).
     costs = Costs.load()
     budget.reserve("evaluate", costs["evaluate_s"])
-    budget.reserve("diagnose", cross_fit_price(prepared, plan, result, diagnostics.cv_folds or 2)
+    budget.reserve("diagnose", _cross_fit_price(prepared, plan, result, diagnostics.cv_folds or 2)
                    if _cross_fits(prepared, plan, result, diagnostics) else 0.0)
     budget.reserve("export", costs[f"export_{prepared.task.modality}_s"] if output.export_formats else 0.0)
     # The winner's own measured speed, where it was slower than the start point the plan priced the retrain at.
-    retrain_s = max(plan.retrain_s, plan.retrain_fixed_s + winner_price(plan, result, len(inputs.split("full"))
-                                                                        / max(1, n_train)))
+    retrain_s = max(plan.retrain_s, plan.retrain_fixed_s + plan.winner_price(
+        result.trials, result.best_trial_id, len(inputs.split("full")) / max(1, n_train)))
     if not plan.retrain or (search.retrain == "auto" and not budget.can_afford(retrain_s)):
         why = ("retrain=False" if search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
@@ -676,7 +537,7 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     want = not regression and out.label_errors is None and (diagnostics.find_label_errors is True
                                                         or plan.label_errors)
     folds = diagnostics.cv_folds or 2
-    price = cross_fit_price(prepared, plan, result, folds) if want or diagnostics.cv_folds else 0.0
+    price = _cross_fit_price(prepared, plan, result, folds) if want or diagnostics.cv_folds else 0.0
     if diagnostics.find_label_errors == "auto" and want and not budget.can_afford(price):
         want = False
         out.notes.append(f"suspected-label-error search skipped: ~{price:.0f} s needed, "

@@ -442,26 +442,20 @@ def test_a_later_stages_reserve_holds_until_that_stage_starts():
 def test_the_retrain_and_the_cross_fit_are_priced_at_the_winners_own_speed_not_the_start_points():
     """Issue 25.6: a head-only start point priced the plan's retrain and cross-fit; a winner that fine-tunes
     every layer is ten times slower a report. The reserve finalise holds for the cross-fit is the winner's."""
-    from automl import stages
     from automl.search.plan import Plan
     from automl.search.space import load_space
-    from automl.search.tune import SearchResult
 
     plan = Plan(space=load_space("image_classification", "image"), storage_size=32, resources={"cpu": 1},
                 concurrency=2, retrain_cpus=2, search_ends_at_s=40, last_start_at_s=38, max_trials=None, reports=4,
                 trial_s=3.0, retrain_s=18.0, retrain_fixed_s=15.0, cross_fit_s=9.0)
     trials = pd.DataFrame({"trial_id": ["head", "all"], "time_s": [3.0, 20.0], "epochs_run": [4, 2]})
-    result = SearchResult(trials, {}, 2, 0.9, "accuracy", "", {}, best_trial_id="all")
     # 10 s a report x 4 reports x (1.2 x the training rows) = 48 s; the start point's plan said 3 s.
-    assert stages.winner_price(plan, result, rows_ratio=1.2) == pytest.approx(48.0)
+    assert plan.winner_price(trials, "all", rows_ratio=1.2) == pytest.approx(48.0)
     # Two folds side by side in the two trial slots, each on 0.5 x (train + validation) rows.
-    prepared = type("P", (), {"task": type("T", (), {"splits": {"train": np.arange(100), "validation":
-                                                                 np.arange(20)}})})()
-    assert stages.cross_fit_price(prepared, plan, result, folds=2) == pytest.approx(5.0 + 10 * 4 * 0.6)
-    assert stages.cross_fit_price(prepared, plan, result, folds=4) == pytest.approx(5.0 + 10 * 4 * 0.9 * 2)
+    assert plan.cross_fit_price(trials, "all", 100, 120, folds=2) == pytest.approx(5.0 + 10 * 4 * 0.6)
+    assert plan.cross_fit_price(trials, "all", 100, 120, folds=4) == pytest.approx(5.0 + 10 * 4 * 0.9 * 2)
     # The start point winning: the plan's own price stands.
-    head = SearchResult(trials, {}, 4, 0.9, "accuracy", "", {}, best_trial_id="head")
-    assert stages.cross_fit_price(prepared, plan, head, folds=2) == pytest.approx(9.0)
+    assert plan.cross_fit_price(trials, "head", 100, 120, folds=2) == pytest.approx(9.0)
 
 
 def test_a_request_whose_images_decode_to_too_many_pixels_is_refused_before_decoding():

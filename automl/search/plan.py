@@ -153,6 +153,25 @@ class Plan:
                             trial_s=self.trial_s or None, first_ends_s=left(self.first_ends_at_s),
                             stretch_rows=self.stretch_rows, kinds=self.kinds)
 
+    def winner_price(self, trials, best_trial_id: str, rows_ratio: float, runs: int = 1) -> float:
+        """Seconds to train the search's winner (`best_trial_id`, a row of the trial table) for the full length on
+        `rows_ratio` times its training rows, `runs` at a time in the trial slots, from its own measured time a
+        report (0.0 when unknown). A winner trained on cached features is timed without its feature pass, so this
+        is a floor, never the price alone."""
+        if not {"trial_id", "time_s", "epochs_run"} <= set(getattr(trials, "columns", ())):
+            return 0.0
+        row = trials[trials["trial_id"].astype(str) == str(best_trial_id)]
+        if row.empty:
+            return 0.0
+        per_report = float(row["time_s"].iloc[0]) / max(1, int(row["epochs_run"].iloc[0]))
+        return per_report * self.reports * rows_ratio * math.ceil(runs / max(1, self.concurrency))
+
+    def cross_fit_price(self, trials, best_trial_id: str, n_train: int, n_full: int, folds: int = 2) -> float:
+        """The cross-fit's price (`folds` folds of train+validation, `n_full` rows; trials trained on `n_train`):
+        the plan's own (from the start point's speed) or the winner's, whichever is more."""
+        rows_ratio = n_full * (folds - 1) / folds / max(1, n_train)
+        return max(self.cross_fit_s, 5.0 + self.winner_price(trials, best_trial_id, rows_ratio, folds))
+
     def save(self, path) -> None:
         """The plan as JSON beside the search, so a resumed search keeps the trial length and sizes it began with."""
         import json

@@ -1,0 +1,135 @@
+"""Speed probes: what a step of the start point and of the space's from-scratch nets costs on this machine, on a
+sample of real rows at the sizes the plan may choose (search/plan.py prices every candidate from these)."""
+from __future__ import annotations
+
+import numpy as np
+
+from automl import modalities, models
+from automl.data.intake import TaskData
+from automl.errors import AutoMLError
+from automl.search.space import SearchSpace
+from automl.training.loop import full_config
+
+
+def pretrained(name) -> bool:
+    """Whether a backbone name stands for pretrained weights (False when it cannot be resolved)."""
+    try:
+        return models.resolve(name).pretrained
+    except AutoMLError:
+        return False
+
+
+def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, node_cpus: int,
+                 side: int | None = None):
+    """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
+    chooses, images: at two sizes, scaled with the pixel count in between). side: the inputs' median size."""
+    from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
+
+    adapter = modalities.get(task.modality)
+    rng = np.random.default_rng(0)
+    tr = rng.permutation(task.splits["train"])[:64]
+    va = rng.permutation(task.splits["validation"])[:64]
+    memo: dict = {}
+    probe_hi = None
+    if adapter.sized:
+        smallest = min_image(models.resolve(start["backbone"]).pretrained)
+        # Timed at the largest size the plan may choose (interpolating by pixel count from 96 px under-estimated
+        # EfficientNet-Lite0 at 128 px by 30%, and the start point was cut by the budget mid-schedule).
+        probe_hi = min(MAX_IMAGE if res.get("gpu") else MAX_IMAGE_CPU, max(smallest, -(-(side or smallest) // 8) * 8))
+
+    def measure(size):
+        if size not in memo:
+            memo[size] = measured_speed(task, start, res, max_length, node_cpus, size, tr, va)
+        return memo[size]
+
+    def speed_at(size):
+        if not adapter.sized or size is None or size <= MIN_IMAGE:
+            return measure(MIN_IMAGE if adapter.sized else None)
+        # Two probes (32 px and the largest size) and the cost in between grows with the pixel count.
+        lo, hi = measure(MIN_IMAGE), measure(probe_hi)
+        if hi.size == lo.size:
+            return lo
+        frac = (size ** 2 - MIN_IMAGE ** 2) / (hi.size ** 2 - MIN_IMAGE ** 2)
+        # Monotone in the size: never below the cheaper probe (a GPU can time 96 px faster than 32 px).
+        mix = lambda a, b: max(min(a, b), a + (b - a) * frac)  # noqa: E731
+        alone = mix(lo.step_s_alone, hi.step_s_alone) if lo.step_s_alone and hi.step_s_alone else None
+        return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
+                     lo.batch_size, size, alone)
+
+    # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
+    # size the search for seconds the probes then spend.
+    speed_at(probe_hi)
+    speed_at.largest = probe_hi
+    return speed_at
+
+
+def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
+                    size: int | None, tr: np.ndarray, va: np.ndarray):
+    """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own
+    CPUs, and with a whole node's when it runs alone."""
+    from automl.data.trial_data import TrialData
+    from automl.search.plan import Speed
+
+    adapter = modalities.get(task.modality)
+    pick = lambda idx: adapter.rows(task, idx, size)  # noqa: E731
+    data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
+                     task="regression" if task.task == "regression" else "classification")
+    cfg = {**cfg, "image_size": size or cfg.get("image_size"), "max_length": max_length or 64}
+    mine, alone = int(res.get("cpu", 1)), int(node_cpus)
+    m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
+    return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"))
+
+
+def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | None,
+                    max_length: int | None) -> dict:
+    """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
+    prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch."""
+    start = full_config(space.default_config())
+    spec = space.parameters.get("backbone", {})
+    values = list(spec.get("values") or []) if isinstance(spec, dict) else []
+    if not pretrained(start["backbone"]):
+        return {}
+    rng = np.random.default_rng(1)
+    tr = rng.permutation(task.splits["train"])[:64]
+    va = rng.permutation(task.splits["validation"])[:64]
+    out = {}
+    for b in values:
+        if b == start["backbone"] or pretrained(b):
+            continue
+        point = next((p for p in space.start_points if p.get("backbone") == b), {})
+        cfg = full_config(space.fit_point({**start, **point, "backbone": b}))
+        try:
+            # With a trial's own CPUs only (the plan scales that for a trial alone): each probe is budget the start
+            # point does not train with (two nets at 128 px, timed twice each, cost it ~10 s of 300).
+            out[b] = measured_speed(task, cfg, res, max_length, int(res.get("cpu", 1)), size, tr, va)
+        except AutoMLError:
+            continue  # it cannot be built here: the search drops it when a trial tries (as before)
+    return out
+
+
+def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...]) -> dict:
+    """measure_speed on the device trials will use: here when this process has it (or trials use no GPU), else
+    in a Ray task holding a trial's GPU (a cluster whose driver has none must not plan GPU trials at CPU speed)."""
+    import torch
+
+    from automl.runtime import device
+    from automl.training.loop import measure_speed
+
+    if not res.get("gpu"):
+        return measure_speed(cfg, data, device=torch.device("cpu"), steps=3, threads=threads)
+    if device().type != "cpu":
+        return measure_speed(cfg, data, device=device(), steps=3, threads=threads)
+    import ray
+
+    from automl.plugins import snapshot
+
+    task = ray.remote(num_cpus=res.get("cpu", 1), num_gpus=res["gpu"])(_measure_in_worker)
+    return ray.get(task.remote(cfg, data, threads, snapshot()))
+
+
+def _measure_in_worker(cfg: dict, data, threads: tuple[int, ...], plugins: dict) -> dict:
+    from automl.plugins import install
+    from automl.training.loop import measure_speed
+
+    install(plugins)  # the user's registered backbones and policies, as trials get them
+    return measure_speed(cfg, data, steps=3, threads=threads)
