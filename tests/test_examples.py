@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import runpy
-import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,7 @@ def test_the_readme_demo_runs_with_a_one_minute_budget(ray_session, tmp_path, mo
 
     monkeypatch.chdir(tmp_path)  # the example writes demo_output/ where it runs
     main = runpy.run_path(str(ROOT / "examples" / "digits_image.py"), run_name="example")["main"]
-    t0 = time.monotonic()
-    main(60)
-    wall = time.monotonic() - t0
+    main(60)  # the budget's +10% is test_end_to_end's promise to check; this checks what the demo prints
     out = capsys.readouterr().out
     export = Path(re.search(r"exported model: (\S+)", out).group(1))
     assert export == tmp_path / "demo_output" / "digits" / "model"
@@ -36,4 +33,3 @@ def test_the_readme_demo_runs_with_a_one_minute_budget(ray_session, tmp_path, mo
     pred, true = (list(map(int, s.split(", "))) for s in
                   re.search(r"reloaded model predicts: \[(.*)\] true: \[(.*)\]", out).groups())
     assert len(pred) == len(true) == 10 and sum(p == t for p, t in zip(pred, true)) >= 8, out
-    assert wall <= 60 * 1.10, wall
