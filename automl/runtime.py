@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 
 
 def configure_offline_hubs() -> None:
@@ -88,6 +89,24 @@ def set_threads(n: int) -> None:
     n = max(1, int(n))
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+
+
+@contextmanager
+def threads_kept():
+    """Give back, on exit, torch's thread count and OMP_NUM_THREADS as they were: set_threads changes both for the
+    whole process, which must not outlast work done in the caller's process (in-process folds, a test)."""
+    import torch
+
+    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = omp
 
 
 configure_offline_hubs()

@@ -364,15 +364,27 @@ def _scaled(config: dict, rows: int, n_train: int) -> dict:
     return {**config, "report_rows": max(1, round(int(config["report_rows"]) * rows / max(1, n_train)))}
 
 
+def _rung0_errors(prepared: Prepared, result: SearchResult, diagnostics: DiagnosticsOptions) -> Rung0 | None:
+    """Rung 0, when suspected label errors come from its out-of-fold heads (classification, asked for or auto)."""
+    rung0 = getattr(result, "rung0", None)
+    if prepared.task.task == "regression" or rung0 is None or rung0.oof_proba is None \
+            or diagnostics.find_label_errors is False:
+        return None
+    return rung0
+
+
+def _wants_fitted_errors(prepared: Prepared, plan: Plan, result: SearchResult,
+                         diagnostics: DiagnosticsOptions) -> bool:
+    """Whether label errors need a cross-fit of the winner: rung 0 gave none, and they are forced or planned in."""
+    return prepared.task.task != "regression" and _rung0_errors(prepared, result, diagnostics) is None and (
+        diagnostics.find_label_errors is True or plan.label_errors)
+
+
 def _cross_fits(prepared: Prepared, plan: Plan, result: SearchResult, diagnostics: DiagnosticsOptions) -> bool:
     """Whether diagnose will cross-fit the winner: for cross-validation, or for label errors rung 0 did not give
-    (when forced, or when the plan made room for them)."""
-    if prepared.task.task == "regression":
-        return False
-    rung0 = getattr(result, "rung0", None)
-    from_rung0 = rung0 is not None and rung0.oof_proba is not None and diagnostics.find_label_errors is not False
-    return bool(diagnostics.cv_folds) or (not from_rung0 and (diagnostics.find_label_errors is True
-                                                               or plan.label_errors))
+    (when forced, or when the plan made room for them; an "auto" one may still be skipped for time)."""
+    return prepared.task.task != "regression" and (bool(diagnostics.cv_folds)
+                                                   or _wants_fitted_errors(prepared, plan, result, diagnostics))
 
 
 def _cross_fit_price(prepared: Prepared, plan: Plan, result: SearchResult, folds: int) -> float:
@@ -396,7 +408,7 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     budget.reserve("evaluate", costs["evaluate_s"])
     budget.reserve("diagnose", _cross_fit_price(prepared, plan, result, diagnostics.cv_folds or 2)
                    if _cross_fits(prepared, plan, result, diagnostics) else 0.0)
-    budget.reserve("export", costs[f"export_{prepared.task.modality}_s"] if output.export_formats else 0.0)
+    budget.reserve("export", _export_reserve(prepared.task, output))
     # The winner's own measured speed, where it was slower than the start point the plan priced the retrain at.
     retrain_s = max(plan.retrain_s, plan.retrain_fixed_s + plan.winner_price(
         result.trials, result.best_trial_id, len(inputs.split("full")) / max(1, n_train)))
@@ -522,22 +534,20 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     from automl.diagnostics.update import compare_with_base
 
     task, out = prepared.task, Diagnostics()
-    if output.export_formats:  # an ensemble exports (and parity-checks) each member: hold back that much
-        budget.reserve("export", Costs.load()[f"export_{task.modality}_s"] * _members(final.model))
+    budget.reserve("export", _export_reserve(task, output, final.model))  # now known: an ensemble's every member
     regression = task.task == "regression"
     full = inputs.split("full")
-    oof = getattr(result, "rung0", None)
-    if not regression and oof is not None and oof.oof_proba is not None and diagnostics.find_label_errors \
-            is not False:
+    oof = _rung0_errors(prepared, result, diagnostics)
+    if oof is not None:
         # Rung 0's best head, refitted on 5 folds of train+validation: out-of-fold probabilities for seconds.
         rows = task.row_index[full] if task.row_index is not None else full
         out.label_errors = suspects(oof.oof_proba, task.y[full], prepared.classes, rows)
         out.label_error_summary = summary(out.label_errors, len(full), oof.oof_folds)
         out.label_error_summary["model"] = f"rung 0: {oof.best.backbone} frozen features + logistic regression"
-    want = not regression and out.label_errors is None and (diagnostics.find_label_errors is True
-                                                        or plan.label_errors)
+    want = _wants_fitted_errors(prepared, plan, result, diagnostics)
     folds = diagnostics.cv_folds or 2
-    price = _cross_fit_price(prepared, plan, result, folds) if want or diagnostics.cv_folds else 0.0
+    price = _cross_fit_price(prepared, plan, result, folds) if _cross_fits(prepared, plan, result, diagnostics) \
+        else 0.0
     if diagnostics.find_label_errors == "auto" and want and not budget.can_afford(price):
         want = False
         out.notes.append(f"suspected-label-error search skipped: ~{price:.0f} s needed, "
@@ -584,6 +594,14 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
 def _members(model) -> int:
     """How many models an export holds (an ensemble's members are each exported and checked)."""
     return len(getattr(model, "members", None) or [model])
+
+
+def _export_reserve(task: TaskData, output: OutputOptions, model=None) -> float:
+    """The time held back for the export: this machine's learned cost of exporting one model, times the members of
+    `model` where it is an ensemble (each is exported and parity-checked); nothing without export formats."""
+    if not output.export_formats:
+        return 0.0
+    return Costs.load()[f"export_{task.modality}_s"] * (_members(model) if model is not None else 1)
 
 
 def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult, final: FinalModel,

@@ -19,17 +19,10 @@ def _restore_torch_threads():
     """A test that trains in this process (use_ray=False) calls set_threads(n), which sets torch's thread count and
     OMP_NUM_THREADS: neither may leak into the tests after it (or into the processes they start), or their speed
     would depend on the order they run in."""
-    import torch
+    from automl.runtime import threads_kept
 
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    if os.environ.get("OMP_NUM_THREADS") != omp:
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
+    with threads_kept():
+        yield
 
 
 @pytest.fixture(scope="session")

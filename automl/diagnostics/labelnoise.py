@@ -15,7 +15,6 @@ those probabilities are calibrated.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
@@ -48,9 +47,10 @@ def fold_deadlines(deadline: float | None, folds: int, slots: int) -> list[float
     (a past deadline is ignored as stale, and the fold would then run its whole length)."""
     if deadline is None:
         return [None] * folds
-    now, rounds = time.time(), math.ceil(folds / max(1, min(slots, folds)))
-    per_round = max(0.0, deadline - now) / rounds
-    return [now + per_round * (i // max(1, min(slots, folds)) + 1) for i in range(folds)]
+    at_once = max(1, min(slots, folds))
+    now = time.time()
+    per_round = max(0.0, deadline - now) / math.ceil(folds / at_once)
+    return [now + per_round * (i // at_once + 1) for i in range(folds)]
 
 
 def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modality: str, epochs: int,
@@ -87,19 +87,12 @@ def out_of_fold_proba(config: dict, x, y: np.ndarray, num_classes: int, *, modal
                 for (_, d, xo), end in zip(jobs, ends)]
         results = ray.get(refs)
     else:
-        import torch
+        from automl.runtime import threads_kept
 
-        before, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
         ends = fold_deadlines(deadline, len(jobs), 1)
-        try:
+        with threads_kept():
             results = [_fold(config, d, xo, epochs, schedule_epochs, threads, None, end)
                        for (_, d, xo), end in zip(jobs, ends)]
-        finally:
-            torch.set_num_threads(before)
-            if omp is None:
-                os.environ.pop("OMP_NUM_THREADS", None)
-            else:
-                os.environ["OMP_NUM_THREADS"] = omp
     fold_of = np.zeros(n, dtype=np.int64)
     for f, ((out_idx, _, _), p) in enumerate(zip(jobs, results)):
         proba[out_idx] = p

@@ -20,7 +20,7 @@ def pretrained(name) -> bool:
 
 
 def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, node_cpus: int,
-                 side: int | None = None):
+                side: int | None = None):
     """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
     chooses, images: at two sizes, scaled with the pixel count in between). side: the inputs' median size."""
     from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
@@ -64,7 +64,7 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
 
 
 def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
-                    size: int | None, tr: np.ndarray, va: np.ndarray):
+                   size: int | None, tr: np.ndarray, va: np.ndarray):
     """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own
     CPUs, and with a whole node's when it runs alone."""
     from automl.data.trial_data import TrialData
@@ -81,7 +81,7 @@ def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None,
 
 
 def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | None,
-                    max_length: int | None) -> dict:
+                   max_length: int | None) -> dict:
     """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
     prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch."""
     start = full_config(space.default_config())
