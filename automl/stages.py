@@ -19,7 +19,7 @@ from automl.budget import Budget, Costs
 from automl.data.inputs import Inputs
 from automl.data.intake import TaskData, plain, prepare as read_task
 from automl.errors import AutoMLError, DataError, ModelLoadError, NoTrialScored
-from automl.export.manifest import ExportManifest, Preprocessing, Provenance
+from automl.export.manifest import ExportManifest
 from automl.export.predictor import FinetunedModel
 from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
 from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, ResourceOptions, SearchOptions,
@@ -464,6 +464,7 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
                   val_rows: int | None = None, *, progress: bool) -> FinalModel:
     """The winner's own best weights, or a soup or an ensemble of the top trials when that scores better on
     validation (training/combine.py). progress: the progress option (OutputOptions.progress)."""
+    from automl.models.ensemble import ensemble_spec
     from automl.training.combine import combine, start_reference, top_trials
     from automl.training.loop import build_encoder, load_best
 
@@ -485,12 +486,7 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
             c.decision += ("; rung-0 heads left out (cross-validated on train+validation below the start point's "
                            f"validation {metric} {ref[2]:.4f}): " + ", ".join(
                                f"{p.backbone} {p.cv_score:.4f} (val {p.val_score:.4f})" for p in left_out.values()))
-        spec = c.spec
-        if c.kind == "ensemble":
-            spec = models.BackboneSpec("ensemble", "+".join(str(m.config["backbone"]) for m in c.members), False,
-                                       kwargs={"members": [{"backbone": models.family(m.spec).underlying(m.spec)
-                                                            .to_dict(), "hyperparameters": m.config,
-                                                            "preprocessing": m.encoder.to_dict()} for m in c.members]})
+        spec = ensemble_spec(c.members) if c.kind == "ensemble" else c.spec
         training = {"how": "checkpoint" if c.kind in ("single", "start point") else c.kind, "reason": why,
                     "trials": c.trial_ids, "val_scores": c.scores, "decision": c.decision}
         if progress:
@@ -609,35 +605,18 @@ def export(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResult,
            output: OutputOptions) -> FinetunedModel:
     """Write the export atomically (weights, manifest, ONNX/TorchScript, card, tables) and return the model."""
     from automl.diagnostics.update import save_test_split
+    from automl.export.assemble import manifest_for
     from automl.export.card import write_card
     from automl.export.writer import write_export
-    from automl.search.prerank import agreement
 
     cluster.release()  # no compute is left to do: the cluster may scale down
     task = prepared.task
     task.report.notes.extend(diagnostics.notes)
     trials = result.trials
-    pre = Preprocessing(**{k: v for k, v in final.encoder.to_dict().items() if k in Preprocessing.__dataclass_fields__},
-                        storage_size=inputs.storage_size, pooling=getattr(final.model, "pooling", None))
-    manifest = ExportManifest(
-        task=task.task, modality=task.modality, classes=prepared.classes if task.task != "regression" else [],
-        label_column=task.label_column, input_columns=task.input_columns, preprocessing=pre,
-        backbone=models.family(final.spec).underlying(final.spec), metric=prepared.metric,
-        hyperparameters={k: plain(v) for k, v in final.config.items()},
-        searched_hyperparameters={k: plain(v) for k, v in result.best_config.items()},
-        target_scale=list(inputs.target_scale) if inputs.target_scale else None, plan=plan.to_dict(),
-        search={"best_score": result.best_score, "best_report": result.best_epoch, "n_trials": int(len(trials)),
-                "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
-                "errors": int((trials["status"] == "ERROR").sum()), "space": plan.space.to_dict(),
-                "experiment_path": result.experiment_path, "trial_epochs": int(trials["epochs_run"].sum()),
-                "peak_disk_mb": result.peak_disk_mb, "max_reports": plan.reports},
-        training=final.training, test_metrics={k: v for k, v in test_metrics.items() if k != "groups"},
-        group_metrics=test_metrics.get("groups"), data_report=task.report.to_dict(),
-        cross_validation=diagnostics.cross_validation, suspected_label_errors=diagnostics.label_error_summary,
-        transferability=agreement(result.transferability, trials, prepared.metric), update=diagnostics.update,
-        provenance=Provenance(fingerprint=task.fingerprint(), seed=search.seed,
-                              command=" ".join(sys.argv) if sys.argv and sys.argv[0] else "python",
-                              base_model=str(prepared.base.path) if prepared.base else None))
+    manifest = manifest_for(task, final, result, plan, classes=prepared.classes, metric=prepared.metric,
+                            storage_size=inputs.storage_size, target_scale=inputs.target_scale,
+                            test_metrics=test_metrics, diagnostics=diagnostics, seed=search.seed,
+                            base_model=prepared.base.path if prepared.base else None)
     te = inputs.split("test")
     writers = [lambda d, m: write_card(d, m, trials, result.history)]
     if output.keep_test_split:

@@ -51,6 +51,15 @@ class EnsembleClassifier(nn.Module):
         return torch.log(torch.stack(probs).mean(0).clamp_min(1e-12))
 
 
+def ensemble_spec(members) -> BackboneSpec:
+    """The exported backbone entry of an ensemble: each member's own backbone, hyperparameters and preprocessing,
+    from which `EnsembleFamily.rebuild` builds it again (members: training/combine.py's Member)."""
+    return BackboneSpec("ensemble", "+".join(str(m.config["backbone"]) for m in members), False,
+                        kwargs={"members": [{"backbone": family(m.spec).underlying(m.spec).to_dict(),
+                                             "hyperparameters": m.config, "preprocessing": m.encoder.to_dict()}
+                                            for m in members]})
+
+
 class EnsembleFamily(Family):
     """Rebuilds an exported ensemble from the members' specs kept in its manifest's backbone entry."""
 
