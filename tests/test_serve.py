@@ -146,3 +146,41 @@ def test_a_second_app_serves_beside_the_first_and_stopping_it_leaves_the_first_s
     assert _post(f"{other.url}/models/topics/predict", {"inputs": ["a goal"]}, token=None)[0] == 404
     ok, again = _post(f"{s.url}/models/topics/predict", {"inputs": ["a goal"]})
     assert ok == 200 and again["predictions"] == list(models["topics"].predict(["a goal"]))
+
+
+def test_a_batch_holds_max_batch_size_inputs_not_that_many_requests(server):
+    """Issue 25 (serving): concurrent requests are batched by their inputs, at most max_batch_size a batch (16
+    requests of 256 images were once one batch), and each request gets its own rows back. The product's batcher
+    runs on a real Serve replica; there, `answer` is replaced by one that records what each call predicts."""
+    from ray import serve as rs
+
+    @rs.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+    class Recorder:
+        def __init__(self):
+            from automl.ops import serve as automl_serve
+
+            self.calls = []
+
+            def echo(model, inputs):
+                self.calls.append(len(inputs))
+                return [{"prediction": x} for x in inputs]
+
+            automl_serve.answer = echo  # this replica's process only
+            # Calls of up to 16 inputs: only the batching can keep one at 8. A batch that is not full waits 2 s.
+            self.predict = automl_serve._batcher(None, automl_serve.ServeOptions(max_batch_size=8, batch_wait_s=2.0,
+                                                                                 max_inputs=16))
+
+        async def __call__(self, inputs: list) -> list:
+            return await self.predict(inputs)
+
+        def seen(self) -> list:
+            return self.calls
+
+    handle = rs.run(Recorder.bind(), name="batching-check", route_prefix="/batching-check")
+    try:
+        pending = [handle.remote([f"r{i}-{j}" for j in range(4)]) for i in range(3)]
+        out = [p.result(timeout_s=60) for p in pending]
+        assert [[r["prediction"] for r in rows] for rows in out] == [[f"r{i}-{j}" for j in range(4)] for i in range(3)]
+        assert sorted(handle.seen.remote().result(timeout_s=60)) == [4, 8]  # two requests batched, then the third
+    finally:
+        rs.delete("batching-check")

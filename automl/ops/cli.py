@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--token-file", help="file holding a bearer token every request must send")
     sv.add_argument("--max-batch-size", type=int, default=16, help="inputs of concurrent requests predicted together")
-    sv.add_argument("--replicas", type=int, default=1, help="replicas per model")
+    sv.add_argument("--replicas", type=int, default=1, help="server replicas (each holds every model)")
     sv.add_argument("--cpus-per-replica", type=float, default=1.0)
     sv.add_argument("--gpus-per-replica", type=float, default=0.0)
     sv.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body accepted")

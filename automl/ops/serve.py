@@ -8,7 +8,7 @@ Routes: GET /healthz, GET /models (name, modality, classes, metric, card), POST 
 The answer is {"predictions": [...], "probabilities": [{label: p}, ...]} (regression: numbers only), exactly what
 load(dir).predict / predict_proba give. Requests are checked in the ingress (size, token, input kinds, image
 decoding) and answered with a 4xx saying what was received and what is expected; good ones are batched across
-concurrent requests (serve.batch) by one deployment per model.
+concurrent requests (serve.batch, counted in inputs) by the same replica, which holds the models (one hop).
 """
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) on the replicas, where
 # a string annotation could not be resolved.
@@ -103,7 +103,7 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
-    max_batch_size: int = 16          # concurrent requests predicted together (at most max_inputs inputs at a time)
+    max_batch_size: int = 16          # inputs of concurrent requests predicted together (a larger request: alone)
     batch_wait_s: float = 0.005
     replicas: int = 1
     cpus_per_replica: float = 1.0
@@ -113,32 +113,25 @@ class ServeOptions:
 
 
 def _app(models: dict[str, dict], opts: ServeOptions):
-    """The deployments: one per model, and the HTTP ingress routing to them."""
+    """One deployment that is both the HTTP ingress and the models' server: each replica loads every model and
+    answers its routes itself (no second hop through a deployment handle), batching concurrent requests per model
+    by their inputs (serve.batch)."""
     from ray import serve
-
-    @serve.deployment(num_replicas=opts.replicas, max_ongoing_requests=max(8, 4 * opts.max_batch_size),
-                      ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica})
-    class ModelServer:
-        def __init__(self, export_dir: str, max_batch_size: int, batch_wait_s: float):
-            self.model = _load_model(export_dir, opts)
-            self.predict.set_max_batch_size(max_batch_size)
-            self.predict.set_batch_wait_timeout_s(batch_wait_s)
-
-        @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-        async def predict(self, requests: list[list]) -> list:
-            return _answer_batch(self.model, requests, opts.max_inputs)
 
     app = FastAPI(title="automl", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.deployment(num_replicas=opts.replicas, max_ongoing_requests=max(8, 4 * opts.max_batch_size),
+                      ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica})
     @serve.ingress(app)
-    class Ingress:
-        def __init__(self, handles: dict, info: dict):
-            self.handles, self.info = handles, info
+    class ModelServer:
+        def __init__(self, dirs: dict, info: dict):
+            self.info = info
+            self.models = {name: _load_model(d, opts) for name, d in dirs.items()}
+            self.batched = {name: _batcher(model, opts) for name, model in self.models.items()}
 
         @app.get("/healthz")
         async def healthz(self):
-            return {"status": "ok", "models": len(self.handles)}
+            return {"status": "ok", "models": len(self.models)}
 
         @app.get("/models")
         async def list_models(self, request: Request):
@@ -149,8 +142,8 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             refused = _refusal(request, opts.token)
             if refused:
                 return refused
-            if name not in self.handles:
-                return JSONResponse({"error": f"no model named {name!r}; served: {sorted(self.handles)}"},
+            if name not in self.models:
+                return JSONResponse({"error": f"no model named {name!r}; served: {sorted(self.models)}"},
                                     status_code=404)
             try:
                 body = await _read_json(request, opts.max_request_bytes)
@@ -158,15 +151,26 @@ def _app(models: dict[str, dict], opts: ServeOptions):
                 inputs = parse_inputs(body, info["modality"], len(info["input_columns"]), opts.max_inputs)
             except RequestError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
-            rows = await self.handles[name].predict.remote(inputs)
+            # A request that fills a batch by itself is predicted alone; smaller ones wait to be batched.
+            rows = (_answer_batch(self.models[name], [inputs], opts.max_inputs)[0]
+                    if len(inputs) >= opts.max_batch_size else await self.batched[name](inputs))
             return _prediction_response(rows, info["regression"])
 
-    handles, info = {}, {}
-    for name, spec in models.items():
-        handles[name] = ModelServer.options(name=f"model-{name}").bind(spec["dir"], opts.max_batch_size,
-                                                                       opts.batch_wait_s)
-        info[name] = spec["info"]
-    return Ingress.bind(handles, info)
+    return ModelServer.bind({name: spec["dir"] for name, spec in models.items()},
+                            {name: spec["info"] for name, spec in models.items()})
+
+
+def _batcher(model, opts: ServeOptions):
+    """`model`'s batched predict: concurrent requests' inputs predicted together, up to opts.max_batch_size inputs
+    a batch (counted in inputs, not requests: 16 requests of 256 images would otherwise be one batch)."""
+    from ray import serve
+
+    @serve.batch(max_batch_size=opts.max_batch_size, batch_wait_timeout_s=opts.batch_wait_s,
+                 batch_size_fn=lambda requests: sum(len(r) for r in requests))
+    async def predict(requests: list[list]) -> list:
+        return _answer_batch(model, requests, opts.max_inputs)
+
+    return predict
 
 
 def _load_model(export_dir: str, opts: ServeOptions):
