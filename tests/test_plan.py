@@ -9,7 +9,8 @@ import math
 import pytest
 
 from automl.budget import Costs
-from automl.search.plan import FIRST_RUNG, FULL_TRIAL_SHARE, RUNG0_MAX_STEP_LOSS, DataStats, Speed, make_plan, sensible_steps
+from automl.search.plan import (FIRST_RUNG, FULL_TRIAL_SHARE, RUNG0_MAX_STEP_LOSS, SINGLE_STRETCH, DataStats, Speed,
+                                make_plan, sensible_steps)
 from automl.search.space import load_space
 
 IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=130)
@@ -244,8 +245,17 @@ def test_a_start_point_shortened_to_fit_may_grow_back_to_its_sensible_length():
     single = plan(at=speed(0.8))
     assert single.regime == "single" and single.storage_size == 128
     assert single.report_rows * single.reports < 0.7 * sensible * 32
-    assert single.stretch_rows == math.ceil(sensible * 32 / single.reports)
+    assert single.stretch_rows == math.ceil(SINGLE_STRETCH * sensible * 32 / single.reports)
     assert plan(budget=3 * 3600).stretch_rows == 0  # a search's trials keep the length they are compared at
+
+
+def test_a_start_point_alone_at_its_sensible_length_may_still_grow_when_it_runs_ahead():
+    """Digits at 300 s: the start point, alone at its full sensible length, ended early (the probe over-priced its
+    steps) and runs ended at 237 and 241 s. Alone, it may now grow past its sensible length into that time."""
+    single = plan(budget=500)
+    sensible = sensible_steps(True, math.ceil(500 / 32))
+    assert single.regime == "single" and single.report_rows * single.reports >= sensible * 32
+    assert single.stretch_rows == math.ceil(SINGLE_STRETCH * sensible * 32 / single.reports) > single.report_rows
 
 
 def test_a_pinned_large_image_size_on_20000_images_plans_a_run_inside_a_four_minute_budget():
