@@ -124,6 +124,7 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
                     f"{p['reports']}x{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",
             "winner": str(m.manifest.searched_hyperparameters.get("backbone")), "options": weighed.rows,
             "decision": decision,
+            "spent": {k: round(v, 1) for k, v in ((m.manifest.budget or {}).get("spent_s") or {}).items()},
             "final": {"trials": m.manifest.training.get("trials"), "val": m.manifest.training.get("val_scores"),
                       "rungs": {str(t): int(r) for t, r in zip(m.trials["trial_id"], rung)
                                 if str(t) in (m.manifest.training.get("trials") or [])}}}
