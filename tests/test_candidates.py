@@ -327,8 +327,12 @@ def test_a_combination_that_keeps_the_start_point_is_preferred_to_replacing_it_a
     start = Member("start", {}, 0.7, model="start-model", proba=ref)
     assert p_not_better(y, lucky, ref, "accuracy", k) <= ALPHA < p_not_better(y, lucky, ref, "accuracy", k, pool=pool)
     # With the start point inside, the gain is enough: it is judged against the start point alone...
-    with_start = _decide([option("soup", lucky, ["start", "start@9"])], start, y, "accuracy", k, ALPHA, pool)
-    assert with_start.kind == "soup" and "it contains the start point" in with_start.decision
+    with_start = _decide([option("ensemble", lucky, ["start", "other"])], start, y, "accuracy", k, ALPHA, pool)
+    assert with_start.kind == "ensemble" and "it contains the start point" in with_start.decision
+    # A soup of the start point's own reports does not keep it that way (one run averaged with itself): it is not
+    # weighed, and the start point stays (300 s, 11 exported cases: -0.9 test points on average).
+    own = _decide([option("soup", lucky, ["start", "start@9"])], start, y, "accuracy", k, ALPHA, pool)
+    assert own.kind == "start point"
     # ...while the same gain from a model without it is the luck of the best of 24.
     without = _decide([option("single", lucky, ["other"])], start, y, "accuracy", k, ALPHA, pool)
     assert without.kind == "start point"
