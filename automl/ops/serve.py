@@ -152,8 +152,8 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             except RequestError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
             # A request that fills a batch by itself is predicted alone; smaller ones wait to be batched.
-            rows = (_answer_batch(self.models[name], [inputs], opts.max_inputs)[0]
-                    if len(inputs) >= opts.max_batch_size else await self.batched[name](inputs))
+            rows = (_answer_alone(self.models[name], inputs) if len(inputs) >= opts.max_batch_size
+                    else await self.batched[name](inputs))
             return _prediction_response(rows, info["regression"])
 
     return ModelServer.bind({name: spec["dir"] for name, spec in models.items()},
