@@ -414,3 +414,19 @@ def test_the_plans_deadlines_reach_the_search_as_one_limits_object_measured_from
         SearchConfig("accuracy", SearchStorage("/tmp/x", "s"), SearchLimits(max_trials=2), {"cpu": 1}, concurrency=0)
     with pytest.raises(ValueError, match="needs CPUs or a GPU"):
         SearchConfig("accuracy", SearchStorage("/tmp/x", "s"), SearchLimits(max_trials=2), {"cpu": 0})
+
+
+def test_the_time_held_after_the_search_prices_a_kept_trial_at_its_model_build_and_the_nodes_cpus():
+    """Finalising loads kept trials (a model build each, not a trial's whole set-up with its data and warm-up step)
+    and scores them in the driver with every CPU: priced as trials, it held back a quarter of 300 s of text."""
+    def text_speed(build_s, eval_row_s=0.02):
+        return lambda size: Speed(12.0, 2.6, eval_row_s, 32, None, 1.5, build_s)
+
+    whole, built = plan(TEXTS, at=text_speed(None)), plan(TEXTS, at=text_speed(1.0))
+    loads, rows = 5, TEXTS.n_val  # TOP_TRIALS loads, each scored twice on the validation rows
+    assert built.search_ends_at_s - whole.search_ends_at_s == pytest.approx(loads * (0.5 * 12.0 - 1.0), abs=0.1)
+    assert built.trial_s > whole.trial_s  # the start point alone trains in the time given back
+    slower_rows = plan(TEXTS, at=text_speed(1.0, eval_row_s=0.04))
+    per_row = 0.02 / Costs()["thread_speedup"]  # a row costs what it costs with every CPU, not one trial's
+    assert built.search_ends_at_s - slower_rows.search_ends_at_s == pytest.approx(
+        (2 * loads * rows + TEXTS.n_test) * per_row, abs=0.1)

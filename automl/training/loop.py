@@ -236,6 +236,7 @@ class _Setup:
     steps_per_report: int
     device: torch.device
     scaler: Any = None       # fp16 on a GPU without bf16: scales the loss so small gradients survive
+    build_s: float = 0.0     # seconds to build the model and its encoder (what loading a kept trial costs)
 
     def step(self, fwd_model: nn.Module, run_encoder, step: int, advance: int = 1) -> float:
         """One optimizer step on batch number `step` (mixed precision on a GPU), moving the LR schedule on by
@@ -280,6 +281,7 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     random.seed(seed)
+    t_build = time.perf_counter()
     model, spec = build_model(config, data.num_classes)
     if initial_state:
         model.load_state_dict(initial_state, strict=False)
@@ -288,6 +290,7 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     if device.type == "cuda" and adapter.channels_last:
         model.to(memory_format=torch.channels_last)  # matches the batches (ImageEncoder.batch)
     encoder = build_encoder(config, model, spec)
+    build_s = time.perf_counter() - t_build
     groups = models.family(model).layer_groups(model)
     # Data parallel: the global batch is the config's batch size, so the searched LR still fits it; when the
     # workers do not divide it, the LR follows the global batch they make (linear scaling).
@@ -319,7 +322,7 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
-                  x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device, scaler)
+                  x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device, scaler, build_s)
 
 
 class Pace:
@@ -537,7 +540,7 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
         s.model.train()
         eval_frozen(s.model)
         s.step(s.model, s.encoder, 0)
-        out = {"setup_s": time.perf_counter() - t0, "batch_size": s.batches.bs}
+        out = {"setup_s": time.perf_counter() - t0, "build_s": s.build_s, "batch_size": s.batches.bs}
         step = 1
         for n in threads:
             torch.set_num_threads(n)
