@@ -246,3 +246,17 @@ def test_the_poolings_of_one_checkpoint_share_one_forward_pass_and_equal_their_o
         own = body_features(model.eval(), enc, encode_inputs(enc, subset(x, va)), torch.device("cpu")).numpy()
         probe_ = next(p for p in r.probes if p.backbone == name)
         np.testing.assert_allclose(probe_.full_features[len(tr):], own, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [3, 30, 38, 39, 40])
+def test_rung0s_row_sample_keeps_every_class_in_proportion_whatever_rows_it_can_pay_for(n):
+    # Fortunes, 300 s: rung 0 could pay for all but two of 40 training rows over 8 classes, and the stratified
+    # split it used then needed a left-over part holding all 8 classes (ValueError, the run ended in rung 0).
+    from automl.data.inputs import sample_rows
+
+    y = np.repeat(np.arange(8), [12, 8, 5, 5, 4, 2, 2, 2])
+    pick = sample_rows(np.arange(len(y)), y, n, seed=1)
+    assert len(set(pick)) == len(pick) and set(np.unique(y[pick])) == set(range(8))
+    counts = np.bincount(y[pick], minlength=8)
+    assert np.all(counts >= np.maximum(1, np.floor(n / len(y) * np.bincount(y)) - 1))
+    assert abs(len(pick) - max(n, 8)) <= 4

@@ -164,8 +164,9 @@ class Rows:
         return hashlib.sha1(f"{store}|".encode() + np.ascontiguousarray(self.idx).tobytes()).hexdigest()
 
 
-def _sample(rows: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """About n of `rows`, each class in proportion and every class kept (a class with one row keeps it)."""
+def sample_rows(rows: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """About n of `rows` (y: their labels), each class in proportion and every class kept (a class with one row
+    keeps it), whatever n is: unlike a stratified split, it has no left-over part that must hold every class."""
     rng = np.random.default_rng(seed)
     share = n / len(rows)
     keep = [rng.permutation(rows[y == c])[:max(1, round(share * (y == c).sum()))] for c in np.unique(y)]
@@ -211,7 +212,7 @@ class Inputs:
         time, so trials, rung 0 and the final choice score the same rows)."""
         rows, t = self.split(split), self.task
         if max_rows and len(rows) > max_rows:
-            rows = _sample(rows, t.y[rows] if t.task != "regression" else np.zeros(len(rows)), max_rows)
+            rows = sample_rows(rows, t.y[rows] if t.task != "regression" else np.zeros(len(rows)), max_rows)
         return rows
 
     def trial_data(self, train: str = "train", validation: str | None = "validation",

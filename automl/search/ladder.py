@@ -145,17 +145,6 @@ def fit_heads(f_train, y_train, f_val, y_val, num_classes: int, metric: str, bal
     return out
 
 
-def _sample(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """About n row positions of y, each class in proportion, every class kept."""
-    if n >= len(y):
-        return np.arange(len(y))
-    from sklearn.model_selection import train_test_split
-
-    keep, _ = train_test_split(np.arange(len(y)), train_size=n, stratify=y if np.bincount(y).min() >= 2 else None,
-                               random_state=seed)
-    return np.sort(keep)
-
-
 def _head_state(model, w: np.ndarray, b: np.ndarray) -> dict:
     """The head as the model's own parameters: its family's linear head, named as the model names it."""
     import torch
@@ -221,6 +210,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
     import torch
     from safetensors.torch import save_file
 
+    from automl.data.inputs import sample_rows
     from automl.data.trial_data import subset
     from automl.runtime import device
     from automl.training.loop import build_encoder, build_model, full_config
@@ -263,7 +253,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
             result.skipped.append(f"{name}: its features cost {row_s * 1000:.1f} ms a row, rung 0 had time for "
                                   f"{rows} of {n_train} training rows")
             continue
-        pick = _sample(y_train, rows, seed)
+        pick = sample_rows(np.arange(len(y_train)), y_train, rows, seed)
         f_train = shared.features(name, model, enc, subset(x_train, pick), ("train", rows))
         shared.done(name, row_s, rows)
         heads = fit_heads(f_train, y_train[pick], f_val, y_val, num_classes, metric, balanced_options, seed)
