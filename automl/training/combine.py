@@ -4,7 +4,8 @@ A trial's model is its last report's weights when it trained its whole schedule 
 its best report's. The start point is the reference: anything else replaces it only when it scores better on
 validation by more than
 the noise of a validation set that size (a one-sided paired bootstrap over the validation rows, `ALPHA`). A soup or
-an ensemble that keeps the start point inside it is preferred and judged against the start point alone; a model
+an ensemble that keeps the start point inside it is preferred and judged against the start point alone (an ensemble
+at a looser level, `ALPHA_ENSEMBLE_WITH_START`); a model
 without it is judged as the best of every candidate scored (`_decide`). On small
 data the validation score moves by several points with a handful of rows, and a search that follows that noise
 exports models worse than its own sensible default (Tux Paint stamps, 105 validation rows: a config 5 points
@@ -33,6 +34,7 @@ from automl.training.loop import build_encoder, encode_inputs, full_config, load
 
 MAX_MEMBERS = 3
 ALPHA = 0.1          # replace the start point only if P(no better | validation rows) <= ALPHA
+ALPHA_ENSEMBLE_WITH_START = 0.3  # an ensemble that keeps the start point in it: see _decide
 BOOTSTRAPS = 1000
 
 
@@ -272,14 +274,14 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
     tried = []
 
     def judged(option: Combined, proba: np.ndarray, against: np.ndarray, against_score: float, within: bool,
-               name: str) -> bool:
+               name: str, level: float = alpha) -> bool:
         p = p_not_better(y_val, proba, against, metric, num_classes, pool=None if within else pool)
-        if p > alpha:
+        if p > level:
             tried.append(f"{option.kind} {option.val_score:.4f} (no better than the {name} in {p:.0%} of resamples)")
             return False
         option.decision = (f"{option.kind} chosen over the {name}: validation {metric} {option.val_score:.4f} vs "
                            f"{against_score:.4f}, no better in {p:.0%} of {BOOTSTRAPS} bootstrap resamples of the "
-                           f"{len(y_val)} validation rows (at most {alpha:.0%} allowed"
+                           f"{len(y_val)} validation rows (at most {level:.0%} allowed"
                            + ("; it contains the start point" if within else
                               f"; as the best of {len(pool)} candidates" if pool and len(pool) > 1 else "") + ")")
         option.scores = {"start point": ref_score}
@@ -308,7 +310,8 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
     for option, proba in keeps:
         if option.val_score <= ref_score:
             break
-        if judged(option, proba, ref.proba, ref_score, True, "start point"):
+        level = max(alpha, ALPHA_ENSEMBLE_WITH_START) if option.kind == "ensemble" else alpha
+        if judged(option, proba, ref.proba, ref_score, True, "start point", level):
             best, best_proba, best_score, name = option, proba, option.val_score, f"{option.kind} with the start point"
             break
     for option, proba in others:
