@@ -214,6 +214,25 @@ def test_the_start_point_is_replaced_only_by_an_option_better_beyond_validation_
     assert won.val_score == pytest.approx((clearly.argmax(1) == y).mean())
 
 
+def test_a_soup_of_the_start_points_own_reports_alone_is_not_built(tmp_path, digits_trial_data):
+    """It would never be weighed (_decide), so its validation passes are not spent; without a start point to keep,
+    the winner's own-report soup is still an option."""
+    from automl.search import kept
+    from automl.training.combine import combine, top_trials
+    from automl.training.loop import fit, trainable_state
+
+    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "lr": 3e-3, "max_epochs": 1}
+    weights = trainable_state(fit(cfg, digits_trial_data, epochs=1).model)
+    for report in (1, 2):
+        kept.keep(str(tmp_path), "t1", weights, 0.9, report)
+    trials = pd.DataFrame([{"trial_id": "t1", "best_val_accuracy": 0.9, **{f"config/{k}": v for k, v in cfg.items()}}])
+    top = top_trials(trials, str(tmp_path), "accuracy")
+    d = digits_trial_data
+    kept_start = combine(top, str(tmp_path), 4, d.y_val, "accuracy", lambda _: d.x_val, reference=top[0])
+    assert kept_start.kind == "start point" and "soup" not in kept_start.scores
+    no_start = combine(top, str(tmp_path), 4, d.y_val, "accuracy", lambda _: d.x_val)
+    assert "soup" in no_start.scores
+
 
 def test_an_ensemble_with_the_start_point_is_taken_at_a_looser_level_than_a_soup_or_a_replacement():
     """An ensemble keeps the start point's own predictions in the average, and at 300 s such ensembles gained on
@@ -247,6 +266,7 @@ def test_an_ensemble_with_the_start_point_is_taken_at_a_looser_level_than_a_soup
                              ("ensemble", two, ["other", "third"])]:
         kept = _decide([option(kind, proba, ids)], start, y, "accuracy", 3, ALPHA)
         assert kept.kind == "start point" and kept.model == "start-model", (kind, ids)
+
 
 def _lucky_pool(seed: int = 9, n: int = 100, k: int = 4):
     """Labels, a reference model right on ~70% of n rows, a pool of 24 models as good give or take luck, the

@@ -167,6 +167,8 @@ class Rows:
 def sample_rows(rows: np.ndarray, y: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     """About n of `rows` (y: their labels), each class in proportion and every class kept (a class with one row
     keeps it), whatever n is: unlike a stratified split, it has no left-over part that must hold every class."""
+    if n >= len(rows):
+        return np.sort(rows)
     rng = np.random.default_rng(seed)
     share = n / len(rows)
     keep = [rng.permutation(rows[y == c])[:max(1, round(share * (y == c).sum()))] for c in np.unique(y)]

@@ -200,8 +200,8 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
             kinds: tuple[str, ...] = ("single", "soup", "ensemble"),
             alpha: float = ALPHA, pool: list[np.ndarray] | None = None) -> Combined:
     """Pick, on the validation split, the start point (`reference`) or the best of the winner, a soup and an
-    ensemble that beats it by more than validation noise (see the module docstring); without a reference, the
-    best of the options.
+    ensemble that beats it by more than validation noise (an ensemble that keeps the start point: at the looser
+    ALPHA_ENSEMBLE_WITH_START; see the module docstring); without a reference, the best of the options.
 
     inputs_for(config) gives the validation inputs for a member's preprocessing (image size). pool: validation
     probabilities of other candidates the top trials were picked from (rung 0's heads): with the members and the
@@ -219,7 +219,10 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
     scores = {"single": single}
     options = [(result, best.proba)]
 
-    if "soup" in kinds:
+    # A soup of the start point's own reports alone is never weighed (_decide): where it would be nothing else, it is
+    # not built (its validation passes cost a text run ~1-2 s a report kept).
+    own_only = ref is not None and best.trial_id == ref.trial_id and not any(m.key == best.key for m in members[1:])
+    if "soup" in kinds and not own_only:
         soup, soup_proba, tried = _greedy_soup(best, single, members, best_dir, num_classes, y_val, metric, inputs_for)
         if tried:
             scores["soup"] = soup.val_score if soup else single
@@ -277,7 +280,8 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
                name: str, level: float = alpha) -> bool:
         p = p_not_better(y_val, proba, against, metric, num_classes, pool=None if within else pool)
         if p > level:
-            tried.append(f"{option.kind} {option.val_score:.4f} (no better than the {name} in {p:.0%} of resamples)")
+            tried.append(f"{option.kind} {option.val_score:.4f} (no better than the {name} in {p:.0%} of resamples, "
+                         f"at most {level:.0%} allowed)")
             return False
         option.decision = (f"{option.kind} chosen over the {name}: validation {metric} {option.val_score:.4f} vs "
                            f"{against_score:.4f}, no better in {p:.0%} of {BOOTSTRAPS} bootstrap resamples of the "
