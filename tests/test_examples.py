@@ -1,11 +1,14 @@
-"""The README's first command, `python examples/digits_image.py`, run with a one-minute budget (the README's own
-run is 240 s): it trains on all 1,797 digits, prints what the README says it prints, and its export reloads."""
+"""The README's examples, each run with a one-minute budget: `python examples/digits_image.py` (the README's first
+command; its own run is 240 s) trains on all 1,797 digits, prints what the README says it prints, and its export
+reloads; `python examples/text_minilm.py` prints what its export gives. (`examples/cli.sh` is not run here: the CLI
+verbs it calls, finetune, predict and evaluate, are run by test_end_to_end.)"""
 from __future__ import annotations
 
 import re
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +37,26 @@ def test_the_readme_demo_runs_with_a_one_minute_budget(ray_session, tmp_path, mo
     pred, true = (list(map(int, s.split(", "))) for s in
                   re.search(r"reloaded model predicts: \[(.*)\] true: \[(.*)\]", out).groups())
     assert len(pred) == len(true) == 10 and sum(p == t for p, t in zip(pred, true)) >= 8, out
+
+
+@pytest.mark.slow
+def test_the_text_example_runs_with_a_one_minute_budget(ray_session, tmp_path, monkeypatch, capsys):
+    """`python examples/text_minilm.py 60`: a MiniLM fine-tune on 48 short reviews, exported where it says, with the
+    test accuracy and the two example texts' probabilities that the export itself gives."""
+    from automl import load
+
+    monkeypatch.chdir(tmp_path)
+    main = runpy.run_path(str(ROOT / "examples" / "text_minilm.py"), run_name="example")["main"]
+    main(60)
+    out = capsys.readouterr().out
+    export = Path(re.search(r"exported model: (\S+)", out).group(1))
+    assert export == tmp_path / "demo_output" / "reviews" / "model"
+    model = load(export)
+    acc = float(re.search(r"test accuracy:\s+([\d.]+)", out).group(1))
+    assert acc == pytest.approx(model.metrics["accuracy"], abs=1e-4)
+    assert acc >= 0.75, out  # 2 classes; the test rows are the training sentences with another suffix
+    printed = [[float(v) for v in re.findall(r"\d\.\d+", line)] for line in out.splitlines()
+               if re.match(r"^[01]\s+\d", line)]
+    again = model.predict_proba(["Absolutely fantastic, would buy again", "Broke immediately, avoid"])
+    assert list(again.columns) == ["negative", "positive"] and len(printed) == 2, out
+    assert np.allclose(printed, again.to_numpy(), atol=1e-4), (printed, again)
