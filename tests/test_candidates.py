@@ -236,7 +236,7 @@ def test_a_soup_of_the_start_points_own_reports_alone_is_not_built(tmp_path, dig
 
 def test_an_ensemble_with_the_start_point_is_taken_at_a_looser_level_than_a_soup_or_a_replacement():
     """An ensemble keeps the start point's own predictions in the average, and at 300 s such ensembles gained on
-    test even where their validation gain was within the noise (P(no better) 0.11-0.28: +0.6 to +9.6 points, 5
+    test even where their validation gain was within the noise (P(no better) 0.11-0.28: +0.6 to +9.6 points, 6
     cases): it is judged at ALPHA_ENSEMBLE_WITH_START, a soup with the start point and a replacement at ALPHA."""
     from automl.training.combine import ALPHA, ALPHA_ENSEMBLE_WITH_START, Combined, Member, _decide, p_not_better
 

@@ -304,6 +304,11 @@ def _decide(options: list[tuple[Combined, np.ndarray]], ref: Member | None, y_va
     # lower that run's variance, and it lost test points where it was exported (300 s, 11 cases over digits,
     # icons, stamps and fortunes: -0.9 on average; fortunes 2026-12-03: -2.9, -0.1, while the ensemble of the
     # start point and a rung-0 head, in the same runs, scored +5.8, +1.8, +0.6 over the start point).
+    # An ensemble that keeps the start point is judged at ALPHA_ENSEMBLE_WITH_START, looser than a soup: it averages
+    # the start point's own predictions with others' (a soup merges weights, which can land anywhere). Over every
+    # logged 300 s run where such an ensemble scored above the start point on validation (stamps, fortunes;
+    # benchmarks/RESULTS.md), P(no better) 0.1-0.3: test +9.6, +5.8, +4.5, +4.4, +1.8, +0.6 over the start point;
+    # above 0.3: -1.7, -7.8. The one soup with the start point and another trial in that band lost 5.4.
     keeps = [(o, p) for _, (o, p) in ranked if ref.trial_id in o.trial_ids and o.trial_ids != [ref.trial_id]
              and not own_snapshots(o, ref.trial_id)]
     if keeps:  # the check is a bootstrap of its own: only where there is something to keep the start point in
