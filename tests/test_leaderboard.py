@@ -1,5 +1,6 @@
 """Nightly refresh end to end: CLI refresh of a 2-dataset suite, warm start, champion/challenger,
-a killed refresh completed by the next one, and the static HTML page checked in headless Chromium."""
+a killed refresh completed by the next one, two refresh processes at once, and the static HTML page checked in
+headless Chromium."""
 from __future__ import annotations
 
 import os
@@ -52,8 +53,8 @@ def suite(tmp_path_factory, digits_df):
 
 def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_the_next_night(
         ray_session, suite, tmp_path, capsys, monkeypatch):
-    """Night 1 is a refresh (the CLI, in its own process) killed mid-way and completed by the next; nights 2 and 3
-    warm-start from its champions; then the board as a table and as HTML."""
+    """Night 1 is a refresh (the CLI, in its own process) killed mid-way and completed by the next; night 2, two
+    refresh processes at once, and night 3 warm-start from its champions; then the board as a table and as HTML."""
     import ray
 
     url = f"sqlite:///{tmp_path / 'lb.db'}"
@@ -82,29 +83,43 @@ def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_th
     assert sorted(first["dataset"]) == ["evens", "odds"] and first["is_champion"].all()
     winners = first.set_index("dataset")["hyperparameters"]
     assert all(w["lr"] != pytest.approx(1e-6) for w in winners)  # the night's winner is not the start point
-    # Second night, one trial each: it must be last night's winner (the warm start), not the space's start point.
+    # Second night, one trial each, refreshed by two processes at once: each must train last night's winner (the warm
+    # start), not the space's start point; no row is lost and each dataset keeps one champion, its best model.
     patched = yaml.safe_load(suite.read_text())
     patched["defaults"]["max_trials"] = 1
     night2 = tmp_path / "suite2.yaml"
     night2.write_text(yaml.safe_dump(patched))
-    assert cli_main(["leaderboard", "refresh", str(night2), "--db", url, "--force", "--quiet"]) == 0
+    twice = [subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(night2), "--db", url,
+                               "--force", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in twice:
+        assert p.wait(600) == 0, p.stderr.read()[-3000:]
     board = store.leaderboard()
-    assert len(board) == 4 and board.groupby("dataset")["is_champion"].sum().tolist() == [1, 1]
+    assert len(board) == 6, board  # night 1's two models and each refresh's two
+    # Each row's export is its own (two refreshes started in the same second once wrote to one folder): it loads and
+    # scores what its row says.
+    from automl import load
+
+    assert board["export_path"].nunique() == 6, board["export_path"]
+    for _, r in board.iterrows():
+        assert load(r["export_path"]).metrics[r["metric"]] == pytest.approx(r["score"], abs=1e-6), r["export_path"]
+    held = re.compile(r"test (\S+) ([\d.]+) (beats|does not beat) the current model's ([\d.]+) \(champion (\w{8})\)")
     for name, rows in board.sort_values("created_at").groupby("dataset"):
-        night1, night2 = rows.iloc[0], rows.iloc[1]
-        assert night1["reason"] == "first model for this dataset", night1["reason"]
-        # Night 2 was held to night 1's test score: the reason states both, the verdict and the champion it met.
-        beats = night2["score"] > night1["score"]
-        assert night2["reason"] == (f"test {night2['metric']} {night2['score']:.4f} {'beats' if beats else 'does not beat'}"
-                                    f" the current model's {night1['score']:.4f} (champion {night1['id'][:8]})"), \
-            (name, night2["reason"])
-        assert bool(night2["is_champion"]) == beats and bool(night1["is_champion"]) != beats
+        assert rows["is_champion"].sum() == 1 and rows.loc[rows["is_champion"], "score"].item() == rows["score"].max()
+        assert rows.iloc[0]["reason"] == "first model for this dataset", rows.iloc[0]["reason"]
+        for _, r in rows.iloc[1:].iterrows():
+            # Each later model was held to the champion of its moment: the reason names it, its score and the verdict.
+            m = held.fullmatch(r["reason"])
+            assert m, (name, r["reason"])
+            (champ,) = [c for _, c in rows.iterrows() if c["id"].startswith(m.group(5)) and c["id"] != r["id"]]
+            assert m.group(2) == f"{r['score']:.4f}" and m.group(4) == f"{champ['score']:.4f}", (name, r["reason"])
+            assert (m.group(3) == "beats") == (r["score"] > champ["score"]), (name, r["reason"])
     runs = store.table("runs").sort_values("started_at")
     trials = store.table("trials")
     for name in ("evens", "odds"):
-        latest = runs[runs["dataset"] == name].iloc[-1]["id"]
-        (cfg,) = trials[trials["run_id"] == latest]["config"]
-        assert cfg["lr"] == pytest.approx(winners[name]["lr"])
+        for run_id in runs[runs["dataset"] == name]["id"].iloc[-2:]:  # the two processes' runs
+            (cfg,) = trials[trials["run_id"] == run_id]["config"]
+            assert cfg["lr"] == pytest.approx(winners[name]["lr"])
     # Third run the same night: nothing left to do.
     assert {r["status"] for r in leaderboard.refresh(suite, store, progress=False)} == {"skipped"}
 
@@ -127,9 +142,9 @@ def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_th
     dom = subprocess.run([*chrome, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert dom.count("<table class=\"leaderboard\"") == 2, dom[:2000]
     assert "★ champion" in dom and "data:image/png;base64" in dom and "MODEL_CARD.html" in dom
-    for name in ("evens", "odds"):  # each dataset's table lists its two models, the champion's row marked
+    for name in ("evens", "odds"):  # each dataset's table lists its three models, the champion's row marked
         section = dom.split(f"data-dataset=\"{name}\"")[1].split("</table>")[0]
-        assert section.count("<tr class=") == 2 and section.count("class=\"champion\"") == 1, section
+        assert section.count("<tr class=") == 3 and section.count("class=\"champion\"") == 1, section
     if os.environ.get("AUTOML_KEEP_SCREENSHOT"):
         subprocess.run([*chrome, f"--screenshot={os.environ['AUTOML_KEEP_SCREENSHOT']}", "--window-size=1200,1400",
                         page.as_uri()], capture_output=True, timeout=120)
@@ -143,7 +158,6 @@ def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_th
     champion = store.champion("evens")
     (res,) = leaderboard.refresh(night3, store, force=True, progress=False)
     # The champion's score on the new test split, as the public API computes it, is what the new model was held to.
-    from automl import load
     from automl.diagnostics.update import load_test_split
 
     x, labels = load_test_split(res["export"])

@@ -15,6 +15,7 @@ import html
 import io
 import time
 import traceback
+import uuid
 from pathlib import Path
 
 from automl.errors import AutoMLError
@@ -77,7 +78,9 @@ def refresh(suite: str | Path, store: Store, *, address: str | None = None, forc
     entries = load_suite(suite)
     if only:
         entries = [e for e in entries if e["name"] in only]
-    refresh_id = time.strftime("%Y%m%d-%H%M%S")
+    # Each refresh's own output folder: two refreshes started in the same second (cron on two machines) wrote one
+    # folder, the later export replacing the earlier while both rows pointed to it.
+    refresh_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     # A refresh killed midway leaves 'running' rows: close them so the store tells the truth.
     if stale_after_s is None:  # a run is stale long after its own time budget would have ended it
         stale_after_s = max(3600.0, 3 * max(float(e["options"].search.time_budget_s or 600) for e in entries))
