@@ -123,6 +123,9 @@ def test_images_are_checked_without_decoding_and_decoded_once_at_the_planned_siz
 
 @pytest.mark.slow  # uses the session's Ray
 def test_images_decoded_by_parallel_ray_tasks_equal_the_serial_store(ray_session, tmp_path, monkeypatch):
+    """Paths relative to a table given by a relative path (`automl finetune data/x.csv`): the Ray workers that
+    decode them do not share the caller's working directory (the session's Ray was started elsewhere). Before,
+    every image was 'missing' there and trained on as a blank: `examples/cli.sh` exported a model at chance."""
     from PIL import Image
 
     from automl.data import inputs as inputs_mod
@@ -131,15 +134,41 @@ def test_images_decoded_by_parallel_ray_tasks_equal_the_serial_store(ray_session
 
     rng = np.random.default_rng(0)
     rows = []
+    (tmp_path / "data").mkdir()
     for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-        rows.append({"image": str(tmp_path / f"{i}.png"), "label": "ab"[i % 2]})
-    task = prepare(pd.DataFrame(rows))
+        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+        rows.append({"image": f"{i}.png", "label": "ab"[i % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "x.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    task = prepare("data/x.csv")
     monkeypatch.setattr(inputs_mod, "CHUNK", 3)  # four decoding tasks, the last one short
     serial, _ = ImageStore.build(task, 16, tmp_path / "serial", parallel=False)
     parallel, failures = ImageStore.build(task, 16, tmp_path / "parallel", parallel=True)
     assert not failures and np.array_equal(np.asarray(parallel.array()), np.asarray(serial.array()))
     assert np.asarray(parallel.array()).std() > 10  # real pixels, not the blank the file starts as
+
+
+def test_images_that_vanish_after_intake_stop_the_run_instead_of_training_on_blanks(tmp_path):
+    """A file that passed intake but cannot be read when the images are decoded for training is trained on as a
+    blank (with a note); when most are, the run stops with an error saying so."""
+    from PIL import Image
+
+    from automl import modalities
+    from automl.data.intake import prepare
+    from automl.errors import DataError
+
+    rows = []
+    for i in range(8):
+        Image.fromarray(np.full((12, 12, 3), 30 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": str(tmp_path / f"{i}.png"), "label": "ab"[i % 2]})
+    task = prepare(pd.DataFrame(rows))
+    (tmp_path / "0.png").unlink()  # one gone: a blank and a note
+    modalities.get("image").store(task, 16, tmp_path / "one")
+    assert any("did not decode" in n and "0.png" in n for n in task.report.notes), task.report.notes
+    for i in range(1, 6):  # most gone: an error
+        (tmp_path / f"{i}.png").unlink()
+    with pytest.raises(DataError, match=r"6 of 8 images passed the intake check but did not decode.*Fix:"):
+        modalities.get("image").store(task, 16, tmp_path / "most")
 
 
 def test_texts_are_tokenised_once_per_tokenizer_and_length_and_keyed_by_content(tmp_path, minilm_dir):

@@ -1,11 +1,15 @@
 """The README's examples, each run with a one-minute budget: `python examples/digits_image.py` (the README's first
 command; its own run is 240 s) trains on all 1,797 digits, prints what the README says it prints, and its export
-reloads; `python examples/text_minilm.py` prints what its export gives. (`examples/cli.sh` is not run here: the CLI
-verbs it calls, finetune, predict and evaluate, are run by test_end_to_end.)"""
+reloads; `python examples/text_minilm.py` prints what its export gives; `bash examples/cli.sh` (with a 30 s budget)
+chains finetune, predict and evaluate on the digits as PNG files, and what it prints agrees with its files."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +64,34 @@ def test_the_text_example_runs_with_a_one_minute_budget(ray_session, tmp_path, m
     again = model.predict_proba(["Absolutely fantastic, would buy again", "Broke immediately, avoid"])
     assert list(again.columns) == ["negative", "positive"] and len(printed) == 2, out
     assert np.allclose(printed, again.to_numpy(), atol=1e-4), (printed, again)
+
+
+@pytest.mark.slow
+def test_the_cli_example_script_chains_finetune_predict_and_evaluate(ray_session, tmp_path):
+    """`bash examples/cli.sh 30` as a user runs it (the `automl` command of this environment, joining the session's
+    Ray): every digit predicted in preds.csv as the export predicts it, and `automl evaluate` printing the accuracy
+    of those predictions against the file's labels."""
+    import pandas as pd
+
+    from automl import load
+
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    r = subprocess.run(["bash", str(ROOT / "examples" / "cli.sh"), "30"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "demo_output"
+    data = pd.read_csv(out / "digits_png" / "digits.csv")
+    preds = pd.read_csv(out / "preds.csv", index_col=0)
+    assert len(data) == len(preds) == 1797 and (preds.index == data.index).all()
+    model = load(out / "cli_run" / "model")
+    proba = preds[[f"proba_{c}" for c in model.classes]].to_numpy()
+    assert np.allclose(proba.sum(1), 1, atol=1e-4)
+    predicted = preds["prediction"].to_numpy()
+    assert (predicted == np.asarray(model.classes)[proba.argmax(1)]).all()
+    sample = data.iloc[::60].assign(image=lambda d: [str(out / "digits_png" / f) for f in d["image"]])
+    assert list(model.predict(sample)) == list(predicted[::60])
+    printed = json.loads(re.search(r"^\{\n.*?^\}$", r.stdout, re.S | re.M).group(0))
+    accuracy = float((predicted == data["label"].to_numpy()).mean())
+    assert printed["accuracy"] == pytest.approx(accuracy, abs=1e-6), (printed, accuracy)
+    assert accuracy > 0.5, r.stdout[-2000:]  # 10 classes: chance is 0.1

@@ -165,7 +165,10 @@ class ImageSource(Sequence):
     so holding 50,000 images costs their references, not tens of GB. `source[i]` is an HxWx3 uint8 array."""
 
     def __init__(self, values: list, base_dir: str | None, sizes: np.ndarray):
-        self.values, self.base_dir, self.sizes = list(values), base_dir, np.asarray(sizes, dtype=np.int64)
+        # Absolute: relative paths are the caller's (its working directory, or the table's folder), and the Ray
+        # tasks that decode them run in a worker's working directory, not the caller's.
+        self.values, self.sizes = list(values), np.asarray(sizes, dtype=np.int64)
+        self.base_dir = os.path.abspath(base_dir) if base_dir else os.getcwd()
 
     def __len__(self) -> int:
         return len(self.values)

@@ -85,8 +85,13 @@ class ImageModality(Modality):
 
     def store(self, task, storage_size, directory):
         from automl.data.inputs import ImageStore
+        from automl.errors import DataError
 
         store, failures = ImageStore.build(task, int(storage_size), Path(directory))
+        if len(failures) > len(task.images) / 2:  # nothing worth training on: say so, not train on blanks
+            raise DataError(f"{len(failures)} of {len(task.images)} images passed the intake check but did not decode "
+                            f"when read for training (first: {failures[0][1]}). Fix: keep the image files in place, "
+                            "unchanged, while the run lasts.")
         for row, reason in failures:
             task.report.notes.append(f"image at row {task.row_index[row] if task.row_index is not None else row}"
                                      f" did not decode ({reason}); trained on as a blank image")
