@@ -161,11 +161,17 @@ def test_a_probe_is_cross_validated_on_every_row_it_saw_and_left_out_below_the_f
     assert ladder.doubtful(None, 0.5) == {}
 
 
-def test_rung0_skips_what_its_allowance_cannot_pay_for_and_says_so(digits48, tmp_path):
+def test_rung0_skips_what_its_allowance_cannot_pay_for_and_says_so_but_always_probes_its_first_backbone(
+        digits48, tmp_path):
+    """No time left: the first backbone is still probed, on a floor of training rows a class (a model is promised,
+    and this is the cheapest), and the next is skipped with the reason."""
     xt, yt, xv, yv, k = digits48
     r = ladder.probe(["efficientnet-lite0", "efficientnet-lite1"], _config(), xt, yt, xv, yv, num_classes=k,
                      metric="accuracy", allowance_s=0.0, out_dir=tmp_path)
-    assert r.probes == [] and len(r.skipped) == 2 and all("spent" in s for s in r.skipped)
+    assert [p.backbone for p in r.probes] == ["efficientnet-lite0"]
+    assert r.probes[0].rows == min(len(yt), ladder.FLOOR_ROWS_PER_CLASS * k) < len(yt)
+    assert r.probes[0].val_score > 0.8  # 4 digit classes: chance is 0.25
+    assert len(r.skipped) == 1 and r.skipped[0].startswith("efficientnet-lite1") and "spent" in r.skipped[0]
 
 
 def test_out_of_fold_probabilities_come_from_the_probe_head_refitted_per_fold(digits48, tmp_path):

@@ -228,6 +228,15 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
 
 
 
+def test_when_not_even_the_start_points_shortest_run_fits_rung0_still_gets_time():
+    """30 s on 1,797 digits: the plan reserved nothing for rung 0 (it may not cost the start point its steps), the
+    start point then trained 4 steps from a zero head and was exported at chance (0.11). Where the start point's
+    shortest run cannot be paid for, rung 0, seconds for a model, is what the budget buys."""
+    with pytest.warns(UserWarning, match="cannot pay for the shortest run"):
+        tiny = plan(budget=20.0, at=speed(2.0), rung0_backbones=3)
+    assert tiny.rung0_s >= 1.0 and any(r.startswith("rung 0:") for r in tiny.reasons)
+
+
 def test_without_a_time_limit_the_retrain_still_has_its_planned_training_time():
     """What a retrain takes beyond its planned training is learned as Ray Train's start-up (stages.finalise):
     with no planned training (a run without a time budget), the whole retrain was recorded as start-up and

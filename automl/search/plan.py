@@ -442,6 +442,10 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int)
     # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
     # or an eighth (it then probes fewer rows or backbones), or nothing.
     alone = f.choose(total)
+    if alone.trial_s > max(total, 0.0):
+        # Not even the start point's shortest run fits (the plan warns of an overrun): rung 0 is what this budget
+        # can pay for, and it gives a model however little is left (its first backbone is always probed).
+        return max(min(want, max(total, 0.0)), 1.0)
 
     def affordable(r: float) -> bool:
         c = f.choose(total - r)
