@@ -67,6 +67,34 @@ def token_head(free_port_factory):
     proc.wait(timeout=30)
 
 
+@pytest.fixture(scope="module")
+def refresh_running(token_head, tmp_path_factory, digits_df):
+    """A leaderboard refresh as Ray jobs (the CLI, in its own process), started before the batch test so that the two
+    submissions run on the cluster together; test_leaderboard_refresh_as_ray_jobs waits for it."""
+    url, token = token_head
+    root = tmp_path_factory.mktemp("refresh")
+    rows = []
+    for i, (arr, y) in enumerate(zip(digits_df["image"], digits_df["label"])):
+        if i % 4 == 0:
+            Image.fromarray((np.asarray(arr) * 16).clip(0, 255).astype(np.uint8)).save(root / f"{i}.png")
+            rows.append({"image": f"{i}.png", "label": int(y)})
+    pd.DataFrame(rows).to_csv(root / "d.csv", index=False)
+    suite = {"defaults": {"time_budget": None, "max_trials": 1, "output_root": str(root / "out"),
+                          "retrain": False, "export_formats": False, "find_label_errors": False,
+                          "set": {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1}},
+             "datasets": [{"name": "nightly", "data": str(root / "d.csv"), "label": "label"}]}  # not the batch's name
+    (root / "suite.yaml").write_text(yaml.safe_dump(suite))
+    db = f"sqlite:///{root / 'lb.db'}"
+    env = {**os.environ, "RAY_AUTH_TOKEN": token}
+    with open(root / "refresh.log", "w") as log:  # a file, not a pipe: nothing blocks the refresh while no one reads
+        proc = subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(root / "suite.yaml"),
+                                 "--address", url, "--db", db], env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield proc, db, root / "refresh.log"
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+
+
 @pytest.mark.slow
 def test_submission_without_the_token_is_refused(token_head, monkeypatch):
     url, _ = token_head
@@ -80,7 +108,7 @@ def test_submission_without_the_token_is_refused(token_head, monkeypatch):
 
 
 @pytest.mark.slow
-def test_batch_one_bad_entry_fails_alone(token_head, tmp_path, monkeypatch, digits_df, capsys):
+def test_batch_one_bad_entry_fails_alone(token_head, refresh_running, tmp_path, monkeypatch, digits_df, capsys):
     url, token = token_head
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     rows = []
@@ -155,23 +183,10 @@ def test_manifest_errors_name_the_job_and_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_leaderboard_refresh_as_ray_jobs(token_head, tmp_path, monkeypatch, digits_df):
+def test_leaderboard_refresh_as_ray_jobs(refresh_running):
     from automl.ops.store import Store
 
-    url, token = token_head
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
-    rows = []
-    for i, (arr, y) in enumerate(zip(digits_df["image"], digits_df["label"])):
-        if i % 4 == 0:
-            Image.fromarray((np.asarray(arr) * 16).clip(0, 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
-            rows.append({"image": f"{i}.png", "label": int(y)})
-    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
-    suite = {"defaults": {"time_budget": None, "max_trials": 1, "output_root": str(tmp_path / "out"),
-                          "retrain": False, "export_formats": False, "find_label_errors": False,
-                          "set": {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 1}},
-             "datasets": [{"name": "digits", "data": str(tmp_path / "d.csv"), "label": "label"}]}
-    (tmp_path / "suite.yaml").write_text(yaml.safe_dump(suite))
-    db = f"sqlite:///{tmp_path / 'lb.db'}"
-    assert cli_main(["leaderboard", "refresh", str(tmp_path / "suite.yaml"), "--address", url, "--db", db]) == 0
+    proc, db, log = refresh_running
+    assert proc.wait(900) == 0, log.read_text()[-3000:]
     board = Store(db).leaderboard()
-    assert list(board["dataset"]) == ["digits"] and board["is_champion"].all()
+    assert list(board["dataset"]) == ["nightly"] and board["is_champion"].all()
