@@ -235,6 +235,9 @@ def test_when_not_even_the_start_points_shortest_run_fits_rung0_still_gets_time(
     with pytest.warns(UserWarning, match="cannot pay for the shortest run"):
         tiny = plan(budget=20.0, at=speed(2.0), rung0_backbones=3)
     assert tiny.rung0_s >= 1.0 and any(r.startswith("rung 0:") for r in tiny.reasons)
+    with pytest.warns(UserWarning, match=r"and \d+ steps take ~\d+ s; expect the run to overrun"):  # texts: no size
+        texts = plan(stats=TEXTS, budget=5.0, at=speed(2.0), rung0_backbones=2)
+    assert texts.rung0_s >= 1.0
 
 
 def test_without_a_time_limit_the_retrain_still_has_its_planned_training_time():

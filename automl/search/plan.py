@@ -646,8 +646,8 @@ def _overrun(budget_left_s: float, total: float, choice: Choice, pinned_size: in
     """The warning when the time left cannot pay even for the shortest run (else None)."""
     if choice.trial_s > max(total, 0.0):
         return (f"the time budget cannot pay for the shortest run: {max(total, 0.0):.0f} s are left for training "
-                f"after this machine's fixed costs (start-up, evaluation, export), and {choice.steps} steps at "
-                f"{choice.size or ''}{' px ' if choice.size else ''}take ~{choice.trial_s:.0f} s; expect the run "
+                f"after this machine's fixed costs (start-up, evaluation, export), and {choice.steps} steps"
+                f"{f' at {choice.size} px' if choice.size else ''} take ~{choice.trial_s:.0f} s; expect the run "
                 f"to overrun. Fix: a budget of at least ~{budget_left_s + choice.trial_s - max(total, 0.0) + 30:.0f} s"
                 + (", or a smaller image_size" if pinned_size else ""))
     return None
