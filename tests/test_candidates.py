@@ -165,10 +165,14 @@ def test_images_that_vanish_after_intake_stop_the_run_instead_of_training_on_bla
     (tmp_path / "0.png").unlink()  # one gone: a blank and a note
     modalities.get("image").store(task, 16, tmp_path / "one")
     assert any("did not decode" in n and "0.png" in n for n in task.report.notes), task.report.notes
-    for i in range(1, 6):  # most gone: an error
+    again = modalities.get("image").store(task, 16, tmp_path / "one")[1]  # reused: its blank reported again
+    assert [row for row, _ in again] == [0]
+    for i in range(1, 6):  # most gone: an error, and no store left for the next run to reuse
         (tmp_path / f"{i}.png").unlink()
-    with pytest.raises(DataError, match=r"6 of 8 images passed the intake check but did not decode.*Fix:"):
-        modalities.get("image").store(task, 16, tmp_path / "most")
+    for _ in range(2):
+        with pytest.raises(DataError, match=r"6 of 8 images passed the intake check but did not decode.*Fix:"):
+            modalities.get("image").store(task, 16, tmp_path / "most")
+        assert not list((tmp_path / "most").glob("images-*.npy"))
 
 
 def test_texts_are_tokenised_once_per_tokenizer_and_length_and_keyed_by_content(tmp_path, minilm_dir):

@@ -77,9 +77,16 @@ def test_the_cli_example_script_chains_finetune_predict_and_evaluate(ray_session
 
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
-    r = subprocess.run(["bash", str(ROOT / "examples" / "cli.sh"), "30"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # Its own session: on a timeout the whole script goes (bash and the automl command it runs), not bash alone.
+    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "cli.sh"), "30"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(30)
+    assert proc.returncode == 0, stderr[-3000:]
     out = tmp_path / "demo_output"
     data = pd.read_csv(out / "digits_png" / "digits.csv")
     preds = pd.read_csv(out / "preds.csv", index_col=0)
@@ -91,7 +98,9 @@ def test_the_cli_example_script_chains_finetune_predict_and_evaluate(ray_session
     assert (predicted == np.asarray(model.classes)[proba.argmax(1)]).all()
     sample = data.iloc[::60].assign(image=lambda d: [str(out / "digits_png" / f) for f in d["image"]])
     assert list(model.predict(sample)) == list(predicted[::60])
-    printed = json.loads(re.search(r"^\{\n.*?^\}$", r.stdout, re.S | re.M).group(0))
+    evaluated = re.search(r"^\{\n.*?^\}$", stdout, re.S | re.M)  # `automl evaluate` prints its metrics as JSON
+    assert evaluated, stdout[-2000:]
+    printed = json.loads(evaluated.group(0))
     accuracy = float((predicted == data["label"].to_numpy()).mean())
     assert printed["accuracy"] == pytest.approx(accuracy, abs=1e-6), (printed, accuracy)
-    assert accuracy > 0.5, r.stdout[-2000:]  # 10 classes: chance is 0.1
+    assert accuracy > 0.5, stdout[-2000:]  # 10 classes: chance is 0.1

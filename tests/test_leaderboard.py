@@ -89,11 +89,21 @@ def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_th
     patched["defaults"]["max_trials"] = 1
     night2 = tmp_path / "suite2.yaml"
     night2.write_text(yaml.safe_dump(patched))
-    twice = [subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(night2), "--db", url,
-                               "--force", "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    for p in twice:
-        assert p.wait(600) == 0, p.stderr.read()[-3000:]
+    logs = [tmp_path / f"night2-{i}.log" for i in range(2)]  # files, not pipes: a full pipe would stall a refresh
+    twice = []
+    try:
+        for log in logs:
+            with open(log, "w") as f:
+                twice.append(subprocess.Popen([sys.executable, "-m", "automl", "leaderboard", "refresh", str(night2),
+                                               "--db", url, "--force", "--quiet"], env=env, stdout=f,
+                                              stderr=subprocess.STDOUT))
+        for p, log in zip(twice, logs):
+            assert p.wait(600) == 0, log.read_text()[-3000:]
+    finally:
+        for p in twice:
+            if p.poll() is None:
+                p.kill()
+                p.wait(30)
     board = store.leaderboard()
     assert len(board) == 6, board  # night 1's two models and each refresh's two
     # Each row's export is its own (two refreshes started in the same second once wrote to one folder): it loads and

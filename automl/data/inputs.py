@@ -9,6 +9,7 @@ numbers.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -62,8 +63,9 @@ class ImageStore:
         there); in parallel Ray tasks when Ray is running (parallel=None), else here."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"images-{task.fingerprint()}-{size}.npy"
+        failed = path.with_suffix(".failures.json")  # kept beside it: a reused store reports its blanks again
         if path.exists():
-            return cls(str(path), size), []
+            return cls(str(path), size), [tuple(f) for f in json.loads(failed.read_text())] if failed.exists() else []
         tmp = directory / f".{path.name}.{uuid.uuid4().hex[:6]}.tmp.npy"
         n = len(task.images)
         np.lib.format.open_memmap(str(tmp), mode="w+", dtype=np.uint8, shape=(n, 3, size, size)).flush()
@@ -86,6 +88,10 @@ class ImageStore:
             else:
                 for s, vals in chunks:
                     failures += _decode_into(str(tmp), s, vals, task.images.base_dir, size)
+            if failures:
+                failed.write_text(json.dumps(failures))
+            else:
+                failed.unlink(missing_ok=True)  # an earlier store's, since rebuilt
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)  # gone already when it was renamed into place

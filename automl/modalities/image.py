@@ -89,6 +89,7 @@ class ImageModality(Modality):
 
         store, failures = ImageStore.build(task, int(storage_size), Path(directory))
         if len(failures) > len(task.images) / 2:  # nothing worth training on: say so, not train on blanks
+            Path(store.path).unlink(missing_ok=True)  # nor leave it for the next run to reuse
             raise DataError(f"{len(failures)} of {len(task.images)} images passed the intake check but did not decode "
                             f"when read for training (first: {failures[0][1]}). Fix: keep the image files in place, "
                             "unchanged, while the run lasts.")

@@ -148,7 +148,7 @@ def submit_refresh(suite: str | Path, db_url: str, address: str, *, force: bool 
                           "cluster shares, or a database server URL.")
     entries = [e for e in load_suite(suite) if not only or e["name"] in only]
     c = jobs.client(address)
-    batch = time.strftime("%Y%m%d-%H%M%S")
+    batch = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"  # job ids: two submissions in one second
     submitted = []
     for e in entries:
         entrypoint, env = refresh_job(suite, db_url, e["name"], force=force)

@@ -18,7 +18,7 @@ validation. What that buys:
 
 Rung 0 is priced as it runs: each backbone's validation features are timed first, and its training features are
 computed only for as many rows as the rung's allowance still pays for (a stratified sample), or it is skipped
-with a reason; the first is probed whatever the allowance, on a floor of rows per class (a model is promised). `probe` is a plain function (no Ray): the driver runs it between the plan and the search.
+with a reason; the first is probed whatever the allowance, on a floor of rows (a model is promised). `probe` is a plain function (no Ray): the driver runs it between the plan and the search.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ FLOOR_ROWS_PER_CLASS = 20         # ...except the first, which sees at least thi
                                   # model is promised, and it is the cheapest there is (30 s on 1,797 digits: rung 0
                                   # had time for 43 rows and was skipped, and a 4-step fine-tune from a zero head
                                   # was exported at chance, 0.11, where a probe on 200 rows scores ~0.85 in 2 s)
+FLOOR_ROWS = 400                  # many classes: the floor stops growing here (but never below MIN_ROWS_PER_CLASS)
 LABEL_ERROR_FOLDS = 5
 PROMOTE = 2                       # pretrained backbones promoted to the fine-tuning rungs
 MAX_COST_RATIO = 2.0              # a start backbone dearer than this per row than the space's own is not taken
@@ -253,8 +254,8 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
         # The training rows this backbone's features can still be paid for (the fits take about a fifth more);
         # another pooling of a checkpoint already probed reuses its rows, whose features are already there.
         affordable = n_train if allowance_s is None else int((left - (time.monotonic() - t0)) / (1.2 * row_s))
-        rows = shared.rows.get(name) or min(n_train, MAX_ROWS, max(FLOOR_ROWS_PER_CLASS * num_classes if first else 0,
-                                                                    affordable))
+        floor = min(FLOOR_ROWS_PER_CLASS * num_classes, max(FLOOR_ROWS, MIN_ROWS_PER_CLASS * num_classes))
+        rows = shared.rows.get(name) or min(n_train, MAX_ROWS, max(floor if first else 0, affordable))
         if rows < MIN_ROWS_PER_CLASS * num_classes and rows < n_train:
             result.skipped.append(f"{name}: its features cost {row_s * 1000:.1f} ms a row, rung 0 had time for "
                                   f"{rows} of {n_train} training rows")

@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 import tempfile
+import uuid
 from dataclasses import dataclass
 from typing import Any
 from pathlib import Path
@@ -362,7 +363,8 @@ def experiment_name(out: Path, resume: bool) -> str:
     marker = out / "LATEST_SEARCH"
     if resume and marker.exists():
         return marker.read_text().strip()
-    name = "search_" + time.strftime("%Y%m%d-%H%M%S")
+    # Unique beyond the second: runs sharing a storage_path may start in the same second.
+    name = f"search_{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     out.mkdir(parents=True, exist_ok=True)
     marker.write_text(name)
     return name
