@@ -137,7 +137,8 @@ SCRATCH_EPOCHS = 15
 
 
 def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scratch: bool = False) -> dict:
-    """The space's start point, trained once for a sensible length that fits the budget, 2 threads, no Ray.
+    """The space's start point, trained once for a sensible length that fits the budget, no Ray, on the machine's
+    device (`automl.runtime.device()`: the GPU where there is one) with all its CPU threads (2 here).
     Images: at their native size, shrunk until the full sensible length fits; with native=True ("fixed_native")
     at their native size as the plan caps it on a CPU (128 px), as many steps as fit instead."""
     import torch
@@ -152,7 +153,10 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     from automl.training.loop import fit, full_config, measure_speed
 
     t0 = time.monotonic()
-    torch.set_num_threads(2)
+    from automl.runtime import device
+
+    threads = os.cpu_count() or 2
+    torch.set_num_threads(threads)
     task = prepare(df, "label", seed=seed)
     space = load_space("cpu_small", task.modality)
     cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed})
@@ -172,7 +176,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
         while not native:  # the native size, shrunk until the run fits 80% of the budget
             probe = Inputs.materialise(task, size, work)
             # Timed as it trains: with both threads (timing one thread made it shrink images it had time for).
-            sp = measure_speed({**cfg, "image_size": size}, probe.trial_data(), steps=3, threads=(2,))
+            sp = measure_speed({**cfg, "image_size": size}, probe.trial_data(), steps=3, threads=(threads,))
             if sp["setup_s"] + steps * sp["step_s"] <= 0.8 * budget or size <= min_image(spec.pretrained):
                 break
             size = max(min_image(spec.pretrained), int(size * 0.75) // 8 * 8)
@@ -184,11 +188,11 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
         cfg["max_length"] = min(256, max(16, -(-p95 // 8) * 8))
     inputs = Inputs.materialise(task, size, Path(tempfile.mkdtemp(prefix="fixed-")))
     data = inputs.trial_data()
-    sp = measure_speed(cfg, data, steps=3, threads=(2,))
+    sp = measure_speed(cfg, data, steps=3, threads=(threads,))
     steps = min(steps, int((0.8 * budget - sp["setup_s"] - (time.monotonic() - t0)) / sp["step_s"]))
     reports = 10
     cfg["report_rows"] = max(1, steps * int(cfg["batch_size"]) // reports)
-    res = fit(cfg, data, epochs=reports, device=torch.device("cpu"))
+    res = fit(cfg, data, epochs=reports, device=device())
     classes = list(task.classes)
     manifest = ExportManifest(task=task.task, modality=task.modality, classes=classes, label_column="label",
                               input_columns=task.input_columns, metric="f1_macro", backbone=spec,

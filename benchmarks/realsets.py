@@ -14,13 +14,15 @@ Run ``python benchmarks/realsets.py`` to print the size and class counts of each
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 
 import pandas as pd
 
-STAMPS_DIR = Path("/usr/share/tuxpaint/stamps")
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
+# Where the Debian packages put them; the variables point elsewhere (a copy on a machine without the packages).
+STAMPS_DIR = Path(os.environ.get("AUTOML_BENCH_STAMPS_DIR", "/usr/share/tuxpaint/stamps"))
+FORTUNES_DIR = Path(os.environ.get("AUTOML_BENCH_FORTUNES_DIR", "/usr/share/games/fortunes"))
 
 # Extra copies of stamps, not new images (see the stamps() docstring).
 _STAMP_VARIANT_SUFFIXES = ("_mirror", "_outline")
