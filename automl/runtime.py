@@ -72,6 +72,13 @@ def amp_dtype(dev) -> "torch.dtype | None":  # noqa: F821
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def first_pass_is_slow(dev) -> bool:
+    """Whether a model's first pass of a new input shape on `dev` pays one-off costs (kernel selection and
+    compilation, lazy loading of device code) that later passes do not: an accelerator's, not a CPU's. Timings
+    that a plan scales by a row or step count must leave that first pass out."""
+    return getattr(dev, "type", str(dev)) not in ("cpu", "meta")
+
+
 def autocast(dev):
     """An autocast context for `dev` (a no-op where mixed precision does not pay)."""
     import contextlib
