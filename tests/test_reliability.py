@@ -102,6 +102,28 @@ def test_splits_keep_their_stratification_seed_and_dedup():
     _split_of(t)
 
 
+def test_texts_that_differ_only_in_case_or_spacing_land_in_one_split_and_other_rows_keep_theirs(monkeypatch):
+    """Near-duplicates are kept (they are not the same input) but never straddle train and test."""
+    from automl.modalities.text import TextModality
+
+    old_df, _ = _grown(300, 0)
+    twins = old_df.head(60).copy()
+    twins["text"] = twins["text"].str.upper()
+    spaced = old_df.head(60).copy()
+    spaced["text"] = "  " + spaced["text"].str.replace(" ", "   ") + " "
+    df = pd.concat([old_df, twins, spaced], ignore_index=True)
+    t = prepare(df)
+    assert t.report.dropped_duplicates == 0 and len(t.y) == 300 + 60 + 60  # none is an exact copy
+    where = _split_of(t)
+    for text in old_df["text"].head(60):
+        spread = {where[text], where[text.upper()], where[text.replace(" ", "   ")]}
+        assert len(spread) == 1, (text, spread)
+    # A text with no such twin keeps the split it had when rows were split by their exact text.
+    monkeypatch.setattr(TextModality, "split_keys", lambda self, keys: keys)
+    exact = _split_of(prepare(df))
+    assert all(where[k] == exact[k] for k in old_df["text"].iloc[60:])
+
+
 # ---------------------------------------------------------------------------- 8. a truncated JPEG
 
 def _jpegs(tmp_path, n=4):

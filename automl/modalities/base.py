@@ -37,6 +37,11 @@ class Modality:
         """The TaskData fields that hold the rows read (read_rows)."""
         raise NotImplementedError
 
+    def split_keys(self, keys: list[str]) -> list[str]:
+        """The keys rows are split by (data/intake.row_positions): rows that are copies of one input in all but
+        form must share one, so that they land in one split. Default: the content keys themselves."""
+        return keys
+
     def read_for_prediction(self, df, columns: list[str], base_dir) -> list:
         """The inputs of a table given to a loaded model (checked: a clear error for the wrong kind)."""
         raise NotImplementedError
