@@ -222,3 +222,22 @@ def test_which_columns_are_inputs_is_the_modality_adapters_call():
     finally:
         base._MODALITIES.clear()
         base._MODALITIES.update(before)
+
+
+def test_a_photos_exif_orientation_is_applied_so_pixels_are_as_a_viewer_shows_them(tmp_path):
+    """Phones store most photos sideways with an EXIF tag saying how to turn them; training on the stored pixels
+    would learn sideways objects."""
+    from automl.data.images import decode_image, inspect_image
+
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:, :10] = 255  # landscape as stored, a white band on its left
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": the left band ends up on top
+    img.save(tmp_path / "p.jpg", exif=exif, quality=95)
+    out = decode_image(str(tmp_path / "p.jpg"))
+    assert out.shape == (40, 20, 3)
+    assert out[:8].mean() > 200 and out[14:].mean() < 50
+    assert inspect_image(str(tmp_path / "p.jpg"))[1:] == (40, 20)  # the size it is decoded at
+    img.save(tmp_path / "plain.jpg", quality=95)  # no tag: as stored
+    assert decode_image(str(tmp_path / "plain.jpg")).shape == (20, 40, 3)

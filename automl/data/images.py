@@ -3,7 +3,8 @@
 Accepted: file paths (absolute or relative to a base dir), raw bytes, PIL
 images and numpy arrays (HxW, HxWx1/3/4, float in [0,1] or any numeric
 range). Grayscale, palette and RGBA images are converted to RGB; transparent
-pixels are composited over white so icons keep their shape.
+pixels are composited over white so icons keep their shape. A photo's EXIF orientation is applied, so the
+pixels are the ones a viewer shows (a phone stores most photos sideways with a tag saying so).
 """
 from __future__ import annotations
 
@@ -14,12 +15,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 MAX_PIXELS = 40_000_000  # larger images are refused: decoding one would take gigabytes
+EXIF_ORIENTATION = 0x0112
+_SIDEWAYS = (5, 6, 7, 8)  # orientations that turn the image a quarter: its height and width swap
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright), read from the header; 1 where there is none or it is unreadable."""
+    try:
+        return int(img.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not refuse an otherwise readable image
+        return 1
 
 
 class ImageDecodeError(Exception):
@@ -85,6 +96,8 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
             raise ImageDecodeError(f"image of {img.size[0]}x{img.size[1]} pixels; at most {MAX_PIXELS} "
                                    "(a decompression bomb?)")
         img.load()
+        if _orientation(img) != 1:
+            img = ImageOps.exif_transpose(img)
         img = _to_rgb(img)
     except ImageDecodeError:
         raise
@@ -147,11 +160,13 @@ def inspect_image(value: object, base_dir: str | os.PathLike | None = None) -> t
                 if w * h > MAX_PIXELS:
                     raise ImageDecodeError(f"image of {w}x{h} pixels; at most {MAX_PIXELS} (a decompression bomb?)")
                 fmt = img.format
+                if _orientation(img) in _SIDEWAYS:
+                    h, w = w, h  # the size it is decoded at (decode_image applies the orientation)
                 img.verify()
             if fmt != "PNG":
                 with Image.open(io.BytesIO(raw)) as img:
                     if fmt == "JPEG":
-                        img.draft(None, (max(1, w // 8), max(1, h // 8)))
+                        img.draft(None, (max(1, img.size[0] // 8), max(1, img.size[1] // 8)))
                     img.load()
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
