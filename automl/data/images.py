@@ -161,13 +161,13 @@ def inspect_image(value: object, base_dir: str | os.PathLike | None = None) -> t
                     raise ImageDecodeError(f"image of {w}x{h} pixels; at most {MAX_PIXELS} (a decompression bomb?)")
                 fmt = img.format
                 img.verify()
-            with Image.open(io.BytesIO(raw)) as img:  # verify() leaves the image unusable: open it again
-                if fmt != "PNG":
+            if fmt != "PNG":  # verify() leaves the image unusable: open it again to decode it
+                with Image.open(io.BytesIO(raw)) as img:
                     if fmt == "JPEG":
                         img.draft(None, (max(1, w // 8), max(1, h // 8)))
                     img.load()
-                if _orientation(img) in _SIDEWAYS:
-                    h, w = w, h  # the size it is decoded at (decode_image applies the orientation)
+                    if _orientation(img) in _SIDEWAYS:  # photos carry it (PNGs rarely; their size is a hint only)
+                        h, w = w, h  # the size it is decoded at (decode_image applies the orientation)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from exc
         return hashlib.sha1(raw).hexdigest(), h, w
