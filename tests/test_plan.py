@@ -240,6 +240,26 @@ def test_when_not_even_the_start_points_shortest_run_fits_rung0_still_gets_time(
     assert texts.rung0_s >= 1.0
 
 
+def test_when_the_start_point_can_train_less_than_one_pass_rung0_gets_its_time():
+    """30 s on digits with another machine's learned costs: no overrun, but 9 steps (0.2 of a pass) from a zero
+    head, exported at 0.21, while rung 0 got nothing. Under one pass over the training rows rung 0 gets the time
+    it wants; from a pass on it still may not cost the start point its steps."""
+    import warnings
+
+    per_pass = math.ceil(IMAGES.n_train / 32)
+    with warnings.catch_warnings():
+        # Before rung 0 took its time this was not the overrun case (7 steps planned, no warning); with it, the
+        # start point's 4 steps may now be said to overrun by a second.
+        warnings.simplefilter("ignore")
+        short = plan(budget=50.0, at=speed(2.0), rung0_backbones=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        longer = plan(budget=60.0, at=speed(2.0), rung0_backbones=3)
+    assert short.reports * short.report_rows < per_pass * 32
+    assert short.rung0_s >= 2.0  # it was an eighth of what it wanted: 0.36 s
+    assert longer.reports * longer.report_rows >= per_pass * 32 and longer.rung0_s < 1.0
+
+
 def test_without_a_time_limit_the_retrain_still_has_its_planned_training_time():
     """What a retrain takes beyond its planned training is learned as Ray Train's start-up (stages.finalise):
     with no planned training (a run without a time budget), the whole retrain was recorded as start-up and
