@@ -155,7 +155,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     t0 = time.monotonic()
     from automl.runtime import device
 
-    threads = os.cpu_count() or 2
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     torch.set_num_threads(threads)
     task = prepare(df, "label", seed=seed)
     space = load_space("cpu_small", task.modality)

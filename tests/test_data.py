@@ -241,3 +241,20 @@ def test_a_photos_exif_orientation_is_applied_so_pixels_are_as_a_viewer_shows_th
     assert inspect_image(str(tmp_path / "p.jpg"))[1:] == (40, 20)  # the size it is decoded at
     img.save(tmp_path / "plain.jpg", quality=95)  # no tag: as stored
     assert decode_image(str(tmp_path / "plain.jpg")).shape == (20, 40, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_undone_as_pillow_does(tmp_path, orientation):
+    """decode_image turns the pixels itself (Pillow's exif_transpose re-encodes the EXIF block and raises on tags
+    that getexif() reads): the result must equal Pillow's for each of the 8 orientations (PNG: lossless)."""
+    from PIL import ImageOps
+
+    from automl.data.images import decode_image
+
+    arr = np.random.default_rng(0).integers(0, 255, (20, 40, 3), dtype=np.uint8)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "o.png", exif=exif)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "o.png")).convert("RGB"))
+    assert np.array_equal(decode_image(str(tmp_path / "o.png")), want)

@@ -323,7 +323,8 @@ def test_cli_finetune_on_rgba_files_with_the_image_classification_space(ray_sess
     out, err = capsys.readouterr()
     assert code == 0 and "export:" in out and "test accuracy" in out, err
     m = load(tmp_path / "out" / "model")
-    assert m.manifest.backbone.model == "tf_efficientnet_lite0"
+    offline = {f"tf_efficientnet_lite{i}" for i in range(3)} | {"resnet10t", "mobilenetv3_small_050"}
+    assert m.manifest.backbone.model in offline, m.manifest.backbone.model
     reasons = " ".join(m.manifest.plan["reasons"])
     hub = ["resnet50.a1_in1k", "convnext_tiny.fb_in22k_ft_in1k", "efficientnet_b0.ra_in1k", "resnet18.a1_in1k"]
     assert all(name in reasons for name in hub), reasons  # each unloadable hub backbone named, with its reason

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -23,6 +23,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 MAX_PIXELS = 40_000_000  # larger images are refused: decoding one would take gigabytes
 EXIF_ORIENTATION = 0x0112
 _SIDEWAYS = (5, 6, 7, 8)  # orientations that turn the image a quarter: its height and width swap
+# How each EXIF orientation is undone (as ImageOps.exif_transpose does, without re-encoding the EXIF block, which
+# raises on malformed tags that getexif() read without complaint).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 
 
 def _orientation(img: Image.Image) -> int:
@@ -96,8 +101,9 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
             raise ImageDecodeError(f"image of {img.size[0]}x{img.size[1]} pixels; at most {MAX_PIXELS} "
                                    "(a decompression bomb?)")
         img.load()
-        if _orientation(img) != 1:
-            img = ImageOps.exif_transpose(img)
+        turn = _UPRIGHT.get(_orientation(img))
+        if turn is not None:
+            img = img.transpose(turn)
         img = _to_rgb(img)
     except ImageDecodeError:
         raise
