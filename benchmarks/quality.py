@@ -148,13 +148,12 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     from automl.export.manifest import ExportManifest, Preprocessing
     from automl.export.predictor import FinetunedModel
     from automl.models import resolve
+    from automl.runtime import device
     from automl.search.plan import MAX_IMAGE_CPU, image_side, min_image, sensible_steps, token_p95
     from automl.search.space import load_space
     from automl.training.loop import fit, full_config, measure_speed
 
     t0 = time.monotonic()
-    from automl.runtime import device
-
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     torch.set_num_threads(threads)
     task = prepare(df, "label", seed=seed)

@@ -77,7 +77,6 @@ def test_a_speed_probe_charges_an_accelerators_first_validation_pass_to_the_set_
     """A GPU's first pass of a shape pays one-off kernel costs; the plan multiplies a row's time by every validation
     row of every report, so that cost must not be in it (on an H200 it priced a 4-step trial at ~30 s). Stood in
     for here by a first validation pass that takes 2 s longer; a CPU's timing is left as it was."""
-    from automl import runtime
     from automl.training import loop
 
     calls = []
@@ -90,7 +89,7 @@ def test_a_speed_probe_charges_an_accelerators_first_validation_pass_to_the_set_
 
     real = loop.predict_logits
     monkeypatch.setattr(loop, "predict_logits", predict)
-    monkeypatch.setattr(runtime, "first_pass_is_slow", lambda dev: accelerator)
+    monkeypatch.setattr(loop, "first_pass_is_slow", lambda dev: accelerator)
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 32}
     out = loop.measure_speed(cfg, digits_trial_data, steps=1, device=torch.device("cpu"))
     n_eval = min(len(digits_trial_data.y_val), 128)

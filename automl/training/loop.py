@@ -20,8 +20,7 @@ from automl import modalities, models
 from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
 from automl.data.trial_data import TrialData, subset
 from automl.metrics import classification_metrics
-from automl import runtime
-from automl.runtime import amp_dtype, autocast
+from automl.runtime import amp_dtype, autocast, first_pass_is_slow
 from automl.runtime import device as default_device
 from automl.training import featcache, schedules
 from automl.training.params import DEFAULTS
@@ -554,16 +553,18 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
         rows = s.x_val if s.x_val is not None else s.x_train
         n_eval = min(len(rows), 128)
         part = subset(rows, np.arange(n_eval))  # an array, a list of texts or a store's row handle
-        t2 = time.perf_counter()
-        predict_logits(s.model, s.encoder, part, device)
-        eval_s = time.perf_counter() - t2
-        if runtime.first_pass_is_slow(device):
+
+        def validation_pass() -> float:
+            t2 = time.perf_counter()
+            predict_logits(s.model, s.encoder, part, device)
+            return time.perf_counter() - t2
+
+        eval_s = validation_pass()
+        if first_pass_is_slow(device):
             # On a GPU the first validation pass of a shape cost seconds that the plan, scaling a row's time by
             # every validation row of every report, priced a 4-step MiniLM trial at ~30 s (H200, 2026-12-04). A
             # trial pays it once: it goes to the set-up, and a row costs what the second pass takes.
-            t3 = time.perf_counter()
-            predict_logits(s.model, s.encoder, part, device)
-            again = time.perf_counter() - t3
+            again = validation_pass()
             out["setup_s"] += max(0.0, eval_s - again)
             eval_s = again
         out["eval_row_s"] = eval_s / max(1, n_eval)
