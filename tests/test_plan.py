@@ -462,3 +462,16 @@ def test_the_time_held_after_the_search_prices_a_kept_trial_at_its_model_build_a
     per_row = 0.02 / Costs()["thread_speedup"]  # a row costs what it costs with every CPU, not one trial's
     assert built.search_ends_at_s - slower_rows.search_ends_at_s == pytest.approx(
         (2 * loads * rows + TEXTS.n_test) * per_row, abs=0.1)
+
+
+def test_an_accelerators_one_off_warm_up_is_charged_once_before_the_search():
+    """A trial process's first model on a GPU pays one-off costs (measure_speed's warmup_s: ~10 s on an H200);
+    the plan takes them off the search's time once, not off every trial (which would price each trial as if it
+    ran in a fresh process, as the set-up did before)."""
+    from dataclasses import replace
+
+    warm = speed()
+    cold = lambda size: replace(warm(size), warmup_s=20.0)  # noqa: E731
+    a, b = plan(budget=600, at=warm), plan(budget=600, at=cold)
+    assert a.search_ends_at_s - b.search_ends_at_s == pytest.approx(20.0, abs=1.0)
+    assert a.trial_s == pytest.approx(b.trial_s, rel=0.05)

@@ -102,6 +102,7 @@ class Speed:
     size: int | None = None           # image side it was measured at
     step_s_alone: float | None = None  # with every CPU of a node (a trial running alone)
     build_s: float | None = None       # the model's build alone (part of setup_s): what loading a kept trial costs
+    warmup_s: float = 0.0              # paid once by a trial process's first model (an accelerator's one-off costs)
 
 
 @dataclass
@@ -361,7 +362,7 @@ class _Frame:
 
     def total(self, budget_left_s: float) -> float:
         """The time left for training: the budget less what follows the search and Ray's start."""
-        return budget_left_s - self.after - self.costs["ray_start_s"]
+        return budget_left_s - self.after - self.costs["ray_start_s"] - self.speed_at(self.sizes[0]).warmup_s
 
     def seconds(self, size: int | None, steps: int, c: int) -> tuple[float, float]:
         """The start point's full-length trial time and one step's at `size` (trial_seconds)."""

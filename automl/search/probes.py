@@ -55,7 +55,7 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
         alone = mix(lo.step_s_alone, hi.step_s_alone) if lo.step_s_alone and hi.step_s_alone else None
         build = mix(lo.build_s, hi.build_s) if lo.build_s is not None and hi.build_s is not None else None
         return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
-                     lo.batch_size, size, alone, build)
+                     lo.batch_size, size, alone, build, max(lo.warmup_s, hi.warmup_s))
 
     # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
     # size the search for seconds the probes then spend.
@@ -79,7 +79,7 @@ def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None,
     mine, alone = int(res.get("cpu", 1)), int(node_cpus)
     m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
     return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"),
-                 m.get("build_s"))
+                 m.get("build_s"), m.get("warmup_s", 0.0))
 
 
 def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | None,

@@ -526,49 +526,50 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
 
     The plan scales these to choose trial lengths; it runs the real training step, so augmentation, unfreezing
     depth and the batch size all count. Returns setup_s, step_s (first thread count), eval_row_s, batch_size,
-    and step_s_<n> for every thread count n.
+    step_s_<n> for every thread count n, and warmup_s: what a process's first model of this kind pays once.
     """
     config = full_config(config)
     device = device or default_device()
     before = torch.get_num_threads()
-    torch.set_num_threads(threads[0])
-    t0 = time.perf_counter()
     try:
-        s = _setup(config, data, reports=1, device=device)
-        n_body = len(s.groups) - 1
-        set_trainable(s.model, s.groups, n_trainable_groups(config, n_body, 0))
-        s.model.train()
-        eval_frozen(s.model)
-        s.step(s.model, s.encoder, 0)
-        out = {"setup_s": time.perf_counter() - t0, "build_s": s.build_s, "batch_size": s.batches.bs}
-        step = 1
-        for n in threads:
-            torch.set_num_threads(n)
-            t1 = time.perf_counter()
-            for _ in range(steps):
-                s.step(s.model, s.encoder, step)
-                step += 1
-            out[f"step_s_{n}"] = (time.perf_counter() - t1) / steps
-        torch.set_num_threads(threads[0])
-        rows = s.x_val if s.x_val is not None else s.x_train
-        n_eval = min(len(rows), 128)
-        part = subset(rows, np.arange(n_eval))  # an array, a list of texts or a store's row handle
-
-        def validation_pass() -> float:
-            t2 = time.perf_counter()
-            predict_logits(s.model, s.encoder, part, device)
-            return time.perf_counter() - t2
-
-        eval_s = validation_pass()
-        if first_pass_is_slow(device):
-            # On a GPU the first validation pass of a shape cost seconds that the plan, scaling a row's time by
-            # every validation row of every report, priced a 4-step MiniLM trial at ~30 s (H200, 2026-12-04). A
-            # trial pays it once: it goes to the set-up, and a row costs what the second pass takes.
-            again = validation_pass()
-            out["setup_s"] += max(0.0, eval_s - again)
-            eval_s = again
-        out["eval_row_s"] = eval_s / max(1, n_eval)
-        out["step_s"] = out[f"step_s_{threads[0]}"]
-        return out
+        first = _time_once(config, data, steps, device, threads)
+        if not first_pass_is_slow(device):
+            return {**first, "warmup_s": 0.0}
+        # On a GPU a process's first model pays one-off costs (kernel loading and selection, lazy imports) in its
+        # set-up, its first steps and its first validation pass: on an H200 they priced a MiniLM step at 1.13 s
+        # (0.05 s warm) and a Lite0 trial's set-up at 9 s (2026-12-04). A trial actor pays them once (Tune reuses
+        # it), so the plan charges them once, and every trial what the process pays when warm.
+        warm = _time_once(config, data, steps, device, threads)
+        return {**warm, "warmup_s": max(0.0, first["wall_s"] - warm["wall_s"])}
     finally:
         torch.set_num_threads(before)
+
+
+def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, threads: tuple[int, ...]) -> dict:
+    """measure_speed's timings, taken once (on a fresh model)."""
+    torch.set_num_threads(threads[0])
+    t0 = time.perf_counter()
+    s = _setup(config, data, reports=1, device=device)
+    n_body = len(s.groups) - 1
+    set_trainable(s.model, s.groups, n_trainable_groups(config, n_body, 0))
+    s.model.train()
+    eval_frozen(s.model)
+    s.step(s.model, s.encoder, 0)
+    out = {"setup_s": time.perf_counter() - t0, "build_s": s.build_s, "batch_size": s.batches.bs}
+    step = 1
+    for n in threads:
+        torch.set_num_threads(n)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            s.step(s.model, s.encoder, step)
+            step += 1
+        out[f"step_s_{n}"] = (time.perf_counter() - t1) / steps
+    torch.set_num_threads(threads[0])
+    rows = s.x_val if s.x_val is not None else s.x_train
+    n_eval = min(len(rows), 128)
+    t2 = time.perf_counter()
+    predict_logits(s.model, s.encoder, subset(rows, np.arange(n_eval)), device)  # an array, texts or row handles
+    out["eval_row_s"] = (time.perf_counter() - t2) / max(1, n_eval)
+    out["step_s"] = out[f"step_s_{threads[0]}"]
+    out["wall_s"] = time.perf_counter() - t0
+    return out
