@@ -207,7 +207,8 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
 
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), seed)
-    speed_at = speed_probe(prepared.task, start, res, max_length, int(ray.node_cpus), stats.image_side)
+    speed_at = speed_probe(prepared.task, start, res, max_length, int(ray.node_cpus), stats.image_side,
+                           pinned_size)
     others = scratch_speeds(prepared.task, space, res, pinned_size or speed_at.largest, max_length) \
         if budget_bound else {}
     return start, spec, stats, pinned_size, max_length, speed_at, others

@@ -475,3 +475,24 @@ def test_an_accelerators_one_off_warm_up_is_charged_once_before_the_search():
     a, b = plan(budget=600, at=warm), plan(budget=600, at=cold)
     assert a.search_ends_at_s - b.search_ends_at_s == pytest.approx(20.0, abs=1.0)
     assert a.trial_s == pytest.approx(b.trial_s, rel=0.05)
+
+
+@pytest.mark.parametrize("side, sizes", [(8, [48]), (100, [32, 104])])
+def test_the_speed_probe_times_a_second_size_only_where_the_plan_can_choose_one(digits_df, monkeypatch, side, sizes):
+    """A pretrained start point trains at 48 px or more: on images no larger (8 px digits) the plan has one size, and
+    a probe at 32 px only spent budget (~2.5 s of 60 on digits); larger images are timed at two sizes and priced
+    in between."""
+    from automl.data.intake import prepare
+    from automl.search import probes
+    from automl.training.loop import full_config
+
+    timed = []
+    monkeypatch.setattr(probes, "measured_speed", lambda task, cfg, res, ml, nc, size, tr, va:
+                        timed.append(size) or Speed(1.0, 0.1 * size, 0.001, 32, size))
+    task = prepare(digits_df)
+    start = full_config(load_space("cpu_small", "image").default_config())
+    speed_at = probes.speed_probe(task, start, {"cpu": 1}, None, 2, side=side)
+    for size in (None, 48, sizes[-1]):
+        speed_at(size)
+    assert sorted(timed) == sizes
+    assert speed_at(48).step_s == pytest.approx(0.1 * (sizes[-1] if len(sizes) == 1 else 48), rel=0.3)

@@ -20,9 +20,10 @@ def pretrained(name) -> bool:
 
 
 def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, node_cpus: int,
-                side: int | None = None):
+                side: int | None = None, pinned: int | None = None):
     """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
-    chooses, images: at two sizes, scaled with the pixel count in between). side: the inputs' median size."""
+    chooses, images: at two sizes, scaled with the pixel count in between; at one where the plan can choose only
+    one). side: the inputs' median size; pinned: the size the user pinned, if any."""
     from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
 
     adapter = modalities.get(task.modality)
@@ -42,7 +43,13 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
             memo[size] = measured_speed(task, start, res, max_length, node_cpus, size, tr, va)
         return memo[size]
 
+    # Images no larger than the smallest size the start backbone trains at (digits, 48 px icons) leave the plan one
+    # size: a second probe at 32 px would only spend budget (~2.5 s of 60 on digits, 2 cores).
+    one_size = adapter.sized and pinned is None and probe_hi == smallest
+
     def speed_at(size):
+        if one_size:
+            return measure(probe_hi)
         if not adapter.sized or size is None or size <= MIN_IMAGE:
             return measure(MIN_IMAGE if adapter.sized else None)
         # Two probes (32 px and the largest size) and the cost in between grows with the pixel count.
