@@ -533,16 +533,22 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
     before = torch.get_num_threads()
     try:
         first = _time_once(config, data, steps, device, threads)
-        if not first_pass_is_slow(device):
+        cold = first_pass_is_slow(device) or device.type not in _TIMED_ON
+        _TIMED_ON.add(device.type)
+        if not cold:
             return {**first, "warmup_s": 0.0}
-        # On a GPU a process's first model pays one-off costs (kernel loading and selection, lazy imports) in its
-        # set-up, its first steps and its first validation pass: on an H200 they priced a MiniLM step at 1.13 s
-        # (0.05 s warm) and a Lite0 trial's set-up at 9 s (2026-12-04). A trial actor pays them once (Tune reuses
+        # A process's first model pays one-off costs (on a GPU for every new model: kernel loading and selection)
+        # in its set-up, its first steps and its first validation pass. On an H200 they priced a MiniLM step at
+        # 1.13 s (0.05 s warm) and a Lite0 trial's set-up at 9 s; on 2 CPU cores a fresh process's Lite0 set-up
+        # at 3.7 s (0.5 s warm) and a step alone at 1.45x (2026-12-04). A trial actor pays them once (Tune reuses
         # it), so the plan charges them once, and every trial what the process pays when warm.
         warm = _time_once(config, data, steps, device, threads)
         return {**warm, "warmup_s": max(0.0, first["wall_s"] - warm["wall_s"])}
     finally:
         torch.set_num_threads(before)
+
+
+_TIMED_ON: set[str] = set()  # device types this process has timed a model on (its one-off costs are paid)
 
 
 def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, threads: tuple[int, ...]) -> dict:
