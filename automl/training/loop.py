@@ -531,17 +531,16 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
     config = full_config(config)
     device = device or default_device()
     before = torch.get_num_threads()
+    fresh = device.type not in _TIMED_ON
+    _TIMED_ON.add(device.type)
     try:
-        first = _time_once(config, data, steps, device, threads)
-        cold = first_pass_is_slow(device) or device.type not in _TIMED_ON
-        _TIMED_ON.add(device.type)
-        if not cold:
+        first = _time_once(config, data, steps, device, threads, warm_up=fresh)
+        if not first_pass_is_slow(device):
             return {**first, "warmup_s": 0.0}
-        # A process's first model pays one-off costs (on a GPU for every new model: kernel loading and selection)
-        # in its set-up, its first steps and its first validation pass. On an H200 they priced a MiniLM step at
-        # 1.13 s (0.05 s warm) and a Lite0 trial's set-up at 9 s; on 2 CPU cores a fresh process's Lite0 set-up
-        # at 3.7 s (0.5 s warm) and a step alone at 1.45x (2026-12-04). A trial actor pays them once (Tune reuses
-        # it), so the plan charges them once, and every trial what the process pays when warm.
+        # On a GPU every new model pays one-off costs (kernel loading and selection, lazy imports) in its set-up,
+        # its first steps and its first validation pass: on an H200 they priced a MiniLM step at 1.13 s (0.05 s
+        # warm) and a Lite0 trial's set-up at 9 s (2026-12-04). A trial actor pays them once (Tune reuses it), so
+        # the plan charges them once, and every trial what the process pays when warm.
         warm = _time_once(config, data, steps, device, threads)
         return {**warm, "warmup_s": max(0.0, first["wall_s"] - warm["wall_s"])}
     finally:
@@ -551,8 +550,12 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
 _TIMED_ON: set[str] = set()  # device types this process has timed a model on (its one-off costs are paid)
 
 
-def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, threads: tuple[int, ...]) -> dict:
-    """measure_speed's timings, taken once (on a fresh model)."""
+def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, threads: tuple[int, ...],
+               warm_up: bool = False) -> dict:
+    """measure_speed's timings, taken once (on a fresh model). warm_up: the process has timed nothing yet, so a
+    thread count's first step and the first validation pass run untimed first (on 2 CPU cores a fresh process
+    timed Lite0's step with 2 threads at 1.45x and a validation row at 2x what they cost warm, 2026-12-04; timing
+    the whole probe twice instead cost 21 s for MiniLM)."""
     torch.set_num_threads(threads[0])
     t0 = time.perf_counter()
     s = _setup(config, data, reports=1, device=device)
@@ -565,6 +568,9 @@ def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, 
     step = 1
     for n in threads:
         torch.set_num_threads(n)
+        if warm_up and n != threads[0]:  # the first thread count's warm-up step was the set-up's
+            s.step(s.model, s.encoder, step)
+            step += 1
         t1 = time.perf_counter()
         for _ in range(steps):
             s.step(s.model, s.encoder, step)
@@ -573,6 +579,8 @@ def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, 
     torch.set_num_threads(threads[0])
     rows = s.x_val if s.x_val is not None else s.x_train
     n_eval = min(len(rows), 128)
+    if warm_up:
+        predict_logits(s.model, s.encoder, subset(rows, np.arange(min(n_eval, 8))), device)
     t2 = time.perf_counter()
     predict_logits(s.model, s.encoder, subset(rows, np.arange(n_eval)), device)  # an array, texts or row handles
     out["eval_row_s"] = (time.perf_counter() - t2) / max(1, n_eval)
