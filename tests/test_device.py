@@ -97,9 +97,16 @@ def test_a_speed_probe_keeps_one_off_costs_out_of_a_step_and_a_row(monkeypatch, 
         seen_threads.add(n)
         return real_step(self, *args, **kwargs)
 
-    real_predict, real_step = loop.predict_logits, loop._Setup.step
+    def build(*args, **kwargs):
+        calls["build"] = calls.get("build", 0) + 1
+        if calls["build"] == 1:  # the weights' first read
+            time.sleep(1.0)
+        return real_build(*args, **kwargs)
+
+    real_predict, real_step, real_build = loop.predict_logits, loop._Setup.step, loop.build_model
     monkeypatch.setattr(loop, "predict_logits", predict)
     monkeypatch.setattr(loop._Setup, "step", step)
+    monkeypatch.setattr(loop, "build_model", build)
     monkeypatch.setattr(loop, "first_pass_is_slow", lambda dev: where == "accelerator")
     monkeypatch.setattr(loop, "_TIMED_ON", {"cpu"} if where == "CPU process that timed a model" else set())
     cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 32}
@@ -107,11 +114,13 @@ def test_a_speed_probe_keeps_one_off_costs_out_of_a_step_and_a_row(monkeypatch, 
     n_eval = min(len(digits_trial_data.y_val), 128)
     if where == "CPU process that timed a model":
         assert calls["predict"] == 1 and out["warmup_s"] == 0.0
-        assert out["step_s_2"] >= 0.5 and out["eval_row_s"] * n_eval >= 1.0
+        assert out["step_s_2"] >= 0.5 and out["eval_row_s"] * n_eval >= 1.0 and out["setup_s"] >= 1.0
         return
     assert out["step_s_2"] < 0.3 and out["eval_row_s"] * n_eval < 0.5
+    assert out["setup_s"] < 1.0 and out["build_s"] < 0.5  # a trial's set-up and a kept trial's load, warm
     if where == "accelerator":
         assert calls["predict"] == 3  # a warm-up pass and a timed one, then a timed one on a fresh model
-        assert out["warmup_s"] >= 1.5
+        assert out["warmup_s"] >= 2.5  # the first build, thread start and validation pass
     else:
-        assert calls["predict"] == 2 and out["warmup_s"] == 0.0  # one untimed pass; no second probe
+        assert calls["predict"] == 2  # one untimed pass; no second probe
+        assert 0.8 <= out["warmup_s"] < 1.5  # the first build's excess, charged once
