@@ -146,7 +146,9 @@ def test_schema_1_exports_still_load_and_predict_as_they_did(tmp_path):
     assert img.manifest.schema_version == 2 and img.manifest.provenance.fingerprint
     d = load_digits()
     got = img.predict_proba(pd.DataFrame({"image": [d.images[i] for i in expected["image_rows"]]}))
-    np.testing.assert_allclose(got.to_numpy(), expected["image_proba"], atol=1e-6)
+    # Recorded on an Intel CPU; an AMD EPYC's float32 kernels differ by up to 1e-5 (2026-12-04). A wrong
+    # preprocessing or head moves these probabilities by far more.
+    np.testing.assert_allclose(got.to_numpy(), expected["image_proba"], atol=1e-4)
     txt = load(fixtures / "v1_text_export")
     got = txt.predict_proba(pd.DataFrame({"text": expected["texts"]}))
     np.testing.assert_allclose(got.to_numpy(), expected["text_proba"], atol=1e-6)

@@ -63,7 +63,9 @@ def test_load_and_predict_load_no_search_engine():
     """)
     assert out["modules"] == []
     expected = json.loads((FIXTURES / "v1_expected.json").read_text())
-    np.testing.assert_allclose(out["image_proba"], expected["image_proba"], atol=1e-6)
+    # Recorded on an Intel CPU; an AMD EPYC's float32 kernels differ by up to 1e-5 (2026-12-04). A wrong
+    # preprocessing or head moves these probabilities by far more.
+    np.testing.assert_allclose(out["image_proba"], expected["image_proba"], atol=1e-4)
     assert len(out["text"]) == len(expected["texts"])
 
 
