@@ -124,3 +124,15 @@ def test_a_speed_probe_keeps_one_off_costs_out_of_a_step_and_a_row(monkeypatch, 
     else:
         assert calls["predict"] == 2  # one untimed pass; no second probe
         assert 0.8 <= out["warmup_s"] < 1.5  # the first build's excess, charged once
+
+
+def test_a_backbone_that_cannot_be_built_leaves_the_process_unwarmed(monkeypatch, digits_trial_data):
+    """The start backbone may fail to load (the plan then probes the next one): that probe paid no one-off costs,
+    so the next one must still warm up."""
+    from automl.training import loop
+
+    monkeypatch.setattr(loop, "_TIMED_ON", set())
+    with pytest.raises(Exception):
+        loop.measure_speed({"backbone": "timm/no_such_model:scratch", "image_size": 16}, digits_trial_data,
+                           steps=1, device=torch.device("cpu"))
+    assert loop._TIMED_ON == set()

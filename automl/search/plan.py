@@ -102,7 +102,7 @@ class Speed:
     size: int | None = None           # image side it was measured at
     step_s_alone: float | None = None  # with every CPU of a node (a trial running alone)
     build_s: float | None = None       # the model's build alone (part of setup_s): what loading a kept trial costs
-    warmup_s: float = 0.0              # paid once by a trial process's first model (an accelerator's one-off costs)
+    warmup_s: float = 0.0              # paid once by a trial process's first model (its one-off costs)
 
 
 @dataclass

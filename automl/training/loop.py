@@ -531,10 +531,9 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
     config = full_config(config)
     device = device or default_device()
     before = torch.get_num_threads()
-    fresh = device.type not in _TIMED_ON
-    _TIMED_ON.add(device.type)
     try:
-        first = _time_once(config, data, steps, device, threads, warm_up=fresh)
+        first = _time_once(config, data, steps, device, threads, warm_up=device.type not in _TIMED_ON)
+        _TIMED_ON.add(device.type)  # only once a model was timed: a start backbone that cannot load paid nothing
         if not first_pass_is_slow(device):
             return first
         # On a GPU every new model pays one-off costs (kernel loading and selection, lazy imports) in its set-up,
