@@ -22,8 +22,10 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
         prepared = stages.prepare(dataset, data=opts.data, search=opts.search, update=opts.update,
                                   output=opts.output)  # bad input fails here, before any compute
     with budget.stage("connect"):
+        warming = stages.warm_libraries(prepared, opts.search)  # while Ray starts
         ray = connect(opts.resources.ray_address, cluster_config=opts.resources.cluster_config,
                       verbose=opts.output.verbose)
+        warming.join()
     try:
         with budget.stage("plan"):
             plan = stages.plan(prepared, ray, budget, search=opts.search, resources=opts.resources,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,30 @@ def prepare(dataset: Any, *, data: DataOptions, search: SearchOptions, update: U
     out = Path(output.output_dir or Path("automl_runs") / f"{task.modality}-{task.fingerprint()[:10]}").resolve()
     _space(task, search, base, gpu=False)  # a bad space fails now, before Ray starts
     return Prepared(task, metric, out, base)
+
+
+def warm_libraries(prepared: Prepared, search: SearchOptions) -> threading.Thread:
+    """Import the libraries the space's backbones need in a thread (join it before planning): Ray's start leaves the
+    driver waiting on other processes for seconds. A backbone that cannot resolve fails later, where it is used."""
+    def warm():
+        space = _space(prepared.task, search, prepared.base, gpu=False)
+        spec = space.parameters.get("backbone", {})
+        names = list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
+        families = set()
+        for name in [full_config(space.default_config())["backbone"], *names]:
+            try:
+                families.add(models.family(models.resolve(name)))
+            except Exception:  # noqa: BLE001 — reported by the plan, with a fix, when it matters
+                continue
+        for fam in families:
+            try:
+                fam.warm()
+            except Exception:  # noqa: BLE001
+                continue
+
+    thread = threading.Thread(target=warm, name="automl-warm-libraries", daemon=True)
+    thread.start()
+    return thread
 
 
 def _space(task: TaskData, search: SearchOptions, base: BaseModel | None, gpu: bool) -> SearchSpace:

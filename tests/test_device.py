@@ -136,3 +136,21 @@ def test_a_backbone_that_cannot_be_built_leaves_the_process_unwarmed(monkeypatch
         loop.measure_speed({"backbone": "timm/no_such_model:scratch", "image_size": 16}, digits_trial_data,
                            steps=1, device=torch.device("cpu"))
     assert loop._TIMED_ON == set()
+
+
+@pytest.mark.parametrize("window_s, timed_per_count", [(0.0, 1), (1e9, 3)])
+def test_a_speed_probe_stops_timing_slow_steps_once_its_window_is_filled(monkeypatch, digits_trial_data, window_s,
+                                                                         timed_per_count):
+    """Planning time is budget: a 2 s step needs no three timings at each thread count (12 s of a 300 s run's
+    planning on 2 cores). A filled window stops the timing after one step; cheap steps are averaged over `steps`."""
+    from automl.training import loop
+
+    calls = []
+    real_step = loop._Setup.step
+    monkeypatch.setattr(loop._Setup, "step", lambda self, *a, **k: (calls.append(1), real_step(self, *a, **k))[1])
+    monkeypatch.setattr(loop, "TIMED_WINDOW_S", window_s)
+    monkeypatch.setattr(loop, "_TIMED_ON", {"cpu"})  # warm: no untimed warm-up steps besides the set-up's
+    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 32}
+    out = loop.measure_speed(cfg, digits_trial_data, steps=3, device=torch.device("cpu"), threads=(1, 2))
+    assert len(calls) == 1 + 2 * timed_per_count  # the set-up's step, then each thread count's timed steps
+    assert out["step_s_1"] > 0 and out["step_s_2"] > 0

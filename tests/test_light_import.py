@@ -121,3 +121,30 @@ def test_cli_help_imports_neither_torch_nor_the_engines():
     done = subprocess.run([sys.executable, "-m", "automl.ops.cli", "finetune", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--time-budget" in done.stdout, done.stderr[-2000:]
+
+
+def test_the_backbones_libraries_are_imported_while_ray_starts():
+    """auto_finetune imports the space's backbone libraries (timm, transformers) in a thread while Ray starts, so
+    the plan's first build does not pay for them out of the budget; before that thread, neither is imported."""
+    out = _run("""
+        import json, sys
+        import numpy as np, pandas as pd
+        from automl import stages
+        from automl.options import FinetuneOptions
+
+        rng = np.random.default_rng(0)
+        images = pd.DataFrame({"image": list(rng.random((40, 8, 8))), "label": [0, 1] * 20})
+        texts = pd.DataFrame({"text": [f"word {i} about {'cats' if i % 2 else 'cars'}" for i in range(40)],
+                              "label": [1, 0] * 20})
+        seen = {}
+        for name, df in (("image", images), ("text", texts)):
+            opts = FinetuneOptions.from_kwargs(label="label", output_dir="/tmp/unused")
+            prepared = stages.prepare(df, data=opts.data, search=opts.search, update=opts.update, output=opts.output)
+            before = {m: m in sys.modules for m in ("timm", "transformers")}
+            stages.warm_libraries(prepared, opts.search).join()
+            seen[name] = {"before": before, "after": {m: m in sys.modules for m in ("timm", "transformers")}}
+        print(json.dumps(seen))
+    """)
+    assert out["image"] == {"before": {"timm": False, "transformers": False},
+                            "after": {"timm": True, "transformers": False}}
+    assert out["text"]["after"]["transformers"] is True and out["text"]["before"]["transformers"] is False

@@ -108,6 +108,10 @@ class Family:
         """A model with a fresh `num_classes` head (pretrained body unless `pretrained` is False)."""
         raise NotImplementedError
 
+    def warm(self) -> None:
+        """Import the library a first build needs (a thread runs this while Ray starts: timm's import is ~2 s of a
+        60 s budget on 2 cores, and the driver only waits for Ray's processes then)."""
+
     def encoder(self, model: nn.Module, spec: BackboneSpec, config: dict):
         """The preprocessing for this model under a trial's config (image size, max length)."""
         raise NotImplementedError

@@ -232,6 +232,9 @@ class HFFamily(Family):
     modality = "text"
     input_names = ("input_ids", "attention_mask")
 
+    def warm(self):
+        from transformers import AutoConfig, AutoModel, AutoTokenizer  # noqa: F401
+
     def build(self, spec, num_classes, *, dropout=0.0, drop_path=0.0, pretrained=None):
         from transformers import AutoConfig, AutoModel
 

@@ -108,6 +108,9 @@ class TimmFamily(Family):
     modality = "image"
     input_names = ("pixel_values",)
 
+    def warm(self):
+        import timm  # noqa: F401
+
     def build(self, spec, num_classes, *, dropout=0.0, drop_path=0.0, pretrained=None):
         import timm
 
