@@ -27,7 +27,7 @@ from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, Reso
                             UpdateOptions)
 from automl.runtime import device
 from automl.search.plan import Plan, make_plan
-from automl.search.probes import pretrained, scratch_speeds, speed_probe
+from automl.search.probes import nominal_speed, pretrained, scratch_speeds, speed_probe
 from automl.training.loop import full_config
 from automl.search.space import SearchSpace, load_space
 
@@ -233,7 +233,8 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), seed)
     speed_at = speed_probe(prepared.task, start, res, max_length, int(ray.node_cpus), stats.image_side,
-                           pinned_size)
+                           pinned_size) if budget_bound else nominal_speed(prepared.task, start, stats.image_side,
+                                                                           pinned_size)
     others = scratch_speeds(prepared.task, space, res, pinned_size or speed_at.largest, max_length) \
         if budget_bound else {}
     return start, spec, stats, pinned_size, max_length, speed_at, others
@@ -458,8 +459,9 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                                    use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus,
                                    deadline=budget.deadline(floor_s=MIN_PACED_S))
     # What the retrain took beyond its planned training is Ray Train's fixed cost on this machine: learn it.
-    costs = Costs.load()
-    costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (plan.retrain_s - plan.retrain_fixed_s)))
+    if (plan.speed or {}).get("measured", True):  # a nominal speed's planned training is no measure of it
+        costs = Costs.load()
+        costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (plan.retrain_s - plan.retrain_fixed_s)))
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": resources.retrain_workers, "time_s": time.monotonic() - t0,

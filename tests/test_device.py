@@ -138,11 +138,12 @@ def test_a_backbone_that_cannot_be_built_leaves_the_process_unwarmed(monkeypatch
     assert loop._TIMED_ON == set()
 
 
-@pytest.mark.parametrize("window_s, timed_per_count", [(0.0, 1), (1e9, 3)])
+@pytest.mark.parametrize("window_s, timed_per_count", [(0.0, 2), (1e9, 3)])
 def test_a_speed_probe_stops_timing_slow_steps_once_its_window_is_filled(monkeypatch, digits_trial_data, window_s,
                                                                          timed_per_count):
     """Planning time is budget: a 2 s step needs no three timings at each thread count (12 s of a 300 s run's
-    planning on 2 cores). A filled window stops the timing after one step; cheap steps are averaged over `steps`."""
+    planning on 2 cores). A filled window stops the timing after two steps (one is 20-25% off); cheap steps are
+    averaged over `steps`."""
     from automl.training import loop
 
     calls = []

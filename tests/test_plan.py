@@ -496,3 +496,30 @@ def test_the_speed_probe_times_a_second_size_only_where_the_plan_can_choose_one(
         speed_at(size)
     assert sorted(timed) == sizes
     assert speed_at(48).step_s == pytest.approx(0.1 * (sizes[-1] if len(sizes) == 1 else 48), rel=0.3)
+
+
+def test_a_run_without_a_time_budget_times_no_training_step(digits_df, monkeypatch, tmp_path):
+    """Nothing is priced without a time budget, so nothing is timed (a probe cost each such run 2-15 s): the plan
+    gets a nominal speed, says its length is not timed, and a start backbone that cannot load still fails
+    there, so the next one takes its place."""
+    from types import SimpleNamespace
+
+    from automl import stages
+    from automl.data.intake import prepare
+    from automl.errors import ModelLoadError
+    from automl.search import probes
+
+    timed = []
+    monkeypatch.setattr(probes, "measured_speed", lambda *a, **k: timed.append(a[5]) or Speed(1.0, 0.1, 0.001, 32, a[5]))
+    prepared = stages.Prepared(prepare(digits_df), "accuracy", tmp_path)
+    space = load_space("cpu_small", "image")
+    node = SimpleNamespace(node_cpus=2)
+    *_, speed_at, others = stages._start_and_speed(prepared, space, {"cpu": 1}, node, 0, budget_bound=False)
+    assert timed == [] and others == {} and speed_at(48).measured is False
+    planned = plan(DataStats("image", 150, 45, 195, 45, image_side=8), budget=None, at=speed_at, max_trials=2)
+    assert "not timed: no time budget" in planned.reasons[0] and "ms/step" not in planned.reasons[0]
+    *_, speed_at, _ = stages._start_and_speed(prepared, space, {"cpu": 1}, node, 0, budget_bound=True)
+    assert timed and speed_at(48).measured is True  # with a budget the probe times the start point
+    broken = space.with_overrides({"backbone": "timm/no_such_model:scratch"})
+    with pytest.raises(ModelLoadError):
+        stages._start_and_speed(prepared, broken, {"cpu": 1}, node, 0, budget_bound=False)

@@ -2,6 +2,8 @@
 must load where they are promised to (fast: tiny data, no search)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,9 +121,43 @@ def test_texts_that_differ_only_in_case_or_spacing_land_in_one_split_and_other_r
         spread = {where[text], where[text.upper()], where[text.replace(" ", "   ")]}
         assert len(spread) == 1, (text, spread)
     # A text with no such twin keeps the split it had when rows were split by their exact text.
-    monkeypatch.setattr(TextModality, "split_keys", lambda self, keys: keys)
+    monkeypatch.setattr(TextModality, "split_keys", lambda self, keys, rows, report: keys)
     exact = _split_of(prepare(df))
     assert all(where[k] == exact[k] for k in old_df["text"].iloc[60:])
+
+
+def test_a_picture_saved_again_resized_or_as_a_jpeg_lands_in_the_split_of_its_original(tmp_path, monkeypatch):
+    """Copies of one picture in another size or format are not byte-identical, but a model tested on one of them
+    after training on the other is scored on what it trained on: a perceptual key keeps them in one split."""
+    from automl.modalities.image import ImageModality
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(90):  # smooth, distinct pictures: random 6x6 colour fields blown up to 64 px
+        img = Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).resize((64, 64), Image.BICUBIC)
+        img.save(tmp_path / f"p{i}.png")
+        rows.append({"file": str(tmp_path / f"p{i}.png"), "label": "abc"[i % 3]})
+        if i < 30:
+            img.resize((40, 40), Image.LANCZOS).save(tmp_path / f"p{i}_small.jpg", quality=85)
+            rows.append({"file": str(tmp_path / f"p{i}_small.jpg"), "label": "abc"[i % 3]})
+    df = pd.DataFrame(rows)
+
+    def split_of(t) -> dict:
+        out = {}
+        for name, idx in t.splits.items():
+            for i in idx:
+                out[Path(df["file"][t.row_index[i]]).name] = name
+        assert len(out) == len(df)  # no copy dropped as a duplicate, none lost
+        return out
+
+    t = prepare(df)
+    where = split_of(t)
+    assert all(where[f"p{i}.png"] == where[f"p{i}_small.jpg"] for i in range(30)), where
+    # A picture with no copy keeps the split it had when rows were split by their exact bytes.
+    monkeypatch.setattr(ImageModality, "split_keys", lambda self, keys, rows, report: keys)
+    exact = split_of(prepare(df))
+    assert all(where[f"p{i}.png"] == exact[f"p{i}.png"] for i in range(30, 90))
+    assert any(exact[f"p{i}.png"] != exact[f"p{i}_small.jpg"] for i in range(30))  # what the key prevents
 
 
 # ---------------------------------------------------------------------------- 8. a truncated JPEG

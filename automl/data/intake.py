@@ -411,7 +411,7 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     _check_enough(counts, task, label_col, known_classes, report)
     classes, y, strata = _encode_labels(kept.df[label_col], counts, task, known_classes)
 
-    u = row_positions(adapter.split_keys(kept.keys), seed)
+    u = row_positions(adapter.split_keys(kept.keys, kept.rows, report), seed)
     if has_split_col:
         splits = _column_splits(kept.df, strata, u, classes, task, report)
     else:

@@ -37,10 +37,20 @@ class Modality:
         """The TaskData fields that hold the rows read (read_rows)."""
         raise NotImplementedError
 
-    def split_keys(self, keys: list[str]) -> list[str]:
+    def split_keys(self, keys: list[str], rows, report) -> list[str]:
         """The keys rows are split by (data/intake.row_positions): rows that are copies of one input in all but
-        form must share one, so that they land in one split. Default: the content keys themselves."""
+        form must share one, so that they land in one split. Default: the content keys themselves. rows: the
+        inputs (read_rows); report: the data report, for what the check did or could not do."""
         return keys
+
+    @staticmethod
+    def grouped(keys: list[str], forms: list[str]) -> list[str]:
+        """Keys of rows whose `forms` agree, made one: each group takes its smallest member's key, so a row with no
+        twin keeps the split it had before (a twin added later that sorts first moves its group, once)."""
+        first: dict = {}
+        for k, f in zip(keys, forms):
+            first[f] = min(first.get(f, k), k)
+        return [first[f] for f in forms]
 
     def read_for_prediction(self, df, columns: list[str], base_dir) -> list:
         """The inputs of a table given to a loaded model (checked: a clear error for the wrong kind)."""

@@ -1,11 +1,17 @@
 """Images: files, bytes, PIL images or arrays in one column; decoded once into a store at the planned size."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from automl.modalities.base import Modality, register
+
+
+# Decoding this many pixels again for the near-copy check costs ~5 s on 2 cores (702 PNG stamps, 32 MP: 1.8 s).
+NEAR_COPY_PIXELS = 100_000_000
+NEAR_COPY_MIN_SIDE = 24  # pixels: 8x8 digits 8 bits apart are other digits as often as copies
 
 
 class ImageModality(Modality):
@@ -53,6 +59,34 @@ class ImageModality(Modality):
 
     def task_fields(self, rows, keys):
         return {"images": rows, "image_keys": keys}
+
+    def split_keys(self, keys, rows, report):
+        # A picture saved again (resized, re-encoded) is the same picture: one split for all its copies, by a
+        # perceptual hash (data/images.fingerprint). That decodes every image once more; where that would cost
+        # more than ~NEAR_COPY_PIXELS of decoding (PNGs decode fully), exact copies only, and the report says so.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from automl.data.images import NEAR_COPY_ALL_PAIRS, ImageDecodeError, fingerprint, near_copies
+
+        pixels = int(np.prod(rows.sizes, axis=1).sum()) if len(rows) else 0
+        if pixels > NEAR_COPY_PIXELS:
+            report.notes.append(f"near-copy check of images skipped: {pixels / 1e6:.0f} megapixels to decode (at most "
+                                f"{NEAR_COPY_PIXELS / 1e6:.0f}); only byte-identical images are kept to one split")
+            return keys
+
+        def one(i):
+            if rows.sizes[i].min() < NEAR_COPY_MIN_SIDE:
+                return None  # too small for a fingerprint to tell pictures apart: exact copies only
+            try:
+                return fingerprint(rows.values[i], rows.base_dir)
+            except ImageDecodeError:
+                return None  # it decoded at intake; keep its exact key
+        with ThreadPoolExecutor(max_workers=min(8, 2 * (os.cpu_count() or 1))) as pool:
+            prints = list(pool.map(one, range(len(rows)), chunksize=64))
+        if len(set(prints)) > NEAR_COPY_ALL_PAIRS:
+            report.notes.append(f"near copies of images found by equal fingerprints only: {len(set(prints))} distinct "
+                                f"fingerprints (compared pairwise up to {NEAR_COPY_ALL_PAIRS})")
+        return self.grouped(keys, [str(g) for g in near_copies(prints)])
 
     def read_for_prediction(self, df, columns, base_dir):
         from automl.data.images import ImageDecodeError, decode_image

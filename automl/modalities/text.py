@@ -38,15 +38,10 @@ class TextModality(Modality):
     def task_fields(self, rows, keys):
         return {"texts": rows}
 
-    def split_keys(self, keys):
-        # Texts that differ only in case or spacing are one text to a reader: one split for all of them. Each group
-        # takes its smallest member's key, so a text with no such twin keeps the split it had before; the price is
-        # that a twin added later which sorts first (an all-capitals copy) moves its group, once.
-        norm = ["\x1f".join(" ".join(part.casefold().split()) for part in k.split("\x1f")) for k in keys]
-        first: dict = {}
-        for k, n in zip(keys, norm):
-            first[n] = min(first.get(n, k), k)
-        return [first[n] for n in norm]
+    def split_keys(self, keys, rows, report):
+        # Texts that differ only in case or spacing are one text to a reader: one split for all of them.
+        return self.grouped(keys, ["\x1f".join(" ".join(part.casefold().split()) for part in k.split("\x1f"))
+                                   for k in keys])
 
     def read_for_prediction(self, df, columns, base_dir):
         from automl.data.intake import require_columns

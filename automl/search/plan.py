@@ -103,6 +103,7 @@ class Speed:
     step_s_alone: float | None = None  # with every CPU of a node (a trial running alone)
     build_s: float | None = None       # the model's build alone (part of setup_s): what loading a kept trial costs
     warmup_s: float = 0.0              # paid once by a trial process's first model (its one-off costs)
+    measured: bool = True              # False: a nominal speed for a run without a time budget (probes.nominal_speed)
 
 
 @dataclass
@@ -605,11 +606,13 @@ def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None,
 def _length_reasons(f: _Frame, choice: Choice, p: _Pins, max_length: int | None) -> list[str]:
     """The full-length trial and ASHA's first judgement, in words (the first of the plan's reasons)."""
     epochs = choice.steps / f.steps_per_pass
+    measured = f.speed_at(choice.size).measured
+    timing = (f"~{choice.trial_s:.0f} s at {choice.step_s * 1000:.0f} ms/step, from the start point's measured speed"
+              if measured else "not timed: no time budget")
     return [
         f"a full-length trial: {p.reports} reports of {p.report_rows or 'one pass of'} "
         f"{'rows' if p.report_rows else 'the data'}"
-        f" = {choice.steps} steps of batch {f.bs} (~{epochs:.1f} epochs, ~{choice.trial_s:.0f} s at "
-        f"{choice.step_s * 1000:.0f} ms/step, from the start point's measured speed"
+        f" = {choice.steps} steps of batch {f.bs} (~{epochs:.1f} epochs, {timing}"
         + (f", {choice.size} px images" if f.stats.sized else "")
         + (f", {max_length} tokens" if max_length else "") + ")",
         f"ASHA judges trials first after {p.pins['grace_period']} of {p.reports} reports (reduction factor {p.rf}); "

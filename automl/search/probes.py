@@ -71,6 +71,34 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
     return speed_at
 
 
+def nominal_speed(task: TaskData, start: dict, side: int | None = None, pinned: int | None = None):
+    """speed_at(size) for a run without a time budget: nothing is priced, so nothing is timed (a probe cost each
+    such run 2-15 s). The plan then reads only how a validation row compares with a training step (how often to
+    validate): a validation row at 0.4 of a training row's share of a step, as probes measured it (Lite0 at
+    128 px 0.36, MiniLM 0.43; 2 cores). The start backbone is built once, so one that cannot load gives way to the
+    next as it does with a probe."""
+    import time
+
+    from automl.search.plan import MAX_IMAGE_CPU, Speed, min_image
+    from automl.training.loop import build_model
+
+    adapter = modalities.get(task.modality)
+    t0 = time.perf_counter()
+    build_model(start, task.num_classes)  # raises ModelLoadError for weights that cannot load
+    build_s = time.perf_counter() - t0
+    bs = int(start["batch_size"])
+    largest = None
+    if adapter.sized:
+        smallest = min_image(models.resolve(start["backbone"]).pretrained)
+        largest = pinned or min(MAX_IMAGE_CPU, max(smallest, -(-(side or smallest) // 8) * 8))
+
+    def speed_at(size):
+        return Speed(0.0, 1.0, 0.4 / bs, bs, size if adapter.sized else None, None, build_s, 0.0, measured=False)
+
+    speed_at.largest = largest
+    return speed_at
+
+
 def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
                    size: int | None, tr: np.ndarray, va: np.ndarray):
     """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own

@@ -520,9 +520,10 @@ def load_best(config: dict, num_classes: int, weights: str | None):
 
 
 def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torch.device | None = None,
-                  threads: tuple[int, ...] = (1,)) -> dict:
+                  threads: tuple[int, ...] = (1,), window_s: float | None = None) -> dict:
     """Time `config`: model set-up, one optimizer step (after a warm-up step; the mean of up to `steps`, fewer once
-    TIMED_WINDOW_S is filled) with each of `threads` CPU threads, and one validation row (with the first).
+    `window_s` (default TIMED_WINDOW_S) is filled) with each of `threads` CPU threads, and one validation row (with
+    the first).
 
     The plan scales these to choose trial lengths; it runs the real training step, so augmentation, unfreezing
     depth and the batch size all count. Returns setup_s, step_s (first thread count), eval_row_s, batch_size,
@@ -532,7 +533,8 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
     device = device or default_device()
     before = torch.get_num_threads()
     try:
-        first = _time_once(config, data, steps, device, threads, warm_up=device.type not in _TIMED_ON)
+        window_s = TIMED_WINDOW_S if window_s is None else window_s
+        first = _time_once(config, data, steps, device, threads, window_s, warm_up=device.type not in _TIMED_ON)
         _TIMED_ON.add(device.type)  # only once a model was timed: a start backbone that cannot load paid nothing
         if not first_pass_is_slow(device):
             return first
@@ -540,18 +542,19 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
         # its first steps and its first validation pass: on an H200 they priced a MiniLM step at 1.13 s (0.05 s
         # warm) and a Lite0 trial's set-up at 9 s (2026-12-04). A trial actor pays them once (Tune reuses it), so
         # the plan charges them once, and every trial what the process pays when warm.
-        warm = _time_once(config, data, steps, device, threads)
+        warm = _time_once(config, data, steps, device, threads, window_s)
         return {**warm, "warmup_s": max(0.0, first["wall_s"] - warm["wall_s"])}
     finally:
         torch.set_num_threads(before)
 
 
-TIMED_WINDOW_S = 1.0  # seconds of timed steps after which a speed probe stops timing more (at least one)
+TIMED_WINDOW_S = 2.5  # seconds of timed steps after which a speed probe stops timing more (at least two)
+MIN_TIMED_STEPS = 2
 _TIMED_ON: set[str] = set()  # device types this process has timed a model on (its one-off costs are paid)
 
 
 def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, threads: tuple[int, ...],
-               warm_up: bool = False) -> dict:
+               window_s: float, warm_up: bool = False) -> dict:
     """measure_speed's timings, taken once (on a fresh model). warm_up: the process has timed nothing yet, so a
     thread count's first step and the first validation pass run untimed first (on 2 CPU cores a fresh process
     timed Lite0's step with 2 threads at 1.45x and a validation row at 2x what they cost warm, 2026-12-04; timing
@@ -572,10 +575,11 @@ def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, 
             s.step(s.model, s.encoder, step)
             step += 1
         t1, timed = time.perf_counter(), 0
-        # Up to `steps` steps, fewer once TIMED_WINDOW_S is filled: a 2 s step timed three times at two thread
-        # counts cost 12 s of a 300 s budget's planning (Lite0 at 128 px, 2 cores), for a figure the first timed
-        # step already gives within a few percent; cheap steps are still averaged over several.
-        while timed < steps and (timed == 0 or time.perf_counter() - t1 < TIMED_WINDOW_S):
+        # Up to `steps` steps, fewer once `window_s` is filled: three 2 s steps at each of two thread counts cost
+        # 12 s of a 300 s budget's planning (Lite0 at 128 px, 2 cores). Never fewer than two: one step is 20-25%
+        # off the mean (MiniLM's batches pad to their longest text; one timed step made the `fixed` baseline plan
+        # 108 steps where three gave 153, 2026-12-04), and two cover both batches of the probe's 64 rows.
+        while timed < steps and (timed < MIN_TIMED_STEPS or time.perf_counter() - t1 < window_s):
             s.step(s.model, s.encoder, step)
             step, timed = step + 1, timed + 1
         out[f"step_s_{n}"] = (time.perf_counter() - t1) / timed
