@@ -337,9 +337,7 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
     ladder.cross_validate(rung0, np.concatenate([data.y_train, data.y_val]), task.num_classes, prepared.metric,
                           seed=search.seed)
     if len(data.y_val) == len(inputs.split("validation")):
-        found = ladder.out_of_fold(rung0.best, task.y[inputs.split("full")], task.num_classes, seed=search.seed)
-        if found is not None:
-            rung0.oof_proba, rung0.oof_folds = found
+        ladder.mean_out_of_fold(rung0, task.y[inputs.split("full")], task.num_classes, seed=search.seed)
     plan.reasons.append(f"{rung0.summary()}; the fine-tuning rungs search {', '.join(keep)}; {why}")
     if output.progress:
         say(plan.reasons[-1])
@@ -563,11 +561,12 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     full = inputs.split("full")
     oof = _rung0_errors(prepared, result, diagnostics)
     if oof is not None:
-        # Rung 0's best head, refitted on 5 folds of train+validation: out-of-fold probabilities for seconds.
+        # Rung 0's heads, refitted on 5 folds of train+validation: out-of-fold probabilities for seconds.
         rows = task.row_index[full] if task.row_index is not None else full
         out.label_errors = suspects(oof.oof_proba, task.y[full], prepared.classes, rows)
         out.label_error_summary = summary(out.label_errors, len(full), oof.oof_folds)
-        out.label_error_summary["model"] = f"rung 0: {oof.best.backbone} frozen features + logistic regression"
+        out.label_error_summary["model"] = (f"rung 0: the mean of {len(oof.oof_backbones)} logistic regression "
+                                            f"head(s) on frozen features ({', '.join(oof.oof_backbones)})")
     want = _wants_fitted_errors(prepared, plan, result, diagnostics)
     folds = diagnostics.cv_folds or 2
     price = _cross_fit_price(prepared, plan, result, folds) if _cross_fits(prepared, plan, result, diagnostics) \
