@@ -109,10 +109,19 @@ def test_images_are_checked_without_decoding_and_decoded_once_at_the_planned_siz
         rows.append({"image": str(tmp_path / f"{i}.png"), "label": "ab"[i % 2]})
     decoded = []
     real = images_mod.decode_image
-    monkeypatch.setattr(images_mod, "decode_image", lambda v, *a, **k: decoded.append(v) or real(v, *a, **k))
+    monkeypatch.setattr(images_mod, "decode_image",
+                        lambda v, *a, **k: decoded.append((v, k.get("max_side"))) or real(v, *a, **k))
+    monkeypatch.setattr("automl.modalities.image.NEAR_COPY_PIXELS", 0)  # a set past the near-copy check's bound
     task = prepare(pd.DataFrame(rows))
     assert decoded == [] and task.images.sizes[0].tolist() == [20, 30]  # sizes from the headers, no pixels
-    monkeypatch.setattr("automl.data.inputs.decode_image", images_mod.decode_image)
+    assert any("near-copy check of images skipped" in n for n in task.report.notes), task.report.notes
+    monkeypatch.undo()
+    monkeypatch.setattr(images_mod, "decode_image",
+                        lambda v, *a, **k: decoded.append((v, k.get("max_side"))) or real(v, *a, **k))
+    task = prepare(pd.DataFrame(rows))  # within it: 64 px thumbnails of the images of 24 px and more, nothing else
+    assert sorted(decoded) == sorted((r["image"], 64) for i, r in enumerate(rows) if 20 + i >= 24), decoded
+    decoded.clear()
+    monkeypatch.setattr("automl.data.inputs.decode_image", lambda v, *a, **k: decoded.append(v) or real(v, *a, **k))
     store, failures = ImageStore.build(task, 16, tmp_path / "store", parallel=False)
     assert sorted(decoded) == sorted(task.images.values) and not failures  # each image decoded exactly once
     arr = store.array()
