@@ -233,8 +233,7 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), seed)
     speed_at = speed_probe(prepared.task, start, res, max_length, int(ray.node_cpus), stats.image_side,
-                           pinned_size) if budget_bound else nominal_speed(prepared.task, start, stats.image_side,
-                                                                           pinned_size)
+                           pinned_size) if budget_bound else nominal_speed(prepared.task, start, pinned_size)
     others = scratch_speeds(prepared.task, space, res, pinned_size or speed_at.largest, max_length) \
         if budget_bound else {}
     return start, spec, stats, pinned_size, max_length, speed_at, others
@@ -334,10 +333,9 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
     plan.space.start_points = [plan.space.fit_point({**p, "backbone": chosen} if p.get("backbone") == start["backbone"]
                                                     else p) for p in space.start_points
                                if p.get("backbone") in keep or p.get("backbone") == start["backbone"]]
+    # With every validation row scored, train+validation is every row: the folds' probabilities list label errors.
     ladder.cross_validate(rung0, np.concatenate([data.y_train, data.y_val]), task.num_classes, prepared.metric,
-                          seed=search.seed)
-    if len(data.y_val) == len(inputs.split("validation")):
-        ladder.mean_out_of_fold(rung0, task.y[inputs.split("full")], task.num_classes, seed=search.seed)
+                          seed=search.seed, keep_oof=len(data.y_val) == len(inputs.split("validation")))
     plan.reasons.append(f"{rung0.summary()}; the fine-tuning rungs search {', '.join(keep)}; {why}")
     if output.progress:
         say(plan.reasons[-1])

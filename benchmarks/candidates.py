@@ -203,7 +203,8 @@ def labels_rung0(seed: int) -> list[str]:
             r0 = ladder.probe(candidates, start, inputs.rows(tr), task.y[tr], inputs.rows(va), task.y[va],
                               num_classes=task.num_classes, metric="f1_macro", allowance_s=None,
                               out_dir=tempfile.mkdtemp(), seed=seed)
-            if not ladder.mean_out_of_fold(r0, task.y[full], task.num_classes, seed=seed):
+            ladder.cross_validate(r0, task.y[full], task.num_classes, "f1_macro", seed=seed, keep_oof=True)
+            if r0.oof_proba is None:
                 raise RuntimeError(f"{name}: rung 0 did not see every row; no out-of-fold probabilities")
             found = suspects(r0.oof_proba, task.y[full], task.classes, task.row_index[full])
             took = time.monotonic() - t0

@@ -203,7 +203,8 @@ def test_label_errors_come_from_the_mean_of_every_probes_out_of_fold_heads(digit
     r = ladder.probe(["efficientnet-lite0", "efficientnet-lite1"], _config(), xt, yt, xv, yv, num_classes=k,
                      metric="accuracy", allowance_s=None, out_dir=tmp_path)
     y = np.concatenate([yt, yv])
-    assert ladder.mean_out_of_fold(r, y, k) and len(r.probes) == 2
+    ladder.cross_validate(r, y, k, "accuracy", keep_oof=True)
+    assert len(r.probes) == 2 and r.oof_proba is not None
     each = [ladder.out_of_fold(p, y, k)[0] for p in r.probes]
     np.testing.assert_allclose(r.oof_proba, (each[0] + each[1]) / 2, atol=1e-9)
     assert not np.allclose(each[0], each[1], atol=1e-3)  # two backbones, two opinions: the mean is neither

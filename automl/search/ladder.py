@@ -330,21 +330,6 @@ def out_of_fold(probe_: Probe, y_full: np.ndarray, num_classes: int, folds: int 
     return out, k
 
 
-def mean_out_of_fold(rung0: Rung0, y_full: np.ndarray, num_classes: int, seed: int = 0) -> bool:
-    """Set rung0.oof_proba to the mean of every probe's out-of-fold probabilities (each backbone's head refitted
-    per fold, out_of_fold); False when no probe saw every row. The mean, not the best probe's: 5% planted flips
-    were found at precision 0.50 / 0.38 / 0.98 (stamps seeds 0 and 1, digits) from the mean of three
-    EfficientNet-Lite heads against 0.31 / 0.18 / 0.76 from the best one, at about the same recall (2026-12-04)."""
-    found = [(p.backbone, out_of_fold(p, y_full, num_classes, seed=seed)) for p in rung0.probes]
-    found = [(b, f) for b, f in found if f is not None]
-    if not found:
-        return False
-    rung0.oof_proba = np.mean([f[0] for _, f in found], axis=0)
-    rung0.oof_folds = min(f[1] for _, f in found)
-    rung0.oof_backbones = [b for b, _ in found]
-    return True
-
-
 def row_flops(model, enc, x_one, dev) -> float:
     """FLOPs of the frozen features of one row (0 when the counter cannot trace the model)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -367,16 +352,26 @@ def _cost(p: Probe, ref: Probe) -> float:
     return p.row_s / max(ref.row_s, 1e-12)
 
 
-def cross_validate(rung0: Rung0, y_seen: np.ndarray, num_classes: int, metric: str, seed: int = 0) -> None:
+def cross_validate(rung0: Rung0, y_seen: np.ndarray, num_classes: int, metric: str, seed: int = 0,
+                   keep_oof: bool = False) -> None:
     """Each probe's head config refitted per fold over every row it has features for (train+validation, in that
     order: `y_seen`): its `cv_score`, from about six times the rows validation alone has. Seconds: the features
-    are there."""
+    are there. keep_oof (`y_seen` is every row of train+validation): rung0.oof_proba becomes the mean of every
+    probe's out-of-fold probabilities, for suspected label errors. The mean, not the best probe's: 5% planted flips
+    were found at precision 0.50 / 0.38 / 0.98 (stamps seeds 0 and 1, digits) from the mean of three
+    EfficientNet-Lite heads against 0.31 / 0.18 / 0.76 from the best one, at about the same recall (2026-12-04)."""
     from automl.metrics import classification_metrics
 
+    found = []
     for p in rung0.probes:
-        found = out_of_fold(p, y_seen, num_classes, seed=seed)
-        if found is not None:
-            p.cv_score = float(classification_metrics(y_seen, found[0], num_classes)[metric])
+        oof = out_of_fold(p, y_seen, num_classes, seed=seed)
+        if oof is not None:
+            p.cv_score = float(classification_metrics(y_seen, oof[0], num_classes)[metric])
+            found.append((p.backbone, oof))
+    if keep_oof and found:
+        rung0.oof_proba = np.mean([proba for _, (proba, _) in found], axis=0)
+        rung0.oof_folds = min(folds for _, (_, folds) in found)
+        rung0.oof_backbones = [b for b, _ in found]
 
 
 def doubtful(rung0: Rung0 | None, start_val_score: float) -> dict[str, Probe]:

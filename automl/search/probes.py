@@ -71,7 +71,7 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
     return speed_at
 
 
-def nominal_speed(task: TaskData, start: dict, side: int | None = None, pinned: int | None = None):
+def nominal_speed(task: TaskData, start: dict, pinned: int | None = None):
     """speed_at(size) for a run without a time budget: nothing is priced, so nothing is timed (a probe cost each
     such run 2-15 s). The plan then reads only how a validation row compares with a training step (how often to
     validate): a validation row at 0.4 of a training row's share of a step, as probes measured it (Lite0 at
@@ -79,7 +79,7 @@ def nominal_speed(task: TaskData, start: dict, side: int | None = None, pinned: 
     next as it does with a probe."""
     import time
 
-    from automl.search.plan import MAX_IMAGE_CPU, Speed, min_image
+    from automl.search.plan import Speed
     from automl.training.loop import build_model
 
     adapter = modalities.get(task.modality)
@@ -87,15 +87,11 @@ def nominal_speed(task: TaskData, start: dict, side: int | None = None, pinned: 
     build_model(start, task.num_classes)  # raises ModelLoadError for weights that cannot load
     build_s = time.perf_counter() - t0
     bs = int(start["batch_size"])
-    largest = None
-    if adapter.sized:
-        smallest = min_image(models.resolve(start["backbone"]).pretrained)
-        largest = pinned or min(MAX_IMAGE_CPU, max(smallest, -(-(side or smallest) // 8) * 8))
 
     def speed_at(size):
         return Speed(0.0, 1.0, 0.4 / bs, bs, size if adapter.sized else None, None, build_s, 0.0, measured=False)
 
-    speed_at.largest = largest
+    speed_at.largest = pinned  # no size is timed, so no scratch net is priced at one (scratch_speeds)
     return speed_at
 
 
