@@ -122,10 +122,8 @@ def warm_libraries(prepared: Prepared, search: SearchOptions) -> threading.Threa
     driver waiting on other processes for seconds. A backbone that cannot resolve fails later, where it is used."""
     def warm():
         space = _space(prepared.task, search, prepared.base, gpu=False)
-        spec = space.parameters.get("backbone", {})
-        names = list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
         families = set()
-        for name in [full_config(space.default_config())["backbone"], *names]:
+        for name in [full_config(space.default_config())["backbone"], *space.backbones()]:
             try:
                 families.add(models.family(models.resolve(name)))
             except Exception:  # noqa: BLE001 — reported by the plan, with a fix, when it matters
@@ -254,10 +252,8 @@ def _rung0_backbones(prepared: Prepared, space: SearchSpace, ladder: bool) -> in
     option (SearchOptions.ladder)."""
     if not ladder or prepared.task.task == "regression" or prepared.base is not None:
         return 0
-    spec = space.parameters.get("backbone", {})
-    values = list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
     start = full_config(space.default_config())["backbone"]
-    return len({v for v in values + [start] if pretrained(v)}) if pretrained(start) else 0
+    return len({v for v in space.backbones() + [start] if pretrained(v)}) if pretrained(start) else 0
 
 
 def _prerank(prepared: Prepared, space: SearchSpace, search: SearchOptions) -> tuple[SearchSpace, dict | None]:

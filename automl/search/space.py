@@ -306,6 +306,11 @@ class SearchSpace:
                               if i == 0 or "backbone" not in p or "backbone" in f]
         return space
 
+    def backbones(self) -> list:
+        """The backbones the space chooses among (its one pinned backbone, when it is fixed; none when unset)."""
+        spec = self.parameters.get("backbone", {})
+        return list(spec.get("values") or [spec.get("value")]) if isinstance(spec, dict) else []
+
     def with_backbones(self, values: list) -> "SearchSpace":
         """The space choosing among the backbones `values` only; the first start point, when its backbone is not
         among them, starts from values[0] instead (later ones made for other backbones are dropped)."""
