@@ -183,7 +183,8 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search
     while True:  # without pre-ranking (rung 0 runs), a start backbone that cannot load gives way to the next
         try:
             start, spec, stats, pinned_size, max_length, speed_at, others = _start_and_speed(
-                prepared, space, res, ray, search.seed, budget_bound=budget.total_s is not None)
+                prepared, space, res, ray, search.seed,
+                budget_left=None if budget.total_s is None else budget.left)
             break
         except ModelLoadError as exc:
             space = _without_backbone(space, full_config(space.default_config())["backbone"], exc)
@@ -212,11 +213,11 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search
 
 
 def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: cluster.ClusterInfo, seed: int,
-                     budget_bound: bool = True):
+                     budget_left=None):
     """The start point, its backbone, the data's statistics, the pinned input size or length, the start point's
-    measured speed and the space's from-scratch backbones' (with a time budget: they price the plan) (raises
-    ModelLoadError when the start backbone cannot load)."""
-    from automl.search.plan import DataStats
+    measured speed and the space's from-scratch backbones' (with a time budget, budget_left() giving the seconds
+    left: they price the plan) (raises ModelLoadError when the start backbone cannot load)."""
+    from automl.search.plan import DataStats, could_share
 
     task = prepared.task
     start = full_config(space.default_config())
@@ -230,10 +231,16 @@ def _start_and_speed(prepared: Prepared, space: SearchSpace, res: dict, ray: clu
 
     pinned_size, max_length = modalities.get(task.modality).describe(stats, task, space, tokenizer_of,
                                                                      bool(res.get("gpu")), seed)
+    if budget_left is None:
+        return start, spec, stats, pinned_size, max_length, nominal_speed(prepared.task, start, pinned_size), {}
+    costs = Costs.load()
+    shares = lambda sp: could_share(sp, stats, space, budget_left(), costs, spec.pretrained,  # noqa: E731
+                                    ray.max_concurrency(res))
     speed_at = speed_probe(prepared.task, start, res, max_length, int(ray.node_cpus), stats.image_side,
-                           pinned_size) if budget_bound else nominal_speed(prepared.task, start, pinned_size)
-    others = scratch_speeds(prepared.task, space, res, pinned_size or speed_at.largest, max_length) \
-        if budget_bound else {}
+                           pinned_size, shares=shares, thread_speedup=costs["thread_speedup"])
+    others = scratch_speeds(prepared.task, space, res, pinned_size or speed_at.largest, max_length,
+                            alone_on=int(ray.node_cpus) if speed_at.alone_only else None,
+                            thread_speedup=costs["thread_speedup"])
     return start, spec, stats, pinned_size, max_length, speed_at, others
 
 

@@ -75,7 +75,7 @@ def text_run(ray_session, text_df, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_minute_gives_an_exported_model_within_the_budget(image_run):
-    m, wall, _ = image_run
+    m, wall, df = image_run
     spent = m.manifest.budget["spent_s"]
     # Search, finalising, evaluation, cross-fits and export: the budget +10%
     assert wall <= BUDGET * 1.10, (wall, spent, m.manifest.plan["search_ends_at_s"], m.backbone)
@@ -86,7 +86,11 @@ def test_a_minute_gives_an_exported_model_within_the_budget(image_run):
     assert all(spent[k] > 0 for k in ("prepare", "plan", "search", "finalise", "evaluate", "diagnose")), spent
     elapsed = m.manifest.budget["elapsed_s"]
     assert sum(spent.values()) <= elapsed + 0.01 * len(spent) and elapsed <= wall, (spent, elapsed, wall)
-    assert sum(spent.values()) >= 0.75 * wall, (spent, wall)
+    # The rest is the export (an ensemble of three exported ONNX and TorchScript members took 13 s of 53 on a busy
+    # machine), which the run taught the costs file a member's share of (half weight: the next test).
+    learned = json.loads(Path(os.environ["AUTOML_COSTS_FILE"]).read_text())["export_image_s"]
+    export_s = (2 * learned - df.attrs["costs_before"]["export_image_s"]) * len(m.manifest.backbone.model.split("+"))
+    assert sum(spent.values()) + export_s >= 0.85 * wall, (spent, export_s, wall)
     assert any("full-length trial" in r for r in m.manifest.plan["reasons"])
 
 

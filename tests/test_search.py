@@ -35,6 +35,20 @@ def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_
     enc = build_encoder(full_config(result.best_config), model, spec)
     val = evaluate(model, enc, encode_inputs(enc, d.x_val), d.y_val, d.num_classes, torch.device("cpu"))
     assert val["accuracy"] == pytest.approx(result.best_score), (val, result.best_score)
+    # The trial saved that report's validation probabilities beside its model: the final choice reads them instead
+    # of a pass over the validation rows. They are the model's own, and read only for the rows they were scored on.
+    from automl.training.combine import _member
+
+    model_file = kept.model_file(result.best_dir, result.best_trial_id)
+    m, _ = load_best(result.best_config, d.num_classes, model_file)
+    own = evaluate(m, enc, encode_inputs(enc, d.x_val), d.y_val, d.num_classes, torch.device("cpu"),
+                   keep_scores=True)["scores"]
+    saved = kept.model_val_proba(result.best_dir, result.best_trial_id, d.y_val)
+    assert saved is not None and saved.shape == own.shape and abs(saved - own).max() < 1e-4
+    assert kept.model_val_proba(result.best_dir, result.best_trial_id, d.y_val[::-1]) is None
+    member = _member(result.best_trial_id, result.best_config, result.best_score, result.best_dir, d.num_classes,
+                     lambda _: None, d.y_val)  # no inputs: a pass over them would fail
+    assert (member.proba == saved).all()
     assert result.best_config["image_size"] == 16
     # The space's start point (a sensible fixed config) is tried, and ASHA never stops it.
     start = t[(t["config/lr"] == 1e-3) & (t["config/backbone"] == "efficientnet-lite0")]

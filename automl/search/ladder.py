@@ -430,7 +430,8 @@ def with_rung0(result, rung0: Rung0, metric: str, experiment_path: str):
     best_dir = result.best_dir if result is not None and result.best_dir else f"{experiment_path}/best"
     for p in rung0.probes:
         tid = p.trial_id
-        kept.keep(best_dir, tid, load_file(p.head_file), p.val_score, 0)
+        kept.keep(best_dir, tid, load_file(p.head_file), p.val_score, 0,
+                  val=(p.val_proba, rung0.y_val) if rung0.y_val is not None else None)
     rows = pd.DataFrame(rung0.rows).assign(node=node_id())  # the driver fitted the heads
     col = f"best_val_{metric}"
     if result is None:

@@ -8,7 +8,7 @@ Training the right config long enough, judged when its score means something, be
 3. A full-length trial trains a sensible number of optimizer steps for its kind of backbone (pretrained:
    ~400 steps, 3-20 epochs; from scratch: ~1500 steps, 10-60 epochs) and may take at most a third of the
    search budget; when it cannot, the search narrows to the start point beside others, then to the start point
-   alone (shortened to half its length at most); images shrink only when even that does not fit.
+   alone (shortened to three quarters of its length at most); images shrink only when even that does not fit.
 4. A trial reports 4-12 times (fewer when validating costs more than a fifth of its time); ASHA's first rung is
    at a quarter of the full length, so no trial is judged before its score means something, and the start
    point (tried first) is never stopped.
@@ -42,6 +42,11 @@ from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits
 FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
 # ...and, alone and ahead of its plan, the start point may train up to this multiple of its sensible length.
 SINGLE_STRETCH = 1.5
+# Alone, the start point keeps an image size only where at least this share of its sensible length fits; else the
+# images shrink (at the smallest size it trains as long as the time allows). Half the length at 128 px lost to the
+# full length at 64-88 px on every stamps seed (300 s, AMD, 2 cores: 0.45/0.44 vs 0.56/0.53 macro-F1), and 70% of
+# it at 72 px to the full length at 64 px (0.61 vs 0.66).
+SINGLE_MIN_LENGTH = 0.75
 VAL_ROWS = 2000              # trials validate on at most this many rows (stratified)
 # ...and on fewer where validating would take more than EVAL_SHARE of the budget (20,000 images at 128 px on a
 # CPU: 2,000 rows cost 60 s a validation), but never fewer than MIN_VAL_ROWS.
@@ -104,6 +109,8 @@ class Speed:
     build_s: float | None = None       # the model's build alone (part of setup_s): what loading a kept trial costs
     warmup_s: float = 0.0              # paid once by a trial process's first model (its one-off costs)
     measured: bool = True              # False: a nominal speed for a run without a time budget (probes.nominal_speed)
+    one_trial_timed: bool = True       # False: only step_s_alone was timed; step_s and eval_row_s are estimates
+                                       # (the plan could not run trials side by side: probes.speed_probe)
 
 
 @dataclass
@@ -248,6 +255,20 @@ def shortest_steps(pretrained: bool, steps_per_pass: int) -> int:
     return max(int(sensible * 0.5), min(sensible, math.ceil((3 if pretrained else 10) * steps_per_pass)))
 
 
+def could_share(sp: Speed, stats: DataStats, space: SearchSpace, budget_left_s: float | None, costs: Costs,
+                pretrained: bool, concurrency: int) -> bool:
+    """Whether the plan could run trials side by side ("search" or "narrow"), judged from the start point timed
+    with every CPU of the node at its cheapest input size: a step on one trial's CPUs beside another is never
+    cheaper than that, so where the start point's full length at that price takes more than NARROW_SHARE of the
+    budget, the plan runs it alone whatever one trial's CPUs would time (probes.speed_probe then times only that)."""
+    if concurrency < 2 or budget_left_s is None or not sp.step_s_alone:
+        return True
+    spp = max(1, math.ceil(stats.n_train / sp.batch_size))
+    steps = space.max_epochs * spp if space.max_epochs else sensible_steps(pretrained, spp)
+    need = sp.setup_s + steps * sp.step_s_alone * costs["concurrency_slowdown"]
+    return need <= NARROW_SHARE * (budget_left_s - costs["ray_start_s"])
+
+
 def trial_seconds(sp: Speed, steps: int, c: int, more_cpus: bool, costs: Costs, vrows: int) -> tuple[float, float]:
     """A trial's time (set-up, `steps` steps, its validations over `vrows` rows) and one step's, from a measured
     speed, with c trials side by side (c=1 and more_cpus: it runs alone with every CPU of the node)."""
@@ -373,10 +394,10 @@ class _Frame:
         """The first that fits, size by size from the largest (the data's own) down: a search (a full-length trial
         takes at most a third of a slot's time); a search with the start point in a slot of its own all along
         ("narrow"); the start point alone with every CPU ("single"), as long as the time allows up to its
-        sensible length and not under half of it. Only
-        then smaller images; at the smallest, trained as long as the time allows. Inputs and length come first:
-        on Tux Paint stamps EfficientNet-Lite0 scored 0.78 macro-F1 at 128 px and 0.69 at 96 px for the same 320
-        steps, 0.61 at 96 px and 160 steps; a search of shorter trials on smaller images does not win that back."""
+        sensible length and not under SINGLE_MIN_LENGTH of it. Only then smaller images; at the smallest, trained
+        as long as the time allows. Inputs and length come first: on Tux Paint stamps EfficientNet-Lite0 scored
+        0.78 macro-F1 at 128 px and 0.69 at 96 px for the same 320 steps, 0.61 at 96 px and 160 steps; a search of
+        shorter trials on smaller images does not win that back."""
         sensible, shortest, concurrency = self.sensible, self.shortest, self.concurrency
         lengths = [sensible] if self.fixed_reports else sorted(
             {sensible, max(shortest, int(sensible * 0.75)), shortest}, reverse=True)
@@ -392,7 +413,7 @@ class _Frame:
                     # Alone, the start point trains as long as the time allows, up to its sensible length.
                     fixed_s, per_step = self.seconds(size, 0, 1)
                     n = min(sensible, int((share * search_s - fixed_s) / per_step))
-                    candidates = [n] if n >= shortest else []
+                    candidates = [n] if n >= max(shortest, SINGLE_MIN_LENGTH * sensible) else []
                 for n in candidates:
                     t, step_s = self.seconds(size, n, c)
                     if t <= share * search_s:

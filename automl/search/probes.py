@@ -20,10 +20,16 @@ def pretrained(name) -> bool:
 
 
 def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, node_cpus: int,
-                side: int | None = None, pinned: int | None = None):
+                side: int | None = None, pinned: int | None = None, shares=None, thread_speedup: float = 1.5):
     """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
     chooses, images: at two sizes, scaled with the pixel count in between; at one where the plan can choose only
-    one). side: the inputs' median size; pinned: the size the user pinned, if any."""
+    one). side: the inputs' median size; pinned: the size the user pinned, if any.
+
+    shares(speed) -> bool (search/plan.could_share): whether trials could still run side by side at the start
+    point's speed with every CPU of the node, at the size it was timed at. Where they cannot, nothing is timed
+    on one trial's CPUs at that size (the plan reads that only for trials side by side): that cost 12 s of
+    fortunes' 26 s plan at 300 s (a MiniLM step is 4 s on one core of two) and the start point then ran alone.
+    The one-trial figures are then the node's times `thread_speedup` (Speed.one_trial_timed is False)."""
     from automl.search.plan import MAX_IMAGE, MAX_IMAGE_CPU, MIN_IMAGE, Speed, min_image
 
     adapter = modalities.get(task.modality)
@@ -37,10 +43,16 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
         # Timed at the largest size the plan may choose (interpolating by pixel count from 96 px under-estimated
         # EfficientNet-Lite0 at 128 px by 30%, and the start point was cut by the budget mid-schedule).
         probe_hi = min(MAX_IMAGE if res.get("gpu") else MAX_IMAGE_CPU, max(smallest, -(-(side or smallest) // 8) * 8))
+    # Each size is timed with every CPU first; one trial's CPUs only where trials could share the node at that
+    # price (a second set-up: what a budget large enough for that pays).
+    split = shares is not None and node_cpus > int(res.get("cpu", 1)) and not res.get("gpu")
 
     def measure(size):
         if size not in memo:
-            memo[size] = measured_speed(task, start, res, max_length, node_cpus, size, tr, va)
+            timed = lambda alone_only: measured_speed(task, start, res, max_length, node_cpus, size, tr, va,  # noqa
+                                                      alone_only=alone_only, thread_speedup=thread_speedup)
+            sp = timed(True) if split else None
+            memo[size] = sp if sp is not None and not shares(sp) else timed(False)
         return memo[size]
 
     # Images no larger than the smallest size the start backbone trains at (digits, 48 px icons) leave the plan one
@@ -62,12 +74,14 @@ def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, 
         alone = mix(lo.step_s_alone, hi.step_s_alone) if lo.step_s_alone and hi.step_s_alone else None
         build = mix(lo.build_s, hi.build_s) if lo.build_s is not None and hi.build_s is not None else None
         return Speed(mix(lo.setup_s, hi.setup_s), mix(lo.step_s, hi.step_s), mix(lo.eval_row_s, hi.eval_row_s),
-                     lo.batch_size, size, alone, build, max(lo.warmup_s, hi.warmup_s))
+                     lo.batch_size, size, alone, build, max(lo.warmup_s, hi.warmup_s),
+                     one_trial_timed=lo.one_trial_timed and hi.one_trial_timed)
 
     # Measured now, not when the plan first asks: the plan reads the time left after this returns, and must not
     # size the search for seconds the probes then spend.
     speed_at(probe_hi)
     speed_at.largest = probe_hi
+    speed_at.alone_only = not speed_at(probe_hi).one_trial_timed
     return speed_at
 
 
@@ -96,9 +110,11 @@ def nominal_speed(task: TaskData, start: dict, pinned: int | None = None):
 
 
 def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
-                   size: int | None, tr: np.ndarray, va: np.ndarray):
+                   size: int | None, tr: np.ndarray, va: np.ndarray, alone_only: bool = False,
+                   thread_speedup: float = 1.5):
     """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own
-    CPUs, and with a whole node's when it runs alone."""
+    CPUs, and with a whole node's when it runs alone (alone_only: with the node's alone, the trial's own then
+    estimated as `thread_speedup` times slower)."""
     from automl.data.trial_data import TrialData
     from automl.search.plan import Speed
 
@@ -108,15 +124,21 @@ def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None,
                      task="regression" if task.task == "regression" else "classification")
     cfg = {**cfg, "image_size": size or cfg.get("image_size"), "max_length": max_length or 64}
     mine, alone = int(res.get("cpu", 1)), int(node_cpus)
+    if alone_only and alone > mine:
+        m = _timed_where_trials_run(res, cfg, data, threads=(alone,))
+        return Speed(m["setup_s"], m["step_s"] * thread_speedup, m["eval_row_s"] * thread_speedup,
+                     m["batch_size"], size, m["step_s"], m.get("build_s"), m.get("warmup_s", 0.0),
+                     one_trial_timed=False)
     m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
     return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"),
                  m.get("build_s"), m.get("warmup_s", 0.0))
 
 
 def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | None,
-                   max_length: int | None) -> dict:
+                   max_length: int | None, alone_on: int | None = None, thread_speedup: float = 1.5) -> dict:
     """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
-    prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch."""
+    prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch.
+    alone_on: the node's CPUs, where trials cannot run side by side (they are timed as they will run: alone)."""
     start = full_config(space.default_config())
     spec = space.parameters.get("backbone", {})
     values = list(spec.get("values") or []) if isinstance(spec, dict) else []
@@ -134,7 +156,8 @@ def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | No
         try:
             # With a trial's own CPUs only (the plan scales that for a trial alone): each probe is budget the start
             # point does not train with (two nets at 128 px, timed twice each, cost it ~10 s of 300).
-            out[b] = measured_speed(task, cfg, res, max_length, int(res.get("cpu", 1)), size, tr, va)
+            out[b] = measured_speed(task, cfg, res, max_length, alone_on or int(res.get("cpu", 1)), size, tr, va,
+                                    alone_only=bool(alone_on), thread_speedup=thread_speedup)
         except AutoMLError:
             continue  # it cannot be built here: the search drops it when a trial tries (as before)
     return out

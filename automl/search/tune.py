@@ -91,9 +91,11 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
         snaps = (entry or {}).get("snapshots", [])
         # Among the trial's best few reports (of equal scores the later one: trained longer)?
         if best_dir and score is not None and (len(snaps) < kept.SNAPSHOTS or score >= min(s["score"] for s in snaps)):
-            kept.keep(best_dir, trial_id, state_fn(weights_only=True)["model"], score, int(metrics["epoch"]))
+            st = state_fn(weights_only=True)
+            kept.keep(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
         if best_dir and score is not None and metrics["epoch"] >= max_epochs:  # the end of its schedule: its model
-            kept.keep_final(best_dir, trial_id, state_fn(weights_only=True)["model"], score, int(metrics["epoch"]))
+            st = state_fn(weights_only=True)
+            kept.keep_final(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
         now = time.monotonic()
         due = checkpoint_due(now - clock["last"], clock["cost"], checkpoint_every_s)
         # The last epoch needs none: a finished trial is not resumed.

@@ -154,12 +154,16 @@ def _proba(model, encoder, x) -> np.ndarray:
     return torch.softmax(predict_logits(model, encoder, encode_inputs(encoder, x), device()), 1).numpy()
 
 
-def _member(tid: str, cfg: dict, score: float, best_dir: str, num_classes: int, inputs_for) -> Member:
+def _member(tid: str, cfg: dict, score: float, best_dir: str, num_classes: int, inputs_for,
+            y_val: np.ndarray | None = None) -> Member:
+    """A kept trial's model and its validation probabilities: as the trial saved them when they were scored on
+    `y_val`'s rows, else from a pass over the validation inputs."""
     cfg = full_config(cfg)
     model, spec = load_best(cfg, num_classes, kept.model_file(best_dir, tid))
     enc = build_encoder(cfg, model, spec)
     m = Member(tid, cfg, score, model, enc, spec)
-    m.proba = _proba(model, enc, inputs_for(cfg))
+    saved = kept.model_val_proba(best_dir, tid, y_val) if y_val is not None else None
+    m.proba = saved if saved is not None and saved.shape[1] == num_classes else _proba(model, enc, inputs_for(cfg))
     return m
 
 
@@ -208,11 +212,11 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
     options, the pool an option is judged as the best of (p_not_better)."""
     from automl.models.ensemble import EnsembleClassifier
 
-    members = [_member(tid, cfg, score, best_dir, num_classes, inputs_for) for tid, cfg, score in top]
+    members = [_member(tid, cfg, score, best_dir, num_classes, inputs_for, y_val) for tid, cfg, score in top]
     ref = None
     if reference is not None:
         ref = next((m for m in members if m.trial_id == reference[0]), None) or _member(
-            *reference, best_dir, num_classes, inputs_for)
+            *reference, best_dir, num_classes, inputs_for, y_val)
     best = members[0]
     single = _score(y_val, best.proba, metric, num_classes)
     result = Combined("single", best.model, best.encoder, best.spec, best.config, single, [best.trial_id])

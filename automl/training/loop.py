@@ -479,9 +479,12 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
                    "epochs_seen": pace.step * s.batches.bs / len(s.batches.shard),
                    "lr": s.optimizer.param_groups[-1]["lr"], "trainable_groups": k, "n_groups": n_body,
                    "epoch_time_s": train_s, "feature_cache": cache_use, "feature_cache_from": cache_from}
+        val_proba = None
         if x_val is not None and data.y_val is not None and len(data.y_val):
             val = evaluate(run_model, run_encoder, x_val, data.y_val, data.num_classes, device,
-                           target_scale=(data.target_scale or (0.0, 1.0)) if regression else None)
+                           target_scale=(data.target_scale or (0.0, 1.0)) if regression else None,
+                           keep_scores=not regression)
+            val_proba = val.pop("scores", None)
             metrics.update({f"val_{kk}": v for kk, v in val.items()})
         metrics["report_time_s"] = time.perf_counter() - t0
         pace.observe(train_s / per, metrics["report_time_s"] - train_s, epoch + 1)
@@ -491,9 +494,10 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             metrics["schedule_stretched"] = pace.stretched
         history.append(metrics)
         if report is not None:
-            def state_fn(weights_only: bool = False, epoch_now=epoch + 1, k=k):
-                if weights_only:
-                    return {"model": trainable_state(model)}
+            def state_fn(weights_only: bool = False, epoch_now=epoch + 1, k=k, val_proba=val_proba):
+                if weights_only:  # with the validation pass that scored them (kept for the final choice)
+                    return {"model": trainable_state(model),
+                            "val": None if val_proba is None else (val_proba, np.asarray(data.y_val))}
                 return {"model": trainable_state(model), "optimizer": copy.deepcopy(s.optimizer.state_dict()),
                         "scheduler": s.scheduler.state_dict(), "epoch": epoch_now, "trainable_k": k,
                         "history": list(history), "pace": pace.state()}
