@@ -441,7 +441,8 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     if not plan.retrain or (search.retrain == "auto" and not budget.can_afford(retrain_s)):
         why = ("retrain=False" if search.retrain is False else "the plan had no time for a retrain"
                if not plan.retrain else "the search left no time for a retrain")
-        return _best_weights(prepared, inputs, result, why, plan.val_rows, progress=output.progress)
+        return _best_weights(prepared, inputs, result, why, plan.val_rows, progress=output.progress,
+                             deadline=budget.deadline())
     config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
@@ -488,9 +489,10 @@ def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult,
 
 
 def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why: str,
-                  val_rows: int | None = None, *, progress: bool) -> FinalModel:
+                  val_rows: int | None = None, *, progress: bool, deadline: float | None = None) -> FinalModel:
     """The winner's own best weights, or a soup or an ensemble of the top trials when that scores better on
-    validation (training/combine.py). progress: the progress option (OutputOptions.progress)."""
+    validation (training/combine.py). progress: the progress option (OutputOptions.progress); deadline: what
+    the soup's validation passes must end by (time.time())."""
     from automl.models.ensemble import ensemble_spec
     from automl.training.combine import combine, start_reference, top_trials
     from automl.training.loop import build_encoder, load_best
@@ -508,7 +510,7 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
         va = inputs.scored("validation", val_rows)  # the rows the trials scored on (plan.val_rows)
         x_val = inputs.rows(va)
         c = combine(top, result.best_dir, task.num_classes, task.y[va], metric, lambda cfg: x_val, reference=ref,
-                    pool=rung0.pool(task.y[va]) if rung0 is not None else None)
+                    pool=rung0.pool(task.y[va]) if rung0 is not None else None, deadline=deadline)
         if left_out:
             c.decision += ("; rung-0 heads left out (cross-validated on train+validation below the start point's "
                            f"validation {metric} {ref[2]:.4f}): " + ", ".join(

@@ -90,6 +90,12 @@ def test_a_soup_of_identical_checkpoints_is_that_checkpoint(tmp_path, digits_tri
     top = top_trials(trials, str(tmp_path), "accuracy")
     c = combine(top, str(tmp_path), 4, digits_trial_data.y_val, "accuracy", lambda _: digits_trial_data.x_val)
     assert c.kind == "single" and "soup" in c.scores and c.scores["soup"] == c.scores["single"]
+    # Past its deadline the soup tries no ingredient (each is a validation pass the plan may not have time for).
+    import time
+
+    late = combine(top, str(tmp_path), 4, digits_trial_data.y_val, "accuracy", lambda _: digits_trial_data.x_val,
+                   deadline=time.time() - 1)
+    assert late.kind == "single" and "soup" not in late.scores
     for k, v in c.model.state_dict().items():
         if v.dtype.is_floating_point:
             assert torch.allclose(v, res.model.state_dict()[k], atol=1e-6), k

@@ -58,6 +58,8 @@ EVAL_SHARE = 0.2             # most of a trial's time validation may take
 FIRST_RUNG = 0.25            # ASHA's first rung, as a share of the full length
 REDUCTION_FACTOR = 3
 TOP_TRIALS = 5               # trials whose best weights are kept for the winner, a soup or an ensemble
+SOUP_PASSES = 4              # validation passes held for a soup's ingredients (the winner's two other kept reports,
+                             # two trials of its architecture; more are tried only while time is left)
 # Rung 0 (search/ladder.py) takes at most this share of the budget; per backbone, a build and the heads' fits,
 # and its rows at this multiple of the start point's validation cost a row (a larger backbone, data loading).
 RUNG0_SHARE, RUNG0_SETUP_S, RUNG0_ROW_FACTOR = 0.3, 3.0, 1.2
@@ -269,16 +271,22 @@ def could_share(sp: Speed, stats: DataStats, space: SearchSpace, budget_left_s: 
     return need <= NARROW_SHARE * (budget_left_s - costs["ray_start_s"])
 
 
-def trial_seconds(sp: Speed, steps: int, c: int, more_cpus: bool, costs: Costs, vrows: int) -> tuple[float, float]:
+def trial_seconds(sp: Speed, steps: int, c: int, more_cpus: bool, costs: Costs, vrows: int,
+                  reports: int | None = None) -> tuple[float, float]:
     """A trial's time (set-up, `steps` steps, its validations over `vrows` rows) and one step's, from a measured
-    speed, with c trials side by side (c=1 and more_cpus: it runs alone with every CPU of the node)."""
+    speed, with c trials side by side (c=1 and more_cpus: it runs alone with every CPU of the node). reports: how
+    many validations it runs; by default as many as the plan gives a trial of that length (_reports_for_eval:
+    validation within EVAL_SHARE of the training, 4-12 reports). Charging 12 whatever the length over-priced a
+    MiniLM trial of 5 reports on fortunes by ~20 s of 300, which the start point then did not train."""
     if c > 1:
         per_step = sp.step_s * costs["concurrency_slowdown"]
     elif more_cpus:
         per_step = sp.step_s_alone or sp.step_s / costs["thread_speedup"]
     else:
         per_step = sp.step_s
-    evals = REPORTS[1] * vrows * sp.eval_row_s * (per_step / sp.step_s)
+    one = vrows * sp.eval_row_s * (per_step / sp.step_s)  # a validation pass, as this trial runs it
+    evals = reports * one if reports is not None else \
+        min(REPORTS[1] * one, max(REPORTS[0] * one, EVAL_SHARE * steps * per_step))
     return sp.setup_s + steps * per_step + evals, per_step
 
 
@@ -390,6 +398,14 @@ class _Frame:
         """The start point's full-length trial time and one step's at `size` (trial_seconds)."""
         return trial_seconds(self.speed_at(size), steps, c, self.more_cpus, self.costs, self.vrows)
 
+    def most_steps(self, size: int | None, c: int, seconds: float) -> int:
+        """The most steps a trial at `size` fits in `seconds` (its set-up and validations included)."""
+        lo, hi = 0, int(seconds / max(self.seconds(size, 0, c)[1], 1e-9)) + 1
+        while lo < hi:  # the time grows with the steps
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self.seconds(size, mid, c)[0] <= seconds else (lo, mid - 1)
+        return lo
+
     def choose(self, search_s: float) -> Choice:
         """The first that fits, size by size from the largest (the data's own) down: a search (a full-length trial
         takes at most a third of a slot's time); a search with the start point in a slot of its own all along
@@ -411,16 +427,15 @@ class _Frame:
                 # the full-length one alone (stamps, 300 s: 240 steps beside a rival 0.70 macro-F1, 320 alone 0.74).
                 if regime == "single" and not self.fixed_reports:
                     # Alone, the start point trains as long as the time allows, up to its sensible length.
-                    fixed_s, per_step = self.seconds(size, 0, 1)
-                    n = min(sensible, int((share * search_s - fixed_s) / per_step))
+                    n = min(sensible, self.most_steps(size, 1, share * search_s))
                     candidates = [n] if n >= max(shortest, SINGLE_MIN_LENGTH * sensible) else []
                 for n in candidates:
                     t, step_s = self.seconds(size, n, c)
                     if t <= share * search_s:
                         return Choice(size, n, t, step_s, c, regime)
         size = self.sizes[-1]
-        fixed_s, step_s = self.seconds(size, 0, 1)  # the set-up and the validations: paid whatever the length
-        n = max(4, int((SINGLE_SHARE * search_s - fixed_s) / (step_s * 1.1)))
+        step_s = self.seconds(size, 0, 1)[1]
+        n = max(4, int(self.most_steps(size, 1, SINGLE_SHARE * search_s) / 1.1))
         return Choice(size, n, self.seconds(size, n, 1)[0], step_s, 1, "single")
 
 
@@ -444,13 +459,15 @@ def _frame(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None]
         passes = REPORTS[1] + 2 * TOP_TRIALS
         vrows = min(vrows, max(MIN_VAL_ROWS, int(EVAL_SHARE * budget_left_s / (passes * sp.eval_row_s))))
     more_cpus = node_cpus > resources.get("cpu", 1) and not resources.get("gpu")
-    # Finalising loads the top trials (a model build each, not a trial's whole set-up) and scores them, a soup and
-    # an ensemble on validation, in the driver with every CPU of the node. Priced at a trial's set-up and one
+    # Finalising loads the top trials (a model build each, not a trial's whole set-up; their validation
+    # probabilities are read from what the trials saved) and scores a soup's ingredients on validation, in the
+    # driver with every CPU of the node; the soup stops at its deadline. Priced at a trial's set-up and one
     # thread's rows, it reserved 76 s on 300 s of fortunes where finalising, evaluating and exporting took 20
-    # (the start point, alone, then trained 3.2 epochs where `fixed` trains 8).
+    # (the start point, alone, then trained 3.2 epochs where `fixed` trains 8); at two passes a kept trial it
+    # reserved ~27 s where finalising took 11 (three soup passes, 2026-12-04).
     eval_row = sp.eval_row_s / (costs["thread_speedup"] if more_cpus else 1.0)
     load = sp.build_s if sp.build_s is not None else 0.5 * sp.setup_s
-    after += costs["evaluate_s"] + stats.n_test * eval_row + 2.0 + TOP_TRIALS * (load + 2 * vrows * eval_row)
+    after += costs["evaluate_s"] + stats.n_test * eval_row + 2.0 + TOP_TRIALS * load + SOUP_PASSES * vrows * eval_row
     return _Frame(stats, speed_at, costs, concurrency, fixed_reports, bs, steps_per_pass, sensible, shortest, sizes,
                   after, vrows, more_cpus)
 
@@ -603,7 +620,7 @@ class _Pins:
 def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None, max_length: int | None) -> _Pins:
     """The full-length trial as reports of rows, ASHA's first rung, and the space as searched."""
     reports = f.fixed_reports or int(min(REPORTS[1], max(
-        REPORTS[0], _reports_for_eval(choice, f.stats, f.speed_at))))
+        REPORTS[0], _reports_for_eval(choice, f.vrows, f.speed_at))))
     report_rows = 0 if f.fixed_reports else max(1, math.ceil(choice.steps * f.bs / reports))
     # Shortened to fit, the start point may still grow back towards its sensible length when it runs ahead of the
     # plan (a speed probe of a few steps is often 15-40% off; loop.Pace), instead of leaving that time unused.
@@ -684,7 +701,7 @@ def _overrun(budget_left_s: float, total: float, choice: Choice, pinned_size: in
 
 
 def _kind_time(sp: Speed, stats: DataStats, size: int | None, speed_at, costs: Costs, more_cpus: bool, c: int,
-               vrows: int, fit_s: float) -> tuple[int, float, float, float]:
+               vrows: int, fit_s: float, reports: int = REPORTS[1]) -> tuple[int, float, float, float]:
     """A from-scratch backbone's full-length run at `size` with c trials side by side: its steps (its sensible
     length, shortened to fit `fit_s` down to shortest_steps), its time, its time a step and its epochs. `sp` was
     measured at the largest candidate size; other sizes cost what they cost the start point, in proportion."""
@@ -692,7 +709,7 @@ def _kind_time(sp: Speed, stats: DataStats, size: int | None, speed_at, costs: C
         scale = speed_at(size).step_s / max(speed_at(sp.size).step_s, 1e-9)
         sp = replace(sp, step_s=sp.step_s * scale, eval_row_s=sp.eval_row_s * scale, size=size,
                      step_s_alone=sp.step_s_alone * scale if sp.step_s_alone else None)
-    fixed_s, step = trial_seconds(sp, 0, c, more_cpus, costs, vrows)
+    fixed_s, step = trial_seconds(sp, 0, c, more_cpus, costs, vrows, reports)
     spp = max(1, math.ceil(stats.n_train / sp.batch_size))
     sensible = sensible_steps(False, spp)
     steps = max(shortest_steps(False, spp), min(sensible, int((fit_s - fixed_s) / max(step, 1e-9)))) \
@@ -709,7 +726,7 @@ def price_kinds(others: dict[str, Speed], stats: DataStats, choice: "Choice", re
     kinds = {}
     for b, sp in others.items():
         steps, t, step, epochs = _kind_time(sp, stats, choice.size, speed_at, costs, more_cpus, choice.concurrency,
-                                            vrows, FULL_TRIAL_SHARE * search_s)
+                                            vrows, FULL_TRIAL_SHARE * search_s, reports)
         kinds[b] = {"report_rows": max(1, math.ceil(steps * sp.batch_size / reports)), "trial_s": round(t, 2),
                     "step_s": step, "epochs": epochs}
     return kinds
@@ -728,10 +745,11 @@ def rung0_cost(backbones: int, stats: DataStats, sp: Speed) -> float:
     return backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s)
 
 
-def _reports_for_eval(choice: Choice, stats: DataStats, speed_at) -> float:
-    """As many reports as keep validation within EVAL_SHARE of the trial's training time."""
+def _reports_for_eval(choice: Choice, vrows: int, speed_at) -> float:
+    """As many reports as keep validation within EVAL_SHARE of the trial's training time (a validation pass over
+    the `vrows` rows trials score on, at the trial's CPUs as a step is: trial_seconds charges the same)."""
     sp = speed_at(choice.size)
-    eval_s = min(stats.n_val, VAL_ROWS) * sp.eval_row_s
+    eval_s = vrows * sp.eval_row_s * (choice.step_s / max(sp.step_s, 1e-9))
     train_s = choice.steps * choice.step_s
     return EVAL_SHARE * train_s / max(eval_s, 1e-9)
 

@@ -20,6 +20,7 @@ of models, adding one only if validation improves; at most three members.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,10 +169,12 @@ def _member(tid: str, cfg: dict, score: float, best_dir: str, num_classes: int, 
 
 
 def _greedy_soup(best: Member, single: float, members: list[Member], best_dir: str, num_classes: int,
-                 y_val: np.ndarray, metric: str, inputs_for) -> tuple[Combined | None, np.ndarray | None, int]:
+                 y_val: np.ndarray, metric: str, inputs_for,
+                 deadline: float | None = None) -> tuple[Combined | None, np.ndarray | None, int]:
     """A greedy soup (weights averaged) of the winner's other kept reports, then of the other top trials of the same
     architecture, each kept where it raises the validation score: (the soup or None, its probabilities, the
-    ingredients tried)."""
+    ingredients tried). deadline (time.time()): no ingredient is tried that would end past it (each costs a
+    validation pass; the plan holds time for a few)."""
     def state_of(weights_file: str) -> dict:
         m, _ = load_best(best.config, num_classes, weights_file)
         return {k: v.detach().cpu() for k, v in m.state_dict().items()}
@@ -182,7 +185,11 @@ def _greedy_soup(best: Member, single: float, members: list[Member], best_dir: s
     ingredients += [(m.trial_id, kept.model_file(best_dir, m.trial_id)) for m in members[1:] if m.key == best.key]
     soup_ids, soup_score, soup_model, soup_proba = [best.trial_id], single, None, None
     states = [{k: v.detach().cpu().clone() for k, v in best.model.state_dict().items()}]
+    tried, last_s = 0, 0.0
     for name, weights in ingredients:
+        if deadline is not None and time.time() + last_s > deadline:
+            break
+        t0, tried = time.time(), tried + 1
         candidate_states = states + [state_of(weights)]
         avg = {k: (sum(st[k].float() for st in candidate_states) / len(candidate_states)).to(v.dtype)
                for k, v in states[0].items()}
@@ -193,23 +200,25 @@ def _greedy_soup(best: Member, single: float, members: list[Member], best_dir: s
         if score > soup_score:
             soup_ids, soup_score, soup_model, states = soup_ids + [name], score, candidate, candidate_states
             soup_proba = candidate_proba
+        last_s = time.time() - t0
     if soup_model is None:
-        return None, None, len(ingredients)
+        return None, None, tried
     return (Combined("soup", soup_model, best.encoder, best.spec, best.config, soup_score, soup_ids), soup_proba,
-            len(ingredients))
+            tried)
 
 
 def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int, y_val: np.ndarray,
             metric: str, inputs_for, reference: tuple[str, dict, float] | None = None,
             kinds: tuple[str, ...] = ("single", "soup", "ensemble"),
-            alpha: float = ALPHA, pool: list[np.ndarray] | None = None) -> Combined:
+            alpha: float = ALPHA, pool: list[np.ndarray] | None = None, deadline: float | None = None) -> Combined:
     """Pick, on the validation split, the start point (`reference`) or the best of the winner, a soup and an
     ensemble that beats it by more than validation noise (an ensemble that keeps the start point: at the looser
     ALPHA_ENSEMBLE_WITH_START; see the module docstring); without a reference, the best of the options.
 
     inputs_for(config) gives the validation inputs for a member's preprocessing (image size). pool: validation
     probabilities of other candidates the top trials were picked from (rung 0's heads): with the members and the
-    options, the pool an option is judged as the best of (p_not_better)."""
+    options, the pool an option is judged as the best of (p_not_better). deadline (time.time()): the soup tries no
+    ingredient that would end past it."""
     from automl.models.ensemble import EnsembleClassifier
 
     members = [_member(tid, cfg, score, best_dir, num_classes, inputs_for, y_val) for tid, cfg, score in top]
@@ -227,7 +236,8 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
     # not built (its validation passes cost a text run ~1-2 s a report kept).
     own_only = ref is not None and best.trial_id == ref.trial_id and not any(m.key == best.key for m in members[1:])
     if "soup" in kinds and not own_only:
-        soup, soup_proba, tried = _greedy_soup(best, single, members, best_dir, num_classes, y_val, metric, inputs_for)
+        soup, soup_proba, tried = _greedy_soup(best, single, members, best_dir, num_classes, y_val, metric, inputs_for,
+                                               deadline)
         if tried:
             scores["soup"] = soup.val_score if soup else single
         if soup is not None:
