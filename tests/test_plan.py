@@ -226,6 +226,12 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
         steps = lambda p: p.reports * p.report_rows  # noqa: E731  (rows trained; the batch size is the same)
         assert steps(tight0) >= (1 - RUNG0_MAX_STEP_LOSS) * steps(tight) - tight.report_rows
     assert plan(at=speed(0.8), rung0_backbones=3).rung0_s < with_.rung0_s  # it got less there, not nothing
+    # At the three-quarter boundary (128 px fits ~76% of the sensible length) any reserve would have shrunk the
+    # images, so rung 0 got nothing and stamps at 300 s tried one config: the size is now judged on the time
+    # before rung 0's reserve, which still costs the start point at most RUNG0_MAX_STEP_LOSS of its steps.
+    edge, edge0 = plan(at=speed(0.75)), plan(at=speed(0.75), rung0_backbones=3)
+    assert edge.storage_size == edge0.storage_size == 128 and edge0.rung0_s > 0
+    assert edge0.reports * edge0.report_rows >= (1 - RUNG0_MAX_STEP_LOSS) * edge.reports * edge.report_rows - 32
     # Label errors come from rung 0's out-of-fold heads: no cross-fit is planned for them.
     assert not with_.label_errors
 

@@ -321,7 +321,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     ratio = stats.n_full / max(1, stats.n_train)
     if regression:  # label errors and cross-validation are for classification: nothing to reserve
         label_errors, cv_folds, rung0_backbones = False, None, 0
-    rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones)
+    rung0_s = f.rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones)
     if rung0_s:
         budget_left_s -= rung0_s
         reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
@@ -389,6 +389,7 @@ class _Frame:
     after: float                      # the fixed costs after the search: export (or evaluation) and finalising
     vrows: int                        # validation rows trials and finalising score on
     more_cpus: bool                   # a trial running alone gets more CPUs than one beside others
+    rung0_s: float = 0.0              # rung 0's reserve, once made (choose judges sizes on the time before it)
 
     def total(self, budget_left_s: float) -> float:
         """The time left for training: the budget less what follows the search and Ray's start."""
@@ -406,14 +407,19 @@ class _Frame:
             lo, hi = (mid, hi) if self.seconds(size, mid, c)[0] <= seconds else (lo, mid - 1)
         return lo
 
-    def choose(self, search_s: float) -> Choice:
+    def choose(self, search_s: float, rung0_s: float | None = None) -> Choice:
         """The first that fits, size by size from the largest (the data's own) down: a search (a full-length trial
         takes at most a third of a slot's time); a search with the start point in a slot of its own all along
         ("narrow"); the start point alone with every CPU ("single"), as long as the time allows up to its
         sensible length and not under SINGLE_MIN_LENGTH of it. Only then smaller images; at the smallest, trained
         as long as the time allows. Inputs and length come first: on Tux Paint stamps EfficientNet-Lite0 scored
         0.78 macro-F1 at 128 px and 0.69 at 96 px for the same 320 steps, 0.61 at 96 px and 160 steps; a search of
-        shorter trials on smaller images does not win that back."""
+        shorter trials on smaller images does not win that back.
+
+        A size is judged on the time before rung 0 took its reserve (rung0_s; default: the frame's), which costs
+        the start point at most RUNG0_MAX_STEP_LOSS of its steps: at the three-quarter boundary any reserve would
+        otherwise shrink the images, so rung 0 got nothing and the run tried one config (stamps, 300 s)."""
+        rung0_s = self.rung0_s if rung0_s is None else rung0_s
         sensible, shortest, concurrency = self.sensible, self.shortest, self.concurrency
         lengths = [sensible] if self.fixed_reports else sorted(
             {sensible, max(shortest, int(sensible * 0.75)), shortest}, reverse=True)
@@ -428,7 +434,8 @@ class _Frame:
                 if regime == "single" and not self.fixed_reports:
                     # Alone, the start point trains as long as the time allows, up to its sensible length.
                     n = min(sensible, self.most_steps(size, 1, share * search_s))
-                    candidates = [n] if n >= max(shortest, SINGLE_MIN_LENGTH * sensible) else []
+                    before_rung0 = min(sensible, self.most_steps(size, 1, share * (search_s + rung0_s)))
+                    candidates = [n] if n >= shortest and before_rung0 >= SINGLE_MIN_LENGTH * sensible else []
                 for n in candidates:
                     t, step_s = self.seconds(size, n, c)
                     if t <= share * search_s:
@@ -481,7 +488,7 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int)
     # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
     # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
     # or an eighth (it then probes fewer rows or backbones), or nothing.
-    alone = f.choose(total)
+    alone = f.choose(total, rung0_s=0.0)
     if alone.trial_s > max(total, 0.0) or alone.steps < f.steps_per_pass:
         # Not even the start point's shortest run fits (the plan warns of an overrun), or what fits is less than
         # one pass over the training rows from a zero head (30 s on digits: 9 steps, exported at 0.21): rung 0 is
@@ -493,7 +500,7 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int)
         return max(min(want, max(total, 0.0)), 1.0)
 
     def affordable(r: float) -> bool:
-        c = f.choose(total - r)
+        c = f.choose(total - r, rung0_s=r)
         return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps
 
     return next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
