@@ -107,24 +107,30 @@ def best_file(directory: str | None, trial_id: str) -> str | None:
     return str(path) if path.exists() else None
 
 
+def _model_entry(directory: str | None, trial_id: str) -> dict | None:
+    """The kept entry of the trial's model: its last report when it trained its whole schedule, else its best
+    report (None when neither file is there)."""
+    entry = read(directory, trial_id) if directory else None
+    if not entry:
+        return None
+    final = entry.get("final")
+    if final and (Path(directory) / final["file"]).exists():
+        return final
+    best = (entry["snapshots"] or [None])[0]
+    return best if best and (Path(directory) / best["file"]).exists() else None
+
+
 def model_file(directory: str | None, trial_id: str) -> str | None:
     """The trial's model: its last report's weights when it trained its whole schedule, else its best report's."""
-    entry = read(directory, trial_id) if directory else None
-    final = (entry or {}).get("final")
-    if final and (Path(directory) / final["file"]).exists():
-        return str(Path(directory) / final["file"])
-    return best_file(directory, trial_id)
+    use = _model_entry(directory, trial_id)
+    return str(Path(directory) / use["file"]) if use else None
 
 
 def model_val_proba(directory: str | None, trial_id: str, y_val: np.ndarray) -> np.ndarray | None:
     """The validation probabilities of `model_file` as its trial computed them, if they were scored on `y_val`'s
     rows (the same labels in the same order); else None (the caller runs the model)."""
-    entry = read(directory, trial_id) if directory else None
-    if not entry:
-        return None
-    final = entry.get("final")
-    use = final if final and (Path(directory) / final["file"]).exists() else (entry["snapshots"] or [{}])[0]
-    if not use.get("val"):
+    use = _model_entry(directory, trial_id)
+    if not use or not use.get("val"):
         return None
     try:
         with np.load(Path(directory) / use["val"], allow_pickle=False) as z:

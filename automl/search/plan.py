@@ -259,10 +259,11 @@ def shortest_steps(pretrained: bool, steps_per_pass: int) -> int:
 
 def could_share(sp: Speed, stats: DataStats, space: SearchSpace, budget_left_s: float | None, costs: Costs,
                 pretrained: bool, concurrency: int) -> bool:
-    """Whether the plan could run trials side by side ("search" or "narrow"), judged from the start point timed
-    with every CPU of the node at its cheapest input size: a step on one trial's CPUs beside another is never
-    cheaper than that, so where the start point's full length at that price takes more than NARROW_SHARE of the
-    budget, the plan runs it alone whatever one trial's CPUs would time (probes.speed_probe then times only that)."""
+    """Whether the plan could run trials side by side ("search" or "narrow") at the size `sp` was timed at, judged
+    from the start point timed there with every CPU of the node: a step on one trial's CPUs beside another is
+    never cheaper than that, so where the start point's full length at that price takes more than NARROW_SHARE
+    of the budget, the plan runs it alone at that size whatever one trial's CPUs would time (probes.speed_probe
+    then times only that)."""
     if concurrency < 2 or budget_left_s is None or not sp.step_s_alone:
         return True
     spp = max(1, math.ceil(stats.n_train / sp.batch_size))
@@ -434,7 +435,8 @@ class _Frame:
                 if regime == "single" and not self.fixed_reports:
                     # Alone, the start point trains as long as the time allows, up to its sensible length.
                     n = min(sensible, self.most_steps(size, 1, share * search_s))
-                    before_rung0 = min(sensible, self.most_steps(size, 1, share * (search_s + rung0_s)))
+                    before_rung0 = min(sensible, self.most_steps(size, 1, share * (search_s + rung0_s))) \
+                        if rung0_s else n
                     candidates = [n] if n >= shortest and before_rung0 >= SINGLE_MIN_LENGTH * sensible else []
                 for n in candidates:
                     t, step_s = self.seconds(size, n, c)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from automl import modalities, models
+from automl.budget import DEFAULT_COSTS
 from automl.data.intake import TaskData
 from automl.errors import AutoMLError
 from automl.search.space import SearchSpace
@@ -20,7 +21,7 @@ def pretrained(name) -> bool:
 
 
 def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, node_cpus: int,
-                side: int | None = None, pinned: int | None = None, shares=None, thread_speedup: float = 1.5):
+                side: int | None = None, pinned: int | None = None, shares=None, thread_speedup: float = DEFAULT_COSTS["thread_speedup"]):
     """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
     chooses, images: at two sizes, scaled with the pixel count in between; at one where the plan can choose only
     one). side: the inputs' median size; pinned: the size the user pinned, if any.
@@ -111,7 +112,7 @@ def nominal_speed(task: TaskData, start: dict, pinned: int | None = None):
 
 def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None, node_cpus: int,
                    size: int | None, tr: np.ndarray, va: np.ndarray, alone_only: bool = False,
-                   thread_speedup: float = 1.5):
+                   thread_speedup: float = DEFAULT_COSTS["thread_speedup"]):
     """One config's speed on rows `tr`/`va` at an image size (None: text), timed as a trial runs: with its own
     CPUs, and with a whole node's when it runs alone (alone_only: with the node's alone, the trial's own then
     estimated as `thread_speedup` times slower)."""
@@ -135,7 +136,7 @@ def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None,
 
 
 def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | None,
-                   max_length: int | None, alone_on: int | None = None, thread_speedup: float = 1.5) -> dict:
+                   max_length: int | None, alone_on: int | None = None, thread_speedup: float = DEFAULT_COSTS["thread_speedup"]) -> dict:
     """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
     prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch.
     alone_on: the node's CPUs, where trials cannot run side by side (they are timed as they will run: alone)."""

@@ -90,12 +90,14 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
         entry = kept.read(best_dir, trial_id) if best_dir else None
         snaps = (entry or {}).get("snapshots", [])
         # Among the trial's best few reports (of equal scores the later one: trained longer)?
-        if best_dir and score is not None and (len(snaps) < kept.SNAPSHOTS or score >= min(s["score"] for s in snaps)):
-            st = state_fn(weights_only=True)
-            kept.keep(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
-        if best_dir and score is not None and metrics["epoch"] >= max_epochs:  # the end of its schedule: its model
-            st = state_fn(weights_only=True)
-            kept.keep_final(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
+        among_best = len(snaps) < kept.SNAPSHOTS or (score is not None and score >= min(s["score"] for s in snaps))
+        last = metrics["epoch"] >= max_epochs  # the end of its schedule: its model
+        if best_dir and score is not None and (among_best or last):
+            st = state_fn(weights_only=True)  # the weights and the validation pass that scored them, taken once
+            if among_best:
+                kept.keep(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
+            if last:
+                kept.keep_final(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
         now = time.monotonic()
         due = checkpoint_due(now - clock["last"], clock["cost"], checkpoint_every_s)
         # The last epoch needs none: a finished trial is not resumed.
