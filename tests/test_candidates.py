@@ -457,6 +457,43 @@ def test_a_combination_that_keeps_the_start_point_is_preferred_to_replacing_it_a
     assert alone.kind == "single" and "as the best of 25 candidates" in alone.decision
 
 
+def test_a_frozen_feature_model_that_beats_the_fine_tuned_start_point_joins_it_instead_of_replacing_it():
+    """A rung-0 head (or a head-only fine-tune) that cleared the bar as a replacement is exported averaged with the
+    start point; a fine-tune that cleared it replaces it, and so does a head where the start point learnt nothing."""
+    from automl.training.combine import ALPHA, Combined, Member, _joined, _score
+    from automl.training.loop import build_encoder, build_model, full_config
+
+    y, k, ref, _, _, stranger = _lucky_pool()
+    torch.manual_seed(0)
+
+    def member(tid, unfreeze, proba, size=16):
+        cfg = full_config({"backbone": "timm/resnet10t:scratch", "image_size": size, "unfreeze": unfreeze})
+        model, spec = build_model(cfg, k)
+        return Member(tid, cfg, 0.0, model.eval(), build_encoder(cfg, model, spec), spec, proba)
+
+    def won_by(m):
+        return Combined("single", m.model, m.encoder, m.spec, m.config, _score(y, m.proba, "accuracy", k),
+                        [m.trial_id], {"start point": 0.7}, decision="single chosen over the start point")
+
+    start, head = member("start", "all", ref), member("r0_0", 0, stranger, size=24)
+    joined = _joined(won_by(head), start, [head, start], y, "accuracy", k, ALPHA)
+    assert joined.kind == "ensemble" and joined.trial_ids == ["start", "r0_0"]
+    assert [m.trial_id for m in joined.members] == ["start", "r0_0"] and joined.config is start.config
+    assert joined.val_score == _score(y, (ref + stranger) / 2, "accuracy", k)
+    assert joined.decision.startswith("single chosen over the start point; a frozen-feature model joins")
+    x = torch.randn(2, 3, 16, 16)  # the first member's input: the head's member resizes it to its own 24 px
+    with torch.no_grad():
+        want = (torch.softmax(start.model(x), 1) + torch.softmax(head.model(
+            torch.nn.functional.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False)), 1)) / 2
+        assert torch.allclose(joined.model(x).exp(), want, atol=1e-5)
+    # A fine-tune that cleared the bar replaces the start point, as before.
+    tuned = member("t2", "all", stranger)
+    assert _joined(won_by(tuned), start, [tuned, start], y, "accuracy", k, ALPHA) is None
+    # A start point no better than guessing the most frequent class is not kept.
+    guess = member("start", "all", np.eye(k)[np.full(len(y), np.bincount(y).argmax())])
+    assert _joined(won_by(head), guess, [head, guess], y, "accuracy", k, ALPHA) is None
+
+
 def test_when_another_trial_wins_an_ensemble_is_also_grown_from_the_start_point(tmp_path, digits_trial_data):
     """The final choice weighs an ensemble grown from the start point, not only from the winner: it is the option
     that keeps the start point in the model."""
