@@ -266,12 +266,21 @@ def test_text_run_on_the_text_classification_space_exports_parity_checked_onnx_a
     import onnxruntime as ort
 
     m = text_run
-    assert m.manifest.modality == "text" and m.manifest.backbone.library == "hf"
-    # MiniLM is a mean-pooling sentence-transformers model; minilm-l6-cls pools the first token.
-    chosen = m.manifest.hyperparameters["backbone"]
-    assert m.manifest.preprocessing.pooling == ("cls" if chosen == "minilm-l6-cls" else "mean"), chosen
-    assert m.metrics["accuracy"] > 0.6  # 3 topics: chance is 1/3
     same = load(m.export_dir)
+    assert m.manifest.modality == "text"
+    # One MiniLM, or (where a frozen-feature head beat the fine-tuned start point: training/combine._joined) the
+    # two averaged in one exported model. MiniLM is a mean-pooling sentence-transformers model; minilm-l6-cls pools
+    # the first token: each model pools as its backbone says.
+    if m.manifest.backbone.library == "ensemble":
+        chosen = [mem["hyperparameters"]["backbone"] for mem in m.manifest.backbone.kwargs["members"]]
+        loaded = list(same.model.members)
+        assert [mem["backbone"]["library"] for mem in m.manifest.backbone.kwargs["members"]] == ["hf", "hf"]
+    else:
+        assert m.manifest.backbone.library == "hf"
+        chosen, loaded = [m.manifest.hyperparameters["backbone"]], [same.model]
+        assert m.manifest.preprocessing.pooling == ("cls" if chosen[0] == "minilm-l6-cls" else "mean"), chosen
+    assert [x.pooling for x in loaded] == ["cls" if c == "minilm-l6-cls" else "mean" for c in chosen], chosen
+    assert m.metrics["accuracy"] > 0.6  # 3 topics: chance is 1/3
     texts = ["the coach said the team played a great match", "my laptop runs new software"]
     np.testing.assert_allclose(m.predict_proba(texts).to_numpy(), same.predict_proba(texts).to_numpy(), atol=1e-5)
     ids, mask = same.encoder.batch(same.encoder.encode([[t] for t in texts]), np.arange(2))
