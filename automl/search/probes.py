@@ -21,7 +21,8 @@ def pretrained(name) -> bool:
 
 
 def speed_probe(task: TaskData, start: dict, res: dict, max_length: int | None, node_cpus: int,
-                side: int | None = None, pinned: int | None = None, shares=None, thread_speedup: float = DEFAULT_COSTS["thread_speedup"]):
+                side: int | None = None, pinned: int | None = None, shares=None,
+                thread_speedup: float = DEFAULT_COSTS["thread_speedup"]):
     """speed_at(size): the start point's measured speed on a sample of real rows (inputs with a size the plan
     chooses, images: at two sizes, scaled with the pixel count in between; at one where the plan can choose only
     one). side: the inputs' median size; pinned: the size the user pinned, if any.
@@ -136,7 +137,8 @@ def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None,
 
 
 def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | None,
-                   max_length: int | None, alone_on: int | None = None, thread_speedup: float = DEFAULT_COSTS["thread_speedup"]) -> dict:
+                   max_length: int | None, alone_on: int | None = None,
+                   thread_speedup: float = DEFAULT_COSTS["thread_speedup"]) -> dict:
     """The space's from-scratch backbones, each timed at `size` (the largest the plan may choose), so the plan
     prices them as themselves (search/plan.price_kinds); none when the start point is itself from scratch.
     alone_on: the node's CPUs, where trials cannot run side by side (they are timed as they will run: alone)."""

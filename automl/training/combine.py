@@ -219,8 +219,6 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
     probabilities of other candidates the top trials were picked from (rung 0's heads): with the members and the
     options, the pool an option is judged as the best of (p_not_better). deadline (time.time()): the soup tries no
     ingredient that would end past it."""
-    from automl.models.ensemble import EnsembleClassifier
-
     members = [_member(tid, cfg, score, best_dir, num_classes, inputs_for, y_val) for tid, cfg, score in top]
     ref = None
     if reference is not None:
@@ -256,12 +254,9 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
                 chosen.append(m)
         if len(chosen) > 1 and not any(o.kind == "ensemble" and set(o.trial_ids) == {c.trial_id for c in chosen}
                                        for o, _ in options):  # the same members grown from either end
-            ens_proba = np.mean([c.proba for c in chosen], axis=0)
-            ens_score = _score(y_val, ens_proba, metric, num_classes)
-            scores[name] = ens_score
-            model = EnsembleClassifier([c.model for c in chosen], [c.encoder.to_dict() for c in chosen]).eval()
-            options.append((Combined("ensemble", model, first.encoder, first.spec, first.config, ens_score,
-                                     [c.trial_id for c in chosen], members=chosen), ens_proba))
+            ens, ens_proba = _ensemble(chosen, y_val, metric, num_classes)
+            scores[name] = ens.val_score
+            options.append((ens, ens_proba))
 
     grow(best, "ensemble")
     if ref is not None and ref.trial_id != best.trial_id:
@@ -274,6 +269,18 @@ def combine(top: list[tuple[str, dict, float]], best_dir: str, num_classes: int,
         result = joined
     result.scores = {**scores, **({"start point": result.scores["start point"]} if ref is not None else {})}
     return result
+
+
+def _ensemble(chosen: list[Member], y_val: np.ndarray, metric: str, num_classes: int) -> tuple[Combined, np.ndarray]:
+    """The members' probabilities averaged, as one model (the first member's preprocessing is its input), and its
+    validation probabilities."""
+    from automl.models.ensemble import EnsembleClassifier
+
+    first, proba = chosen[0], np.mean([c.proba for c in chosen], axis=0)
+    model = EnsembleClassifier([c.model for c in chosen], [c.encoder.to_dict() for c in chosen]).eval()
+    score = _score(y_val, proba, metric, num_classes)
+    return Combined("ensemble", model, first.encoder, first.spec, first.config, score, [c.trial_id for c in chosen],
+                    members=chosen), proba
 
 
 def _shares_inputs(first: Member, m: Member) -> bool:
@@ -298,20 +305,14 @@ def _joined(result: Combined, ref: Member | None, members: list[Member], y_val: 
     0.6382 and the start point's 0.6765; 0.7668 against 0.6744 and 0.7045; 0.8025 against 0.7873 and 0.7797."""
     if ref is None or result.kind != "single" or not _frozen(result.config) or _frozen(ref.config):
         return None
-    head = next((m for m in members if m.trial_id == result.trial_ids[0]), None)
-    if head is None or head.trial_id == ref.trial_id or not _shares_inputs(ref, head):
+    head = next((m for m in members if m.trial_id == result.trial_ids[0]), None)  # not the start point: it is frozen
+    if head is None or not _shares_inputs(ref, head) or not _learnt(ref, y_val, metric, num_classes, alpha):
         return None
-    if not _learnt(ref, y_val, metric, num_classes, alpha):
-        return None
-    from automl.models.ensemble import EnsembleClassifier
-
-    proba = np.mean([ref.proba, head.proba], axis=0)
-    score = _score(y_val, proba, metric, num_classes)
-    model = EnsembleClassifier([ref.model, head.model], [ref.encoder.to_dict(), head.encoder.to_dict()]).eval()
-    decision = (f"{result.decision}; a frozen-feature model joins the fine-tuned start point rather than replacing "
-                f"it: their average, validation {metric} {score:.4f}")
-    return Combined("ensemble", model, ref.encoder, ref.spec, ref.config, score, [ref.trial_id, head.trial_id],
-                    dict(result.scores), [ref, head], decision)
+    joined, _ = _ensemble([ref, head], y_val, metric, num_classes)
+    joined.decision = (f"{result.decision}; a frozen-feature model joins the fine-tuned start point rather than "
+                       f"replacing it: their average, validation {metric} {joined.val_score:.4f}")
+    joined.scores = dict(result.scores)
+    return joined
 
 
 def _learnt(ref: Member, y_val: np.ndarray, metric: str, num_classes: int, alpha: float) -> bool:
