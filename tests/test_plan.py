@@ -163,8 +163,8 @@ def test_costs_learned_from_a_run_are_blended_saved_and_read_by_the_next_plan(tm
 
 
 def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path, monkeypatch):
-    """The searcher gives a late trial fewer rows per report (same reports: ASHA's rungs stay), never below half
-    its length; the start point always trains at full length; nothing starts after the last start time.
+    """The searcher gives a late trial fewer rows per report (same reports: ASHA's rungs stay), never below MIN_FIT
+    of its length, and lets it grow back to its length if it runs faster than priced; the start point always trains at full length; nothing starts after the last start time.
     The clock is frozen (the file's deadlines and the searcher's "now" read the same instant), so the time left
     is exactly what the test wrote, however loaded the machine."""
     import time
@@ -184,7 +184,7 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
 
     assert fitted_rows(400, 100.0, 200.0) == 400                                # fits: full length
     assert fitted_rows(400, 100.0, 60.0) == int(400 * FIT_MARGIN * 0.6)           # shortened to the time left
-    assert fitted_rows(400, 100.0, 10.0) == int(400 * MIN_FIT)                    # never below half
+    assert fitted_rows(400, 100.0, 10.0) == int(400 * MIN_FIT)                    # never below MIN_FIT
     space = load_space("cpu_small", "text", {"max_epochs": 8, "report_rows": 400})
     clock = tmp_path / "clock.json"
 
@@ -198,9 +198,11 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
     start, late = s.suggest("a"), s.suggest("b")
     assert start["report_rows"] == 400 and start["lr"] == space.start_points[0]["lr"]
     assert late["report_rows"] == int(400 * FIT_MARGIN * 0.6)                   # 60 s left of a 100 s trial
+    assert late["_stretch_rows"] == 400 and "_stretch_rows" not in start          # may grow back if it runs fast
     assert late["_deadline"] == start["_deadline"] == 1.7e9 + 60.0               # both end their schedule then
     write_deadlines(str(clock), last_start_s=1000.0, ends_in_s=2000.0, trial_s=100.0)
-    assert s.suggest("c")["report_rows"] == 400                                  # time enough: full length
+    full = s.suggest("c")
+    assert full["report_rows"] == 400 and "_stretch_rows" not in full            # time enough: full length
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
     assert s.suggest("d") == Searcher.FINISHED
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
@@ -390,7 +392,7 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     from ray.tune.search import Searcher
 
     from automl.search import tune as tune_mod
-    from automl.search.clock import FIT_MARGIN, write_deadlines
+    from automl.search.clock import FIT_MARGIN, MIN_FIT, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
 
     frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
@@ -420,15 +422,17 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=5.0, trial_s=100.0, kinds=kinds)
     gone.suggest("g1")
     assert gone.suggest("g2") == Searcher.FINISHED  # no time for it, nor for anything else
-    write_deadlines(str(clock), last_start_s=30.0, ends_in_s=40.0, trial_s=100.0, kinds=kinds)
+    write_deadlines(str(clock), last_start_s=30.0, ends_in_s=30.0, trial_s=100.0, kinds=kinds)
     late = [s.suggest(f"c{i}") for i in range(4)]
-    assert all(c["backbone"] == SCRATCH and c["report_rows"] == 1000 for c in late)  # 40 s left: fits 20 s
+    assert all(c["backbone"] == SCRATCH and c["report_rows"] == 1000 for c in late)  # 30 s left: fits 20 s
     # Past the last start (the start point's kind), a cheaper kind whose shortest schedule still fits starts, fitted
     # to the time left; once not even that fits, the search is over.
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=15.0, trial_s=100.0, kinds=kinds)
     after = s.suggest("e")
     assert after["backbone"] == SCRATCH and after["report_rows"] == int(1000 * FIT_MARGIN * 15 / 20)
-    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=10.0, trial_s=100.0, kinds=kinds)
+    assert after["_stretch_rows"] == 1000                                         # back to its own length if fast
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=20.0 * MIN_FIT / FIT_MARGIN - 1, trial_s=100.0,
+                    kinds=kinds)
     assert s.suggest("d") == Searcher.FINISHED
 
 

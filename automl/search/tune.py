@@ -311,7 +311,12 @@ class DeadlineOptunaSearch(OptunaSearch):
                 return Searcher.FINISHED  # a priced start point with no time left for it (nor for anything else)
             if (not start_point or (kind and not first)) and config.get("report_rows"):
                 # A priced start point after the first runs in the time left (its own full length when that fits).
-                config["report_rows"] = fitted_rows(int(config["report_rows"]), trial_s, left)
+                full = int(config["report_rows"])
+                config["report_rows"] = fitted_rows(full, trial_s, left)
+                if config["report_rows"] < full:
+                    # Shortened on its price: when it runs faster than priced, it grows back towards its full
+                    # length by the search's end (loop.Pace) instead of leaving the end of the search unused.
+                    config["_stretch_rows"] = full
         return config
 
 
