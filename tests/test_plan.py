@@ -203,6 +203,11 @@ def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp
     write_deadlines(str(clock), last_start_s=1000.0, ends_in_s=2000.0, trial_s=100.0)
     full = s.suggest("c")
     assert full["report_rows"] == 400 and "_stretch_rows" not in full            # time enough: full length
+    # The last to fit at full length (after its 100 s, 30 s is too little for any trial's shortest schedule): it may
+    # grow into those 30 s instead of leaving them unused.
+    write_deadlines(str(clock), last_start_s=1.0, ends_in_s=130.0, trial_s=100.0)
+    last = s.suggest("c2")
+    assert last["report_rows"] == 400 and last["_stretch_rows"] == int(400 * FIT_MARGIN * 130 / 100)
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)
     assert s.suggest("d") == Searcher.FINISHED
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=50.0, trial_s=100.0)

@@ -11,6 +11,7 @@ from pathlib import Path
 # of the full length; its planned time is scaled by FIT_MARGIN to leave room for estimation error. (At 0.5 the
 # search's last ~17% went unused on 48 px icons at 300 s and ~15% on stamps at 900 s: no kind could still start.)
 MIN_FIT, FIT_MARGIN = 0.3, 0.85
+MAX_STRETCH = 2.0  # a search's last trial may grow to this many times its rows a report to train the search's end
 
 
 def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float | None,
@@ -70,3 +71,20 @@ def fitted_rows(report_rows: int, trial_s: float | None, left_s: float) -> int:
     if not trial_s or not report_rows or left_s >= trial_s / FIT_MARGIN:
         return report_rows
     return max(1, int(report_rows * max(MIN_FIT, FIT_MARGIN * left_s / trial_s)))
+
+
+def fitted_length(report_rows: int, trial_s: float | None, left_s: float, cheapest_s: float | None) -> tuple[int, int]:
+    """(rows per report, rows a report may grow to; 0: it may not grow) for a trial of this full length starting
+    with `left_s` seconds left, where the cheapest kind's full length is `cheapest_s`.
+
+    A trial shortened to the time left may grow back to its full length when it runs faster than priced. A trial
+    after whose planned end no trial could start (the cheapest kind's shortest schedule would not fit in what is
+    left) may grow past its length, up to MAX_STRETCH: it trains the end of the search instead of leaving it unused
+    (loop.Pace grows a run only when its measured pace has the time)."""
+    rows = fitted_rows(report_rows, trial_s, left_s)
+    grow = report_rows if rows < report_rows else 0
+    if rows and trial_s and cheapest_s:
+        planned_s = trial_s * rows / report_rows
+        if not fits(cheapest_s, left_s - planned_s):
+            grow = max(grow, int(rows * min(MAX_STRETCH, FIT_MARGIN * left_s / planned_s)))
+    return rows, grow if grow > rows else 0
