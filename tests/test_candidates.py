@@ -517,3 +517,29 @@ def test_when_another_trial_wins_an_ensemble_is_also_grown_from_the_start_point(
     c = combine(top, str(tmp_path), 4, d.y_val, "accuracy", lambda _: d.x_val, reference=ref)
     assert "start point ensemble" in c.scores  # the winner alone has nothing to grow with; the start point does
     assert c.scores["start point ensemble"] > c.scores["start point"]
+
+
+def test_image_models_of_different_backbones_average_together_but_texts_need_one_tokenizer():
+    """Whether two trials can be averaged in one model is the backbone family's modality, not the config's keys:
+    an image trial's full config carries an (unused) text length, and read as text it kept every image model of
+    another backbone out of the ensembles with the start point (stamps, 300 s: a Lite1 head replaced the Lite0
+    start point where their average was never formed)."""
+    from automl.models import resolve
+    from automl.models.registry import BackboneSpec
+    from automl.training.combine import Member, _shares_inputs
+    from automl.training.loop import full_config
+
+    def member(backbone, **extra):
+        cfg = full_config({"backbone": backbone, **extra})
+        return Member(backbone, cfg, 0.0, spec=resolve(backbone))
+
+    lite0, lite1 = member("efficientnet-lite0", image_size=96), member("efficientnet-lite1", image_size=64)
+    assert lite0.config.get("max_length") and lite1.config.get("max_length")  # what misled the rule
+    assert _shares_inputs(lite0, lite1) and _shares_inputs(lite1, lite0)
+    minilm, other = member("minilm-l6", max_length=64), member("minilm-l6-cls", max_length=64)
+    assert _shares_inputs(minilm, member("minilm-l6", max_length=64, unfreeze=0))
+    assert not _shares_inputs(minilm, member("minilm-l6", max_length=96))        # another length
+    assert _shares_inputs(minilm, other)                       # one checkpoint, another pooling: one tokenizer
+    stranger = Member("bert", full_config({"backbone": "minilm-l6", "max_length": 64}), 0.0,
+                      spec=BackboneSpec("hf", "/another/checkpoint"))
+    assert not _shares_inputs(minilm, stranger)                # another tokenizer

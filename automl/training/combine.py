@@ -285,8 +285,13 @@ def _ensemble(chosen: list[Member], y_val: np.ndarray, metric: str, num_classes:
 
 def _shares_inputs(first: Member, m: Member) -> bool:
     """Whether `m` can be averaged with `first` in one model: texts must share one tokenizer (checkpoint and
-    length); images each keep their own size and normalisation (EnsembleClassifier maps them)."""
-    return not first.config.get("max_length") or (
+    length); images each keep their own size and normalisation (EnsembleClassifier maps them). Asked of the
+    backbone's family, not of the configs: an image trial's full config carries a text length too (unused), and
+    read as text it kept every image model of another backbone out of ensembles with the start point (an earlier
+    export's family may be either: it is held to the text rule)."""
+    from automl.models.registry import family
+
+    return family(first.spec).modality == "image" or (
         m.spec.model == first.spec.model and m.config.get("max_length") == first.config.get("max_length"))
 
 
