@@ -126,9 +126,19 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
             "winner": str(m.manifest.searched_hyperparameters.get("backbone")), "options": weighed.rows,
             "decision": decision,
             "spent": {k: round(v, 1) for k, v in ((m.manifest.budget or {}).get("spent_s") or {}).items()},
+            # Where the search was planned to end and where it did (seconds after the run started): the budget's
+            # unused share is mostly the gap between the two.
+            "search_end": {"planned": round(p.get("search_ends_at_s") or 0, 1), "actual": round(_search_end(m), 1)},
             "final": {"trials": m.manifest.training.get("trials"), "val": m.manifest.training.get("val_scores"),
                       "rungs": {str(t): int(r) for t, r in zip(m.trials["trial_id"], rung)
                                 if str(t) in (m.manifest.training.get("trials") or [])}}}
+
+
+def _search_end(m) -> float:
+    """Seconds from the run's start to the search's end, from the budget's clock (the stages in their order)."""
+    spent = (m.manifest.budget or {}).get("spent_s") or {}
+    keys = list(spent)
+    return sum(spent[k] for k in keys[:keys.index("search") + 1]) if "search" in keys else float("nan")
 
 
 SCRATCH = {"backbone": "timm/resnet10t:scratch", "lr": 3e-3, "augment": "flip_crop", "batch_size": 32,
