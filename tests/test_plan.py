@@ -164,7 +164,8 @@ def test_costs_learned_from_a_run_are_blended_saved_and_read_by_the_next_plan(tm
 
 def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path, monkeypatch):
     """The searcher gives a late trial fewer rows per report (same reports: ASHA's rungs stay), never below MIN_FIT
-    of its length, and lets it grow back to its length if it runs faster than priced; the start point always trains at full length; nothing starts after the last start time.
+    of its length, and lets it grow back to its length if it runs faster than priced; the start point always
+    trains at full length; nothing starts after the last start time.
     The clock is frozen (the file's deadlines and the searcher's "now" read the same instant), so the time left
     is exactly what the test wrote, however loaded the machine."""
     import time

@@ -73,6 +73,13 @@ def fitted_rows(report_rows: int, trial_s: float | None, left_s: float) -> int:
     return max(1, int(report_rows * max(MIN_FIT, FIT_MARGIN * left_s / trial_s)))
 
 
+def cheapest_trial_s(trial_s: float | None, kinds: dict) -> float | None:
+    """The shortest full-length trial of the search: the start point's kind (`trial_s`) or a priced kind's
+    (search/plan.price_kinds); None when none is priced. Its shortest fitted schedule is the last thing that can
+    still start."""
+    return min((t for t in [trial_s] + [k["trial_s"] for k in kinds.values()] if t is not None), default=None)
+
+
 def fitted_length(report_rows: int, trial_s: float | None, left_s: float, cheapest_s: float | None) -> tuple[int, int]:
     """(rows per report, rows a report may grow to; 0: it may not grow) for a trial of this full length starting
     with `left_s` seconds left, where the cheapest kind's full length is `cheapest_s`.

@@ -35,7 +35,7 @@ import numpy as np
 
 from automl.budget import Costs
 from automl.search.space import SearchSpace
-from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits
+from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits, cheapest_trial_s
 
 # A full-length trial may take this share of a slot's search time (the start point runs at full length first);
 # narrow: one full-length trial per slot; single: the start point alone.
@@ -688,7 +688,7 @@ def _deadlines(f: _Frame, elapsed_s: float, rung0_s: float, search_s: float, scr
     first_ends = ends_at - scratch_s if scratch_s else None
     # A trial started later could not train even its shortest fitted schedule (search/clock.py) before the end
     # (the cheapest kind's: a cheap net may still start where the start point's kind could not).
-    last_start = ends_at - min([choice.trial_s] + [k["trial_s"] for k in kinds.values()]) * MIN_FIT / FIT_MARGIN
+    last_start = ends_at - cheapest_trial_s(choice.trial_s, kinds) * MIN_FIT / FIT_MARGIN
     capacity = search_s * choice.concurrency / max(choice.trial_s, 1e-9)
     reasons.append(f"search: ~{search_s:.0f} s on {choice.concurrency} trial slot(s), room for ~{capacity:.1f} "
                    "full-length trials" + (" (ASHA stops most trials far sooner, so more configs are tried)"

@@ -23,7 +23,7 @@ from automl.errors import NoTrialScored
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
-from automl.search.clock import SearchLimits, fits, fitted_length
+from automl.search.clock import SearchLimits, cheapest_trial_s, fits, fitted_length
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -311,9 +311,8 @@ class DeadlineOptunaSearch(OptunaSearch):
                 return Searcher.FINISHED  # a priced start point with no time left for it (nor for anything else)
             if (not start_point or (kind and not first)) and config.get("report_rows"):
                 # A priced start point after the first runs in the time left (its own full length when that fits).
-                cheapest = min([t for t in [clock.get("trial_s")] + [k["trial_s"] for k in kinds.values()] if t],
-                               default=None)
-                config["report_rows"], grow = fitted_length(int(config["report_rows"]), trial_s, left, cheapest)
+                config["report_rows"], grow = fitted_length(int(config["report_rows"]), trial_s, left,
+                                                            cheapest_trial_s(clock.get("trial_s"), kinds))
                 if grow:
                     config["_stretch_rows"] = grow  # may grow into time it would leave unused (loop.Pace)
         return config
