@@ -326,7 +326,8 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
     rung0 = ladder.probe(candidates, start, data.x_train, data.y_train, data.x_val, data.y_val,
                          num_classes=task.num_classes, metric=prepared.metric, allowance_s=allowance,
                          out_dir=shared_dir(prepared.out, resources.storage_path) / "rung0", seed=search.seed,
-                         progress=say if output.progress else None)
+                         progress=say if output.progress else None,
+                         upscale=plan.rung0_upscale)
     if not rung0.probes:
         plan.reasons.append(rung0.summary())
         return rung0

@@ -41,6 +41,11 @@ FLOOR_ROWS = 400                  # many classes: the floor stops growing here (
 LABEL_ERROR_FOLDS = 5
 PROMOTE = 2                       # pretrained backbones promoted to the fine-tuning rungs
 MAX_COST_RATIO = 2.0              # a start backbone dearer than this per row than the space's own is not taken
+UPSCALE_ROWS = 1000               # training rows the upscaled side is judged on at most (a stratified sample)
+UPSCALE_MARGIN = 0.02             # ...and how much better its cross-validated score must be: the larger side costs
+                                  # about its square in features, and later in every prediction. 48 px icons, Lite0,
+                                  # 5-fold CV on training rows, 3 splits: 96 px +7 to +11 points of macro-F1 (all
+                                  # three Lites +8 to +9 on 702 rows); 8 px digits shown at 48 px: 96 px -2 to -3
 
 
 @dataclass
@@ -64,6 +69,7 @@ class Probe:
     cv_score: float | None = None     # its head config cross-validated on train+validation (cross_validate)
     row_flops: float = 0.0            # FLOPs of one row's features: the price compared between backbones (a timing
                                       # of a few rows on a busy machine can be off by more than MAX_COST_RATIO)
+    image_size: int | None = None     # the side it was probed at, where larger than the trial's (Rung0.upscaled)
 
     @property
     def trial_id(self) -> str:
@@ -75,7 +81,9 @@ class Probe:
 class Rung0:
     """What rung 0 found: probes best first, one table row per head fitted, and what it skipped."""
 
-    probes: list[Probe] = field(default_factory=list)
+    probes: list[Probe] = field(default_factory=list)   # at the trial's inputs: fine-tunes start from their heads
+    upscaled: list[Probe] = field(default_factory=list)  # at a larger image side that paid (models only)
+    upscale_note: str = ""                # whether the larger side was taken, and on what evidence
     rows: list[dict] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -88,7 +96,12 @@ class Rung0:
         """Validation probabilities of every head fitted, if they were scored on `y_val`'s rows (else none)."""
         if self.y_val is None or not np.array_equal(self.y_val, y_val):
             return []
-        return [q for p in self.probes for q in p.head_probas]
+        return [q for p in self.models for q in p.head_probas]
+
+    @property
+    def models(self) -> list[Probe]:
+        """Every probe, at the trial's inputs or upscaled, best on validation first: each is a model."""
+        return sorted(self.probes + self.upscaled, key=lambda p: p.val_score, reverse=True)
 
     @property
     def best(self) -> Probe | None:
@@ -102,8 +115,11 @@ class Rung0:
         if not self.probes:
             return "rung 0: no pretrained backbone probed" + (f" ({'; '.join(self.skipped)})" if self.skipped else "")
         backbones = len(self.probes)
-        return (f"rung 0: {len(self.rows)} linear heads on {backbones} backbone{'s' * (backbones > 1)}'s frozen "
-                f"features in {self.seconds:.0f} s; best {self.best.backbone} (val {self.best.val_score:.4f})"
+        best = self.models[0]
+        return (f"rung 0: {len(self.rows)} linear heads on the frozen features of {backbones} "
+                f"backbone{'s' * (backbones > 1)} in {self.seconds:.0f} s; best {best.backbone}"
+                f"{f' at {best.image_size} px' if best.image_size else ''} (val {best.val_score:.4f})"
+                + (f"; {self.upscale_note}" if self.upscale_note else "")
                 + (f"; skipped {'; '.join(self.skipped)}" if self.skipped else ""))
 
 
@@ -212,10 +228,15 @@ class _SharedPasses:
 
 def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_val, y_val: np.ndarray, *,
           num_classes: int, metric: str, allowance_s: float | None, out_dir: str | Path, seed: int = 0,
-          progress=None) -> Rung0:
+          progress=None, upscale: int | None = None) -> Rung0:
     """Rung 0 over `candidates` (pretrained backbone names, the space's start backbone first): each backbone's
     frozen features and its heads, within `allowance_s` seconds (None: no limit). `config` gives the input size
-    or length and the preprocessing. Heads are written to `out_dir`/<trial id>.head.safetensors."""
+    or length and the preprocessing. Heads are written to `out_dir`/<trial id>.head.safetensors.
+
+    upscale: a larger image side to probe at as well (plan.probe_upscale). Where the start backbone's features at
+    that side cross-validate better on the training rows than at the trial's (`upscale_pays`), every backbone is
+    probed at it too: those probes are models of their own (`Rung0.upscaled`), never a fine-tune's starting head
+    (a head fitted at one side scores near chance on features of another: digits 0.06-0.12 against 0.96)."""
     import torch
     from safetensors.torch import save_file
 
@@ -234,57 +255,152 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
     dev = device()
     n_train = len(y_train)
     shared = _SharedPasses(candidates, dev)
-    for i, name in enumerate(candidates):
-        spent = time.monotonic() - t_start
-        left = math.inf if allowance_s is None else allowance_s - spent
-        first = not result.probes  # no model yet: this one is probed however little time is left
-        if left <= 0 and not first:
-            result.skipped.append(f"{name}: rung 0's {allowance_s:.0f} s were spent")
-            continue
+    floor = min(FLOOR_ROWS_PER_CLASS * num_classes, max(FLOOR_ROWS, MIN_ROWS_PER_CLASS * num_classes))
+
+    def left() -> float:
+        return math.inf if allowance_s is None else allowance_s - (time.monotonic() - t_start)
+
+    def one(name: str, tid: str, cfg_in: dict, first: bool, upscaled: bool = False,
+            rows_seen: tuple | None = None) -> tuple[Probe, np.ndarray] | None:
+        """`name` probed at `cfg_in`'s inputs: its probe and the training rows it saw (None: skipped, with the
+        reason in result.skipped). rows_seen: (rows, their features) already computed at these inputs."""
+        what = f"{name} at {cfg_in['image_size']} px" if upscaled else name
+        if left() <= 0 and not first:
+            result.skipped.append(f"{what}: rung 0's {allowance_s:.0f} s were spent")
+            return None
         t0 = time.monotonic()
         try:
-            cfg = full_config({**config, "backbone": name, "unfreeze": 0})
+            cfg = full_config({**cfg_in, "backbone": name, "unfreeze": 0})
             torch.manual_seed(seed)
             model, spec = build_model(cfg, num_classes)
             model.to(dev).eval()
             enc = build_encoder(cfg, model, spec)
             t_rows = time.monotonic()
-            f_val = shared.features(name, model, enc, x_val, "val")
+            f_val = shared.features(name, model, enc, x_val, ("val", upscaled))
         except Exception as exc:  # weights that cannot load, or inputs the model cannot take: judged, not fatal
-            result.skipped.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
-            continue
-        row_s = shared.row_s.get(name) or (time.monotonic() - t_rows) / max(1, len(y_val))
+            result.skipped.append(f"{what}: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
+        row_s = (None if upscaled else shared.row_s.get(name)) or (time.monotonic() - t_rows) / max(1, len(y_val))
         flops = row_flops(model, enc, subset(x_val, np.arange(1)), dev)
         # The training rows this backbone's features can still be paid for (the fits take about a fifth more);
         # another pooling of a checkpoint already probed reuses its rows, whose features are already there.
-        affordable = n_train if allowance_s is None else int((left - (time.monotonic() - t0)) / (1.2 * row_s))
-        floor = min(FLOOR_ROWS_PER_CLASS * num_classes, max(FLOOR_ROWS, MIN_ROWS_PER_CLASS * num_classes))
-        rows = shared.rows.get(name) or min(n_train, MAX_ROWS, max(floor if first else 0, affordable))
+        affordable = n_train if allowance_s is None else int((left() - (time.monotonic() - t0)) / (1.2 * row_s))
+        rows = (None if upscaled else shared.rows.get(name)) \
+            or min(n_train, MAX_ROWS, max(floor if first else 0, affordable))
         if rows < MIN_ROWS_PER_CLASS * num_classes and rows < n_train:
-            result.skipped.append(f"{name}: its features cost {row_s * 1000:.1f} ms a row, rung 0 had time for "
+            result.skipped.append(f"{what}: its features cost {row_s * 1000:.1f} ms a row, rung 0 had time for "
                                   f"{rows} of {n_train} training rows")
-            continue
+            return None
         pick = sample_rows(np.arange(len(y_train)), y_train, rows, seed)
-        f_train = shared.features(name, model, enc, subset(x_train, pick), ("train", rows))
-        shared.done(name, row_s, rows)
+        if rows_seen is not None and np.array_equal(rows_seen[0], pick):
+            f_train = rows_seen[1]
+        else:
+            f_train = shared.features(name, model, enc, subset(x_train, pick), ("train", rows, upscaled))
+        if not upscaled:
+            shared.done(name, row_s, rows)
         heads = fit_heads(f_train, y_train[pick], f_val, y_val, num_classes, metric, balanced_options, seed)
         best = max(heads, key=lambda h: (h["score"], -abs(math.log10(h["C"]))))
-        tid = f"r0_{i}"
         head_file = out_dir / f"{tid}.head.safetensors"
         save_file(_head_state(model, best["w"], best["b"]), str(head_file))
         seconds = time.monotonic() - t0
         p = Probe(name, best["score"], best["C"], best["balanced"], row_s, seconds, len(pick), best["w"], best["b"],
                   best["proba"], str(head_file),
                   np.concatenate([f_train, f_val]) if len(pick) == n_train else None, [h["proba"] for h in heads],
-                  row_flops=flops)
-        result.probes.append(p)
-        result.rows.extend(_head_rows(tid, name, heads, best, config, metric, seconds, len(pick)))
+                  row_flops=flops, image_size=int(cfg_in["image_size"]) if upscaled else None)
+        result.rows.extend(_head_rows(tid, name, heads, best, cfg_in, metric, seconds, len(pick)))
         if progress:
-            progress(_progress_line(name, row_s, heads, best, metric, seconds, len(pick)))
+            progress(_progress_line(what, row_s, heads, best, metric, seconds, len(pick)))
         del model
+        return p, pick
+
+    seen: dict[str, tuple[Probe, np.ndarray]] = {}
+    for i, name in enumerate(candidates):
+        got = one(name, f"r0_{i}", config, first=not result.probes)  # the first is probed however little is left
+        if got:
+            result.probes.append(got[0])
+            seen[name] = got
+    if upscale and seen and upscale > int(config.get("image_size") or upscale):
+        _probe_upscaled(result, seen, candidates, config, upscale, one, left, x_train, y_train, num_classes,
+                        metric, seed, progress)
     result.probes.sort(key=lambda p: p.val_score, reverse=True)
+    result.upscaled.sort(key=lambda p: p.val_score, reverse=True)
     result.seconds = time.monotonic() - t_start
     return result
+
+
+def _probe_upscaled(result: Rung0, seen: dict, candidates: list[str], config: dict, upscale: int, one, left,
+                    x_train, y_train: np.ndarray, num_classes: int, metric: str, seed: int, progress) -> None:
+    """Judge `upscale` px on the first backbone probed (cross-validation on its training rows, both sides) and,
+    where it pays, probe every backbone at it (`one`: probe()'s single-backbone step)."""
+    from automl.data.inputs import sample_rows
+    from automl.data.trial_data import subset
+    from automl.runtime import device
+    from automl.training.featcache import body_features
+    from automl.training.loop import build_encoder, build_model, encode_inputs, full_config
+
+    name = next(n for n in candidates if n in seen)
+    probe0, pick = seen[name]
+    size = int(config["image_size"])
+    rows = sample_rows(pick, y_train[pick], UPSCALE_ROWS, seed)
+    # Features cost about the square of the side; the judgement is skipped when rung 0 cannot pay for it.
+    cost = 1.2 * len(rows) * probe0.row_s * (upscale / size) ** 2
+    if left() < cost:
+        result.skipped.append(f"{upscale} px: rung 0 had no time left to judge it (~{cost:.0f} s)")
+        return
+    dev = device()
+    feats = {}
+    for side in (size, upscale):
+        cfg = full_config({**config, "image_size": side, "backbone": name, "unfreeze": 0})
+        model, spec = build_model(cfg, num_classes)
+        model.to(dev).eval()
+        enc = build_encoder(cfg, model, spec)
+        feats[side] = body_features(model, enc, encode_inputs(enc, subset(x_train, rows)), dev).float().numpy()
+    balanced = metric in ("f1_macro", "balanced_accuracy")
+    scores = {side: cv_score(f, y_train[rows], num_classes, metric, balanced, seed) for side, f in feats.items()}
+    if scores[size] is None or not upscale_pays(scores[size], scores[upscale]):
+        result.upscale_note = (f"{upscale} px not taken: {name}'s frozen features cross-validate "
+                               f"{_fmt(scores[upscale])} on training rows against {_fmt(scores[size])} at {size} px")
+        if progress:
+            progress(f"rung 0: {result.upscale_note}")
+        return
+    result.upscale_note = (f"{upscale} px taken for frozen-feature models: {name}'s features cross-validate "
+                           f"{scores[upscale]:.4f} on training rows against {scores[size]:.4f} at {size} px")
+    if progress:
+        progress(f"rung 0: {result.upscale_note}")
+    at = {**config, "image_size": upscale}
+    for i, b in enumerate(candidates):
+        if b not in seen:
+            continue
+        got = one(b, f"r0_{i}_{upscale}px", at, first=False, upscaled=True,
+                  rows_seen=(rows, feats[upscale]) if b == name else None)
+        if got:
+            result.upscaled.append(got[0])
+
+
+def cv_score(f: np.ndarray, y: np.ndarray, num_classes: int, metric: str, balanced: bool, seed: int = 0,
+             folds: int = 5, C: float = 0.1) -> float | None:
+    """`metric` of one head config's out-of-fold predictions over rows `f` (None: a class too small to fold)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from automl.metrics import classification_metrics
+
+    counts = np.bincount(y, minlength=num_classes)
+    k = int(min(folds, counts[counts > 0].min()))
+    if k < 2:
+        return None
+    out = np.zeros((len(y), num_classes))
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(f, y):
+        out[te] = proba(f[te], *standardised_fit(f[tr], y[tr], num_classes, C, balanced, seed))
+    return float(classification_metrics(y, out, num_classes)[metric])
+
+
+def upscale_pays(at_size: float, upscaled: float) -> bool:
+    """Whether frozen features at the larger side are worth their price: better by UPSCALE_MARGIN or more."""
+    return upscaled >= at_size + UPSCALE_MARGIN
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _head_rows(tid: str, name: str, heads: list[dict], best: dict, config: dict, metric: str, seconds: float,
@@ -363,11 +479,11 @@ def cross_validate(rung0: Rung0, y_seen: np.ndarray, num_classes: int, metric: s
     from automl.metrics import classification_metrics
 
     found = []
-    for p in rung0.probes:
+    for p in rung0.models:
         oof = out_of_fold(p, y_seen, num_classes, seed=seed)
         if oof is not None:
             p.cv_score = float(classification_metrics(y_seen, oof[0], num_classes)[metric])
-            found.append((p.backbone, oof))
+            found.append((p.backbone + (f" at {p.image_size} px" if p.image_size else ""), oof))
     if keep_oof and found:
         rung0.oof_proba = np.mean([proba for _, (proba, _) in found], axis=0)
         rung0.oof_folds = min(folds for _, (_, folds) in found)
@@ -382,7 +498,7 @@ def doubtful(rung0: Rung0 | None, start_val_score: float) -> dict[str, Probe]:
     test against `fixed`'s 0.66 and 0.62), while more rows tell the two apart."""
     if rung0 is None:
         return {}
-    return {p.trial_id: p for p in rung0.probes
+    return {p.trial_id: p for p in rung0.models
             if p.head_file and p.cv_score is not None and p.cv_score < start_val_score}
 
 
@@ -428,14 +544,14 @@ def with_rung0(result, rung0: Rung0, metric: str, experiment_path: str):
     from automl.search.tune import SearchResult, node_id
 
     best_dir = result.best_dir if result is not None and result.best_dir else f"{experiment_path}/best"
-    for p in rung0.probes:
+    for p in rung0.models:
         tid = p.trial_id
         kept.keep(best_dir, tid, load_file(p.head_file), p.val_score, 0,
                   val=(p.val_proba, rung0.y_val) if rung0.y_val is not None else None)
     rows = pd.DataFrame(rung0.rows).assign(node=node_id())  # the driver fitted the heads
     col = f"best_val_{metric}"
     if result is None:
-        best = rows[rows["trial_id"] == rung0.best.trial_id].iloc[0]
+        best = rows[rows["trial_id"] == rung0.models[0].trial_id].iloc[0]
         config = {k[len("config/"):]: v for k, v in best.items() if k.startswith("config/") and not pd.isna(v)}
         result = SearchResult(trials=rows.iloc[0:0], best_config=config, best_epoch=0, best_score=float(best[col]),
                               metric=metric, experiment_path=experiment_path, history={},

@@ -71,11 +71,23 @@ MIN_IMAGE, MAX_IMAGE, MAX_IMAGE_CPU = 32, 224, 128  # on a CPU larger images cos
 # ImageNet backbones downsample 32x: at 32 px their last map is 1x1 and the features nearly collapse (EfficientNet-
 # Lite0 on digits: linear-probe accuracy 0.67 at 32 px, 0.76-0.81 at 40-48 px), so small images are upscaled.
 MIN_IMAGE_PRETRAINED = 48
+# Rung 0 also judges frozen features at up to this multiple of the trial's side (search/ladder.py: it pays on 48 px
+# icons, +8 to +9 points of macro-F1 at 96 px for every EfficientNet-Lite; not on 8 px digits): features are
+# computed once, so a side that a fine-tune could not afford is cheap for them.
+PROBE_UPSCALE = 2
 
 
 def min_image(pretrained: bool) -> int:
     """The smallest side a backbone is trained at."""
     return MIN_IMAGE_PRETRAINED if pretrained else MIN_IMAGE
+
+
+def probe_upscale(size: int | None, gpu: bool = False) -> int | None:
+    """The larger side rung 0 judges frozen features at, for images trained at `size` (None: none is larger)."""
+    if not size:
+        return None
+    up = min(MAX_IMAGE if gpu else MAX_IMAGE_CPU, _round8(PROBE_UPSCALE * size))
+    return up if up > size else None
 
 
 @dataclass
@@ -144,6 +156,7 @@ class Plan:
     transferability: dict | None = None  # LogME pre-ranking of the space's backbones, when it ran
     retrain_fixed_s: float = 0.0       # the part of retrain_s that is Ray Train's start-up (Costs)
     rung0_s: float = 0.0               # reserved for the ladder's rung 0 (frozen features + linear heads)
+    rung0_upscale: int | None = None   # ...which also judges frozen features at this larger image side
     fingerprint: str = ""              # the data it was made for (a resume with other data is refused)
     budget_s: float | None = None      # the time budget it was made for
     stretch_rows: int = 0              # the start point, running all search long, may grow to this (its sensible length)
@@ -322,7 +335,9 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     ratio = stats.n_full / max(1, stats.n_train)
     if regression:  # label errors and cross-validation are for classification: nothing to reserve
         label_errors, cv_folds, rung0_backbones = False, None, 0
-    rung0_s = f.rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones)
+    # Where the user pinned the images' side, every model keeps it; else rung 0 may judge a larger one.
+    upscale = (lambda size: probe_upscale(size, f.gpu) if stats.sized and not pinned_size else None)  # noqa: E731
+    rung0_s = f.rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones, upscale(f.sizes[0]))
     if rung0_s:
         budget_left_s -= rung0_s
         reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
@@ -368,7 +383,8 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 choice.trial_s, r.retrain, r.retrain_s, bool(r.want_errors), r.cross_fit_s, reasons, choice.regime,
                 val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
                 planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if r.retrain_s else 0.0,
-                rung0_s=rung0_s, stretch_rows=p.stretch_rows, kinds=kinds, first_ends_at_s=first_ends)
+                rung0_s=rung0_s, stretch_rows=p.stretch_rows, kinds=kinds, first_ends_at_s=first_ends,
+                rung0_upscale=upscale(choice.size) if rung0_backbones else None)
 
 
 # ---------------------------------------------------------------------------- the plan's steps
@@ -391,6 +407,7 @@ class _Frame:
     vrows: int                        # validation rows trials and finalising score on
     more_cpus: bool                   # a trial running alone gets more CPUs than one beside others
     rung0_s: float = 0.0              # rung 0's reserve, once made (choose judges sizes on the time before it)
+    gpu: bool = False                 # trials train on a GPU
 
     def total(self, budget_left_s: float) -> float:
         """The time left for training: the budget less what follows the search and Ray's start."""
@@ -478,15 +495,15 @@ def _frame(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None]
     load = sp.build_s if sp.build_s is not None else 0.5 * sp.setup_s
     after += costs["evaluate_s"] + stats.n_test * eval_row + 2.0 + TOP_TRIALS * load + SOUP_PASSES * vrows * eval_row
     return _Frame(stats, speed_at, costs, concurrency, fixed_reports, bs, steps_per_pass, sensible, shortest, sizes,
-                  after, vrows, more_cpus)
+                  after, vrows, more_cpus, gpu=bool(resources.get("gpu")))
 
 
-def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int) -> float:
+def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int, upscale: int | None) -> float:
     """The time reserved for rung 0 before the search (0.0 when none is)."""
     if not (rung0_backbones and budget_left_s is not None):
         return 0.0
     total = f.total(budget_left_s)
-    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0])))
+    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale))
     # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
     # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
     # or an eighth (it then probes fewer rows or backbones), or nothing.
@@ -741,17 +758,23 @@ def price_kinds(others: dict[str, Speed], stats: DataStats, choice: "Choice", re
     return kinds
 
 
-def rung0_cost(backbones: int, stats: DataStats, sp: Speed) -> float:
+def rung0_cost(backbones: int, stats: DataStats, sp: Speed, upscale: int | None = None) -> float:
     """Rung 0's time: each backbone's build, its features for the training (at most ladder.MAX_ROWS) and
     validation rows at about the start point's cost a row (dearer backbones cost more: RUNG0_ROW_FACTOR), and
-    its heads."""
-    from automl.search.ladder import MAX_ROWS
+    its heads; with `upscale` (a side larger than sp's), the judgement of that side and every backbone probed
+    at it too, a row there costing about the square of the sides' ratio more."""
+    from automl.search.ladder import MAX_ROWS, UPSCALE_ROWS
 
     rows = min(stats.n_train, MAX_ROWS) + min(stats.n_val, VAL_ROWS)
     # A forward pass costs about a third of a training step (forward + backward); the validation timing of a
     # few rows alone runs warm and under-prices it.
     row_s = max(sp.eval_row_s, sp.step_s / (3.0 * max(1, sp.batch_size)))
-    return backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s)
+    at_size = backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s)
+    if not (upscale and sp.size and upscale > sp.size):
+        return at_size
+    ratio = (upscale / sp.size) ** 2
+    judge = RUNG0_ROW_FACTOR * min(stats.n_train, UPSCALE_ROWS) * row_s * (1 + ratio)
+    return at_size + judge + backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s * ratio)
 
 
 def _reports_for_eval(choice: Choice, vrows: int, speed_at) -> float:
