@@ -231,6 +231,37 @@ def test_when_no_fine_tune_reports_in_time_rung0s_best_head_is_the_model(digits4
     np.testing.assert_allclose(got, r.best.val_proba, atol=2e-3)
 
 
+def test_rung0_probes_at_a_larger_side_only_where_its_features_cross_validate_better_and_keeps_it_as_a_model(
+        digits48, tmp_path):
+    """Frozen ImageNet features of tiny images are better upscaled (48 px icons: +8 points at 96 px) but not
+    always (8 px digits: worse at 96 than 48), so rung 0 judges the larger side on the training rows. Digits
+    trained at 16 px (the features collapse) take 48 px; at 64 px they do not take 128. An upscaled probe is a
+    model built at its own side from its table row, and never a fine-tune's starting head."""
+    from automl.search import kept
+    from automl.training.combine import top_trials
+
+    xt, yt, xv, yv, k = digits48
+    small = {**_config(), "image_size": 16}
+    r = ladder.probe(["efficientnet-lite0"], small, xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                     allowance_s=None, out_dir=tmp_path / "up", upscale=SIZE)
+    assert [p.image_size for p in r.upscaled] == [SIZE] and "48 px taken" in r.upscale_note
+    up = r.upscaled[0]
+    assert up.val_score > r.probes[0].val_score
+    assert r.head_files() == {"efficientnet-lite0": r.probes[0].head_file}
+    result = ladder.with_rung0(None, r, "accuracy", str(tmp_path / "search"))
+    row = result.trials[result.trials["trial_id"] == up.trial_id].iloc[0]
+    assert row["config/image_size"] == SIZE and r.probes[0].trial_id in set(result.trials["trial_id"])
+    cfg = next(c for tid, c, _ in top_trials(result.trials, result.best_dir, "accuracy", k=10) if tid == up.trial_id)
+    model, spec = load_best(cfg, k, kept.model_file(result.best_dir, up.trial_id))
+    got = evaluate(model, build_encoder(full_config(cfg), model, spec), xv, yv, k, torch.device("cpu"),
+                   keep_scores=True)["scores"]
+    np.testing.assert_allclose(got, up.val_proba, atol=2e-3)
+
+    kept_side = ladder.probe(["efficientnet-lite0"], {**_config(), "image_size": 64}, xt, yt, xv, yv, num_classes=k,
+                             metric="accuracy", allowance_s=None, out_dir=tmp_path / "same", upscale=128)
+    assert kept_side.upscaled == [] and "128 px not taken" in kept_side.upscale_note
+
+
 def test_registries_warn_when_a_name_is_registered_again_with_something_else():
     from automl.training.schedules import _SCHEDULES, register_schedule
 

@@ -5,12 +5,13 @@ make_plan is a pure function of the data's statistics and the measured speed: th
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from automl.budget import Costs
-from automl.search.plan import (FIRST_RUNG, FULL_TRIAL_SHARE, RUNG0_MAX_STEP_LOSS, SINGLE_MIN_LENGTH, SINGLE_STRETCH,
-                                SOUP_PASSES, DataStats, Speed, make_plan, sensible_steps)
+from automl.search.plan import (FIRST_RUNG, FULL_TRIAL_SHARE, RUNG0_MAX_STEP_LOSS, RUNG0_SETUP_S, SINGLE_MIN_LENGTH,
+                                SINGLE_STRETCH, SOUP_PASSES, DataStats, Speed, make_plan, rung0_cost, sensible_steps)
 from automl.search.space import load_space
 
 IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=130)
@@ -243,6 +244,30 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
     # Label errors come from rung 0's out-of-fold heads: no cross-fit is planned for them.
     assert not with_.label_errors
 
+
+
+def test_rung0_judges_twice_the_trials_image_side_and_is_priced_for_it_unless_the_side_is_pinned():
+    """Frozen features of tiny images may be better upscaled (search/ladder.py): rung 0 judges twice the trial's
+    side, up to the CPU's largest, and its reserve pays for every backbone's features there. A side the user
+    pinned is every model's; texts have none; 130 px images already train at the CPU's largest."""
+    icons = replace(IMAGES, image_side=48)
+    free = plan(stats=icons, at=speed(0.02), rung0_backbones=3)
+    pinned = plan(stats=icons, at=speed(0.02), rung0_backbones=3, pinned_size=48,
+                  space=load_space("cpu_small", "image", {"image_size": 48}))
+    assert free.storage_size == pinned.storage_size == 48
+    assert free.rung0_upscale == 96 and pinned.rung0_upscale is None
+    assert free.rung0_s > pinned.rung0_s > 0
+    # Where the larger side's time would turn trials side by side into fewer slots or the start point alone, it
+    # gets none: rung 0 keeps what it had without it (digits at 300 s had gone from 9 fine-tunes to 2).
+    slow = [plan(stats=icons, at=speed(0.3), rung0_backbones=3, **kw) for kw in
+            ({}, {"pinned_size": 48, "space": load_space("cpu_small", "image", {"image_size": 48})})]
+    assert slow[0].rung0_upscale == 96 and slow[0].rung0_s == slow[1].rung0_s > 0
+    assert (slow[0].regime, slow[0].concurrency) == (slow[1].regime, slow[1].concurrency) == ("search", 2)
+    assert plan(at=speed(0.02), rung0_backbones=3).rung0_upscale is None
+    assert plan(stats=TEXTS, at=speed(0.02), rung0_backbones=2).rung0_upscale is None
+    sp = speed(0.02)(48)
+    base, up = rung0_cost(3, icons, sp), rung0_cost(3, icons, sp, 96)
+    assert up - base >= 4 * (base - 3 * RUNG0_SETUP_S)  # a row at 96 px costs about four at 48
 
 
 def test_when_not_even_the_start_points_shortest_run_fits_rung0_still_gets_time():
@@ -489,8 +514,6 @@ def test_an_accelerators_one_off_warm_up_is_charged_once_before_the_search():
     """A trial process's first model on a GPU pays one-off costs (measure_speed's warmup_s: ~10 s on an H200);
     the plan takes them off the search's time once, not off every trial (which would price each trial as if it
     ran in a fresh process, as the set-up did before)."""
-    from dataclasses import replace
-
     warm = speed()
     cold = lambda size: replace(warm(size), warmup_s=20.0)  # noqa: E731
     a, b = plan(budget=600, at=warm), plan(budget=600, at=cold)

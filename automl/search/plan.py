@@ -340,8 +340,10 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     rung0_s = f.rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones, upscale(f.sizes[0]))
     if rung0_s:
         budget_left_s -= rung0_s
+        up = upscale(f.sizes[0])
         reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
-                       "pretrained backbone(s), before any fine-tune (the fine-tunes start from the best heads)")
+                       "pretrained backbone(s)" + (f" (and at {up} px, where that pays)" if up else "")
+                       + ", before any fine-tune (the fine-tunes start from the best heads)")
     scratch_s = _reserve_scratch(f, space, others, budget_left_s, reasons)
     if budget_left_s is not None:
         budget_left_s -= scratch_s
@@ -503,7 +505,7 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
     if not (rung0_backbones and budget_left_s is not None):
         return 0.0
     total = f.total(budget_left_s)
-    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale))
+    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0])))
     # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
     # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
     # or an eighth (it then probes fewer rows or backbones), or nothing.
@@ -518,11 +520,28 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
         # and that smaller share cost a digits seed at 30 s 8 points (0.889 against 0.967) for 7 s left unused.
         return max(min(want, max(total, 0.0)), 1.0)
 
+    def choice(r: float) -> Choice:
+        return f.choose(total - r, rung0_s=r)
+
     def affordable(r: float) -> bool:
-        c = f.choose(total - r, rung0_s=r)
+        c = choice(r)
         return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps
 
-    return next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
+    got = next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
+    if not (got and upscale):
+        return got
+    # The larger side's probes (rung 0's judgement of it, then every backbone there) are worth less than the
+    # search's breadth: their time is added only where it leaves the plan's regime and trial slots as they were
+    # (priced unconditionally, digits at 300 s reserved 82 s, ran "single" with 2 fine-tunes where 9 had run
+    # side by side, and used 25 s: the larger side did not pay there).
+    more = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale))
+    ref = choice(got)
+
+    def same(r: float) -> bool:
+        c = choice(r)
+        return affordable(r) and (c.regime, c.concurrency) == (ref.regime, ref.concurrency)
+
+    return next((r for r in (more, (more + got) / 2) if r > got and same(r)), got)
 
 
 def _reserve_scratch(f: _Frame, space: SearchSpace, others: dict[str, Speed] | None, budget_left_s: float | None,
