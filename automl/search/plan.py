@@ -337,7 +337,10 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         label_errors, cv_folds, rung0_backbones = False, None, 0
     # Where the user pinned the images' side, every model keeps it; else rung 0 may judge a larger one.
     upscale = (lambda size: probe_upscale(size, f.gpu) if stats.sized and not pinned_size else None)  # noqa: E731
-    rung0_s = f.rung0_s = _reserve_rung0(f, budget_left_s, rung0_backbones, upscale(f.sizes[0]))
+    after_rung0 = False if rung0_backbones and label_errors == "auto" else label_errors  # see below
+    rung0_s = f.rung0_s = _reserve_rung0(
+        f, budget_left_s, rung0_backbones, upscale(f.sizes[0]),
+        slots=lambda r: _slots(f, space, others, budget_left_s, r, retrain, after_rung0, cv_folds, ratio))
     if rung0_s:
         budget_left_s -= rung0_s
         up = upscale(f.sizes[0])
@@ -500,8 +503,10 @@ def _frame(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None]
                   after, vrows, more_cpus, gpu=bool(resources.get("gpu")))
 
 
-def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int, upscale: int | None) -> float:
-    """The time reserved for rung 0 before the search (0.0 when none is)."""
+def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int, upscale: int | None = None,
+                   slots: Callable[[float], tuple] | None = None) -> float:
+    """The time reserved for rung 0 before the search (0.0 when none is). upscale: a larger image side rung 0 may
+    probe at too (probe_upscale); slots(r): the plan's regime and trial slots with `r` reserved (_slots)."""
     if not (rung0_backbones and budget_left_s is not None):
         return 0.0
     total = f.total(budget_left_s)
@@ -528,20 +533,29 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
         return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps
 
     got = next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
-    if not (got and upscale):
+    if not (got and upscale and slots):
         return got
     # The larger side's probes (rung 0's judgement of it, then every backbone there) are worth less than the
     # search's breadth: their time is added only where it leaves the plan's regime and trial slots as they were
     # (priced unconditionally, digits at 300 s reserved 82 s, ran "single" with 2 fine-tunes where 9 had run
     # side by side, and used 25 s: the larger side did not pay there).
     more = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale))
-    ref = choice(got)
+    ref = slots(got)
+    return next((r for r in (more, (more + got) / 2) if r > got and affordable(r) and slots(r) == ref), got)
 
-    def same(r: float) -> bool:
-        c = choice(r)
-        return affordable(r) and (c.regime, c.concurrency) == (ref.regime, ref.concurrency)
 
-    return next((r for r in (more, (more + got) / 2) if r > got and same(r)), got)
+def _slots(f: _Frame, space: SearchSpace, others: dict[str, Speed] | None, budget_left_s: float, rung0_s: float,
+           retrain: bool | str, label_errors: bool | str, cv_folds: int | None, ratio: float) -> tuple[str, int]:
+    """The plan's regime and trial slots were rung 0 reserved `rung0_s` (make_plan's reserves after rung 0, with
+    nothing recorded)."""
+    was, f.rung0_s = f.rung0_s, rung0_s
+    try:
+        left = budget_left_s - rung0_s
+        left -= _reserve_scratch(f, space, others, left, [])
+        c = _reserves_budgeted(f, left, retrain, label_errors, cv_folds, ratio, []).choice
+        return c.regime, c.concurrency
+    finally:
+        f.rung0_s = was
 
 
 def _reserve_scratch(f: _Frame, space: SearchSpace, others: dict[str, Speed] | None, budget_left_s: float | None,
