@@ -258,7 +258,7 @@ def test_rung0_judges_twice_the_trials_image_side_and_is_priced_for_it_unless_th
     assert free.rung0_upscale == 96 and pinned.rung0_upscale is None
     assert free.rung0_s > pinned.rung0_s > 0
     # Where the larger side's time would turn trials side by side into fewer slots or the start point alone, it
-    # gets none: rung 0 keeps what it had without it (digits at 300 s had gone from 9 fine-tunes to 2).
+    # gets none: rung 0 keeps what it had without it (the larger side is a bet on the data; the breadth is not).
     slow = [plan(stats=icons, at=speed(0.3), rung0_backbones=3, **kw) for kw in
             ({}, {"pinned_size": 48, "space": load_space("cpu_small", "image", {"image_size": 48})})]
     assert slow[0].rung0_upscale == 96 and slow[0].rung0_s == slow[1].rung0_s > 0

@@ -535,10 +535,10 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
     got = next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
     if not (got and upscale and slots):
         return got
-    # The larger side's probes (rung 0's judgement of it, then every backbone there) are worth less than the
-    # search's breadth: their time is added only where it leaves the plan's regime and trial slots as they were
-    # (priced unconditionally, digits at 300 s reserved 82 s, ran "single" with 2 fine-tunes where 9 had run
-    # side by side, and used 25 s: the larger side did not pay there).
+    # The larger side's probes (rung 0's judgement of it, then every backbone there) are a bet on the data, and
+    # the search's breadth is not staked on it: their time is added only where it leaves the plan's regime and
+    # trial slots as they were (priced unconditionally, digits at 300 s reserved ~82 s where ~30 s would have
+    # been, and used 25 s: the larger side did not pay there).
     more = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale))
     ref = slots(got)
     return next((r for r in (more, (more + got) / 2) if r > got and affordable(r) and slots(r) == ref), got)
