@@ -260,6 +260,11 @@ def test_rung0_probes_at_a_larger_side_only_where_its_features_cross_validate_be
     kept_side = ladder.probe(["efficientnet-lite0"], {**_config(), "image_size": 64}, xt, yt, xv, yv, num_classes=k,
                              metric="accuracy", allowance_s=None, out_dir=tmp_path / "same", upscale=128)
     assert kept_side.upscaled == [] and "128 px not taken" in kept_side.upscale_note
+    # With no time left after its first backbone, rung 0 skips the judgement and says so.
+    rushed = ladder.probe(["efficientnet-lite0"], small, xt, yt, xv, yv, num_classes=k, metric="accuracy",
+                          allowance_s=0.0, out_dir=tmp_path / "rushed", upscale=SIZE)
+    assert len(rushed.probes) == 1 and rushed.upscaled == [] and rushed.upscale_note == ""
+    assert any("no time left to judge" in why for why in rushed.skipped)
 
 
 def test_registries_warn_when_a_name_is_registered_again_with_something_else():

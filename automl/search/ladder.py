@@ -342,16 +342,17 @@ def _probe_upscaled(result: Rung0, seen: dict, candidates: list[str], config: di
     probe0, pick = seen[name]
     size = int(config["image_size"])
     rows = sample_rows(pick, y_train[pick], UPSCALE_ROWS, seed)
+    reuse = probe0.full_features is not None and np.array_equal(rows, pick)  # its probe saw every training row
     # Features cost about the square of the side; the judgement is skipped when rung 0 cannot pay for it.
-    cost = 1.2 * len(rows) * probe0.row_s * (upscale / size) ** 2
+    cost = 1.2 * len(rows) * probe0.row_s * ((upscale / size) ** 2 + (0 if reuse else 1))
     if left() < cost:
         result.skipped.append(f"{upscale} px: rung 0 had no time left to judge it (~{cost:.0f} s)")
         return
     dev = device()
     feats = {}
     for side in (size, upscale):
-        if side == size and probe0.full_features is not None and np.array_equal(rows, pick):
-            feats[side] = probe0.full_features[:len(pick)]  # every training row's, computed by its probe
+        if side == size and reuse:
+            feats[side] = probe0.full_features[:len(pick)]
             continue
         cfg = full_config({**config, "image_size": side, "backbone": name, "unfreeze": 0})
         model, spec = build_model(cfg, num_classes)
