@@ -264,6 +264,11 @@ def test_rung0_judges_twice_the_trials_image_side_and_is_priced_for_it_unless_th
     assert slow[0].rung0_upscale == 96 and slow[0].rung0_s == slow[1].rung0_s > 0
     assert (slow[0].regime, slow[0].concurrency) == (slow[1].regime, slow[1].concurrency) == ("search", 2)
     assert plan(at=speed(0.02), rung0_backbones=3).rung0_upscale is None
+    # 130 px images that the budget shrinks to 96 px: rung 0 judges 128, and its line in the plan says so.
+    shrunk = plan(at=speed(0.9), rung0_backbones=3)
+    assert shrunk.storage_size == 96 and shrunk.rung0_upscale == 128
+    assert any(r.startswith("rung 0:") and "(and at 128 px, where that pays)" in r for r in shrunk.reasons)
+    assert any(r.startswith("rung 0:") and "(and at 96 px" in r for r in free.reasons)
     assert plan(stats=TEXTS, at=speed(0.02), rung0_backbones=2).rung0_upscale is None
     sp = speed(0.02)(48)
     base, up = rung0_cost(3, icons, sp), rung0_cost(3, icons, sp, 96)

@@ -341,12 +341,9 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     rung0_s = f.rung0_s = _reserve_rung0(
         f, budget_left_s, rung0_backbones, upscale(f.sizes[0]),
         slots=lambda r: _slots(f, space, others, budget_left_s, r, retrain, after_rung0, cv_folds, ratio))
+    rung0_at = len(reasons)  # its reason names the side it judges, known once the trials' size is chosen
     if rung0_s:
         budget_left_s -= rung0_s
-        up = upscale(f.sizes[0])
-        reasons.append(f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of {rung0_backbones} "
-                       "pretrained backbone(s)" + (f" (and at {up} px, where that pays)" if up else "")
-                       + ", before any fine-tune (the fine-tunes start from the best heads)")
     scratch_s = _reserve_scratch(f, space, others, budget_left_s, reasons)
     if budget_left_s is not None:
         budget_left_s -= scratch_s
@@ -359,6 +356,12 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         if scratch_s:
             r.search_s += scratch_s  # the priced from-scratch start point runs after the start point, in the search
     choice = r.choice
+    rung0_upscale = upscale(choice.size) if rung0_backbones else None
+    if rung0_s:
+        reasons.insert(rung0_at, f"rung 0: ~{rung0_s:.0f} s for linear heads on the frozen features of "
+                       f"{rung0_backbones} pretrained backbone(s)"
+                       + (f" (and at {rung0_upscale} px, where that pays)" if rung0_upscale else "")
+                       + ", before any fine-tune (the fine-tunes start from the best heads)")
     resources = _regime_resources(choice, resources, node_cpus, reasons)
     p = _pin(f, space, choice, pinned_size, max_length)
     reasons[:0] = _length_reasons(f, choice, p, max_length)
@@ -389,7 +392,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
                 planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if r.retrain_s else 0.0,
                 rung0_s=rung0_s, stretch_rows=p.stretch_rows, kinds=kinds, first_ends_at_s=first_ends,
-                rung0_upscale=upscale(choice.size) if rung0_backbones else None)
+                rung0_upscale=rung0_upscale)
 
 
 # ---------------------------------------------------------------------------- the plan's steps
