@@ -237,13 +237,11 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
     that side cross-validate better on the training rows than at the trial's (`upscale_pays`), every backbone is
     probed at it too: those probes are models of their own (`Rung0.upscaled`), never a fine-tune's starting head
     (a head fitted at one side scores near chance on features of another: digits 0.06-0.12 against 0.96)."""
-    import torch
     from safetensors.torch import save_file
 
     from automl.data.inputs import sample_rows
     from automl.data.trial_data import subset
     from automl.runtime import device
-    from automl.training.loop import build_encoder, build_model, full_config
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -270,11 +268,7 @@ def probe(candidates: list[str], config: dict, x_train, y_train: np.ndarray, x_v
             return None
         t0 = time.monotonic()
         try:
-            cfg = full_config({**cfg_in, "backbone": name, "unfreeze": 0})
-            torch.manual_seed(seed)
-            model, spec = build_model(cfg, num_classes)
-            model.to(dev).eval()
-            enc = build_encoder(cfg, model, spec)
+            model, enc = _frozen(cfg_in, name, num_classes, dev, seed)
             t_rows = time.monotonic()
             f_val = shared.features(name, model, enc, x_val, ("val", upscaled))
         except Exception as exc:  # weights that cannot load, or inputs the model cannot take: judged, not fatal
@@ -336,7 +330,7 @@ def _probe_upscaled(result: Rung0, seen: dict, candidates: list[str], config: di
     from automl.data.trial_data import subset
     from automl.runtime import device
     from automl.training.featcache import body_features
-    from automl.training.loop import build_encoder, build_model, encode_inputs, full_config
+    from automl.training.loop import encode_inputs
 
     name = next(n for n in candidates if n in seen)
     probe0, pick = seen[name]
@@ -354,10 +348,7 @@ def _probe_upscaled(result: Rung0, seen: dict, candidates: list[str], config: di
         if side == size and reuse:
             feats[side] = probe0.full_features[:len(pick)]
             continue
-        cfg = full_config({**config, "image_size": side, "backbone": name, "unfreeze": 0})
-        model, spec = build_model(cfg, num_classes)
-        model.to(dev).eval()
-        enc = build_encoder(cfg, model, spec)
+        model, enc = _frozen({**config, "image_size": side}, name, num_classes, dev, seed)
         feats[side] = body_features(model, enc, encode_inputs(enc, subset(x_train, rows)), dev).float().numpy()
     balanced = metric in ("f1_macro", "balanced_accuracy")
     scores = {side: cv_score(f, y_train[rows], num_classes, metric, balanced, seed) for side, f in feats.items()}
@@ -381,21 +372,26 @@ def _probe_upscaled(result: Rung0, seen: dict, candidates: list[str], config: di
             result.upscaled.append(got[0])
 
 
+def _frozen(config: dict, name: str, num_classes: int, dev, seed: int):
+    """Backbone `name` with a linear head, built for `config`'s inputs, in eval mode on `dev`, and its encoder."""
+    import torch
+
+    from automl.training.loop import build_encoder, build_model, full_config
+
+    cfg = full_config({**config, "backbone": name, "unfreeze": 0})
+    torch.manual_seed(seed)
+    model, spec = build_model(cfg, num_classes)
+    model.to(dev).eval()
+    return model, build_encoder(cfg, model, spec)
+
+
 def cv_score(f: np.ndarray, y: np.ndarray, num_classes: int, metric: str, balanced: bool, seed: int = 0,
              folds: int = 5, C: float = 0.1) -> float | None:
     """`metric` of one head config's out-of-fold predictions over rows `f` (None: a class too small to fold)."""
-    from sklearn.model_selection import StratifiedKFold
-
     from automl.metrics import classification_metrics
 
-    counts = np.bincount(y, minlength=num_classes)
-    k = int(min(folds, counts[counts > 0].min()))
-    if k < 2:
-        return None
-    out = np.zeros((len(y), num_classes))
-    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(f, y):
-        out[te] = proba(f[te], *standardised_fit(f[tr], y[tr], num_classes, C, balanced, seed))
-    return float(classification_metrics(y, out, num_classes)[metric])
+    got = _out_of_fold(f, y, num_classes, C, balanced, folds, seed)
+    return None if got is None else float(classification_metrics(y, got[0], num_classes)[metric])
 
 
 def upscale_pays(at_size: float, upscaled: float) -> bool:
@@ -434,19 +430,25 @@ def out_of_fold(probe_: Probe, y_full: np.ndarray, num_classes: int, folds: int 
                 seed: int = 0) -> tuple[np.ndarray, int] | None:
     """Out-of-fold probabilities of train+validation from the probe's head config refitted per fold (seconds),
     and the folds used (fewer when a class is smaller; None when the probe did not see every row)."""
-    from sklearn.model_selection import StratifiedKFold
-
     f = probe_.full_features
     if f is None or len(f) != len(y_full):
         return None
-    counts = np.bincount(y_full, minlength=num_classes)
+    return _out_of_fold(f, y_full, num_classes, probe_.C, probe_.balanced, folds, seed)
+
+
+def _out_of_fold(f: np.ndarray, y: np.ndarray, num_classes: int, C: float, balanced: bool, folds: int,
+                 seed: int) -> tuple[np.ndarray, int] | None:
+    """Out-of-fold probabilities of one head config over rows `f` (stratified folds, fewer when a class is
+    smaller) and the folds used; None when a class has fewer than two rows."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(y, minlength=num_classes)
     k = int(min(folds, counts[counts > 0].min()))
     if k < 2:
         return None
-    out = np.zeros((len(y_full), num_classes))
-    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(f, y_full):
-        w, b = standardised_fit(f[tr], y_full[tr], num_classes, probe_.C, probe_.balanced, seed)
-        out[te] = proba(f[te], w, b)
+    out = np.zeros((len(y), num_classes))
+    for tr, te in StratifiedKFold(k, shuffle=True, random_state=seed).split(f, y):
+        out[te] = proba(f[te], *standardised_fit(f[tr], y[tr], num_classes, C, balanced, seed))
     return out, k
 
 

@@ -337,24 +337,20 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
         label_errors, cv_folds, rung0_backbones = False, None, 0
     # Where the user pinned the images' side, every model keeps it; else rung 0 may judge a larger one.
     upscale = (lambda size: probe_upscale(size, f.gpu) if stats.sized and not pinned_size else None)  # noqa: E731
-    after_rung0 = False if rung0_backbones and label_errors == "auto" else label_errors  # see below
+    # Where rung 0 runs, its out-of-fold heads list label errors for seconds: no cross-fit to plan.
+    with_rung0_errors = False if rung0_backbones and label_errors == "auto" else label_errors
+    rest = dict(space=space, others=others, retrain=retrain, cv_folds=cv_folds, ratio=ratio)
     rung0_s = f.rung0_s = _reserve_rung0(
         f, budget_left_s, rung0_backbones, upscale(f.sizes[0]),
-        slots=lambda r: _slots(f, space, others, budget_left_s, r, retrain, after_rung0, cv_folds, ratio))
+        slots=lambda r: _slots(f, r, budget_left_s, label_errors=with_rung0_errors, **rest))
     rung0_at = len(reasons)  # its reason names the side it judges, known once the trials' size is chosen
     if rung0_s:
         budget_left_s -= rung0_s
-    scratch_s = _reserve_scratch(f, space, others, budget_left_s, reasons)
+    if rung0_s or budget_left_s is None:
+        label_errors = with_rung0_errors
+    scratch_s, r = _after_rung0(f, budget_left_s, label_errors=label_errors, reasons=reasons, **rest)
     if budget_left_s is not None:
         budget_left_s -= scratch_s
-    if rung0_backbones and (rung0_s or budget_left_s is None) and label_errors == "auto":
-        label_errors = False  # rung 0's out-of-fold heads list them for seconds: no cross-fit to plan
-    if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
-        r = _reserves_unlimited(f, retrain, label_errors, ratio)
-    else:
-        r = _reserves_budgeted(f, budget_left_s, retrain, label_errors, cv_folds, ratio, reasons)
-        if scratch_s:
-            r.search_s += scratch_s  # the priced from-scratch start point runs after the start point, in the search
     choice = r.choice
     rung0_upscale = upscale(choice.size) if rung0_backbones else None
     if rung0_s:
@@ -547,15 +543,24 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
     return next((r for r in (more, (more + got) / 2) if r > got and affordable(r) and slots(r) == ref), got)
 
 
-def _slots(f: _Frame, space: SearchSpace, others: dict[str, Speed] | None, budget_left_s: float, rung0_s: float,
-           retrain: bool | str, label_errors: bool | str, cv_folds: int | None, ratio: float) -> tuple[str, int]:
-    """The plan's regime and trial slots were rung 0 reserved `rung0_s` (make_plan's reserves after rung 0, with
-    nothing recorded)."""
+def _after_rung0(f: _Frame, budget_left_s: float | None, *, space: SearchSpace, others: dict[str, Speed] | None,
+                 retrain: bool | str, label_errors: bool | str, cv_folds: int | None, ratio: float,
+                 reasons: list[str]) -> tuple[float, _Reserves]:
+    """What follows rung 0's reserve in `budget_left_s` (None: no time limit): the from-scratch start points'
+    reserve, then the trial, the search and what is reserved after it."""
+    scratch_s = _reserve_scratch(f, space, others, budget_left_s, reasons)
+    if budget_left_s is None:  # no time limit: the sensible length; a trial count decides how many
+        return scratch_s, _reserves_unlimited(f, retrain, label_errors, ratio)
+    r = _reserves_budgeted(f, budget_left_s - scratch_s, retrain, label_errors, cv_folds, ratio, reasons)
+    r.search_s += scratch_s  # the priced from-scratch start point runs after the start point, in the search
+    return scratch_s, r
+
+
+def _slots(f: _Frame, rung0_s: float, budget_left_s: float, **rest) -> tuple[str, int]:
+    """The plan's regime and trial slots were rung 0 reserved `rung0_s` (_after_rung0, nothing recorded)."""
     was, f.rung0_s = f.rung0_s, rung0_s
     try:
-        left = budget_left_s - rung0_s
-        left -= _reserve_scratch(f, space, others, left, [])
-        c = _reserves_budgeted(f, left, retrain, label_errors, cv_folds, ratio, []).choice
+        c = _after_rung0(f, budget_left_s - rung0_s, reasons=[], **rest)[1].choice
         return c.regime, c.concurrency
     finally:
         f.rung0_s = was
