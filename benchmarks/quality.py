@@ -169,7 +169,10 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     torch.set_num_threads(threads)
     task = prepare(df, "label", seed=seed)
     space = load_space("cpu_small", task.modality)
-    cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed})
+    # Batches of random rows, as a loop written by hand draws them (transformers' Trainer: group_by_length=False);
+    # the product cuts text batches from rows of similar length (training/loop.Batches).
+    cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed,
+                       "length_grouped": False})
     spec = resolve(cfg["backbone"])
     n_train = len(task.splits["train"])
     steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))

@@ -63,10 +63,11 @@ class Split:
         self.model = model
 
     def features(self, encoder, x, device, batch_size: int = 128):
+        from automl.data.encoders import in_order, inference_batches
+
+        batches, inverse = inference_batches(x, batch_size)
         with torch.no_grad():
-            parts = [self.bottom(encoder, x, np.arange(s, min(s + batch_size, len(x))), device).float().cpu()
-                     for s in range(0, len(x), batch_size)]
-        return torch.cat(parts)
+            return in_order([self.bottom(encoder, x, idx, device).float().cpu() for idx in batches], inverse)
 
     def bottom(self, encoder, x, idx: np.ndarray, device) -> torch.Tensor:
         raise NotImplementedError

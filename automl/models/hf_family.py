@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl.data.encoders import TextEncoder
+from automl.data.encoders import TextEncoder, in_order, inference_batches
 from automl.models.base import Family, Ragged, Split, eval_mode
 from automl.models.registry import BackboneSpec, offline_hint, register_family
 
@@ -98,23 +98,22 @@ class _Prefix(Split):
             raise _Stop  # the layers above are not needed
 
         handle = self.layers[self.cut].register_forward_pre_hook(grab, with_kwargs=True)
-        flat, lengths = [], []
+        rows: list = [None] * len(x)
         try:
             with torch.no_grad():
-                for s in range(0, len(x), batch_size):
-                    ids, mask = encoder.batch(x, np.arange(s, min(s + batch_size, len(x))))
+                for idx in inference_batches(x, batch_size)[0]:
+                    ids, mask = encoder.batch(x, idx)
                     try:
                         self.model.encoder(input_ids=ids.to(device), attention_mask=mask.to(device))
                     except _Stop:
                         pass
                     h = caught.pop().float().cpu()
                     for i, n in enumerate(mask.sum(1).tolist()):
-                        flat.append(h[i, :n])
-                        lengths.append(n)
+                        rows[idx[i]] = h[i, :n]
         finally:
             handle.remove()
-        offsets = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.long)
-        return Ragged(torch.cat(flat), offsets)
+        offsets = torch.as_tensor(np.concatenate([[0], np.cumsum([len(r) for r in rows])]), dtype=torch.long)
+        return Ragged(torch.cat(rows), offsets)
 
     def apply_top(self, feats, mask=None, training: bool = True):
         from transformers.masking_utils import create_bidirectional_mask
@@ -267,14 +266,15 @@ class HFFamily(Family):
 
     def pooled_features(self, model, encoder, x, device, poolings, batch_size: int = 128):
         out = {p: [] for p in poolings}
+        batches, inverse = inference_batches(x, batch_size)
         with eval_mode(model), torch.no_grad():
-            for s in range(0, len(x), batch_size):
-                ids, mask = encoder.batch(x, np.arange(s, min(s + batch_size, len(x))))
+            for idx in batches:
+                ids, mask = encoder.batch(x, idx)
                 ids, mask = ids.to(device), mask.to(device)
                 hidden = model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
                 for p in poolings:
                     out[p].append(pool(hidden, mask, p).float().cpu())
-        return {p: torch.cat(v) for p, v in out.items()}
+        return {p: in_order(v, inverse) for p, v in out.items()}
 
     def layer_groups(self, model):
         layers = _layers(model.encoder)

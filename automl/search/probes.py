@@ -125,13 +125,16 @@ def measured_speed(task: TaskData, cfg: dict, res: dict, max_length: int | None,
     data = TrialData(task.modality, task.num_classes, pick(tr), task.y[tr], pick(va), task.y[va],
                      task="regression" if task.task == "regression" else "classification")
     cfg = {**cfg, "image_size": size or cfg.get("image_size"), "max_length": max_length or 64}
+    # Text steps are priced at the padding of batches of the training rows, not of the probe's 64 (loop.Batches).
+    sample = None if adapter.sized else pick(np.random.default_rng(1).permutation(task.splits["train"])[:PAD_ROWS])
+    timed = lambda threads: _timed_where_trials_run(res, cfg, data, threads, sample)  # noqa: E731
     mine, alone = int(res.get("cpu", 1)), int(node_cpus)
     if alone_only and alone > mine:
-        m = _timed_where_trials_run(res, cfg, data, threads=(alone,))
+        m = timed((alone,))
         return Speed(m["setup_s"], m["step_s"] * thread_speedup, m["eval_row_s"] * thread_speedup,
                      m["batch_size"], size, m["step_s"], m.get("build_s"), m.get("warmup_s", 0.0),
                      one_trial_timed=False)
-    m = _timed_where_trials_run(res, cfg, data, threads=(mine, alone) if alone > mine else (mine,))
+    m = timed((mine, alone) if alone > mine else (mine,))
     return Speed(m["setup_s"], m["step_s"], m["eval_row_s"], m["batch_size"], size, m.get(f"step_s_{alone}"),
                  m.get("build_s"), m.get("warmup_s", 0.0))
 
@@ -166,7 +169,10 @@ def scratch_speeds(task: TaskData, space: SearchSpace, res: dict, size: int | No
     return out
 
 
-def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...]) -> dict:
+PAD_ROWS = 2048  # training rows whose batches' padding prices a text step (a pass of 64 batches of 32)
+
+
+def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...], sample=None) -> dict:
     """measure_speed on the device trials will use: here when this process has it (or trials use no GPU), else
     in a Ray task holding a trial's GPU (a cluster whose driver has none must not plan GPU trials at CPU speed)."""
     import torch
@@ -175,20 +181,20 @@ def _timed_where_trials_run(res: dict, cfg: dict, data, threads: tuple[int, ...]
     from automl.training.loop import measure_speed
 
     if not res.get("gpu"):
-        return measure_speed(cfg, data, device=torch.device("cpu"), steps=3, threads=threads)
+        return measure_speed(cfg, data, device=torch.device("cpu"), steps=3, threads=threads, train_sample=sample)
     if device().type != "cpu":
-        return measure_speed(cfg, data, device=device(), steps=3, threads=threads)
+        return measure_speed(cfg, data, device=device(), steps=3, threads=threads, train_sample=sample)
     import ray
 
     from automl.plugins import snapshot
 
     task = ray.remote(num_cpus=res.get("cpu", 1), num_gpus=res["gpu"])(_measure_in_worker)
-    return ray.get(task.remote(cfg, data, threads, snapshot()))
+    return ray.get(task.remote(cfg, data, threads, snapshot(), sample))
 
 
-def _measure_in_worker(cfg: dict, data, threads: tuple[int, ...], plugins: dict) -> dict:
+def _measure_in_worker(cfg: dict, data, threads: tuple[int, ...], plugins: dict, sample=None) -> dict:
     from automl.plugins import install
     from automl.training.loop import measure_speed
 
     install(plugins)  # the user's registered backbones and policies, as trials get them
-    return measure_speed(cfg, data, steps=3, threads=threads)
+    return measure_speed(cfg, data, steps=3, threads=threads, train_sample=sample)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from automl import modalities, models
-from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits
+from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits, row_lengths
 from automl.data.trial_data import TrialData, subset
 from automl.metrics import classification_metrics
 from automl.runtime import amp_dtype, autocast, first_pass_is_slow
@@ -181,14 +181,37 @@ class Batches:
     whatever the data size. Pass j is shuffled with (seed, j): a resumed run draws exactly the same batches.
     """
 
-    def __init__(self, shard: np.ndarray, batch_size: int, seed: int):
+    GROUP = 8  # batches whose rows are sorted by length together (where rows have lengths)
+
+    def __init__(self, shard: np.ndarray, batch_size: int, seed: int, lengths: np.ndarray | None = None):
         self.shard, self.bs, self.seed = shard, max(1, batch_size), seed
+        self.lengths = None if lengths is None else np.asarray(lengths)
         self._pass, self._perm = -1, shard
 
     def _permutation(self, j: int) -> np.ndarray:
         if j != self._pass:
-            self._pass, self._perm = j, self.shard[np.random.default_rng([self.seed, j]).permutation(len(self.shard))]
+            rng = np.random.default_rng([self.seed, j])
+            perm = self.shard[rng.permutation(len(self.shard))]
+            self._pass, self._perm = j, perm if self.lengths is None else self._grouped(perm, j, rng)
         return self._perm
+
+    def _grouped(self, perm: np.ndarray, j: int, rng) -> np.ndarray:
+        """Pass j's rows with each batch cut from rows of similar length: every GROUP batches' worth of shuffled
+        rows is sorted by length and cut into batches, and the batches are shuffled (so any step is a random
+        batch, as a speed probe's few steps assume). A batch pads to its longest row: random batches of short
+        texts padded to 2.7x their tokens, grouped ones to 1.2x, and a MiniLM step took 0.55 s instead of 1.23
+        (fortunes, 2 cores, 2026-12-05); transformers' `group_by_length` does the same."""
+        head = (-j * len(self.shard)) % self.bs  # rows that complete the batch the previous pass began
+        body = perm[head:]
+        full = len(body) // self.bs * self.bs
+        span = self.GROUP * self.bs
+        batches = []
+        for s in range(0, full, span):
+            part = body[s:min(s + span, full)]
+            part = part[np.argsort(self.lengths[part], kind="stable")]
+            batches += [part[b:b + self.bs] for b in range(0, len(part), self.bs)]
+        order = rng.permutation(len(batches))
+        return np.concatenate([perm[:head], *(batches[i] for i in order), body[full:]]).astype(perm.dtype)
 
     def __call__(self, step: int) -> np.ndarray:
         n, out, pos = len(self.shard), [], step * self.bs
@@ -320,9 +343,11 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     x_train = encode_inputs(encoder, data.x_train)
     x_val = encode_inputs(encoder, data.x_val) if data.x_val is not None else None
     y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
+    lengths = row_lengths(x_train) if config["length_grouped"] else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
-                  x_train, x_val, y_train, Batches(shard, local_bs, seed), per_report, device, scaler, build_s)
+                  x_train, x_val, y_train, Batches(shard, local_bs, seed, lengths), per_report, device, scaler,
+                  build_s)
 
 
 class Pace:
@@ -524,7 +549,7 @@ def load_best(config: dict, num_classes: int, weights: str | None):
 
 
 def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torch.device | None = None,
-                  threads: tuple[int, ...] = (1,), window_s: float | None = None) -> dict:
+                  threads: tuple[int, ...] = (1,), window_s: float | None = None, train_sample=None) -> dict:
     """Time `config`: model set-up, one optimizer step (after a warm-up step; the mean of up to `steps`, fewer once
     `window_s` (default TIMED_WINDOW_S) is filled) with each of `threads` CPU threads, and one validation row (with
     the first).
@@ -532,13 +557,18 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
     The plan scales these to choose trial lengths; it runs the real training step, so augmentation, unfreezing
     depth and the batch size all count. Returns setup_s, step_s (first thread count), eval_row_s, batch_size,
     step_s_<n> for every thread count n, and warmup_s: what a process's first model of this kind pays once.
+
+    train_sample: inputs like the training rows (a random sample of them), where data holds only a few: a step
+    on rows with lengths (text) costs in proportion to its batch's padded tokens, so the timed steps are scaled
+    from the probe's batches to what batches of the sample pad to (`padded_ratio`).
     """
     config = full_config(config)
     device = device or default_device()
     before = torch.get_num_threads()
     try:
         window_s = TIMED_WINDOW_S if window_s is None else window_s
-        first = _time_once(config, data, steps, device, threads, window_s, warm_up=device.type not in _TIMED_ON)
+        first = _time_once(config, data, steps, device, threads, window_s, warm_up=device.type not in _TIMED_ON,
+                           train_sample=train_sample)
         _TIMED_ON.add(device.type)  # only once a model was timed: a start backbone that cannot load paid nothing
         if not first_pass_is_slow(device):
             return first
@@ -546,7 +576,7 @@ def measure_speed(config: dict, data: TrialData, *, steps: int = 4, device: torc
         # its first steps and its first validation pass: on an H200 they priced a MiniLM step at 1.13 s (0.05 s
         # warm) and a Lite0 trial's set-up at 9 s (2026-12-04). A trial actor pays them once (Tune reuses it), so
         # the plan charges them once, and every trial what the process pays when warm.
-        warm = _time_once(config, data, steps, device, threads, window_s)
+        warm = _time_once(config, data, steps, device, threads, window_s, train_sample=train_sample)
         return {**warm, "warmup_s": max(0.0, first["wall_s"] - warm["wall_s"])}
     finally:
         torch.set_num_threads(before)
@@ -557,8 +587,24 @@ MIN_TIMED_STEPS = 2
 _TIMED_ON: set[str] = set()  # device types this process has timed a model on (its one-off costs are paid)
 
 
+def padded_tokens(batches: Batches, steps) -> float:
+    """Mean padded tokens of the batches of `steps` (their rows' longest length times their row count)."""
+    return float(np.mean([len(idx) * batches.lengths[idx].max() for idx in map(batches, steps)]))
+
+
+def _sample_padding(s: _Setup, train_sample) -> float | None:
+    """Mean padded tokens of a pass of batches over `train_sample` as `s` batches (None: rows have no lengths)."""
+    if s.batches.lengths is None or train_sample is None or not len(train_sample):
+        return None
+    lengths = row_lengths(encode_inputs(s.encoder, train_sample))
+    if lengths is None:
+        return None
+    like = Batches(np.arange(len(lengths)), s.batches.bs, s.batches.seed, lengths)
+    return padded_tokens(like, range(max(1, len(lengths) // s.batches.bs)))
+
+
 def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, threads: tuple[int, ...],
-               window_s: float, warm_up: bool = False) -> dict:
+               window_s: float, warm_up: bool = False, train_sample=None) -> dict:
     """measure_speed's timings, taken once (on a fresh model). warm_up: the process has timed nothing yet, so a
     thread count's first step and the first validation pass run untimed first (on 2 CPU cores a fresh process
     timed Lite0's step with 2 threads at 1.45x and a validation row at 2x what they cost warm, 2026-12-04; timing
@@ -572,13 +618,13 @@ def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, 
     eval_frozen(s.model)
     s.step(s.model, s.encoder, 0)
     out = {"setup_s": time.perf_counter() - t0, "build_s": s.build_s, "batch_size": s.batches.bs}
-    step = 1
+    step, sample_padding = 1, _sample_padding(s, train_sample)
     for n in threads:
         torch.set_num_threads(n)
         if warm_up and n != threads[0]:  # the first thread count's warm-up step was the set-up's
             s.step(s.model, s.encoder, step)
             step += 1
-        t1, timed = time.perf_counter(), 0
+        t1, timed, first = time.perf_counter(), 0, step
         # Up to `steps` steps, fewer once `window_s` is filled: three 2 s steps at each of two thread counts cost
         # 12 s of a 300 s budget's planning (Lite0 at 128 px, 2 cores). Never fewer than two: one step is 20-25%
         # off the mean (MiniLM's batches pad to their longest text; one timed step made the `fixed` baseline plan
@@ -586,7 +632,9 @@ def _time_once(config: dict, data: TrialData, steps: int, device: torch.device, 
         while timed < steps and (timed < MIN_TIMED_STEPS or time.perf_counter() - t1 < window_s):
             s.step(s.model, s.encoder, step)
             step, timed = step + 1, timed + 1
-        out[f"step_s_{n}"] = (time.perf_counter() - t1) / timed
+        ratio = 1.0 if sample_padding is None else sample_padding / padded_tokens(s.batches, range(first, step))
+        out[f"step_s_{n}"] = (time.perf_counter() - t1) / timed * ratio
+        out.setdefault("padded_ratio", ratio)
     torch.set_num_threads(threads[0])
     rows = s.x_val if s.x_val is not None else s.x_train
     n_eval = min(len(rows), 128)

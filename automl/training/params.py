@@ -81,6 +81,8 @@ PARAMS: dict[str, Param] = {
     "init": Param("zero", "'zero' or 'probe' (rung 0's best linear head: LP-FT)", lambda v: v in ("zero", "probe"),
                   lambda: ["zero", "probe"]),
     "seed": Param(0, "an integer >= 0", _num(0, None, True)),
+    # Not searched: batches of rows with lengths (text) are cut from rows of similar length (loop.Batches).
+    "length_grouped": Param(True, "true or false", lambda v: isinstance(v, bool)),
     # Set by the plan, not searched: training rows between two reports (0: one pass over the data).
     "report_rows": Param(0, "an integer >= 0 (0 = one pass over the training data)", _num(0, None, True)),
 }
