@@ -172,9 +172,10 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     task = prepare(df, "label", seed=seed)
     space = load_space("cpu_small", task.modality)
     # Batches of random rows, as a loop written by hand draws them (transformers' Trainer: group_by_length=False);
-    # the product cuts text batches from rows of similar length (training/loop.Batches).
+    # the product cuts text batches from rows of similar length (training/loop.Batches). fp32 steps, as a loop
+    # written by hand runs on a CPU (Trainer: bf16=False); the product's text steps run in bf16 where AMX pays.
     cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed,
-                       "length_grouped": grouped})
+                       "length_grouped": grouped, "cpu_bf16": False})
     spec = resolve(cfg["backbone"])
     n_train = len(task.splits["train"])
     steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))

@@ -83,13 +83,14 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def forward(model, encoder, inputs, idx: np.ndarray, device, augment=None) -> torch.Tensor:
+def forward(model, encoder, inputs, idx: np.ndarray, device, augment=None, cpu_amp: bool = False) -> torch.Tensor:
     """Run one batch through the model, whatever the modality (a batch may be (ids, mask)-like pairs).
-    The batch is made on `device`, which must be where the model is."""
+    The batch is made on `device`, which must be where the model is. cpu_amp: bf16 autocast on a CPU that pays
+    (training steps only: predictions stay fp32 so exports, ONNX and TorchScript agree with validation)."""
     from automl.runtime import autocast
 
     batch = encoder.batch(inputs, idx, augment, device=device)
-    with autocast(device):
+    with autocast(device, cpu=cpu_amp):
         return model(*batch) if isinstance(batch, tuple) else model(batch)
 
 

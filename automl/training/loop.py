@@ -260,6 +260,7 @@ class _Setup:
     device: torch.device
     scaler: Any = None       # fp16 on a GPU without bf16: scales the loss so small gradients survive
     build_s: float = 0.0     # seconds to build the model and its encoder (what loading a kept trial costs)
+    cpu_amp: bool = False    # bf16 autocast in training steps on a CPU (the modality gains and the CPU has AMX)
 
     def step(self, fwd_model: nn.Module, run_encoder, step: int, advance: int = 1) -> float:
         """One optimizer step on batch number `step` (mixed precision on a GPU), moving the LR schedule on by
@@ -269,11 +270,11 @@ class _Setup:
         if self.mixup is not None and len(idx) % 2 == 0:
             xb = run_encoder.batch(self.x_train, idx, self.augment, device=self.device)
             xb, soft = self.mixup(xb, target)
-            with autocast(self.device):
+            with autocast(self.device, cpu=self.cpu_amp):
                 logits = fwd_model(xb)
             loss = torch.sum(-soft * torch.log_softmax(logits.float(), dim=-1), dim=-1).mean()
         else:
-            logits = forward(fwd_model, run_encoder, self.x_train, idx, self.device, self.augment)
+            logits = forward(fwd_model, run_encoder, self.x_train, idx, self.device, self.augment, self.cpu_amp)
             loss = self.loss(logits.float(), target)
         if self.anchor:
             l2sp = float(self.config["l2sp"])
@@ -347,7 +348,7 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
                   x_train, x_val, y_train, Batches(shard, local_bs, seed, lengths), per_report, device, scaler,
-                  build_s)
+                  build_s, adapter.cpu_bf16 and bool(config["cpu_bf16"]))
 
 
 class Pace:

@@ -83,6 +83,8 @@ PARAMS: dict[str, Param] = {
     "seed": Param(0, "an integer >= 0", _num(0, None, True)),
     # Not searched: batches of rows with lengths (text) are cut from rows of similar length (loop.Batches).
     "length_grouped": Param(True, "true or false", lambda v: isinstance(v, bool)),
+    # Not searched: a text model's training steps run under bf16 autocast on a CPU with AMX (runtime.cpu_bf16).
+    "cpu_bf16": Param(True, "true or false", lambda v: isinstance(v, bool)),
     # Set by the plan, not searched: training rows between two reports (0: one pass over the data).
     "report_rows": Param(0, "an integer >= 0 (0 = one pass over the training data)", _num(0, None, True)),
 }
