@@ -96,8 +96,8 @@ def first_pass_is_slow(dev) -> bool:
 
 
 def autocast(dev, cpu: bool = False):
-    """An autocast context for `dev` (a no-op where mixed precision does not pay). cpu: bf16 on a CPU too, where
-    `cpu_bf16()` says it pays (the caller knows whether its model gains: transformers do, small CNNs do not)."""
+    """An autocast context for `dev` (a no-op where mixed precision does not pay). cpu: bf16 on a CPU too (the
+    caller has decided it pays: its model gains, as transformers do and small CNNs do not, and `cpu_bf16()`)."""
     import contextlib
 
     import torch
@@ -105,7 +105,7 @@ def autocast(dev, cpu: bool = False):
     dtype = amp_dtype(dev)
     if dtype is not None:
         return torch.autocast(device_type="cuda", dtype=dtype)
-    if cpu and getattr(dev, "type", str(dev)) == "cpu" and cpu_bf16():
+    if cpu and getattr(dev, "type", str(dev)) == "cpu":
         return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -20,7 +20,7 @@ from automl import modalities, models
 from automl.data.encoders import ImageEncoder, TextEncoder, forward, predict_logits, row_lengths
 from automl.data.trial_data import TrialData, subset
 from automl.metrics import classification_metrics
-from automl.runtime import amp_dtype, autocast, first_pass_is_slow
+from automl.runtime import amp_dtype, autocast, cpu_bf16, first_pass_is_slow
 from automl.runtime import device as default_device
 from automl.training import featcache, schedules
 from automl.training.params import DEFAULTS
@@ -346,9 +346,10 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
     lengths = row_lengths(x_train) if config["length_grouped"] else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
+    cpu_amp = device.type == "cpu" and adapter.cpu_bf16 and bool(config["cpu_bf16"]) and cpu_bf16()
     return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
                   x_train, x_val, y_train, Batches(shard, local_bs, seed, lengths), per_report, device, scaler,
-                  build_s, adapter.cpu_bf16 and bool(config["cpu_bf16"]))
+                  build_s, cpu_amp)
 
 
 class Pace:
