@@ -48,6 +48,7 @@ def regression_metrics(y_true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "balanced_accuracy")
+CLASS_AVERAGED = ("f1_macro", "balanced_accuracy")  # every class counts the same, however rare
 REGRESSION_METRICS = ("r2", "neg_rmse", "neg_mae")
 
 

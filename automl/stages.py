@@ -22,7 +22,7 @@ from automl.data.intake import TaskData, plain, prepare as read_task
 from automl.errors import AutoMLError, DataError, ModelLoadError, NoTrialScored
 from automl.export.manifest import ExportManifest
 from automl.export.predictor import FinetunedModel
-from automl.metrics import CLASSIFICATION_METRICS, choose_metric, group_metrics
+from automl.metrics import CLASS_AVERAGED, CLASSIFICATION_METRICS, choose_metric, group_metrics
 from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, ResourceOptions, SearchOptions,
                             UpdateOptions)
 from automl.runtime import device
@@ -113,7 +113,7 @@ def prepare(dataset: Any, *, data: DataOptions, search: SearchOptions, update: U
         raise AutoMLError(f"metric={s.metric!r} is not supported for {task.task} tasks; expected one of {allowed}.")
     metric = choose_metric(task.report.imbalance_ratio, task.task) if s.metric == "auto" else s.metric
     out = Path(output.output_dir or Path("automl_runs") / f"{task.modality}-{task.fingerprint()[:10]}").resolve()
-    _space(task, search, base, gpu=False)  # a bad space fails now, before Ray starts
+    _space(task, search, base, metric, gpu=False)  # a bad space fails now, before Ray starts
     return Prepared(task, metric, out, base)
 
 
@@ -121,7 +121,7 @@ def warm_libraries(prepared: Prepared, search: SearchOptions) -> threading.Threa
     """Import the libraries the space's backbones need in a thread (join it before planning): Ray's start leaves the
     driver waiting on other processes for seconds. A backbone that cannot resolve fails later, where it is used."""
     def warm():
-        space = _space(prepared.task, search, prepared.base, gpu=False)
+        space = _space(prepared.task, search, prepared.base, prepared.metric, gpu=False)
         families = set()
         for name in [full_config(space.default_config())["backbone"], *space.backbones()]:
             try:
@@ -139,8 +139,10 @@ def warm_libraries(prepared: Prepared, search: SearchOptions) -> threading.Threa
     return thread
 
 
-def _space(task: TaskData, search: SearchOptions, base: BaseModel | None, gpu: bool) -> SearchSpace:
-    """The user's space, or the default for the hardware (pretrained 224 px spaces with a GPU, cpu_small without)."""
+def _space(task: TaskData, search: SearchOptions, base: BaseModel | None, metric: str, gpu: bool) -> SearchSpace:
+    """The user's space, or the default for the hardware (pretrained 224 px spaces with a GPU, cpu_small without).
+    A start point that weighs classes (for a metric that averages over them) trains unweighted when the run is
+    judged by accuracy, where rare classes count only by their share of the rows."""
     source, overrides = search.search_space, dict(search.search_overrides or {})
     if isinstance(source, dict) and "parameters" not in source:
         source, overrides = None, {**source, **overrides}  # a dict of overrides of the default space
@@ -150,6 +152,9 @@ def _space(task: TaskData, search: SearchOptions, base: BaseModel | None, gpu: b
     space = load_space(source, task.modality, overrides or None)
     if "seed" not in space.parameters:
         space = space.with_overrides({"seed": search.seed})
+    if metric not in CLASS_AVERAGED:
+        space.start_points = [space.fit_point({**p, "class_weighted": False}) if p.get("class_weighted") else p
+                              for p in space.start_points]
     if base is not None:
         space = space.with_overrides({"backbone": f"automl:{base.path}",
                                       **modalities.get(task.modality).base_pins(base.manifest)})
@@ -175,7 +180,8 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search
                             "its trials were trained and scored on other rows. Fix: resume with the same data, or "
                             "start afresh (resume=False, or another output_dir).")
         return old
-    space = _space(task, search, prepared.base, gpu=ray.gpus > 0 and resources.gpus_per_trial != 0)
+    space = _space(task, search, prepared.base, prepared.metric,
+                   gpu=ray.gpus > 0 and resources.gpus_per_trial != 0)
     res = ray.trial_resources(resources.cpus_per_trial, resources.gpus_per_trial)
     # Before the start point is probed: pre-ranking drops backbones that cannot load, the start point's included.
     space, transfer = _prerank(prepared, space, search)

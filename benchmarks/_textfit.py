@@ -31,11 +31,13 @@ def fortunes_split(base, seed: int):
 
 
 def start_config() -> dict:
-    """The text start point, every parameter filled in, at 128 tokens."""
+    """The text start point, every parameter filled in, at 128 tokens, unweighted (as it was when the experiments
+    that use this were recorded; class_weighted.py measures the weights)."""
     from automl.search.space import load_space
     from automl.training.loop import full_config
 
-    return full_config({**load_space("cpu_small", "text").default_config(), "max_length": 128})
+    return full_config({**load_space("cpu_small", "text").default_config(), "max_length": 128,
+                        "class_weighted": False})
 
 
 def test_proba(result, texts) -> np.ndarray:
@@ -49,12 +51,13 @@ def test_proba(result, texts) -> np.ndarray:
     return torch.softmax(predict_logits(result.model, result.encoder, x, "cpu"), 1).numpy()
 
 
-def run_seeds(one_seed) -> None:
-    """Print one_seed(fortunes, seed) for the seeds on the command line (default 0 1 2), with every CPU thread."""
+def run_seeds(one_seed, base=None) -> None:
+    """Print one_seed(base, seed) for the seeds on the command line (default 0 1 2), with every CPU thread; base
+    defaults to realsets.fortunes()."""
     import torch
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     torch.set_num_threads(cpus)
-    base = realsets.fortunes()
+    base = realsets.fortunes() if base is None else base
     for seed in [int(a) for a in sys.argv[1:]] or [0, 1, 2]:
         print(one_seed(base, seed), flush=True)

@@ -6,6 +6,7 @@
 For each real set (benchmarks/realsets.py) and seed, the same train/validation/test rows go to:
   ours    auto_finetune(df, time_budget_s=budget): plan, search, finalise, export (wall time measured)
   fixed   the space's start point trained once, in-process, for a sensible length at the images' native size
+          (unweighted loss, fp32 steps, random batches: as a loop written by hand trains)
           (shrunk until one run fits the budget), on train; the final weights are tested
   fixed_grouped (text) `fixed` with its batches cut from texts of similar length, as the product cuts them
   scratch (images) a hand-written from-scratch config: resnet10t at the images' own size (at least 32 px),
@@ -174,8 +175,9 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     # Batches of random rows, as a loop written by hand draws them (transformers' Trainer: group_by_length=False);
     # the product cuts text batches from rows of similar length (training/loop.Batches). fp32 steps, as a loop
     # written by hand runs on a CPU (Trainer: bf16=False); the product's text steps run in bf16 where AMX pays.
+    # An unweighted loss, as written by hand (Trainer's default); the product's text start point weighs classes.
     cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed,
-                       "length_grouped": grouped, "cpu_bf16": False})
+                       "length_grouped": grouped, "cpu_bf16": False, "class_weighted": False})
     spec = resolve(cfg["backbone"])
     n_train = len(task.splits["train"])
     steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))
