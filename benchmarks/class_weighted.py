@@ -1,11 +1,13 @@
-"""Does the text start point gain from a class-weighted loss on imbalanced data judged by macro-F1?
+"""Does a start point gain from a class-weighted loss on imbalanced data judged by macro-F1?
 
     python benchmarks/class_weighted.py [SEED ...]                  # fortunes as quality.py uses it (8 classes, 6:1)
     AUTOML_BENCH_IMBALANCE=25 python benchmarks/class_weighted.py   # 600 down to 24 a class (25:1)
+    AUTOML_BENCH_SET=icons python benchmarks/class_weighted.py      # the image start point on 48 px icons
 
-Fortunes (benchmarks/realsets.py), the splits of quality.py, the cpu_small space's text start point trained with
-`fit` (no Ray, every CPU thread) for 8 epochs unweighted and class-weighted (sklearn's "balanced" weights), same
-seed; test macro-F1 of each, and validation's (what a search would have judged them by). ~3 min a seed on 2 cores.
+Text: fortunes (benchmarks/realsets.py), the splits of quality.py, the cpu_small space's text start point trained
+with `fit` (no Ray, every CPU thread) for 8 epochs unweighted and class-weighted (sklearn's "balanced" weights),
+same seed; test macro-F1 of each, and validation's (what a search would have judged them by). ~3 min a seed on 2
+cores. Images: quality.py's `fixed` (the image start point, sized to fit) at 150 s, unweighted and weighted.
 """
 import os
 import sys
@@ -37,8 +39,21 @@ def one_seed(base, seed: int) -> str:
     return line
 
 
+def one_icons_seed(base, seed: int) -> str:
+    import quality
+
+    df = quality.split(base, seed)
+    runs = {w: quality.fixed(df, 150, seed, class_weighted=w) for w in (False, True)}
+    return f"seed {seed}, {runs[False]['plan']}: " + " ".join(
+        f"{'weighted' if w else 'unweighted'} test {r['f1']:.4f} ({r['wall']:.0f} s)" for w, r in runs.items())
+
+
 if __name__ == "__main__":
-    ratio = float(os.environ.get("AUTOML_BENCH_IMBALANCE", "0"))
-    base = realsets.fortunes(max_per_class=600, imbalance=ratio) if ratio else realsets.fortunes()
+    if os.environ.get("AUTOML_BENCH_SET") == "icons":
+        base, one = realsets.icons(), one_icons_seed
+    else:
+        ratio = float(os.environ.get("AUTOML_BENCH_IMBALANCE", "0"))
+        base = realsets.fortunes(max_per_class=600, imbalance=ratio) if ratio else realsets.fortunes()
+        one = one_seed
     print(base["label"].value_counts().to_dict(), flush=True)
-    run_seeds(one_seed, base)
+    run_seeds(one, base)

@@ -150,7 +150,7 @@ SCRATCH_EPOCHS = 15
 
 
 def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scratch: bool = False,
-          grouped: bool = False) -> dict:
+          grouped: bool = False, class_weighted: bool = False) -> dict:
     """The space's start point, trained once for a sensible length that fits the budget, no Ray, on the machine's
     device (`automl.runtime.device()`: the GPU where there is one) with all its CPU threads (2 here).
     Images: at their native size, shrunk until the full sensible length fits; with native=True ("fixed_native")
@@ -177,7 +177,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     # written by hand runs on a CPU (Trainer: bf16=False); the product's text steps run in bf16 where AMX pays.
     # An unweighted loss, as written by hand (Trainer's default); the product's text start point weighs classes.
     cfg = full_config({**space.default_config(), **(SCRATCH if scratch else {}), "seed": seed,
-                       "length_grouped": grouped, "cpu_bf16": False, "class_weighted": False})
+                       "length_grouped": grouped, "cpu_bf16": False, "class_weighted": class_weighted})
     spec = resolve(cfg["backbone"])
     n_train = len(task.splits["train"])
     steps = sensible_steps(spec.pretrained, -(-n_train // int(cfg["batch_size"])))
