@@ -11,7 +11,8 @@ import pytest
 
 from automl.budget import Costs
 from automl.search.plan import (FIRST_RUNG, FULL_TRIAL_SHARE, RUNG0_MAX_STEP_LOSS, RUNG0_SETUP_S, SINGLE_MIN_LENGTH,
-                                SINGLE_STRETCH, SOUP_PASSES, DataStats, Speed, make_plan, rung0_cost, sensible_steps)
+                                SINGLE_STRETCH, SINGLE_STRETCH_SOLE, SOUP_PASSES, DataStats, Speed, make_plan,
+                                rung0_cost, sensible_steps)
 from automl.search.space import load_space
 
 IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=130)
@@ -321,7 +322,7 @@ def test_a_start_point_shortened_to_fit_may_grow_back_to_its_sensible_length():
     """Alone all search long, the start point is planned as long as the probe says fits; if it runs ahead of
     that plan it may grow to its sensible length (loop.Pace), so an over-estimated probe leaves no time unused."""
     sensible = sensible_steps(True, math.ceil(500 / 32))
-    single = plan(at=speed(0.75))
+    single = plan(at=speed(0.75), others=scratch(0.05))
     assert single.regime == "single" and single.storage_size == 128
     assert single.report_rows * single.reports < 0.8 * sensible * 32
     assert single.stretch_rows == math.ceil(SINGLE_STRETCH * sensible * 32 / single.reports)
@@ -331,10 +332,15 @@ def test_a_start_point_shortened_to_fit_may_grow_back_to_its_sensible_length():
 def test_a_start_point_alone_at_its_sensible_length_may_still_grow_when_it_runs_ahead():
     """Digits at 300 s: the start point, alone at its full sensible length, ended early (the probe over-priced its
     steps) and runs ended at 237 and 241 s. Alone, it may now grow past its sensible length into that time."""
-    single = plan(budget=500)
+    single = plan(budget=500, others=scratch(0.05))
     sensible = sensible_steps(True, math.ceil(500 / 32))
     assert single.regime == "single" and single.report_rows * single.reports >= sensible * 32
     assert single.stretch_rows == math.ceil(SINGLE_STRETCH * sensible * 32 / single.reports) > single.report_rows
+    # With no cheaper backbone priced to use the time it leaves (text), it may grow further.
+    sole = plan(budget=500)
+    assert sole.regime == "single" and sole.reports == single.reports and sole.report_rows == single.report_rows
+    assert sole.stretch_rows == math.ceil(SINGLE_STRETCH_SOLE * sensible * 32 / sole.reports)
+    assert SINGLE_STRETCH_SOLE > SINGLE_STRETCH
 
 
 def test_a_pinned_large_image_size_on_20000_images_plans_a_run_inside_a_four_minute_budget():

@@ -40,8 +40,11 @@ from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits, cheapest_tria
 # A full-length trial may take this share of a slot's search time (the start point runs at full length first);
 # narrow: one full-length trial per slot; single: the start point alone.
 FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
-# ...and, alone and ahead of its plan, the start point may train up to this multiple of its sensible length.
-SINGLE_STRETCH = 1.5
+# ...and, alone and ahead of its plan, the start point may train up to this multiple of its sensible length; up to
+# SINGLE_STRETCH_SOLE where no cheaper backbone is priced to use the time it leaves (text: every other config is a
+# fine-tune as dear as it, too long for the few tens of seconds left). Fortunes at 300 s (Intel, 2 cores): runs
+# ended at 85-87% of the budget with the start point at 1.5x its length; 22 epochs scored as 9-13 did there.
+SINGLE_STRETCH, SINGLE_STRETCH_SOLE = 1.5, 2.0
 # Alone, the start point keeps an image size only where at least this share of its sensible length fits; else the
 # images shrink (at the smallest size it trains as long as the time allows). Half the length at 128 px lost to the
 # full length at 64-88 px on every stamps seed (300 s, AMD, 2 cores: 0.45/0.44 vs 0.56/0.53 macro-F1), and 70% of
@@ -359,7 +362,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                        + (f" (and at {rung0_upscale} px, where that pays)" if rung0_upscale else "")
                        + ", before any fine-tune (the fine-tunes start from the best heads)")
     resources = _regime_resources(choice, resources, node_cpus, reasons)
-    p = _pin(f, space, choice, pinned_size, max_length)
+    p = _pin(f, space, choice, pinned_size, max_length, sole=not others)
     reasons[:0] = _length_reasons(f, choice, p, max_length)
     if stats.sized and stats.image_side:
         reasons.append(_image_reason(f, choice, p.space, pinned_size, pretrained))
@@ -684,8 +687,10 @@ class _Pins:
     rf: int                           # ASHA's reduction factor
 
 
-def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None, max_length: int | None) -> _Pins:
-    """The full-length trial as reports of rows, ASHA's first rung, and the space as searched."""
+def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None, max_length: int | None,
+         sole: bool = False) -> _Pins:
+    """The full-length trial as reports of rows, ASHA's first rung, and the space as searched. sole: no cheaper
+    backbone is priced beside the start point."""
     reports = f.fixed_reports or int(min(REPORTS[1], max(
         REPORTS[0], _reports_for_eval(choice, f.vrows, f.speed_at))))
     report_rows = 0 if f.fixed_reports else max(1, math.ceil(choice.steps * f.bs / reports))
@@ -693,7 +698,7 @@ def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None,
     # plan (a speed probe of a few steps is often 15-40% off; loop.Pace), instead of leaving that time unused.
     # Alone ("single"), it may grow past it (SINGLE_STRETCH): at its full sensible length it otherwise ended
     # early and left the time unused (digits, 300 s: runs ended at 237 and 241 s, the start point at 3.7 epochs).
-    cap = f.sensible * (SINGLE_STRETCH if choice.regime == "single" else 1.0)
+    cap = f.sensible * ((SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH) if choice.regime == "single" else 1.0)
     stretch_rows = math.ceil(cap * f.bs / reports) if report_rows and choice.regime != "search" else 0
     stretch_rows = stretch_rows if stretch_rows > report_rows else 0
     grace = space.grace_period or max(1, math.ceil(FIRST_RUNG * reports))
