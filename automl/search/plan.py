@@ -43,7 +43,7 @@ FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
 # ...and, alone and ahead of its plan, the start point may train up to this multiple of its sensible length; up to
 # SINGLE_STRETCH_SOLE where no cheaper backbone is priced to use the time it leaves (text: every other config is a
 # fine-tune as dear as it, too long for the few tens of seconds left). Fortunes at 300 s (Intel, 2 cores): runs
-# ended at 85-87% of the budget with the start point at 1.5x its length; 22 epochs scored as 9-13 did there.
+# ended at 82-89% of the budget with the start point at 1.5x its length, at 95-98% with 2x, scoring the same.
 SINGLE_STRETCH, SINGLE_STRETCH_SOLE = 1.5, 2.0
 # Alone, the start point keeps an image size only where at least this share of its sensible length fits; else the
 # images shrink (at the smallest size it trains as long as the time allows). Half the length at 128 px lost to the
@@ -696,8 +696,9 @@ def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None,
     report_rows = 0 if f.fixed_reports else max(1, math.ceil(choice.steps * f.bs / reports))
     # Shortened to fit, the start point may still grow back towards its sensible length when it runs ahead of the
     # plan (a speed probe of a few steps is often 15-40% off; loop.Pace), instead of leaving that time unused.
-    # Alone ("single"), it may grow past it (SINGLE_STRETCH): at its full sensible length it otherwise ended
-    # early and left the time unused (digits, 300 s: runs ended at 237 and 241 s, the start point at 3.7 epochs).
+    # Alone ("single"), it may grow past it (SINGLE_STRETCH, SINGLE_STRETCH_SOLE): at its full sensible length it
+    # otherwise ended early and left the time unused (digits, 300 s: runs ended at 237 and 241 s, the start point
+    # at 3.7 epochs).
     cap = f.sensible * ((SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH) if choice.regime == "single" else 1.0)
     stretch_rows = math.ceil(cap * f.bs / reports) if report_rows and choice.regime != "search" else 0
     stretch_rows = stretch_rows if stretch_rows > report_rows else 0
