@@ -41,8 +41,8 @@ from automl.search.clock import FIT_MARGIN, MIN_FIT, SearchLimits, cheapest_tria
 # narrow: one full-length trial per slot; single: the start point alone.
 FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
 # ...and, alone and ahead of its plan, the start point may train up to this multiple of its sensible length; up to
-# SINGLE_STRETCH_SOLE where no cheaper backbone is priced to use the time it leaves (text: every other config is a
-# fine-tune as dear as it, too long for the few tens of seconds left). Fortunes at 300 s (Intel, 2 cores): runs
+# SINGLE_STRETCH_SOLE where no from-scratch backbone is priced beside it to use the time it leaves (text: every
+# other config is a fine-tune as dear as it, too long for the few tens of seconds left). Fortunes at 300 s (Intel, 2 cores): runs
 # ended at 82-89% of the budget with the start point at 1.5x its length, at 95-98% with 2x, scoring the same.
 SINGLE_STRETCH, SINGLE_STRETCH_SOLE = 1.5, 2.0
 # Alone, the start point keeps an image size only where at least this share of its sensible length fits; else the
@@ -689,8 +689,8 @@ class _Pins:
 
 def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None, max_length: int | None,
          sole: bool = False) -> _Pins:
-    """The full-length trial as reports of rows, ASHA's first rung, and the space as searched. sole: no cheaper
-    backbone is priced beside the start point."""
+    """The full-length trial as reports of rows, ASHA's first rung, and the space as searched. sole: no
+    from-scratch backbone is priced beside the start point (price_kinds)."""
     reports = f.fixed_reports or int(min(REPORTS[1], max(
         REPORTS[0], _reports_for_eval(choice, f.vrows, f.speed_at))))
     report_rows = 0 if f.fixed_reports else max(1, math.ceil(choice.steps * f.bs / reports))
