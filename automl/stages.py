@@ -26,6 +26,7 @@ from automl.metrics import CLASS_AVERAGED, CLASSIFICATION_METRICS, choose_metric
 from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, ResourceOptions, SearchOptions,
                             UpdateOptions)
 from automl.runtime import device
+from automl.search.ladder import forward_passes
 from automl.search.plan import Plan, make_plan
 from automl.search.probes import nominal_speed, pretrained, scratch_speeds, speed_probe
 from automl.training.loop import full_config
@@ -195,6 +196,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search
         except ModelLoadError as exc:
             space = _without_backbone(space, full_config(space.default_config())["backbone"], exc)
             dropped.append(str(exc).split(". Fix:")[0])
+    probed = _rung0_backbones(prepared, space, search.ladder)
     planned = make_plan(space, stats, speed_at, budget_left_s=None if budget.total_s is None else budget.left(),
                      elapsed_s=budget.elapsed(), costs=Costs.load(), resources=res,
                      concurrency=ray.max_concurrency(res),
@@ -204,8 +206,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search
                      cv_folds=diagnostics.cv_folds, pinned_size=pinned_size, max_length=max_length,
                      node_cpus=int(ray.node_cpus), retrain=_retrain_choice(resources.storage_path, search.retrain),
                      regression=task.task == "regression",
-                     rung0_backbones=_rung0_backbones(prepared, space, search.ladder),
-                     others=others)
+                     rung0_backbones=len(probed), rung0_passes=forward_passes(probed), others=others)
     planned.transferability = transfer
     planned.fingerprint, planned.budget_s = task.fingerprint(), budget.total_s
     planned.reasons += [f"dropped before the search: {d}" for d in dropped]
@@ -259,14 +260,14 @@ def _without_backbone(space: SearchSpace, name: str, exc: Exception) -> SearchSp
     return space.with_backbones(values)
 
 
-def _rung0_backbones(prepared: Prepared, space: SearchSpace, ladder: bool) -> int:
-    """How many pretrained backbones rung 0 (search/ladder.py) will fit heads on: 0 when it does not run (ladder
+def _rung0_backbones(prepared: Prepared, space: SearchSpace, ladder: bool) -> list[str]:
+    """The pretrained backbones rung 0 (search/ladder.py) will fit heads on: none when it does not run (ladder
     off, regression, an update of an earlier export, or a start point trained from scratch). ladder: the ladder
     option (SearchOptions.ladder)."""
     if not ladder or prepared.task.task == "regression" or prepared.base is not None:
-        return 0
+        return []
     start = full_config(space.default_config())["backbone"]
-    return len({v for v in space.backbones() + [start] if pretrained(v)}) if pretrained(start) else 0
+    return list(dict.fromkeys(v for v in [start] + space.backbones() if pretrained(v))) if pretrained(start) else []
 
 
 def _prerank(prepared: Prepared, space: SearchSpace, search: SearchOptions) -> tuple[SearchSpace, dict | None]:

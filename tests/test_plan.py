@@ -276,6 +276,23 @@ def test_rung0_judges_twice_the_trials_image_side_and_is_priced_for_it_unless_th
     assert up - base >= 4 * (base - 3 * RUNG0_SETUP_S)  # a row at 96 px costs about four at 48
 
 
+def test_rung0_prices_one_forward_pass_per_checkpoint_not_per_pooling():
+    """MiniLM mean- and first-token-pooled are two backbones of one checkpoint: rung 0 computes their features in
+    one pass (ladder._SharedPasses), so its reserve pays for one pass and two builds. Priced as two passes, a
+    fortunes run reserved 26-31 s and used 4."""
+    from automl.search.ladder import forward_passes
+
+    assert forward_passes(["minilm-l6", "minilm-l6-cls"]) == 1
+    assert forward_passes(["efficientnet-lite0", "efficientnet-lite1", "minilm-l6"]) == 3
+    sp = speed(0.5)(None)
+    two, one = rung0_cost(2, TEXTS, sp), rung0_cost(2, TEXTS, sp, passes=1)
+    assert one - 2 * RUNG0_SETUP_S == pytest.approx((two - 2 * RUNG0_SETUP_S) / 2)
+    kw = dict(stats=TEXTS, budget=600.0, at=speed(0.5), space=load_space("cpu_small", "text"))
+    priced_twice, priced_once = plan(rung0_backbones=2, **kw), plan(rung0_backbones=2, rung0_passes=1, **kw)
+    assert 0 < priced_once.rung0_s < priced_twice.rung0_s
+    assert priced_once.rung0_s == pytest.approx(one)
+
+
 def test_when_not_even_the_start_points_shortest_run_fits_rung0_still_gets_time():
     """30 s on 1,797 digits: the plan reserved nothing for rung 0 (it may not cost the start point its steps), the
     start point then trained 4 steps from a zero head and was exported at chance (0.11). Where the start point's

@@ -182,26 +182,42 @@ def _head_state(model, w: np.ndarray, b: np.ndarray) -> dict:
             names[id(head.bias)]: torch.from_numpy(np.ascontiguousarray(b))}
 
 
+def checkpoints(candidates: list[str]) -> dict[str, tuple[str, str]]:
+    """(checkpoint, pooling) of each candidate whose features are one pooling of a checkpoint's outputs (MiniLM
+    mean- or first-token-pooled); the others are left out."""
+    from automl import models
+
+    of = {}
+    for name in candidates:
+        try:
+            spec = models.resolve(name)
+            found = models.family(spec).pooling(spec)
+        except Exception:  # judged when the backbone is probed
+            found = None
+        if found:
+            of[name] = found
+    return of
+
+
+def forward_passes(candidates: list[str]) -> int:
+    """The forward passes rung 0's features of `candidates` take: one per checkpoint, whatever its poolings
+    (_SharedPasses)."""
+    of = checkpoints(candidates)
+    return len({of[n][0] if n in of else n for n in candidates})
+
+
 class _SharedPasses:
     """Features of backbones that are poolings of one checkpoint (MiniLM mean- and first-token-pooled) come from
     one forward pass: the first of them computes every pooling, the others read theirs (rung 0 on text costs
     one pass per checkpoint, not one per pooling)."""
 
     def __init__(self, candidates: list[str], dev):
-        from automl import models
-
-        self.dev, self.of, self.row_s, self.rows, self._memo = dev, {}, {}, {}, {}
+        self.dev, self.row_s, self.rows, self._memo = dev, {}, {}, {}
+        self.of = checkpoints(candidates)
         groups: dict[str, list[str]] = {}
-        for name in candidates:
-            try:
-                spec = models.resolve(name)
-                found = models.family(spec).pooling(spec)
-            except Exception:  # judged when the backbone is probed
-                found = None
-            if found:
-                self.of[name] = found
-                if found[1] not in groups.setdefault(found[0], []):
-                    groups[found[0]].append(found[1])
+        for key, pooling in self.of.values():
+            if pooling not in groups.setdefault(key, []):
+                groups[key].append(pooling)
         self.groups = {k: v for k, v in groups.items() if len(v) > 1}
 
     def features(self, name: str, model, enc, x, tag) -> np.ndarray:

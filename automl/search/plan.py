@@ -324,12 +324,13 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
               retrain_cpus: int, max_trials: int | None, pretrained: bool, export_formats: bool,
               label_errors: bool | str, cv_folds: int | None, pinned_size: int | None = None,
               max_length: int | None = None, node_cpus: int = 1, retrain: bool | str = "auto",
-              regression: bool = False, rung0_backbones: int = 0,
+              regression: bool = False, rung0_backbones: int = 0, rung0_passes: int | None = None,
               others: dict[str, Speed] | None = None) -> Plan:
     """Decide the plan. speed_at(size) gives the start point's measured speed (one trial's CPUs) at an image
     size (None for text); node_cpus is what one trial running alone may use. rung0_backbones: pretrained
     backbones rung 0 fits heads on (search/ladder.py): its time is reserved first, and suspected label errors
-    come from it instead of a cross-fit. others: from-scratch backbones of the space, each with its own
+    come from it instead of a cross-fit; rung0_passes: the forward passes their features take (poolings of one
+    checkpoint share one; default: one a backbone). others: from-scratch backbones of the space, each with its own
     measured speed (at the largest candidate size): they are priced as themselves (price_kinds), not at the
     start point's cost, and one that is a start point of the space gets its own run where it is affordable."""
     reasons: list[str] = []
@@ -344,7 +345,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     with_rung0_errors = False if rung0_backbones and label_errors == "auto" else label_errors
     rest = dict(space=space, others=others, retrain=retrain, cv_folds=cv_folds, ratio=ratio)
     rung0_s = f.rung0_s = _reserve_rung0(
-        f, budget_left_s, rung0_backbones, upscale(f.sizes[0]),
+        f, budget_left_s, rung0_backbones, upscale(f.sizes[0]), passes=rung0_passes,
         slots=lambda r: _slots(f, r, budget_left_s, label_errors=with_rung0_errors, **rest))
     rung0_at = len(reasons)  # its reason names the side it judges, known once the trials' size is chosen
     if rung0_s:
@@ -506,13 +507,14 @@ def _frame(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None]
 
 
 def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int, upscale: int | None = None,
-                   slots: Callable[[float], tuple] | None = None) -> float:
+                   slots: Callable[[float], tuple] | None = None, passes: int | None = None) -> float:
     """The time reserved for rung 0 before the search (0.0 when none is). upscale: a larger image side rung 0 may
-    probe at too (probe_upscale); slots(r): the plan's regime and trial slots with `r` reserved (_slots)."""
+    probe at too (probe_upscale); slots(r): the plan's regime and trial slots with `r` reserved (_slots); passes:
+    rung0_cost's."""
     if not (rung0_backbones and budget_left_s is not None):
         return 0.0
     total = f.total(budget_left_s)
-    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0])))
+    want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), passes=passes))
     # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
     # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
     # or an eighth (it then probes fewer rows or backbones), or nothing.
@@ -541,7 +543,7 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
     # the search's breadth is not staked on it: their time is added only where it leaves the plan's regime and
     # trial slots as they were (priced unconditionally, digits at 300 s reserved ~82 s where ~30 s would have
     # been, and used 25 s: the larger side did not pay there).
-    more = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale))
+    more = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), upscale, passes))
     ref = slots(got)
     return next((r for r in (more, (more + got) / 2) if r > got and affordable(r) and slots(r) == ref), got)
 
@@ -805,23 +807,26 @@ def price_kinds(others: dict[str, Speed], stats: DataStats, choice: "Choice", re
     return kinds
 
 
-def rung0_cost(backbones: int, stats: DataStats, sp: Speed, upscale: int | None = None) -> float:
-    """Rung 0's time: each backbone's build, its features for the training (at most ladder.MAX_ROWS) and
-    validation rows at about the start point's cost a row (dearer backbones cost more: RUNG0_ROW_FACTOR), and
-    its heads; with `upscale` (a side larger than sp's), the judgement of that side and every backbone probed
-    at it too, a row there costing about the square of the sides' ratio more."""
+def rung0_cost(backbones: int, stats: DataStats, sp: Speed, upscale: int | None = None,
+               passes: int | None = None) -> float:
+    """Rung 0's time: each backbone's build and heads, and the features for the training (at most
+    ladder.MAX_ROWS) and validation rows at about the start point's cost a row (dearer backbones cost more:
+    RUNG0_ROW_FACTOR), once per forward pass (`passes`, default one a backbone: MiniLM's two poolings share
+    one); with `upscale` (a side larger than sp's), the judgement of that side and every backbone probed at it
+    too, a row there costing about the square of the sides' ratio more."""
     from automl.search.ladder import MAX_ROWS, UPSCALE_ROWS
 
     rows = min(stats.n_train, MAX_ROWS) + min(stats.n_val, VAL_ROWS)
     # A forward pass costs about a third of a training step (forward + backward); the validation timing of a
     # few rows alone runs warm and under-prices it.
     row_s = max(sp.eval_row_s, sp.step_s / (3.0 * max(1, sp.batch_size)))
-    at_size = backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s)
+    passes = backbones if passes is None else min(passes, backbones)
+    at_size = backbones * RUNG0_SETUP_S + passes * RUNG0_ROW_FACTOR * rows * row_s
     if not (upscale and sp.size and upscale > sp.size):
         return at_size
     ratio = (upscale / sp.size) ** 2
     judge = RUNG0_ROW_FACTOR * min(stats.n_train, UPSCALE_ROWS) * row_s * (1 + ratio)
-    return at_size + judge + backbones * (RUNG0_SETUP_S + RUNG0_ROW_FACTOR * rows * row_s * ratio)
+    return at_size + judge + backbones * RUNG0_SETUP_S + passes * RUNG0_ROW_FACTOR * rows * row_s * ratio
 
 
 def _reports_for_eval(choice: Choice, vrows: int, speed_at) -> float:
