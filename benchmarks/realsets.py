@@ -6,6 +6,8 @@ Debian packages install under /usr/share.
 - ``stamps()``    images, from ``tuxpaint-stamps-default``
 - ``icons()``     the same stamps shrunk to 48 px RGBA icons (a cache of PNGs, rebuilt when missing)
 - ``fortunes()``  short texts, from ``fortunes`` (``fortunes-min`` alone is not enough)
+- ``packages()``  short texts: Debian package synopses by archive section (apt's package lists)
+- ``oxygen()``    small RGBA icons by context (actions, apps, places ...), from ``oxygen-icon-theme``
 - ``digits()``    8x8 images, from sklearn
 
 Run ``python benchmarks/realsets.py`` to print the size and class counts of each set.
@@ -23,6 +25,7 @@ import pandas as pd
 # Where the Debian packages put them; the variables point elsewhere (a copy on a machine without the packages).
 STAMPS_DIR = Path(os.environ.get("AUTOML_BENCH_STAMPS_DIR", "/usr/share/tuxpaint/stamps"))
 FORTUNES_DIR = Path(os.environ.get("AUTOML_BENCH_FORTUNES_DIR", "/usr/share/games/fortunes"))
+OXYGEN_DIR = Path(os.environ.get("AUTOML_BENCH_OXYGEN_DIR", "/usr/share/icons/oxygen/base"))
 
 # Extra copies of stamps, not new images (see the stamps() docstring).
 _STAMP_VARIANT_SUFFIXES = ("_mirror", "_outline")
@@ -179,10 +182,67 @@ def fortunes(
         raise _missing(FORTUNES_DIR, "fortunes")
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     chosen = [label for label, _ in ranked[:categories]]
-    caps = {label: round(max_per_class * imbalance ** (-i / max(1, categories - 1))) for i, label in enumerate(chosen)}
+    return _geometric_caps(df, chosen, max_per_class, imbalance, seed)
+
+
+def _geometric_caps(df: pd.DataFrame, chosen: list, max_per_class: int, imbalance: float, seed: int) -> pd.DataFrame:
+    """The rows of the `chosen` labels (largest first), capped from `max_per_class` for the first down to
+    `max_per_class / imbalance` for the last, geometrically, with a seeded sample."""
+    caps = {label: round(max_per_class * imbalance ** (-i / max(1, len(chosen) - 1))) for i, label in enumerate(chosen)}
     df = df[df["label"].isin(chosen)].sample(frac=1, random_state=seed)
     df = df[df.groupby("label").cumcount() < df["label"].map(caps)]
     return _cap(df, None, seed)
+
+
+# Sections that say what a package is for (its topic), not how it is packaged (libs, libdevel, doc) or in which
+# language it is written (python, perl, rust ...): a synopsis names its topic in other words than its section.
+PACKAGE_SECTIONS = ("utils", "net", "science", "admin", "games", "x11", "text", "sound", "graphics", "web")
+
+
+def packages(sections: tuple = PACKAGE_SECTIONS, max_per_class: int = 300, imbalance: float = 10.0,
+             seed: int = 0) -> pd.DataFrame:
+    """Debian package synopses (the first line of `Description:`, e.g. "remote incremental backup"), labelled with
+    the package's archive section (its component prefix, e.g. ``contrib/``, dropped), from ``apt-cache
+    dumpavail`` (the package lists of this machine's apt sources; none is downloaded). Returns ``text`` and
+    ``label``. A synopsis found in more than one section is dropped everywhere, repeats within one are dropped.
+    Sections are ranked by size and capped geometrically from `max_per_class` down to `max_per_class / imbalance`
+    (300 down to 30 with the defaults: ~1,300 rows, 10 classes at 10:1). Short, terse and imbalanced: like the
+    one-line tickets or product titles a user brings."""
+    import subprocess
+
+    out = subprocess.run(["apt-cache", "dumpavail"], capture_output=True, check=False).stdout
+    rows = []
+    for record in out.decode("utf-8", "replace").split("\n\n"):
+        section = re.search(r"^Section: (.+)$", record, re.M)
+        synopsis = re.search(r"^Description: (.+)$", record, re.M)
+        if section and synopsis:
+            rows.append((synopsis.group(1).strip(), section.group(1).strip().split("/")[-1]))
+    df = pd.DataFrame(rows, columns=["text", "label"]).drop_duplicates()
+    df = df[~df.duplicated("text", keep=False)]
+    counts = df["label"].value_counts()
+    chosen = sorted((s for s in sections if counts.get(s, 0) >= max_per_class / imbalance),
+                    key=lambda s: (-counts[s], s))
+    if len(chosen) < len(sections):
+        raise RuntimeError(f"apt's package lists hold too few packages in sections {set(sections) - set(chosen)}; "
+                           "run `sudo apt-get update` (apt-cache dumpavail reads them)")
+    return _geometric_caps(df, chosen, max_per_class, imbalance, seed)
+
+
+def oxygen(side: int = 32, max_per_class: int = 300, min_per_class: int = 20, seed: int = 0) -> pd.DataFrame:
+    """The Oxygen icon theme's PNG icons at `side` px (RGBA, drawn for that size), labelled with their context:
+    the folder they sit in (actions, apps, categories, devices, emblems, mimetypes, places, status ...). Returns
+    ``image`` (absolute paths) and ``label``. An icon that is a symlink to another is dropped (the same picture
+    under two names), and so are contexts with fewer than `min_per_class` icons; each context is capped at
+    `max_per_class` with a seeded sample. Naturally imbalanced (with oxygen-icon-theme 5.103 at 32 px: actions
+    and mimetypes at the cap, emblems and categories a few dozen)."""
+    folder = OXYGEN_DIR / f"{side}x{side}"
+    rows = [(str(p), p.parent.name) for p in sorted(folder.glob("*/*.png")) if not p.is_symlink()]
+    df = pd.DataFrame(rows, columns=["image", "label"])
+    counts = df["label"].value_counts()
+    df = df[df["label"].isin(counts[counts >= min_per_class].index)]
+    if df["label"].nunique() < 4:
+        raise _missing(folder, "oxygen-icon-theme")
+    return _cap(df, max_per_class, seed)
 
 
 def digits() -> pd.DataFrame:
@@ -195,7 +255,8 @@ def digits() -> pd.DataFrame:
 
 def main() -> None:
     """Print rows, number of classes and class counts of each dataset."""
-    for name, build in [("stamps", stamps), ("fortunes", fortunes), ("digits", digits)]:
+    for name, build in [("stamps", stamps), ("fortunes", fortunes), ("packages", packages), ("oxygen", oxygen),
+                        ("digits", digits)]:
         try:
             df = build()
         except RuntimeError as error:
