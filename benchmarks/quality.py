@@ -12,6 +12,8 @@ For each real set (benchmarks/realsets.py) and seed, the same train/validation/t
   scratch (images) a hand-written from-scratch config: resnet10t at the images' own size (at least 32 px),
           AdamW 3e-3, cosine, flip+crop, 15 epochs (fewer when they do not fit), like the one the icons were lost to
   random  the same plan, but random sampling and no early stopping; the best trial's weights are tested
+  hf_search (text) transformers' Trainer.hyperparameter_search (Optuna, its default space) on the same MiniLM,
+          stopped at the budget; the best trial's best epoch is tested
   autogluon (fortunes only, when /work/ag-venv exists) AutoGluon MultiModal 1.6.3, same MiniLM, time_limit = budget
 Test macro-F1 and wall time go to benchmarks/RESULTS.md (section "quality").
 """
@@ -264,6 +266,74 @@ def random_search(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict
             "trials": len(res.trials)}
 
 
+def hf_search(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict:
+    """transformers' `Trainer.hyperparameter_search` as its documentation shows it, on the same MiniLM: a
+    `model_init`, the Optuna backend with its default space (learning rate 1e-6 to 1e-4, 1-5 epochs, batch 4-64,
+    seed), evaluated and saved every epoch with the best epoch kept (`load_best_model_at_end`, macro-F1 on the
+    validation rows), fp32 steps on the CPU (Trainer's default), padding to the longest text of a batch. Equal
+    wall time: Optuna starts no trial after the budget (its `timeout`), and a callback stops the running one at the
+    budget's end. The best trial's best checkpoint is tested (no retrain: that would need time the budget has not
+    got)."""
+    import torch
+    from sklearn.metrics import f1_score
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    from automl.models import minilm_dir
+
+    t0 = time.monotonic()
+    deadline = t0 + budget
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    classes = sorted(df["label"].unique(), key=str)
+    index = {c: i for i, c in enumerate(classes)}
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+
+    def rows(part: str) -> list[dict]:
+        d = df[df["split"] == part]
+        enc = tok(list(d["text"]), truncation=True, max_length=128)
+        return [{"input_ids": i, "attention_mask": m, "labels": index[y]}
+                for i, m, y in zip(enc["input_ids"], enc["attention_mask"], d["label"])]
+
+    train, val, test = rows("train"), rows("validation"), rows("test")
+
+    def model_init(trial=None):
+        return AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=len(classes))
+
+    def metrics(pred) -> dict:
+        return {"f1": f1_score(pred.label_ids, pred.predictions.argmax(-1), average="macro")}
+
+    class Deadline(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if time.monotonic() >= deadline:
+                control.should_training_stop = True
+
+    args = TrainingArguments(output_dir=str(tmp / "hf"), eval_strategy="epoch", save_strategy="epoch",
+                             save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="f1",
+                             report_to=[], disable_tqdm=True, logging_strategy="no",
+                             use_cpu=not torch.cuda.is_available(), seed=seed)
+    trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=val,
+                      data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics, callbacks=[Deadline()])
+    best = trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=100,
+                                         timeout=max(1.0, deadline - time.monotonic()),
+                                         compute_objective=lambda m: m["eval_f1"])
+    study = best.run_summary  # the best trial with a checkpoint (one cut before its first epoch's end has none)
+    for t in sorted((t for t in study.trials if t.value is not None), key=lambda t: -t.value):
+        states = sorted((tmp / "hf" / f"run-{t.number}").glob("checkpoint-*/trainer_state.json"),
+                        key=lambda f: int(f.parent.name.split("-")[1]))
+        if states:
+            break
+    else:
+        return {"error": f"no trial of {len(study.trials)} saved a checkpoint in {budget:.0f} s"}
+    chosen = json.loads(states[-1].read_text()).get("best_model_checkpoint") or str(states[-1].parent)
+    model = AutoModelForSequenceClassification.from_pretrained(chosen).eval()
+    batch = DataCollatorWithPadding(tok)([{k: v for k, v in r.items() if k != "labels"} for r in test])
+    with torch.no_grad():
+        pred = model(**batch).logits.argmax(-1).numpy()
+    f1 = float(f1_score([r["labels"] for r in test], pred, average="macro"))
+    return {"f1": f1, "wall": time.monotonic() - t0, "trials": len(study.trials),
+            "best": {k: (round(v, 7) if isinstance(v, float) else v) for k, v in t.params.items()}}
+
+
 def autogluon(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict | None:
     from automl.models import minilm_dir
 
@@ -325,6 +395,10 @@ def main() -> None:
                         continue
                     r = fixed(df, args.budget, seed, native=method == "fixed_native", scratch=method == "scratch",
                               grouped=method == "fixed_grouped")
+                elif method == "hf_search":
+                    if base.columns[0] != "text":
+                        continue
+                    r = hf_search(df, args.budget, seed, tmp)
                 elif method == "random":
                     r = random_search(df, args.budget, seed, tmp / "random")
                 else:
@@ -342,8 +416,9 @@ def main() -> None:
 def report(rows: list[dict], methods: list[str], budget: float) -> list[str]:
     out = ["Test macro-F1 (wall time, s). `ours` is `auto_finetune(df, time_budget_s=budget)`; `fixed` is the "
            "space's start point trained once for a sensible length that fits the budget; `random` is the same plan "
-           "with random sampling and no early stopping; `autogluon` is AutoGluon MultiModal 1.6.3 on the same "
-           "MiniLM (fortunes only). Same train/validation/test rows for every method of a seed.", "",
+           "with random sampling and no early stopping; `hf_search` is transformers' `Trainer.hyperparameter_search` "
+           "(Optuna, its default space) on the same MiniLM (text); `autogluon` is AutoGluon MultiModal 1.6.3 on the "
+           "same MiniLM (fortunes only). Same train/validation/test rows for every method of a seed.", "",
            "| set | seed | " + " | ".join(methods) + " | ours − fixed | plan (ours) |",
            "|---|---|" + "---|" * len(methods) + "---|---|"]
     for r in rows:
