@@ -313,10 +313,14 @@ def hf_search(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict:
                              use_cpu=not torch.cuda.is_available(), seed=seed)
     trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=val,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics, callbacks=[Deadline()])
-    best = trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=100,
-                                         timeout=max(1.0, deadline - time.monotonic()),
-                                         compute_objective=lambda m: m["eval_f1"])
-    study = best.run_summary  # the best trial with a checkpoint (one cut before its first epoch's end has none)
+    import optuna
+
+    storage = f"sqlite:///{tmp / 'hf_study.db'}"  # its trials, read back below (BestRun holds the best alone)
+    trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=100,
+                                  timeout=max(1.0, deadline - time.monotonic()),
+                                  compute_objective=lambda m: m["eval_f1"], study_name="hf", storage=storage)
+    study = optuna.load_study(study_name="hf", storage=storage)
+    # The best trial with a checkpoint (one cut before its first epoch's end has none).
     for t in sorted((t for t in study.trials if t.value is not None), key=lambda t: -t.value):
         states = sorted((tmp / "hf" / f"run-{t.number}").glob("checkpoint-*/trainer_state.json"),
                         key=lambda f: int(f.parent.name.split("-")[1]))
