@@ -274,6 +274,7 @@ def hf_search(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict:
     wall time: Optuna starts no trial after the budget (its `timeout`), and a callback stops the running one at the
     budget's end. The best trial's best checkpoint is tested (no retrain: that would need time the budget has not
     got)."""
+    import optuna
     import torch
     from sklearn.metrics import f1_score
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
@@ -313,8 +314,6 @@ def hf_search(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict:
                              use_cpu=not torch.cuda.is_available(), seed=seed)
     trainer = Trainer(model_init=model_init, args=args, train_dataset=train, eval_dataset=val,
                       data_collator=DataCollatorWithPadding(tok), compute_metrics=metrics, callbacks=[Deadline()])
-    import optuna
-
     storage = f"sqlite:///{tmp / 'hf_study.db'}"  # its trials, read back below (BestRun holds the best alone)
     trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=100,
                                   timeout=max(1.0, deadline - time.monotonic()),
