@@ -322,12 +322,10 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
     from automl.training.combine import ALPHA
 
     task, space = prepared.task, plan.space
-    if not _rung0_backbones(prepared, space, search.ladder) or (budget.total_s is not None and not plan.rung0_s):
+    candidates = _rung0_backbones(prepared, space, search.ladder)  # the start backbone first, as the plan priced
+    if not candidates or (budget.total_s is not None and not plan.rung0_s):
         return None
     start = full_config(space.default_config())
-    values = list(space.parameters.get("backbone", {}).get("values") or [start["backbone"]])
-    with_weights = [v for v in values if pretrained(v)]
-    candidates = [start["backbone"]] + [v for v in with_weights if v != start["backbone"]]
     data = inputs.trial_data(max_val=plan.val_rows)
     allowance = None if budget.total_s is None else plan.rung0_s
     rung0 = ladder.probe(candidates, start, data.x_train, data.y_train, data.x_val, data.y_val,
@@ -339,7 +337,7 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
         plan.reasons.append(rung0.summary())
         return rung0
     chosen, why = ladder.choose_start(rung0, start["backbone"], data.y_val, prepared.metric, task.num_classes, ALPHA)
-    keep = ladder.promoted(rung0, chosen) + [v for v in values if not pretrained(v)]
+    keep = ladder.promoted(rung0, chosen) + [v for v in space.backbones() if not pretrained(v)]
     plan.space = space.with_overrides({"backbone": {"type": "choice", "values": keep}})
     plan.space.start_points = [plan.space.fit_point({**p, "backbone": chosen} if p.get("backbone") == start["backbone"]
                                                     else p) for p in space.start_points
