@@ -495,6 +495,62 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     assert s.suggest("d") == Searcher.FINISHED
 
 
+def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tmp_path, monkeypatch):
+    """The plan prices every config as a full fine-tune; once trials of a class (backbone, layers trained) have
+    reported, a config of that class is priced at what they took. A partial fine-tune four times cheaper than the
+    plan's price trains its full length where the plan's price would have shortened it, and starts past the last
+    start time while its shortest schedule still fits (the best-scoring class that fits first)."""
+    import time
+    import types
+
+    from ray.tune.search import Searcher
+
+    from automl.search import clock as clock_mod
+    from automl.search import tune as tune_mod
+    from automl.search.clock import FIT_MARGIN, MIN_FIT, write_deadlines
+    from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
+
+    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    frozen.time = lambda: 1.7e9
+    monkeypatch.setattr(clock_mod, "time", frozen)
+    monkeypatch.setattr(tune_mod, "time", frozen)
+    space = load_space("cpu_small", "text", {"max_epochs": 8, "report_rows": 400})
+    clock = tmp_path / "clock.json"
+    s = DeadlineOptunaSearch(space, metric="val_f1_macro", mode="max", sampler=tpe_sampler(0), reports=8,
+                             points_to_evaluate=[space.sampling_point(space.start_points[0])],
+                             deadline_file=str(clock))
+
+    def report(trial_id, config, row_s, score):  # one report of 320 rows: 0.5 s validating, 0.5 s set-up
+        steps = 320 // config["batch_size"]
+        s.on_trial_result(trial_id, {"steps": steps, "epoch_time_s": row_s * steps * config["batch_size"],
+                                     "report_time_s": row_s * 320 + 0.5, "time_total_s": row_s * 320 + 1.0,
+                                     "val_f1_macro": score, "training_iteration": 1})
+
+    write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0)
+    start = s.suggest("a")
+    report("a", start, 0.03, 0.6)                  # all layers: 0.5 + 8 * (400 * 0.03 + 0.5) = 100.5 s, as planned
+    s._ot_study.enqueue_trial({"backbone": "minilm-l6", "unfreeze": 2})
+    top2 = s.suggest("b")
+    assert top2["unfreeze"] == 2 and top2["report_rows"] == 400
+    report("b", top2, 0.0075, 0.5)                 # the top two layers: 0.5 + 8 * (3 + 0.5) = 28.5 s
+    # 60 s left: a config priced as the plan prices it (100 s) would train 400 * 0.85 * 0.6 rows a report; one of
+    # the measured partial class (28.5 s) trains its full length.
+    write_deadlines(str(clock), last_start_s=30.0, ends_in_s=60.0, trial_s=100.0)
+    s._ot_study.enqueue_trial({"backbone": "minilm-l6", "unfreeze": 2})
+    c = s.suggest("c")
+    assert (c["unfreeze"], c["report_rows"]) == (2, 400) and "_stretch_rows" not in c
+    # Past the last start time, the searcher starts a measured class that still fits, the best-scoring first: with
+    # 40 s left both fit (all layers at 35.5 s shortest), with 20 s only the partial fine-tune.
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=40.0, trial_s=100.0)
+    late = s.suggest("d")
+    assert late["unfreeze"] == "all" and late["report_rows"] == int(400 * FIT_MARGIN * 40 / 100.5)
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=20.0, trial_s=100.0)
+    later = s.suggest("d2")
+    assert later["unfreeze"] == 2 and later["report_rows"] == int(400 * FIT_MARGIN * 20 / 28.5)
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=28.5 * MIN_FIT / FIT_MARGIN - 0.5, trial_s=100.0)
+    assert s.suggest("e") == Searcher.FINISHED     # not even its shortest schedule fits
+
+
 def test_the_plans_deadlines_reach_the_search_as_one_limits_object_measured_from_the_searchs_start():
     from automl.search.clock import SearchLimits
     from automl.search.plan import Plan

@@ -23,7 +23,7 @@ from automl.errors import NoTrialScored
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads
 from automl.search import kept
-from automl.search.clock import SearchLimits, cheapest_trial_s, fits, fitted_length
+from automl.search.clock import Paces, SearchLimits, cheapest_trial_s, fits, fitted_length
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -262,11 +262,13 @@ class DeadlineOptunaSearch(OptunaSearch):
     fits trains a shortened schedule that does (`fitted_rows`). The times live in a file, not in this (pickled)
     searcher, so a resumed search gets fresh ones."""
 
-    def __init__(self, *args, deadline_file: str | None = None, **kwargs):
+    def __init__(self, *args, deadline_file: str | None = None, reports: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.deadline_file = deadline_file
         self.starts = len(kwargs.get("points_to_evaluate") or [])
         self.suggested = 0
+        self.reports = reports  # a full-length trial's reports: what a measured class's full length is priced at
+        self.paces = Paces()
 
     def _clock(self) -> dict:
         import json
@@ -287,15 +289,22 @@ class DeadlineOptunaSearch(OptunaSearch):
         start_point = self.suggested < max(1, self.starts)
         late = time.time() > stop_at and not start_point
         left = clock["ends_at"] - time.time() if clock.get("ends_at") else math.inf
+        searching = not start_point and self._ot_study is not None
         cheap = [b for b, k in sorted(kinds.items(), key=lambda kv: kv[1]["trial_s"]) if fits(k["trial_s"], left)] \
-            if not start_point and self._ot_study is not None else []
-        if late and not cheap:
+            if searching else []
+        too_late = searching and (late or not fits(clock.get("trial_s"), left))
+        # Configs of a class the search has timed (a backbone training so many layers) that still fit, priced at
+        # their measured pace: a partial fine-tune can start where the plan's price, a full one's, no longer fits.
+        measured = self.paces.affordable(left, self.reports) if too_late and not cheap and self.reports else []
+        if late and not cheap and not measured:
             return Searcher.FINISHED
-        if cheap and (late or not fits(clock.get("trial_s"), left)):
+        if cheap and too_late:
             # Too late for the start point's kind (its last start is past, or its shortest schedule no longer fits),
             # not for a cheaper one: that starts, fitted to the time left; Optuna samples the rest of the config.
             # (On 48 px icons the search ended ~45 s early with 2-second scratch reports still affordable.)
             self._ot_study.enqueue_trial({"backbone": cheap[0]})
+        elif measured:
+            self._ot_study.enqueue_trial(measured[0])  # the best-scoring class that fits; Optuna samples the rest
         self.suggested += 1
         config = super().suggest(trial_id)
         if isinstance(config, dict) and clock.get("ends_at"):
@@ -303,6 +312,9 @@ class DeadlineOptunaSearch(OptunaSearch):
             trial_s = kind["trial_s"] if kind else clock.get("trial_s")
             if kind and config.get("report_rows"):
                 config["report_rows"] = kind["report_rows"]  # priced as itself (search/plan.price_kinds)
+            if config.get("report_rows"):
+                self.paces.start(trial_id, config, int(config["report_rows"]))
+                trial_s = self.paces.trial_s(config, self.reports or 0) or trial_s  # re-priced as measured
             ends = clock.get("first_ends_at") if first and clock.get("first_ends_at") else clock["ends_at"]
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
             if first and clock.get("stretch_rows"):
@@ -311,14 +323,17 @@ class DeadlineOptunaSearch(OptunaSearch):
                 return Searcher.FINISHED  # a priced start point with no time left for it (nor for anything else)
             if (not start_point or (kind and not first)) and config.get("report_rows"):
                 # A priced start point after the first runs in the time left (its own full length when that fits).
+                cheapest = min(t for t in (cheapest_trial_s(clock.get("trial_s"), kinds),
+                                           self.paces.cheapest_s(self.reports or 0), math.inf) if t is not None)
                 config["report_rows"], grow = fitted_length(int(config["report_rows"]), trial_s, left,
-                                                            cheapest_trial_s(clock.get("trial_s"), kinds))
+                                                            cheapest if math.isfinite(cheapest) else None)
                 if grow:
                     config["_stretch_rows"] = grow  # may grow into time it would leave unused (loop.Pace)
         return config
 
 
     def on_trial_result(self, trial_id, result):
+        self.paces.observe(trial_id, result, result.get(self._metric))
         if trial_id in self._ot_trials:  # a trial this (restored) searcher never suggested: nothing to tell Optuna
             super().on_trial_result(trial_id, result)
 
@@ -458,7 +473,8 @@ def asha_tpe(space: SearchSpace, *, metric: str, points: list[dict], deadline_fi
     (a Tune searcher, a Tune scheduler): the benchmarks build their baselines (random sampling, no early stopping)
     with their own."""
     searcher = DeadlineOptunaSearch(space, metric=metric, mode="max", points_to_evaluate=points or None,
-                                    sampler=tpe_sampler(seed), deadline_file=deadline_file)
+                                    sampler=tpe_sampler(seed), deadline_file=deadline_file,
+                                    reports=space.max_epochs)
     scheduler = RecordingASHA(asha_log, protected=len(points), time_attr="training_iteration",
                               max_t=space.max_epochs, grace_period=min(space.grace_period or 1, space.max_epochs),
                               reduction_factor=space.reduction_factor or 3)
