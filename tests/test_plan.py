@@ -516,7 +516,7 @@ def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tm
     monkeypatch.setattr(tune_mod, "time", frozen)
     space = load_space("cpu_small", "text", {"max_epochs": 8, "report_rows": 400})
     clock = tmp_path / "clock.json"
-    s = DeadlineOptunaSearch(space, metric="val_f1_macro", mode="max", sampler=tpe_sampler(0), reports=8,
+    s = DeadlineOptunaSearch(space, metric="val_f1_macro", mode="max", sampler=tpe_sampler(0),
                              points_to_evaluate=[space.sampling_point(space.start_points[0])],
                              deadline_file=str(clock))
 

@@ -143,21 +143,21 @@ class Paces:
         if score is not None and math.isfinite(score):
             s["best"] = max(s["best"], float(score))
 
-    def trial_s(self, config_or_class: dict | str, reports: int) -> float | None:
+    def trial_s(self, config_or_class: dict | str, reports: int | None) -> float | None:
         """A full-length trial of this class (`reports` reports of its full rows) at its measured pace; None
-        when no trial of the class has reported yet."""
+        when no trial of the class has reported yet (or the length is unknown)."""
         cls = config_or_class if isinstance(config_or_class, str) else self.key(config_or_class)
         s = self.seen.get(cls)
-        if not s or not s["row_s"]:
+        if not s or not s["row_s"] or not reports:
             return None
         setup = median(s["setup_s"]) if s["setup_s"] else 0.0
         return setup + reports * (s["rows"] * median(s["row_s"]) + median(s["eval_s"]))
 
-    def cheapest_s(self, reports: int) -> float | None:
+    def cheapest_s(self, reports: int | None) -> float | None:
         """The shortest measured full-length trial (None when none has reported)."""
         return min((t for t in (self.trial_s(c, reports) for c in self.seen) if t is not None), default=None)
 
-    def affordable(self, left_s: float, reports: int) -> list[dict]:
+    def affordable(self, left_s: float, reports: int | None) -> list[dict]:
         """The measured classes whose shortest fitted schedule still fits in `left_s`, the best validation score
         first, as the params that make a config of the class ({"backbone", "unfreeze"})."""
         ok = [(s["best"], c) for c, s in self.seen.items() if fits(self.trial_s(c, reports) or math.inf, left_s)]

@@ -262,12 +262,13 @@ class DeadlineOptunaSearch(OptunaSearch):
     fits trains a shortened schedule that does (`fitted_rows`). The times live in a file, not in this (pickled)
     searcher, so a resumed search gets fresh ones."""
 
-    def __init__(self, *args, deadline_file: str | None = None, reports: int | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, space=None, *args, deadline_file: str | None = None, **kwargs):
+        super().__init__(space, *args, **kwargs)
         self.deadline_file = deadline_file
         self.starts = len(kwargs.get("points_to_evaluate") or [])
         self.suggested = 0
-        self.reports = reports  # a full-length trial's reports: what a measured class's full length is priced at
+        # A full-length trial's reports (the planned space's): what a timed class's full length is priced at.
+        self.reports = getattr(space, "max_epochs", None)
         self.paces = Paces()
 
     def _clock(self) -> dict:
@@ -295,7 +296,7 @@ class DeadlineOptunaSearch(OptunaSearch):
         too_late = searching and (late or not fits(clock.get("trial_s"), left))
         # Configs of a class the search has timed (a backbone training so many layers) that still fit, priced at
         # their measured pace: a partial fine-tune can start where the plan's price, a full one's, no longer fits.
-        measured = self.paces.affordable(left, self.reports) if too_late and not cheap and self.reports else []
+        measured = self.paces.affordable(left, self.reports) if too_late and not cheap else []
         if late and not cheap and not measured:
             return Searcher.FINISHED
         if cheap and too_late:
@@ -314,7 +315,7 @@ class DeadlineOptunaSearch(OptunaSearch):
                 config["report_rows"] = kind["report_rows"]  # priced as itself (search/plan.price_kinds)
             if config.get("report_rows"):
                 self.paces.start(trial_id, config, int(config["report_rows"]))
-                trial_s = self.paces.trial_s(config, self.reports or 0) or trial_s  # re-priced as measured
+                trial_s = self.paces.trial_s(config, self.reports) or trial_s  # re-priced as measured
             ends = clock.get("first_ends_at") if first and clock.get("first_ends_at") else clock["ends_at"]
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
             if first and clock.get("stretch_rows"):
@@ -323,10 +324,10 @@ class DeadlineOptunaSearch(OptunaSearch):
                 return Searcher.FINISHED  # a priced start point with no time left for it (nor for anything else)
             if (not start_point or (kind and not first)) and config.get("report_rows"):
                 # A priced start point after the first runs in the time left (its own full length when that fits).
-                cheapest = min(t for t in (cheapest_trial_s(clock.get("trial_s"), kinds),
-                                           self.paces.cheapest_s(self.reports or 0), math.inf) if t is not None)
+                cheapest = [t for t in (cheapest_trial_s(clock.get("trial_s"), kinds),
+                                        self.paces.cheapest_s(self.reports)) if t is not None]
                 config["report_rows"], grow = fitted_length(int(config["report_rows"]), trial_s, left,
-                                                            cheapest if math.isfinite(cheapest) else None)
+                                                            min(cheapest, default=None))
                 if grow:
                     config["_stretch_rows"] = grow  # may grow into time it would leave unused (loop.Pace)
         return config
@@ -473,8 +474,7 @@ def asha_tpe(space: SearchSpace, *, metric: str, points: list[dict], deadline_fi
     (a Tune searcher, a Tune scheduler): the benchmarks build their baselines (random sampling, no early stopping)
     with their own."""
     searcher = DeadlineOptunaSearch(space, metric=metric, mode="max", points_to_evaluate=points or None,
-                                    sampler=tpe_sampler(seed), deadline_file=deadline_file,
-                                    reports=space.max_epochs)
+                                    sampler=tpe_sampler(seed), deadline_file=deadline_file)
     scheduler = RecordingASHA(asha_log, protected=len(points), time_attr="training_iteration",
                               max_t=space.max_epochs, grace_period=min(space.grace_period or 1, space.max_epochs),
                               reduction_factor=space.reduction_factor or 3)
