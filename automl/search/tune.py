@@ -260,7 +260,8 @@ class DeadlineOptunaSearch(OptunaSearch):
     """Optuna's proposals, but no trial starts after the last start time in `deadline_file` (a trial started then
     could not train a useful schedule before the budget ends), and a trial started when its full length no longer
     fits trains a shortened schedule that does (`fitted_rows`). The times live in a file, not in this (pickled)
-    searcher, so a resumed search gets fresh ones."""
+    searcher, so a resumed search gets fresh ones. A config of a class its trials have timed (a backbone training so
+    many layers) is priced at their measured pace, not the plan's (clock.Paces)."""
 
     def __init__(self, space=None, *args, deadline_file: str | None = None, **kwargs):
         super().__init__(space, *args, **kwargs)
