@@ -57,6 +57,11 @@ def split(df: pd.DataFrame, seed: int) -> pd.DataFrame:
     return out
 
 
+def _cpus() -> int:
+    """The CPUs this process may use (every method trains on all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+
+
 def macro_f1(model, df: pd.DataFrame) -> float:
     test = df[df["split"] == "test"].drop(columns=["split"])
     return float(model.evaluate(test, label="label")["f1_macro"])
@@ -170,7 +175,7 @@ def fixed(df: pd.DataFrame, budget: float, seed: int, native: bool = False, scra
     from automl.training.loop import fit, full_config, measure_speed
 
     t0 = time.monotonic()
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    threads = _cpus()
     torch.set_num_threads(threads)
     task = prepare(df, "label", seed=seed)
     space = load_space("cpu_small", task.modality)
@@ -284,7 +289,7 @@ def hf_search(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict:
 
     t0 = time.monotonic()
     deadline = t0 + budget
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    torch.set_num_threads(_cpus())
     classes = sorted(df["label"].unique(), key=str)
     index = {c: i for i, c in enumerate(classes)}
     tok = AutoTokenizer.from_pretrained(minilm_dir())

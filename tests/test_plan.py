@@ -19,6 +19,22 @@ IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, imag
 TEXTS = DataStats("text", n_train=1000, n_val=200, n_full=1200, n_test=200, token_p95=40)
 
 
+@pytest.fixture
+def frozen_clock(monkeypatch):
+    """The searcher's and the clock file's "now" frozen at one instant (1.7e9), so the time left is exactly what a
+    test writes, however loaded the machine."""
+    import time
+    import types
+
+    from automl.search import clock as clock_mod
+    from automl.search import tune as tune_mod
+
+    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    frozen.time = lambda: 1.7e9
+    monkeypatch.setattr(clock_mod, "time", frozen)
+    monkeypatch.setattr(tune_mod, "time", frozen)
+
+
 def speed(step_at_96: float = 0.5, setup: float = 2.0):
     """A CNN-like cost: a fixed part plus a part that grows with the pixel count."""
     def at(size):
@@ -164,26 +180,16 @@ def test_costs_learned_from_a_run_are_blended_saved_and_read_by_the_next_plan(tm
     assert after.search_ends_at_s == pytest.approx(before.search_ends_at_s - 18.0, abs=0.5)  # the longer export
 
 
-def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path, monkeypatch):
+def test_a_trial_that_starts_late_trains_a_schedule_shortened_to_end_in_time(tmp_path, frozen_clock):
     """The searcher gives a late trial fewer rows per report (same reports: ASHA's rungs stay), never below MIN_FIT
     of its length, and lets it grow back to its length if it runs faster than priced; the start point always
     trains at full length; nothing starts after the last start time.
     The clock is frozen (the file's deadlines and the searcher's "now" read the same instant), so the time left
     is exactly what the test wrote, however loaded the machine."""
-    import time
-    import types
-
     from ray.tune.search import Searcher
 
-    from automl.search import clock as clock_mod
-    from automl.search import tune as tune_mod
     from automl.search.clock import FIT_MARGIN, MIN_FIT, fitted_rows, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
-
-    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    frozen.time = lambda: 1.7e9
-    monkeypatch.setattr(clock_mod, "time", frozen)
-    monkeypatch.setattr(tune_mod, "time", frozen)
 
     assert fitted_rows(400, 100.0, 200.0) == 400                                # fits: full length
     assert fitted_rows(400, 100.0, 60.0) == int(400 * FIT_MARGIN * 0.6)           # shortened to the time left
@@ -441,24 +447,15 @@ def test_where_the_start_point_runs_alone_a_scratch_start_point_gets_time_reserv
     assert dear.search_ends_at_s == base.search_ends_at_s and dear.report_rows == base.report_rows
 
 
-def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper_kind(tmp_path, monkeypatch):
+def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper_kind(tmp_path, frozen_clock):
     """The searcher prices each suggestion by its backbone's kind: a from-scratch trial trains its own rows a
     report, and once a full-length fine-tune can no longer fit the time left, the next trial is of a kind that
     can (Optuna samples the rest of its config)."""
-    import time
-    import types
-
     from ray.tune.search import Searcher
 
-    from automl.search import tune as tune_mod
     from automl.search.clock import FIT_MARGIN, MIN_FIT, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
 
-    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    frozen.time = lambda: 1.7e9
-    monkeypatch.setattr(tune_mod, "time", frozen)
-    from automl.search import clock as clock_mod
-    monkeypatch.setattr(clock_mod, "time", frozen)
     space = load_space("cpu_small", "image", {"max_epochs": 8, "report_rows": 400, "image_size": 48})
     clock = tmp_path / "clock.json"
     kinds = {SCRATCH: {"report_rows": 1000, "trial_s": 20.0}}
@@ -495,25 +492,16 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     assert s.suggest("d") == Searcher.FINISHED
 
 
-def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tmp_path, monkeypatch):
+def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tmp_path, frozen_clock):
     """The plan prices every config as a full fine-tune; once trials of a class (backbone, layers trained) have
     reported, a config of that class is priced at what they took. A partial fine-tune four times cheaper than the
     plan's price trains its full length where the plan's price would have shortened it, and starts past the last
     start time while its shortest schedule still fits (the best-scoring class that fits first)."""
-    import time
-    import types
-
     from ray.tune.search import Searcher
 
-    from automl.search import clock as clock_mod
-    from automl.search import tune as tune_mod
     from automl.search.clock import FIT_MARGIN, MIN_FIT, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
 
-    frozen = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
-    frozen.time = lambda: 1.7e9
-    monkeypatch.setattr(clock_mod, "time", frozen)
-    monkeypatch.setattr(tune_mod, "time", frozen)
     space = load_space("cpu_small", "text", {"max_epochs": 8, "report_rows": 400})
     clock = tmp_path / "clock.json"
     s = DeadlineOptunaSearch(space, metric="val_f1_macro", mode="max", sampler=tpe_sampler(0),

@@ -105,7 +105,8 @@ class Paces:
     but a partial or head-only one trains faster (MiniLM on one-line texts, 300 s: 330 ms a step for all layers,
     100-140 for the top two, 43 for the head), so a config the search has seen is priced at what it took."""
 
-    def __init__(self) -> None:
+    def __init__(self, reports: int | None) -> None:
+        self.reports = reports  # a full-length trial's reports (None: unknown, and nothing is priced)
         # class -> {"params": its backbone and unfreeze, "rows": full-length rows a report, the measured "row_s",
         # "eval_s" and "setup_s", "best": its best validation score}
         self.seen: dict[str, dict] = {}
@@ -143,22 +144,22 @@ class Paces:
         if score is not None and math.isfinite(score):
             s["best"] = max(s["best"], float(score))
 
-    def trial_s(self, config_or_class: dict | str, reports: int | None) -> float | None:
-        """A full-length trial of this class (`reports` reports of its full rows) at its measured pace; None
+    def trial_s(self, config_or_class: dict | str) -> float | None:
+        """A full-length trial of this class (its reports of its full rows) at its measured pace; None
         when no trial of the class has reported yet (or the length is unknown)."""
         cls = config_or_class if isinstance(config_or_class, str) else self.key(config_or_class)
         s = self.seen.get(cls)
-        if not s or not s["row_s"] or not reports:
+        if not s or not s["row_s"] or not self.reports:
             return None
         setup = median(s["setup_s"]) if s["setup_s"] else 0.0
-        return setup + reports * (s["rows"] * median(s["row_s"]) + median(s["eval_s"]))
+        return setup + self.reports * (s["rows"] * median(s["row_s"]) + median(s["eval_s"]))
 
-    def cheapest_s(self, reports: int | None) -> float | None:
+    def cheapest_s(self) -> float | None:
         """The shortest measured full-length trial (None when none has reported)."""
-        return min((t for t in (self.trial_s(c, reports) for c in self.seen) if t is not None), default=None)
+        return min((t for t in map(self.trial_s, self.seen) if t is not None), default=None)
 
-    def affordable(self, left_s: float, reports: int | None) -> list[dict]:
+    def affordable(self, left_s: float) -> list[dict]:
         """The measured classes whose shortest fitted schedule still fits in `left_s`, the best validation score
         first, as the params that make a config of the class ({"backbone", "unfreeze"})."""
-        ok = [(s["best"], c) for c, s in self.seen.items() if fits(self.trial_s(c, reports) or math.inf, left_s)]
+        ok = [(s["best"], c) for c, s in self.seen.items() if fits(self.trial_s(c) or math.inf, left_s)]
         return [dict(self.seen[c]["params"]) for _, c in sorted(ok, key=lambda bc: bc[0], reverse=True)]

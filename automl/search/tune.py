@@ -268,9 +268,8 @@ class DeadlineOptunaSearch(OptunaSearch):
         self.deadline_file = deadline_file
         self.starts = len(kwargs.get("points_to_evaluate") or [])
         self.suggested = 0
-        # A full-length trial's reports (the planned space's): what a timed class's full length is priced at.
-        self.reports = getattr(space, "max_epochs", None)
-        self.paces = Paces()
+        # Timed classes are priced at a full-length trial of the planned space (its reports).
+        self.paces = Paces(getattr(space, "max_epochs", None))
 
     def _clock(self) -> dict:
         import json
@@ -297,7 +296,7 @@ class DeadlineOptunaSearch(OptunaSearch):
         too_late = searching and (late or not fits(clock.get("trial_s"), left))
         # Configs of a class the search has timed (a backbone training so many layers) that still fit, priced at
         # their measured pace: a partial fine-tune can start where the plan's price, a full one's, no longer fits.
-        measured = self.paces.affordable(left, self.reports) if too_late and not cheap else []
+        measured = self.paces.affordable(left) if too_late and not cheap else []
         if late and not cheap and not measured:
             return Searcher.FINISHED
         if cheap and too_late:
@@ -316,7 +315,7 @@ class DeadlineOptunaSearch(OptunaSearch):
                 config["report_rows"] = kind["report_rows"]  # priced as itself (search/plan.price_kinds)
             if config.get("report_rows"):
                 self.paces.start(trial_id, config, int(config["report_rows"]))
-                trial_s = self.paces.trial_s(config, self.reports) or trial_s  # re-priced as measured
+                trial_s = self.paces.trial_s(config) or trial_s  # re-priced as measured
             ends = clock.get("first_ends_at") if first and clock.get("first_ends_at") else clock["ends_at"]
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
             if first and clock.get("stretch_rows"):
@@ -326,7 +325,7 @@ class DeadlineOptunaSearch(OptunaSearch):
             if (not start_point or (kind and not first)) and config.get("report_rows"):
                 # A priced start point after the first runs in the time left (its own full length when that fits).
                 cheapest = [t for t in (cheapest_trial_s(clock.get("trial_s"), kinds),
-                                        self.paces.cheapest_s(self.reports)) if t is not None]
+                                        self.paces.cheapest_s()) if t is not None]
                 config["report_rows"], grow = fitted_length(int(config["report_rows"]), trial_s, left,
                                                             min(cheapest, default=None))
                 if grow:
