@@ -1,6 +1,7 @@
-"""The README's examples, each run with a one-minute budget: `python examples/digits_image.py` (the README's first
-command; its own run is 240 s) trains on all 1,797 digits, prints what the README says it prints, and its export
-reloads; `python examples/text_minilm.py` prints what its export gives; `bash examples/cli.sh` (with a 30 s budget)
+"""The README's examples, each run with a short budget (what a budget of a minute gives is test_end_to_end's promise):
+`python examples/digits_image.py 30` (the README's first command; its own run is 240 s) trains on all 1,797 digits,
+prints what the README says it prints, and its export reloads; `python examples/text_minilm.py 30` prints what its
+export gives; `bash examples/cli.sh 20`
 chains finetune, predict and evaluate on the digits as PNG files, and what it prints agrees with its files."""
 from __future__ import annotations
 
@@ -19,23 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_the_readme_demo_runs_with_a_one_minute_budget(ray_session, tmp_path, monkeypatch, capsys):
+def test_the_readme_demo_runs_with_a_30_s_budget(ray_session, tmp_path, monkeypatch, capsys):
     from automl import load
 
     monkeypatch.chdir(tmp_path)  # the example writes demo_output/ where it runs
     main = runpy.run_path(str(ROOT / "examples" / "digits_image.py"), run_name="example")["main"]
-    main(60)  # the budget's +10% is test_end_to_end's promise to check; this checks what the demo prints
+    main(30)  # the budget's +10% is test_end_to_end's promise to check; this checks what the demo prints
     out = capsys.readouterr().out
     export = Path(re.search(r"exported model: (\S+)", out).group(1))
     assert export == tmp_path / "demo_output" / "digits" / "model"
     acc = float(re.search(r"test accuracy:\s+([\d.]+)", out).group(1))
     model = load(export)
     assert acc == pytest.approx(model.metrics["accuracy"], abs=1e-4)
-    assert acc >= 0.8, out  # 10 classes; 0.959, 0.964 and 0.987 at 60 s on three seeds (RESULTS), 0.925 when busy
+    assert acc >= 0.8, out  # 10 classes; 0.884 at 30 s here (0.959, 0.964 and 0.987 at 60 s on three seeds, RESULTS)
     tried = re.search(r"configurations tried: (\d+) on (\d+) backbones \((\d+) linear heads on frozen features, "
                       r"(\d+) fine-tunes", out)
     n, backbones, heads, tunes = map(int, tried.groups())
-    assert n == heads + tunes == len(model.trials) and tunes >= 1, out  # rung 0 may not fit a busy minute
+    assert n == heads + tunes == len(model.trials) and tunes >= 1, out  # rung 0 may not fit a busy 30 s
     assert heads == int((model.trials["rung"] == 0).sum()), out
     assert backbones == model.trials["config/backbone"].nunique()
     pred, true = (list(map(int, s.split(", "))) for s in
@@ -44,14 +45,14 @@ def test_the_readme_demo_runs_with_a_one_minute_budget(ray_session, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_the_text_example_runs_with_a_one_minute_budget(ray_session, tmp_path, monkeypatch, capsys):
-    """`python examples/text_minilm.py 60`: a MiniLM fine-tune on 48 short reviews, exported where it says, with the
+def test_the_text_example_runs_with_a_30_s_budget(ray_session, tmp_path, monkeypatch, capsys):
+    """`python examples/text_minilm.py 30`: a MiniLM fine-tune on 48 short reviews, exported where it says, with the
     test accuracy and the two example texts' probabilities that the export itself gives."""
     from automl import load
 
     monkeypatch.chdir(tmp_path)
     main = runpy.run_path(str(ROOT / "examples" / "text_minilm.py"), run_name="example")["main"]
-    main(60)
+    main(30)
     out = capsys.readouterr().out
     export = Path(re.search(r"exported model: (\S+)", out).group(1))
     assert export == tmp_path / "demo_output" / "reviews" / "model"
@@ -68,7 +69,7 @@ def test_the_text_example_runs_with_a_one_minute_budget(ray_session, tmp_path, m
 
 @pytest.mark.slow
 def test_the_cli_example_script_chains_finetune_predict_and_evaluate(ray_session, tmp_path):
-    """`bash examples/cli.sh 30` as a user runs it (the `automl` command of this environment, joining the session's
+    """`bash examples/cli.sh 20` as a user runs it (the `automl` command of this environment, joining the session's
     Ray): every digit predicted in preds.csv as the export predicts it, and `automl evaluate` printing the accuracy
     of those predictions against the file's labels."""
     import pandas as pd
@@ -78,7 +79,7 @@ def test_the_cli_example_script_chains_finetune_predict_and_evaluate(ray_session
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     # Its own session: on a timeout the whole script goes (bash and the automl command it runs), not bash alone.
-    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "cli.sh"), "30"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen(["bash", str(ROOT / "examples" / "cli.sh"), "20"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=900)

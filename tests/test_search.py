@@ -1,18 +1,70 @@
-"""The Ray Tune controller: OptunaSearch proposes, ASHA stops, the trial table tells the story."""
+"""The Ray Tune controller: OptunaSearch proposes, ASHA stops, the trial table tells the story; nothing is lost when
+a trial's worker dies (it resumes from its checkpoint), and finished trials' checkpoints are pruned while the search
+still runs. One 8-trial search serves them all."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from ray.tune import Callback
 
 from automl.search.tune import SearchConfig, SearchLimits, SearchStorage, run_search
 from automl.search.space import load_space
 
+pytestmark = pytest.mark.slow  # one Ray Tune search, shared by the module
 
-@pytest.mark.slow  # starts Ray and runs an 8-trial search
-def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_data, tmp_path):
-    space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2})
-    result = run_search(digits_trial_data, space, SearchConfig(
-        "accuracy", SearchStorage(str(tmp_path), "s"), SearchLimits(max_trials=8), {"cpu": 1}, concurrency=2,
-        progress=False))
+
+class Watch(Callback):
+    """Looks, as results come in, for a finished trial whose checkpoints are gone while others still run."""
+
+    def __init__(self, exp: Path):
+        self.exp, self.finished, self.checkpointed, self.pruned_mid_search = exp, set(), set(), False
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.finished.add(trial.trial_id)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        for d in self.exp.glob("trial_*/checkpoint_*"):
+            self.checkpointed.add(d.parent.name[len("trial_"):])
+        running = any(t.status == "RUNNING" and t.trial_id not in self.finished for t in trials)
+        for tid in self.finished & self.checkpointed:
+            if running and not list((self.exp / f"trial_{tid}").glob("checkpoint_*")):
+                self.pruned_mid_search = True
+
+
+@pytest.fixture(scope="module")
+def search(ray_session, digits_trial_data, tmp_path_factory):
+    """8 trials of the CPU space at 16 px, two at a time, under ASHA. Every report is checkpointed and Tune saves its
+    state every second (so pruning can follow within the search); the first trial to finish its third report dies
+    once, right after its checkpoint, and names itself in the marker file."""
+    tmp = tmp_path_factory.mktemp("search")
+    marker, watch = tmp / "crashed", Watch(tmp / "s")
+    space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2,
+                                              "_crash_once_after_epoch": f"3:{marker}"})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
+        mp.setenv("AUTOML_SYNC_PERIOD_S", "1")
+        result = run_search(digits_trial_data, space, SearchConfig(
+            "accuracy", SearchStorage(str(tmp), "s", checkpoint_every_s=0), SearchLimits(max_trials=8), {"cpu": 1},
+            concurrency=2, progress=False), callbacks=[watch])
+    return result, marker, watch
+
+
+def _du(path) -> int:
+    """Bytes of the files under `path` now."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _peak_lower_bound(result) -> int:
+    """What the experiment directory held at the search's end, before the finished trials' checkpoints were pruned:
+    what it holds now, plus the last trial's newest checkpoint (model and optimizer state: at least as large as its
+    weights file in best/)."""
+    weights = max(f.stat().st_size for f in Path(result.experiment_path, "best").glob("*.final.safetensors"))
+    return _du(result.experiment_path) + weights
+
+
+def test_search_runs_trials_and_asha_stops_some_early(search, digits_trial_data):
+    result = search[0]
     t = result.trials
     assert len(t) == 8
     assert set(t["status"]) <= {"COMPLETED", "STOPPED_EARLY"}  # no time limit: nothing cut
@@ -53,3 +105,25 @@ def test_search_runs_trials_and_asha_stops_some_early(ray_session, digits_trial_
     # The space's start point (a sensible fixed config) is tried, and ASHA never stops it.
     start = t[(t["config/lr"] == 1e-3) & (t["config/backbone"] == "efficientnet-lite0")]
     assert len(start) == 1 and start.iloc[0]["status"] == "COMPLETED" and start.iloc[0]["epochs_run"] == 4
+
+
+def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(search):
+    result, marker, _ = search
+    tid = marker.read_text()  # the worker process really died once, in this trial
+    row = result.trials.set_index("trial_id").loc[tid]
+    assert row["status"] == "COMPLETED" and row["epochs_run"] == 4
+    # Continued with its 4th report from the report-3 checkpoint, not from scratch: Tune's count of the trial's
+    # reports (training_iteration) resumes either way, so the trial's own count (epoch) is what tells. (Ray restores
+    # the trial's result file from storage on restart, so lines written after its last sync may be gone: judge by
+    # time.)
+    after_crash = [(r["training_iteration"], r["epoch"]) for r in result.history[tid]
+                   if r["timestamp"] > marker.stat().st_mtime]
+    assert after_crash == [(4, 4)]
+    assert "_crash_once_after_epoch" not in result.best_config
+
+
+def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(search):
+    result, _, watch = search
+    assert watch.checkpointed and watch.pruned_mid_search
+    assert not list(Path(result.experiment_path).glob("trial_*/checkpoint_*"))
+    assert result.peak_disk_mb * 2**20 >= _peak_lower_bound(result)

@@ -110,10 +110,15 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
             clock["last"] = time.monotonic()
             clock["cost"] = clock["last"] - now
         if crash:
-            # Fault injection for tests: the worker process dies once, right after this epoch's checkpoint.
+            # Fault injection for tests: the first trial of the search to finish this epoch dies once, right after its
+            # checkpoint, and names itself in the marker (created exclusively: one crash, however many trials run).
             epoch, marker = crash.split(":", 1)
-            if metrics["epoch"] == int(epoch) and not os.path.exists(marker):
-                open(marker, "w").close()
+            if metrics["epoch"] == int(epoch):
+                try:
+                    with open(marker, "x") as f:
+                        f.write(trial_id)
+                except FileExistsError:
+                    return
                 os._exit(1)
 
     # The search's end (set by the searcher): a trial running late compresses the rest of its schedule to end by it.
@@ -610,7 +615,7 @@ def summarize(grid, space: SearchSpace, metric: str, exp_path: str, asha_log: st
                         "time_s": float(df["time_total_s"].max()) if "time_total_s" in df else math.nan,
                         "node": str(df["node_id"].iloc[-1]) if "node_id" in df else "",
                         "feature_cache": str(df["feature_cache"].iloc[-1]) if "feature_cache" in df else ""})
-            history[trial_id] = df.filter(regex="^(training_iteration|val_|train_loss|lr|timestamp|epoch_time_s|"
+            history[trial_id] = df.filter(regex="^(training_iteration|epoch$|val_|train_loss|lr|timestamp|epoch_time_s|"
                                                 "node_id|feature_cache)").to_dict("records")
         else:
             row.update({f"best_{val_metric}": math.nan, "best_epoch": 0, "best_val_loss": math.nan,
