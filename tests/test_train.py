@@ -232,17 +232,17 @@ def test_a_run_that_would_overrun_its_deadline_compresses_the_rest_of_its_schedu
 
     from automl.training import loop
 
-    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 16, "report_rows": 16 * 12,
+    cfg = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 16, "report_rows": 16 * 6,
            "schedule": schedule, "warmup_frac": 0.1, "lr": 1e-2}
     full = fit(cfg, digits_trial_data, epochs=4).history
     monkeypatch.setattr(loop.Pace, "MARGIN", 0.0)  # as if the deadline were here: no time left, however fast
     late = fit(cfg, digits_trial_data, epochs=4, deadline=time.time() + 600).history
-    assert [h["steps"] for h in full] == [12, 24, 36, 48]
-    assert [h["steps"] for h in late] == [12, 13, 14, 15] and late[-1]["schedule_compressed"] == 1
+    assert [h["steps"] for h in full] == [6, 12, 18, 24]
+    assert [h["steps"] for h in late] == [6, 7, 8, 9] and late[-1]["schedule_compressed"] == 1
     assert late[-1]["lr"] == pytest.approx(full[-1]["lr"], rel=1e-6, abs=1e-9)  # the schedule's end, both runs
     assert late[0]["lr"] == pytest.approx(full[0]["lr"])  # the same until the pace changed
     stale = fit(cfg, digits_trial_data, epochs=2, deadline=time.time() - 1).history  # a past deadline is ignored
-    assert [h["steps"] for h in stale] == [12, 24]
+    assert [h["steps"] for h in stale] == [6, 12]
 
 
 def test_batches_stream_through_shuffled_passes_and_ranks_get_equal_shards():
