@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SPACE = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 5}
+SPACE = {"backbone": "timm/resnet10t:scratch", "image_size": 16, "max_epochs": 3}
 DRIVER = """
 import json, sys
 from automl import auto_finetune
