@@ -1,8 +1,8 @@
 """The README's examples, each run with a short budget (what a budget of a minute gives is test_end_to_end's promise):
 `python examples/digits_image.py 30` (the README's first command; its own run is 240 s) trains on all 1,797 digits,
 prints what the README says it prints, and its export reloads; `python examples/text_minilm.py 30` prints what its
-export gives; `bash examples/cli.sh 20`
-chains finetune, predict and evaluate on the digits as PNG files, and what it prints agrees with its files."""
+export gives; `bash examples/cli.sh 20` chains finetune, predict and evaluate on the digits as PNG files, and what it
+prints agrees with its files."""
 from __future__ import annotations
 
 import json

@@ -127,11 +127,15 @@ def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_th
             (champ,) = [c for _, c in rows.iterrows() if c["id"].startswith(m.group(5)) and c["id"] != r["id"]]
             assert m.group(2) == f"{r['score']:.4f}" and m.group(4) == f"{champ['score']:.4f}", (name, r["reason"])
             assert (m.group(3) == "beats") == (r["score"] > champ["score"]), (name, r["reason"])
-    runs = store.table("runs").sort_values("started_at")
-    trials = store.table("trials")
-    for run_id in runs[runs["dataset"] == "evens"]["id"].iloc[-2:]:  # the two processes' runs
+    def trained_lr(run_id: str) -> float:
+        """The learning rate of the run's one trial."""
+        trials = store.table("trials")
         (cfg,) = trials[trials["run_id"] == run_id]["config"]
-        assert cfg["lr"] == pytest.approx(winners["evens"]["lr"])
+        return cfg["lr"]
+
+    runs = store.table("runs").sort_values("started_at")
+    for run_id in runs[runs["dataset"] == "evens"]["id"].iloc[-2:]:  # the two processes' runs
+        assert trained_lr(run_id) == pytest.approx(winners["evens"]["lr"])
     # Third run the same night: nothing left to do.
     assert {r["status"] for r in leaderboard.refresh(suite, store, progress=False)} == {"skipped"}
 
@@ -172,9 +176,7 @@ def test_a_killed_refresh_is_completed_by_the_next_whose_champions_warm_start_th
     champion = store.champion("odds")
     (res,) = leaderboard.refresh(night3, store, force=True, progress=False)
     last = store.table("runs").sort_values("started_at")["id"].iloc[-1]
-    trials = store.table("trials")
-    (cfg,) = trials[trials["run_id"] == last]["config"]
-    assert cfg["lr"] == pytest.approx(winners["odds"]["lr"])
+    assert trained_lr(last) == pytest.approx(winners["odds"]["lr"])
     # The champion's score on the new test split, as the public API computes it, is what the new model was held to.
     from automl.diagnostics.update import load_test_split
 
