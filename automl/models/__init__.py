@@ -1,5 +1,6 @@
 """Backbones: names resolve to specs, specs to families (one adapter per library), families build models."""
-from automl.models import efficientnet_lite, ensemble, export_family, hf_family, timm_family  # noqa: F401  (registration)
+from automl.models import (efficientnet_lite, ensemble, export_family, hf_family, paraphrase_minilm,  # noqa: F401
+                           timm_family)  # (registration)
 from automl.models.base import Family, Split
 from automl.models.registry import (BackboneSpec, family, is_backbone_name, list_backbones, register_backbone,
                                     register_family, resolve)
