@@ -63,8 +63,8 @@ def image_run(ray_session, digits_df, tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_run(ray_session, text_df, tmp_path_factory):
     out = tmp_path_factory.mktemp("txt")
-    # The space lists both MiniLM poolings, so rung 0 probes each; label errors on, as they come from rung 0's
-    # out-of-fold heads in seconds.
+    # The space lists both MiniLM-L6 poolings and MiniLM-L3, so rung 0 probes each; label errors on, as they come
+    # from rung 0's out-of-fold heads in seconds.
     return auto_finetune(text_df, time_budget_s=None, max_trials=2, output_dir=out, progress=False,
                          search_space="text_classification",
                          search_overrides={"max_epochs": 2, "unfreeze": 2},
@@ -293,13 +293,15 @@ def test_text_run_on_the_text_classification_space_exports_parity_checked_onnx_a
 
 
 @pytest.mark.slow
-def test_text_run_probes_both_minilm_poolings_at_rung_0_and_lists_label_errors_from_it(text_run):
-    """Rung 0 fits linear heads on the frozen features of mean- and first-token-pooled MiniLM: they are rows of
-    the trial table, with validation scores, and the suspected label errors come from its out-of-fold heads."""
+def test_text_run_probes_every_text_encoder_at_rung_0_and_lists_label_errors_from_it(text_run):
+    """Rung 0 fits linear heads on the frozen features of mean- and first-token-pooled MiniLM-L6 and of
+    paraphrase-MiniLM-L3: they are rows of the trial table, with validation scores, and the suspected label errors
+    come from its out-of-fold heads."""
     m = text_run
     t = m.trials
     rung0 = t[t["rung"] == 0]
-    for backbone in ("minilm-l6", "minilm-l6-cls"):
+    encoders = ["minilm-l6", "minilm-l6-cls", "paraphrase-minilm-l3"]
+    for backbone in encoders:
         rows = rung0[rung0["config/backbone"] == backbone]
         assert len(rows) >= 1 and rows["head"].str.startswith("logistic C=").all(), rung0
         assert np.isfinite(rows["best_val_accuracy"].astype(float)).all(), rows
@@ -309,7 +311,7 @@ def test_text_run_probes_both_minilm_poolings_at_rung_0_and_lists_label_errors_f
     summary = m.manifest.suspected_label_errors
     assert summary is not None and summary.get("model", "").startswith("rung 0: "), summary
     averaged = summary["model"].rsplit("(", 1)[-1].rstrip(")").split(", ")
-    assert sorted(averaged) == ["minilm-l6", "minilm-l6-cls"], summary  # both poolings' heads, averaged
+    assert sorted(averaged) == encoders, summary  # every encoder's heads, averaged
     assert m.label_errors is not None and len(m.label_errors) == summary["count"]
 
 

@@ -241,7 +241,7 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
         assert tight0.storage_size == tight.storage_size
         steps = lambda p: p.reports * p.report_rows  # noqa: E731  (rows trained; the batch size is the same)
         assert steps(tight0) >= (1 - RUNG0_MAX_STEP_LOSS) * steps(tight) - tight.report_rows
-    assert plan(at=speed(0.8), rung0_backbones=3).rung0_s < with_.rung0_s  # it got less there, not nothing
+    assert 0 < plan(at=speed(0.8), rung0_backbones=3).rung0_s < rung0_cost(3, IMAGES, speed(0.8)(128))  # less there
     # At the three-quarter boundary (128 px fits ~76% of the sensible length) any reserve would have shrunk the
     # images, so rung 0 got nothing and stamps at 300 s tried one config: the size is now judged on the time
     # before rung 0's reserve, which still costs the start point at most RUNG0_MAX_STEP_LOSS of its steps.
@@ -251,6 +251,48 @@ def test_rung0_gets_its_time_first_but_never_the_images_resolution():
     # Label errors come from rung 0's out-of-fold heads: no cross-fit is planned for them.
     assert not with_.label_errors
 
+
+
+def test_rung0_gets_the_most_of_its_reserve_that_leaves_the_start_point_its_steps():
+    """Where its whole reserve would cost the start point more than RUNG0_MAX_STEP_LOSS of its steps, rung 0 gets the
+    most that does not, not the first halving that does not: at half of what it wanted, a fortunes run at 300 s
+    probed two of its three text encoders."""
+    rows = lambda p: p.reports * p.report_rows  # noqa: E731  (rows trained; the batch size is the same)
+    cut = []
+    for step in (0.4, 0.5, 0.6, 0.7, 0.8):
+        alone, ladder = plan(at=speed(step)), plan(at=speed(step), rung0_backbones=3)
+        want = rung0_cost(3, IMAGES, speed(step)(128))  # priced at the largest candidate side (130 px images)
+        assert ladder.storage_size == alone.storage_size and 0 < ladder.rung0_s <= want + 1e-6
+        assert rows(ladder) >= (1 - RUNG0_MAX_STEP_LOSS) * rows(alone) - alone.report_rows
+        if ladder.rung0_s < want - 1e-6:
+            # Cut to what leaves the start point its share of steps: within a report of the bound.
+            cut.append(step)
+            assert rows(ladder) <= (1 - RUNG0_MAX_STEP_LOSS) * rows(alone) + alone.report_rows, step
+    assert len(cut) >= 2, cut
+
+
+def test_rung0_does_not_cost_the_search_its_trials_side_by_side_where_a_share_of_its_reserve_keeps_them():
+    """Rung 0 is priced at two to four times what it takes: on short texts at 300 s (packages), a reserve that
+    turned "narrow" into the start point alone left one fine-tune where 10-17 had run. Where some share of it keeps
+    the trials side by side it gets that share; where none does (a plan at the edge), it keeps its reserve."""
+    from automl.search.plan import Speed
+
+    def texts_at(step):
+        return lambda size: Speed(2.0, step, step / 40, 32, None)
+
+    space, kept = load_space("cpu_small", "text"), []
+    for step in (0.30, 0.36, 0.37, 0.38, 0.396):
+        alone = plan(stats=TEXTS, at=texts_at(step), space=space)
+        ladder = plan(stats=TEXTS, at=texts_at(step), space=space, rung0_backbones=3, rung0_passes=2)
+        want = rung0_cost(3, TEXTS, texts_at(step)(None), passes=2)
+        assert alone.regime == "narrow" and 0 < ladder.rung0_s <= want + 1e-6
+        if ladder.regime == "narrow":
+            kept.append(step)
+        else:  # not even an eighth of its reserve keeps them: rung 0 takes what it wants, as the start point allows
+            assert ladder.rung0_s == pytest.approx(want)
+    assert kept == [0.30, 0.36, 0.37, 0.38], kept
+    cut = plan(stats=TEXTS, at=texts_at(0.37), space=space, rung0_backbones=3, rung0_passes=2)
+    assert cut.rung0_s < 0.8 * rung0_cost(3, TEXTS, texts_at(0.37)(None), passes=2)
 
 
 def test_rung0_judges_twice_the_trials_image_side_and_is_priced_for_it_unless_the_side_is_pinned():

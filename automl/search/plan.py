@@ -515,9 +515,9 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
         return 0.0
     total = f.total(budget_left_s)
     want = min(RUNG0_SHARE * total, rung0_cost(rung0_backbones, f.stats, f.speed_at(f.sizes[0]), passes=passes))
-    # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()) nor
-    # the start point more than RUNG0_MAX_STEP_LOSS of its steps: it gets what it needs, or a half, a quarter
-    # or an eighth (it then probes fewer rows or backbones), or nothing.
+    # Rung 0 never costs the data its input size (resolution is worth more than a search, see choose()), the
+    # start point more than RUNG0_MAX_STEP_LOSS of its steps, nor the search its regime: it gets what it needs,
+    # or the most of it that leaves those (down to an eighth; it then probes fewer rows or backbones), or nothing.
     alone = f.choose(total, rung0_s=0.0)
     if alone.trial_s > max(total, 0.0) or alone.steps < f.steps_per_pass:
         # Not even the start point's shortest run fits (the plan warns of an overrun), or what fits is less than
@@ -532,11 +532,26 @@ def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int,
     def choice(r: float) -> Choice:
         return f.choose(total - r, rung0_s=r)
 
-    def affordable(r: float) -> bool:
+    def affordable(r: float, keep_regime: bool = False) -> bool:
         c = choice(r)
-        return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps
+        return c.size == alone.size and c.steps >= (1 - RUNG0_MAX_STEP_LOSS) * alone.steps \
+            and not (keep_regime and slots(r) != regime)
 
-    got = next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r)), 0.0)
+    def most(keep_regime: bool) -> float:
+        """The first of want, a half, a quarter, an eighth that is affordable, then the most up to the next."""
+        got = next((r for r in (want, want / 2, want / 4, want / 8) if affordable(r, keep_regime)), 0.0)
+        if 0 < got < want:  # at half of what it wanted, a fortunes run (300 s) probed two text encoders of three
+            lo, hi = got, min(want, 2 * got)
+            for _ in range(8):
+                lo, hi = ((lo + hi) / 2, hi) if affordable((lo + hi) / 2, keep_regime) else (lo, (lo + hi) / 2)
+            got = lo
+        return got
+
+    # Nor, where any share of it can do without, the search its trials side by side: priced at two to four times
+    # what it takes (packages at 300 s: 24-26 s reserved, 6 s used), a reserve that turned "narrow" into the start
+    # point alone left a run of short texts one fine-tune where it had tried 10-17.
+    regime = slots(0.0) if slots else None
+    got = (slots and most(keep_regime=True)) or most(keep_regime=False)
     if not (got and upscale and slots):
         return got
     # The larger side's probes (rung 0's judgement of it, then every backbone there) are a bet on the data, and
