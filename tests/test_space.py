@@ -30,7 +30,8 @@ def test_cpu_small_covers_required_choices():
     pretrained = [v for v in img.parameters["backbone"]["values"] if models.resolve(v).pretrained]
     assert pretrained == ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
     assert len(img.parameters["backbone"]["values"]) > len(pretrained)
-    assert txt.parameters["backbone"]["values"] == ["minilm-l6", "minilm-l6-cls"]
+    assert txt.parameters["backbone"]["values"] == ["minilm-l6", "minilm-l6-cls", "paraphrase-minilm-l3"]
+    assert all(models.resolve(v).pretrained for v in txt.parameters["backbone"]["values"])
     assert len(img.parameters["schedule"]["values"]) >= 3 and "warmup_frac" in img.parameters
     assert len(img.parameters["augment"]["values"]) >= 2 and len(txt.parameters["text_augment"]["values"]) >= 2
     assert {0, "all"} <= set(img.parameters["unfreeze"]["values"])
