@@ -20,6 +20,7 @@ class SearchProgress(Callback):
         self.start = time.monotonic()
         self.best: float | None = None
         self.best_trial = ""
+        self.best_report = 0  # the report that scored best: mid-schedule, a trial may end below it
         self.done = self.stopped = self.errors = 0
         self.epochs: dict[str, int] = {}
         self.console = Console(file=sys.stderr, highlight=False, markup=False, soft_wrap=True)
@@ -36,10 +37,12 @@ class SearchProgress(Callback):
     def _line(self, running: int) -> str:
         elapsed = time.monotonic() - self.start
         left = f"{max(0.0, self.budget - elapsed):5.0f}s left" if self.budget else f"{elapsed:5.0f}s elapsed"
-        best = f"{self.best:.4f} ({self.best_trial})" if self.best is not None else "-"
+        # Any report's score, so say which: the search judges a trial by its end-of-schedule weights.
+        best = (f"{self.best:.4f} ({self.best_trial}, report {self.best_report}/{self.max_epochs})"
+                if self.best is not None else "-")
         failed = f", {self.errors} failed" if self.errors else ""
         return (f"automl: {self.done} trials done ({self.stopped} stopped early{failed}), {running} running"
-                f" | best {self.metric} {best} | {left}")
+                f" | best report's {self.metric} {best} | {left}")
 
     def _show(self, trials, force_print: bool = False) -> None:
         if not self.enabled:
@@ -56,6 +59,7 @@ class SearchProgress(Callback):
         value = result.get(f"val_{self.metric}")
         if value is not None and (self.best is None or value > self.best):
             self.best, self.best_trial = float(value), trial.trial_id
+            self.best_report = self.epochs[trial.trial_id]
         self._show(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
