@@ -11,7 +11,7 @@ from ray.tune import Callback
 from automl.search.tune import SearchConfig, SearchLimits, SearchStorage, run_search
 from automl.search.space import load_space
 
-pytestmark = pytest.mark.slow  # one Ray Tune search, shared by the module
+# The tests that use `search` (one Ray Tune search, shared by the module) are marked slow one by one.
 
 
 class Watch(Callback):
@@ -63,6 +63,7 @@ def _peak_lower_bound(result) -> int:
     return _du(result.experiment_path) + weights
 
 
+@pytest.mark.slow
 def test_search_runs_trials_and_asha_stops_some_early(search, digits_trial_data):
     result = search[0]
     t = result.trials
@@ -107,6 +108,7 @@ def test_search_runs_trials_and_asha_stops_some_early(search, digits_trial_data)
     assert len(start) == 1 and start.iloc[0]["status"] == "COMPLETED" and start.iloc[0]["epochs_run"] == 4
 
 
+@pytest.mark.slow
 def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(search):
     result, marker, _ = search
     tid = marker.read_text()  # the worker process really died once, in this trial
@@ -122,8 +124,27 @@ def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(search):
     assert "_crash_once_after_epoch" not in result.best_config
 
 
+@pytest.mark.slow
 def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(search):
     result, _, watch = search
     assert watch.checkpointed and watch.pruned_mid_search
     assert not list(Path(result.experiment_path).glob("trial_*/checkpoint_*"))
     assert result.peak_disk_mb * 2**20 >= _peak_lower_bound(result)
+
+
+def test_the_progress_line_says_which_report_of_which_trial_scored_best(capsys):
+    """The live view's "best" is any report's score, mid-schedule included: it names the trial and the report, so a
+    user does not read it as a finished trial's (the search judges each trial by its end-of-schedule weights)."""
+    from types import SimpleNamespace
+
+    from automl.search.progress import SearchProgress
+
+    view = SearchProgress("accuracy", max_epochs=4, time_budget_s=None)
+    a, b = SimpleNamespace(trial_id="a", status="RUNNING"), SimpleNamespace(trial_id="b", status="RUNNING")
+    for trial, it, score in ((a, 1, 0.6), (a, 2, 0.8), (b, 1, 0.5), (b, 2, 0.7), (a, 3, 0.75)):
+        view.on_trial_result(it, [a, b], trial, {"training_iteration": it, "val_accuracy": score})
+    b.status = "TERMINATED"
+    view.on_trial_complete(2, [a, b], b)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 trials done (1 stopped early), 1 running" in line, line
+    assert "best report's accuracy 0.8000 (a, report 2/4)" in line, line
