@@ -15,9 +15,9 @@ import json
 import sys
 import tempfile
 import threading
-from dataclasses import replace
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
