@@ -41,7 +41,7 @@ except AutoMLError as exc:
     result["refused"] = str(exc)
 # Head-only trials of a pretrained backbone on un-augmented inputs: their frozen features are cached and shared.
 space = {"backbone": "efficientnet-lite0", "unfreeze": 0, "augment": "none", "mix": "none",
-         "gradual_unfreeze_every": 0, "image_size": 32, "max_epochs": 8, "lr": 0.02,
+         "gradual_unfreeze_every": 0, "image_size": 32, "max_epochs": 4, "lr": 0.02,
          "report_rows": 120}  # rows per report pinned: the retrain must scale them to train+validation
 m = auto_finetune(df, time_budget_s=None, max_trials=6, output_dir=out + "/run", storage_path=storage,
                   search_space=space, retrain_workers=2, find_label_errors=False, export_formats=False,
