@@ -49,6 +49,11 @@ def export(kind: str, out: Path) -> tuple[Path, list]:
     return Path(m.export_dir), [(t, [t]) for t in texts]
 
 
+def _figures(lat: list[float], n: int, wall: float) -> dict:
+    return {"rps": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
+            "p99_ms": 1000 * float(np.percentile(lat, 99))}
+
+
 def load_test(url: str, payloads: list, n: int, clients: int = CLIENTS) -> dict:
     """n single-row requests from `clients` threads; returns throughput and latency percentiles."""
     lat: list[float] = []
@@ -73,37 +78,45 @@ def load_test(url: str, payloads: list, n: int, clients: int = CLIENTS) -> dict:
     threads = [threading.Thread(target=client) for _ in range(clients)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    wall = time.perf_counter() - t0
-    return {"rps": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
-            "p99_ms": 1000 * float(np.percentile(lat, 99))}
+    return _figures(lat, n, time.perf_counter() - t0)
 
 
-def in_process(export_dir: Path, payloads: list, n: int, threads: int | None = None, kind: str = "image") -> dict:
-    """One row at a time in this process. threads=None: predict_proba on the row as a DataFrame with this
-    process's threads. threads=k: what a replica with k CPUs does for a request, without HTTP or Ray: the JSON
-    body read and checked (serve.parse_inputs), then answered (serve.answer), with k torch threads."""
+def _one_at_a_time(call, payloads: list, n: int) -> dict:
+    """n calls of `call(payload)`, one after another in this process; throughput and latency percentiles."""
+    lat = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        t = time.perf_counter()
+        call(payloads[i % len(payloads)])
+        lat.append(time.perf_counter() - t)
+    return _figures(lat, n, time.perf_counter() - t0)
+
+
+def in_process(export_dir: Path, payloads: list, n: int) -> dict:
+    """load(dir).predict_proba on one row at a time (a DataFrame), with this process's threads."""
+    from automl import load
+
+    m = load(export_dir)
+    return _one_at_a_time(lambda p: m.predict_proba(p[1]), payloads, n)
+
+
+def replica_work(export_dir: Path, payloads: list, n: int, threads: int, kind: str) -> dict:
+    """What a replica with `threads` CPUs does for a one-row request, without HTTP or Ray: the JSON body read and
+    checked (serve.parse_inputs), then answered (serve.answer), with that many torch threads."""
     from automl import load
     from automl.ops.serve import MAX_INPUTS, answer, parse_inputs
     from automl.runtime import set_threads, threads_kept
 
     m = load(export_dir)
-    lat = []
+    columns = len(m.manifest.input_columns)
+
+    def call(p):
+        body = json.loads(json.dumps({"inputs": [p[0]]}).encode())
+        answer(m, parse_inputs(body, kind, columns, MAX_INPUTS))
+
     with threads_kept():
-        if threads is not None:
-            set_threads(threads)
-        t0 = time.perf_counter()
-        for i in range(n):
-            payload = payloads[i % len(payloads)]
-            t = time.perf_counter()
-            if threads is None:
-                m.predict_proba(payload[1])
-            else:
-                body = json.loads(json.dumps({"inputs": [payload[0]]}).encode())
-                answer(m, parse_inputs(body, kind, len(m.manifest.input_columns), MAX_INPUTS))
-            lat.append(time.perf_counter() - t)
-        wall = time.perf_counter() - t0
-    return {"rps": n / wall, "p50_ms": 1000 * float(np.percentile(lat, 50)),
-            "p99_ms": 1000 * float(np.percentile(lat, 99))}
+        set_threads(threads)
+        return _one_at_a_time(call, payloads, n)
 
 
 def main() -> None:
@@ -133,7 +146,7 @@ def main() -> None:
         lines.append(f"| {kind} | in-process, predict_proba, {torch.get_num_threads()} threads | {full['rps']:.1f} | "
                      f"{full['p50_ms']:.1f} | {full['p99_ms']:.1f} |")
         # The replica's own work on the same request with its threads: what the server adds is the rest.
-        base = in_process(d, payloads, min(args.requests, 200), threads=int(opts.cpus_per_replica), kind=kind)
+        base = replica_work(d, payloads, min(args.requests, 200), int(opts.cpus_per_replica), kind)
         lines.append(f"| {kind} | in-process, a replica's work, {int(opts.cpus_per_replica)} thread(s) | "
                      f"{base['rps']:.1f} | {base['p50_ms']:.1f} | {base['p99_ms']:.1f} |")
         res = {}
