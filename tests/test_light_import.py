@@ -111,14 +111,15 @@ SCRIPTS = {
         seen[name] = {"before": before, "after": {m: m in sys.modules for m in ("timm", "transformers")}}
     print(json.dumps(seen))
 """,
-    "finetune help": None,  # `python -m automl.ops.cli finetune --help`, as a user runs it
 }
+# ...and each interpreter's arguments: the scripts, and the CLI's help as a user runs it.
+COMMANDS = {**{name: ["-c", textwrap.dedent(code)] for name, code in SCRIPTS.items()},
+            "finetune help": ["-m", "automl.ops.cli", "finetune", "--help"]}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def started():
-    for name, code in SCRIPTS.items():
-        args = ["-m", "automl.ops.cli", "finetune", "--help"] if code is None else ["-c", textwrap.dedent(code)]
+    for name, args in COMMANDS.items():
         _STARTED[name] = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE)
     yield
