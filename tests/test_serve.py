@@ -135,10 +135,13 @@ def test_concurrent_single_row_requests_are_each_answered_with_their_own_row(ser
 
 
 def test_a_second_app_serves_beside_the_first_and_stopping_it_leaves_the_first_serving(server, tmp_path):
+    """Also: a lone request is answered at once, not held until a batch fills. The second app's batches wait an
+    hour for company; its one request at a time must come back within _post's 60 s."""
     s, models = server
     shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
     port = int(s.url.rsplit(":", 1)[1])
-    other = serve([tmp_path / "topics"], options=ServeOptions(port=port, cpus_per_replica=0), app_name="second")
+    other = serve([tmp_path / "topics"], options=ServeOptions(port=port, cpus_per_replica=0, batch_wait_s=3600.0),
+                  app_name="second")
     assert other.url.endswith(f":{port}/second") and other.names == ["topics"]
     status, out = _post(f"{other.url}/models/topics/predict", {"inputs": ["a goal"]}, token=None)  # no token here
     assert status == 200 and out["predictions"] == list(models["topics"].predict(["a goal"]))

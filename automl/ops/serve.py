@@ -12,6 +12,7 @@ concurrent requests (serve.batch, counted in inputs) by the same replica, which 
 """
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) on the replicas, where
 # a string annotation could not be resolved.
+import asyncio
 import base64
 import binascii
 import hmac
@@ -128,6 +129,7 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             self.info = info
             self.models = {name: _load_model(d, opts) for name, d in dirs.items()}
             self.batched = {name: _batcher(model, opts) for name, model in self.models.items()}
+            self.in_flight = dict.fromkeys(self.models, 0)  # predict requests a model's route is answering now
 
         @app.get("/healthz")
         async def healthz(self):
@@ -145,15 +147,21 @@ def _app(models: dict[str, dict], opts: ServeOptions):
             if name not in self.models:
                 return JSONResponse({"error": f"no model named {name!r}; served: {sorted(self.models)}"},
                                     status_code=404)
+            self.in_flight[name] += 1
             try:
                 body = await _read_json(request, opts.max_request_bytes)
                 info = self.info[name]
                 inputs = parse_inputs(body, info["modality"], len(info["input_columns"]), opts.max_inputs)
+                # Requests that reached the replica with this one get counted before it chooses: a request that
+                # fills a batch by itself, or has no company, is predicted at once (a lone client would otherwise
+                # wait batch_wait_s on every request); others wait to be batched.
+                await asyncio.sleep(0)
+                alone = len(inputs) >= opts.max_batch_size or self.in_flight[name] == 1
+                rows = _answer_alone(self.models[name], inputs) if alone else await self.batched[name](inputs)
             except RequestError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=exc.status)
-            # A request that fills a batch by itself is predicted alone; smaller ones wait to be batched.
-            rows = (_answer_alone(self.models[name], inputs) if len(inputs) >= opts.max_batch_size
-                    else await self.batched[name](inputs))
+            finally:
+                self.in_flight[name] -= 1
             return _prediction_response(rows, info["regression"])
 
     return ModelServer.bind({name: spec["dir"] for name, spec in models.items()},
