@@ -122,16 +122,11 @@ def replica_work(export_dir: Path, payloads: list, n: int, threads: int, kind: s
 def bare_floor(payloads: list, n: int, port: int) -> dict:
     """Ray Serve's own cost on this machine: one client, one request at a time, against an ingress that reads the
     same JSON body and answers without a model (what no change in automl's replica can go below)."""
-    from fastapi import FastAPI, Request
     from ray import serve as rs
 
-    app = FastAPI()
-
     @rs.deployment(ray_actor_options={"num_cpus": 1})
-    @rs.ingress(app)
     class Bare:
-        @app.post("/predict")
-        async def predict(self, request: Request):
+        async def __call__(self, request):  # Serve hands an HTTP deployment the Starlette request
             return {"predictions": [len((await request.json())["inputs"])]}
 
     rs.start(http_options={"host": "127.0.0.1", "port": port})
@@ -141,7 +136,7 @@ def bare_floor(payloads: list, n: int, port: int) -> dict:
     try:
         return load_test(url, payloads, n, clients=1)
     finally:
-        rs.delete("bare")
+        rs.shutdown()  # and its proxy: the next server starts Serve again on its own port
 
 
 def main() -> None:

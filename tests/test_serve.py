@@ -151,6 +151,19 @@ def test_a_second_app_serves_beside_the_first_and_stopping_it_leaves_the_first_s
     assert ok == 200 and again["predictions"] == list(models["topics"].predict(["a goal"]))
 
 
+def test_another_port_than_the_running_proxys_is_refused_with_the_port_to_use(server, tmp_path, free_port_factory):
+    """Serve keeps the proxy's first port and ignores a later one: a server asked for another port must say so, not
+    answer with a URL where nothing listens."""
+    from automl import AutoMLError
+
+    s, _ = server
+    port = int(s.url.rsplit(":", 1)[1])
+    shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
+    with pytest.raises(AutoMLError, match=f"HTTP proxy on 127.0.0.1:{port}; asked for 127.0.0.1:\\d+.*--host 127.0.0.1 --port {port}"):
+        serve([tmp_path / "topics"], options=ServeOptions(port=free_port_factory(), cpus_per_replica=0),
+              app_name="elsewhere")
+
+
 def test_a_batch_holds_max_batch_size_inputs_not_that_many_requests(server):
     """Issue 25 (serving): concurrent requests are batched by their inputs, at most max_batch_size a batch (16
     requests of 256 images were once one batch), and each request gets its own rows back. The product's batcher

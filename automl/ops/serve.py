@@ -281,6 +281,19 @@ class Server:
             serve.shutdown()
 
 
+def _check_proxy(opts: ServeOptions) -> None:
+    """Refuse a host or port other than those of the Serve proxy already running on this Ray (serve.start keeps the
+    first ones and only logs that it ignored the new), rather than hand back a URL nothing listens on."""
+    from ray.serve.context import _get_global_client  # the running controller's HTTP options, as Serve reads them
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (opts.host, opts.port):
+        raise AutoMLError(f"Ray Serve already runs on this Ray with its HTTP proxy on {running.host}:{running.port}; "
+                          f"asked for {opts.host}:{opts.port}, which it cannot open beside it. Fix: serve on that address "
+                          f"(--host {running.host} --port {running.port}; an app of another name serves beside the "
+                          "running ones), or stop Serve first (`serve shutdown`).")
+
+
 def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, address: str | None = None,
           options: ServeOptions | None = None, token_file: str | Path | None = None,
           timeout_s: float = 180.0, app_name: str = "automl") -> Server:
@@ -315,6 +328,7 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
             "regression": m.is_regression, "card": card.as_uri() if card.exists() else None}}
     ensure_ray(address)
     rs.start(http_options={"host": opts.host, "port": opts.port})
+    _check_proxy(opts)
     t0 = time.monotonic()
     prefix = "/" if app_name == "automl" else f"/{app_name}"
     rs.run(_app(models, opts), name=app_name, route_prefix=prefix, blocking=False)
