@@ -41,6 +41,29 @@ def _post(url: str, body, token: str | None = TOKEN, raw: bytes | None = None):
         return e.code, json.loads(e.read() or b"{}")
 
 
+def test_a_busy_port_is_refused_with_the_fix_and_leaves_serve_free_to_start_on_another(ray_session, tmp_path,
+                                                                                         free_port_factory):
+    """A port another process holds gets an error saying so, not a Ray traceback; Serve is left stopped, so the next
+    server (this module's, on its own port, which the next tests use) starts."""
+    import socket
+
+    from automl import AutoMLError
+
+    shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
+    port = free_port_factory()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen(1)
+        with pytest.raises(AutoMLError, match=f"Could not listen on 127.0.0.1:{port}: another process holds that "
+                                              f"port. Fix: serve on another port \\(--port {port + 1}\\)"):
+            serve([tmp_path / "topics"], options=ServeOptions(port=port, cpus_per_replica=0))
+    from ray.serve.context import _get_global_client
+    from ray.serve.exceptions import RayServeException
+
+    with pytest.raises(RayServeException, match="no Serve instance running"):  # nothing holds the refused port's options
+        _get_global_client()
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory, free_port_factory):
     d = tmp_path_factory.mktemp("serve")

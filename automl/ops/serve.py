@@ -327,7 +327,16 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
             "input_columns": m.input_columns, "metric": m.metric, "test_score": m.test_metrics.get(m.metric),
             "regression": m.is_regression, "card": card.as_uri() if card.exists() else None}}
     ensure_ray(address)
-    rs.start(http_options={"host": opts.host, "port": opts.port})
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    try:
+        rs.start(http_options={"host": opts.host, "port": opts.port})
+    except Exception as exc:
+        if "Failed to bind" not in str(exc):
+            raise
+        if local:  # a Serve whose proxy could not start would hold this port's options for the next try
+            rs.shutdown()
+        raise AutoMLError(f"Could not listen on {opts.host}:{opts.port}: another process holds that port. Fix: "
+                          f"serve on another port (--port {opts.port + 1}), or stop what listens there.") from None
     _check_proxy(opts)
     t0 = time.monotonic()
     prefix = "/" if app_name == "automl" else f"/{app_name}"
@@ -340,5 +349,4 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
             raise AutoMLError(f"The models did not start within {timeout_s:.0f} s (status {status}). Fix: ask for "
                               "fewer CPUs/GPUs per replica than the cluster has free.")
         time.sleep(0.5)
-    return Server(f"http://{opts.host}:{opts.port}{prefix.rstrip('/')}", names, app_name,
-                  local=address is None and not os.environ.get("RAY_ADDRESS"))
+    return Server(f"http://{opts.host}:{opts.port}{prefix.rstrip('/')}", names, app_name, local=local)
