@@ -60,7 +60,8 @@ def test_a_busy_port_is_refused_with_the_fix_and_leaves_serve_free_to_start_on_a
     from ray.serve.context import _get_global_client
     from ray.serve.exceptions import RayServeException
 
-    with pytest.raises(RayServeException, match="no Serve instance running"):  # nothing holds the refused port's options
+    # Nothing is left holding the refused port's options.
+    with pytest.raises(RayServeException, match="no Serve instance running"):
         _get_global_client()
 
 
@@ -182,7 +183,8 @@ def test_another_port_than_the_running_proxys_is_refused_with_the_port_to_use(se
     s, _ = server
     port = int(s.url.rsplit(":", 1)[1])
     shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
-    with pytest.raises(AutoMLError, match=f"HTTP proxy on 127.0.0.1:{port}; asked for 127.0.0.1:\\d+.*--host 127.0.0.1 --port {port}"):
+    refused = f"HTTP proxy on 127.0.0.1:{port}; asked for 127.0.0.1:\\d+.*--host 127.0.0.1 --port {port}"
+    with pytest.raises(AutoMLError, match=refused):
         serve([tmp_path / "topics"], options=ServeOptions(port=free_port_factory(), cpus_per_replica=0),
               app_name="elsewhere")
 

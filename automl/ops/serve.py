@@ -289,9 +289,9 @@ def _check_proxy(opts: ServeOptions) -> None:
     running = _get_global_client().http_config
     if (running.host, running.port) != (opts.host, opts.port):
         raise AutoMLError(f"Ray Serve already runs on this Ray with its HTTP proxy on {running.host}:{running.port}; "
-                          f"asked for {opts.host}:{opts.port}, which it cannot open beside it. Fix: serve on that address "
-                          f"(--host {running.host} --port {running.port}; an app of another name serves beside the "
-                          "running ones), or stop Serve first (`serve shutdown`).")
+                          f"asked for {opts.host}:{opts.port}, which it cannot open beside it. Fix: serve on that "
+                          f"address (--host {running.host} --port {running.port}; an app of another name serves "
+                          "beside the running ones), or stop Serve first (`serve shutdown`).")
 
 
 def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, address: str | None = None,
