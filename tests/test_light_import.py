@@ -20,13 +20,18 @@ SEARCH_ENGINE = ("ray.tune", "optuna", "ray.train", "ray.serve")
 _STARTED: dict[str, subprocess.Popen] = {}
 
 
-def _result(name: str) -> dict:
-    """The JSON line `name`'s interpreter printed last (it must have exited 0). Every check of this module is
-    started when its first test runs (`started`): each is mostly one core's imports, so two run at once on two
-    cores instead of one after the other."""
+def _output(name: str) -> str:
+    """What `name`'s interpreter printed (it must have exited 0). Every check of this module is started when its
+    first test runs (`started`): each is mostly one core's imports, so two run at once on two cores instead of one
+    after the other."""
     out, err = _STARTED[name].communicate(timeout=300)
     assert _STARTED[name].returncode == 0, err[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+    return out
+
+
+def _result(name: str) -> dict:
+    """The JSON line `name`'s interpreter printed last."""
+    return json.loads(_output(name).strip().splitlines()[-1])
 
 
 # Each check's script, started in its own interpreter when the module's first test runs (`started`).
@@ -165,8 +170,7 @@ def test_cli_help_imports_neither_torch_nor_the_engines():
     out = _result("help")
     assert "finetune" in out["verbs"] and all(out["helped"]), out
     assert out["modules"] == []
-    out, err = _STARTED["finetune help"].communicate(timeout=300)
-    assert _STARTED["finetune help"].returncode == 0 and "--time-budget" in out, err[-2000:]
+    assert "--time-budget" in _output("finetune help")
 
 
 def test_the_backbones_libraries_are_imported_while_ray_starts():
