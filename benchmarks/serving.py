@@ -132,8 +132,8 @@ def bare_floor(payloads: list, n: int, port: int) -> dict:
     rs.start(http_options={"host": "127.0.0.1", "port": port})
     rs.run(Bare.bind(), name="bare", route_prefix="/bare")
     url = f"http://127.0.0.1:{port}/bare/predict"
-    load_test(url, payloads, 16, clients=1)  # warm up
     try:
+        load_test(url, payloads, 16, clients=1)  # warm up
         return load_test(url, payloads, n, clients=1)
     finally:
         rs.shutdown()  # and its proxy: the next server starts Serve again on its own port
