@@ -45,6 +45,7 @@ FULL_TRIAL_SHARE, NARROW_SHARE, SINGLE_SHARE = 0.33, 0.9, 0.95
 # other config is a fine-tune as dear as it, too long for the few tens of seconds left). Fortunes at 300 s (Intel, 2 cores): runs
 # ended at 82-89% of the budget with the start point at 1.5x its length, at 95-98% with 2x, scoring the same.
 SINGLE_STRETCH, SINGLE_STRETCH_SOLE = 1.5, 2.0
+NARROW_STRETCH = 1.5  # the same, for a start point in its own slot beside a search in the other slots
 # Alone, the start point keeps an image size only where at least this share of its sensible length fits; else the
 # images shrink (at the smallest size it trains as long as the time allows). Half the length at 128 px lost to the
 # full length at 64-88 px on every stamps seed (300 s, AMD, 2 cores: 0.45/0.44 vs 0.56/0.53 macro-F1), and 70% of
@@ -716,7 +717,10 @@ def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None,
     # Alone ("single"), it may grow past it (SINGLE_STRETCH, SINGLE_STRETCH_SOLE): at its full sensible length it
     # otherwise ended early and left the time unused (digits, 300 s: runs ended at 237 and 241 s, the start point
     # at 3.7 epochs).
-    cap = f.sensible * ((SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH) if choice.regime == "single" else 1.0)
+    # In its own slot all search long ("narrow"), it may grow too (NARROW_STRETCH): at its sensible length it ran
+    # ahead and ended ~25 s before its deadline on the README demo (240 s), where nothing else could start after it.
+    cap = f.sensible * ((SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH) if choice.regime == "single"
+                        else NARROW_STRETCH if choice.regime == "narrow" else 1.0)
     stretch_rows = math.ceil(cap * f.bs / reports) if report_rows and choice.regime != "search" else 0
     stretch_rows = stretch_rows if stretch_rows > report_rows else 0
     grace = space.grace_period or max(1, math.ceil(FIRST_RUNG * reports))
