@@ -718,7 +718,8 @@ def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None,
     # otherwise ended early and left the time unused (digits, 300 s: runs ended at 237 and 241 s, the start point
     # at 3.7 epochs).
     # In its own slot all search long ("narrow"), it may grow too (NARROW_STRETCH): at its sensible length it ran
-    # ahead and ended ~25 s before its deadline on the README demo (240 s), where nothing else could start after it.
+    # ahead and ended ~25 s before its deadline on the README demo (240 s), where nothing else could start after it
+    # (the run: ~200 s of 240; with the stretch, 236 and 239 s).
     cap = f.sensible * ((SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH) if choice.regime == "single"
                         else NARROW_STRETCH if choice.regime == "narrow" else 1.0)
     stretch_rows = math.ceil(cap * f.bs / reports) if report_rows and choice.regime != "search" else 0
