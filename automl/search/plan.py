@@ -720,8 +720,8 @@ def _pin(f: _Frame, space: SearchSpace, choice: Choice, pinned_size: int | None,
     # In its own slot all search long ("narrow"), it may grow too (NARROW_STRETCH): at its sensible length it ran
     # ahead and ended ~25 s before its deadline on the README demo (240 s), where nothing else could start after it
     # (the run: ~200 s of 240; with the stretch, 236 and 239 s).
-    cap = f.sensible * ((SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH) if choice.regime == "single"
-                        else NARROW_STRETCH if choice.regime == "narrow" else 1.0)
+    stretch = {"single": SINGLE_STRETCH_SOLE if sole else SINGLE_STRETCH, "narrow": NARROW_STRETCH}
+    cap = f.sensible * stretch.get(choice.regime, 1.0)
     stretch_rows = math.ceil(cap * f.bs / reports) if report_rows and choice.regime != "search" else 0
     stretch_rows = stretch_rows if stretch_rows > report_rows else 0
     grace = space.grace_period or max(1, math.ceil(FIRST_RUNG * reports))
