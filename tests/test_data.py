@@ -258,3 +258,23 @@ def test_every_exif_orientation_is_undone_as_pillow_does(tmp_path, orientation):
     img.save(tmp_path / "o.png", exif=exif)
     want = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "o.png")).convert("RGB"))
     assert np.array_equal(decode_image(str(tmp_path / "o.png")), want)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_greys_keep_their_contrast(tmp_path, mode):
+    """Pillow's convert("RGB") clips wider greys at 255: a 16-bit PNG scan came out white, a float TIFF black. They
+    are scaled as arrays are: values in [0, 1] times 255, wider ranges by the image's own minimum and maximum."""
+    from automl.data.images import decode_image
+
+    ramp = np.tile(np.linspace(0, 1, 32), (8, 1))
+    if mode == "F":
+        img, name, want = Image.fromarray(ramp.astype(np.float32)), "g.tiff", ramp * 255
+    else:
+        wide = (1000 + ramp * 60000).astype(np.uint16 if mode == "I;16" else np.int32)
+        img, name, want = Image.fromarray(wide), "g.png" if mode == "I;16" else "g.tiff", ramp * 255
+    img.save(tmp_path / name)
+    assert Image.open(tmp_path / name).mode == mode
+    out = decode_image(str(tmp_path / name))
+    assert out.shape == (8, 32, 3)
+    assert np.abs(out[..., 0].astype(float) - want).max() <= 1.0
+    assert (out[..., 0] == out[..., 2]).all()

@@ -47,6 +47,10 @@ def looks_like_image_path(value: object) -> bool:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I") or img.mode == "F":
+        # 16- and 32-bit greys (scans, microscopy, depth maps) and float images: Pillow's convert() clips them at
+        # 255, so a 16-bit PNG decoded nearly white and a float one in [0, 1] black. Scaled as arrays are.
+        return _array_to_pil(np.asarray(img)).convert("RGB")
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
