@@ -72,11 +72,11 @@ RUNG0_SHARE, RUNG0_SETUP_S, RUNG0_ROW_FACTOR = 0.3, 3.0, 1.2
 # rung 0 taking 40 s (314 -> 239 steps) lost 2-6 points of macro-F1 on stamps and fortunes against `fixed`.
 RUNG0_MAX_STEP_LOSS = 0.1
 MIN_IMAGE, MAX_IMAGE, MAX_IMAGE_CPU = 32, 224, 128  # on a CPU larger images cost more than they give
-# Where the data's own size does not fit, the images shrink by this ratio (at least 8 px) a size until one does. In
-# steps of a quarter (128 -> 96 px), a probe 12% slower than the last one (the start point's 128 px step priced at
-# 0.71-0.97 s in seven fresh processes on one quiet machine, stamps) moved a stamps run from 128 px to 96, where
-# 112 px fitted three quarters of its length: at equal training time 112 px scored as 128 did (+5.2, -4.0, +2.3
-# test points, size_vs_length.py) and 96 px 9 points under 128 at equal steps.
+# Where the data's own size does not fit, the images shrink by this ratio (at least 8 px) a size until one does. A
+# quarter at once (128 -> 96 px) turned a probe's noise into a large step: ten fresh `benchmarks/plan_time.py
+# stamps 1 300` on one quiet machine priced the 128 px step at 0.65-0.97 s, and at the slow end the run trained at
+# 96 px where 112 px fitted. EfficientNet-Lite0 on stamps at equal training time: 112 px as good as 128 (test +5.2,
+# -4.0, +2.3 points, size_vs_length.py), 96 px 9 points under 128 at equal steps (one run).
 SIZE_STEP = 0.875
 # ImageNet backbones downsample 32x: at 32 px their last map is 1x1 and the features nearly collapse (EfficientNet-
 # Lite0 on digits: linear-probe accuracy 0.67 at 32 px, 0.76-0.81 at 40-48 px), so small images are upscaled.
