@@ -278,3 +278,31 @@ def test_16_bit_and_float_greys_keep_their_contrast(tmp_path, mode):
     assert out.shape == (8, 32, 3)
     assert np.abs(out[..., 0].astype(float) - want).max() <= 1.0
     assert (out[..., 0] == out[..., 2]).all()
+
+
+def _glyph(rgb: int) -> Image.Image:
+    """A one-colour glyph whose shape is only in its alpha channel (as symbolic icons are drawn)."""
+    arr = np.full((16, 16, 4), rgb, dtype=np.uint8)
+    arr[..., 3] = 0
+    arr[4:12, 4:12, 3] = 255
+    return Image.fromarray(arr, mode="RGBA")
+
+
+def test_a_light_glyph_on_transparency_keeps_its_shape_and_a_dark_one_stays_over_white(tmp_path):
+    """Transparent pixels were filled with white: a white glyph became a blank white image. A light drawing now goes
+    over black, a dark one over white as before; an export made before this (its manifest says "white", as every
+    manifest without the field does) still reads images as its model was trained on them."""
+    from automl.data.images import decode_image
+    from automl.data.intake import read_inputs
+    from automl.export.manifest import Preprocessing
+
+    _glyph(255).save(tmp_path / "white.png")
+    _glyph(20).save(tmp_path / "dark.png")
+    white, dark = decode_image(str(tmp_path / "white.png")), decode_image(str(tmp_path / "dark.png"))
+    assert (white[4:12, 4:12] == 255).all() and (white[:4] == 0).all()  # the glyph over black
+    assert (dark[4:12, 4:12] == 20).all() and (dark[:4] == 255).all()    # over white, as before
+    df = pd.DataFrame({"image": [str(tmp_path / "white.png")]})
+    old = read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image"))[0]
+    assert Preprocessing("image").alpha_background == "white" and (old == 255).all()
+    new = read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image", alpha_background="contrast"))[0]
+    assert np.array_equal(new, white)

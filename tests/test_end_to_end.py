@@ -339,6 +339,7 @@ def test_cli_finetune_on_rgba_files_with_the_image_classification_space(ray_sess
     out, err = capsys.readouterr()
     assert code == 0 and "export:" in out and "test accuracy" in out, err
     m = load(tmp_path / "out" / "model")
+    assert m.manifest.preprocessing.alpha_background == "contrast"  # prediction reads images as training did
     offline = {f"tf_efficientnet_lite{i}" for i in range(3)} | {"resnet10t", "mobilenetv3_small_050"}
     assert m.manifest.backbone.model in offline, m.manifest.backbone.model
     reasons = " ".join(m.manifest.plan["reasons"])

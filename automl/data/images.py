@@ -3,7 +3,7 @@
 Accepted: file paths (absolute or relative to a base dir), raw bytes, PIL
 images and numpy arrays (HxW, HxWx1/3/4, float in [0,1] or any numeric
 range). Grayscale, palette and RGBA images are converted to RGB; transparent
-pixels are composited over white so icons keep their shape. A photo's EXIF orientation is applied, so the
+pixels are composited over white, or over black where what is drawn is light, so icons keep their shape. A photo's EXIF orientation is applied, so the
 pixels are the ones a viewer shows (a phone stores most photos sideways with a tag saying so).
 """
 from __future__ import annotations
@@ -46,16 +46,36 @@ def looks_like_image_path(value: object) -> bool:
     return isinstance(value, (str, os.PathLike)) and str(value).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+# How transparent pixels are filled: "contrast" (white, or black under a light drawing) or "white" (exports made
+# before "contrast", whose models were trained on that).
+ALPHA_BACKGROUNDS = ("contrast", "white")
+# A drawing whose opaque pixels average at least this luminance (0-1) goes over black: a white glyph over white is
+# a blank image (its shape is only in the alpha channel). Frozen EfficientNet-Lite0 features, 5-fold logistic
+# regression, macro-F1 against white: Oxygen icons (half of them light) +1.3, stamps -0.3, 48 px icons +0.2.
+LIGHT_DRAWING = 0.7
+
+
+def _to_rgb(img: Image.Image, alpha_background: str = "contrast") -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         # 16- and 32-bit greys (scans, microscopy, depth maps) and float images: Pillow's convert() clips them at
         # 255, so a 16-bit PNG decoded nearly white and a float one in [0, 1] black. Scaled as arrays are.
         return _array_to_pil(np.asarray(img)).convert("RGB")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        fill = 0 if alpha_background == "contrast" and _drawing_luminance(img) >= LIGHT_DRAWING else 255
+        background = Image.new("RGBA", img.size, (fill, fill, fill, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def _drawing_luminance(img: Image.Image) -> float:
+    """The mean luminance (0-1) of an RGBA image's pixels weighed by their opacity (0 where nothing is opaque)."""
+    a = np.asarray(img, dtype=np.float32)
+    weight = a[..., 3].sum()
+    if weight <= 0:
+        return 0.0
+    luminance = a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return float((luminance * a[..., 3]).sum() / weight / 255.0)
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
@@ -78,8 +98,10 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, mode=mode)
 
 
-def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_side: int = 512) -> np.ndarray:
-    """Return an HxWx3 uint8 array, or raise ImageDecodeError saying why."""
+def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_side: int = 512,
+                 alpha_background: str = "contrast") -> np.ndarray:
+    """Return an HxWx3 uint8 array, or raise ImageDecodeError saying why. alpha_background: how transparent pixels
+    are filled (ALPHA_BACKGROUNDS)."""
     try:
         if isinstance(value, Image.Image):
             img = value
@@ -89,7 +111,7 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
             if value.get("bytes") is not None:
                 img = Image.open(io.BytesIO(value["bytes"]))
             else:
-                return decode_image(value.get("path"), base_dir, max_side)
+                return decode_image(value.get("path"), base_dir, max_side, alpha_background)
         elif isinstance(value, np.ndarray):
             img = _array_to_pil(value)
         elif isinstance(value, (str, os.PathLike)):
@@ -108,7 +130,7 @@ def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_s
         turn = _UPRIGHT.get(_orientation(img))
         if turn is not None:
             img = img.transpose(turn)
-        img = _to_rgb(img)
+        img = _to_rgb(img, alpha_background)
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -621,10 +621,12 @@ def infer_task(labels: pd.Series, task: str | None, label_col: str) -> str:
     raise DataError(f"task={task!r} is not supported; expected 'auto', 'classification' or 'regression'.")
 
 
-def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: str | None = None) -> list:
-    """Inputs for prediction (no labels needed), with a clear error for the wrong kind of data."""
+def read_inputs(data: Any, modality: str, input_columns: list[str], base_dir: str | None = None,
+                preprocessing=None) -> list:
+    """Inputs for prediction (no labels needed), with a clear error for the wrong kind of data; read as the model's
+    `preprocessing` (export/manifest.Preprocessing) says, where it says how."""
     df, file_dir = to_dataframe(data)
-    return modalities.get(modality).read_for_prediction(df, input_columns, file_dir or base_dir)
+    return modalities.get(modality).read_for_prediction(df, input_columns, file_dir or base_dir, preprocessing)
 
 
 def require_columns(df: pd.DataFrame, input_columns: list[str]) -> None:

@@ -29,6 +29,7 @@ class Preprocessing:
     storage_size: int | None = None        # image: side images are decoded and stored at
     max_length: int | None = None          # text: tokens kept
     pooling: str | None = None             # text: "mean" or "cls"
+    alpha_background: str = "white"        # image: transparent pixels' fill (data/images.py; "white" before 2026-12)
 
 
 @dataclass

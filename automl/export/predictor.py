@@ -54,8 +54,8 @@ class FinetunedModel:
         adapter = modalities.get(m.modality)
         if isinstance(data, (list, np.ndarray)) and not isinstance(data, tuple):
             data = adapter.frame(data, m.input_columns[0])
-        return adapter.model_inputs(read_inputs(data, m.modality, m.input_columns, base_dir), m.preprocessing,
-                                    self.encoder)
+        return adapter.model_inputs(read_inputs(data, m.modality, m.input_columns, base_dir, m.preprocessing),
+                                    m.preprocessing, self.encoder)
 
     @property
     def is_regression(self) -> bool:

@@ -53,8 +53,9 @@ class Modality:
             first[f] = min(first.get(f, k), k)
         return [first[f] for f in forms]
 
-    def read_for_prediction(self, df, columns: list[str], base_dir) -> list:
-        """The inputs of a table given to a loaded model (checked: a clear error for the wrong kind)."""
+    def read_for_prediction(self, df, columns: list[str], base_dir, preprocessing=None) -> list:
+        """The inputs of a table given to a loaded model (checked: a clear error for the wrong kind), read as its
+        export's `preprocessing` says (None: as training reads them now)."""
         raise NotImplementedError
 
     def frame(self, data, column: str):

@@ -88,7 +88,7 @@ class ImageModality(Modality):
                                 f"fingerprints (compared pairwise up to {NEAR_COPY_ALL_PAIRS})")
         return self.grouped(keys, [str(g) for g in near_copies(prints)])
 
-    def read_for_prediction(self, df, columns, base_dir):
+    def read_for_prediction(self, df, columns, base_dir, preprocessing=None):
         from automl.data.images import ImageDecodeError, decode_image
         from automl.data.intake import require_columns
         from automl.errors import DataError
@@ -97,10 +97,10 @@ class ImageModality(Modality):
         if len(missing) == 1 and "image" in df.columns:  # the column name the array/folder forms give
             df = df.rename(columns={"image": missing[0]})
         require_columns(df, columns)
-        out = []
+        out, fill = [], getattr(preprocessing, "alpha_background", "contrast")
         for i, v in enumerate(df[columns[0]].tolist()):
             try:
-                out.append(decode_image(v, base_dir))
+                out.append(decode_image(v, base_dir, alpha_background=fill))
             except ImageDecodeError as exc:
                 raise DataError(f"Row {i} of column {columns[0]!r}: {exc}. This model expects images. "
                                 "Fix: pass readable images (paths, bytes, PIL images or arrays).") from exc

@@ -46,7 +46,7 @@ class TextModality(Modality):
         return self.grouped(keys, ["\x1f".join(" ".join(part.casefold().split()) for part in k.split("\x1f"))
                                    for k in keys])
 
-    def read_for_prediction(self, df, columns, base_dir):
+    def read_for_prediction(self, df, columns, base_dir, preprocessing=None):
         from automl.data.intake import require_columns
         from automl.errors import DataError
         from automl.modalities.base import detect
