@@ -306,3 +306,5 @@ def test_a_light_glyph_on_transparency_keeps_its_shape_and_a_dark_one_stays_over
     assert Preprocessing("image").alpha_background == "white" and (old == 255).all()
     new = read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image", alpha_background="contrast"))[0]
     assert np.array_equal(new, white)
+    with pytest.raises(DataError, match="fills transparent pixels with 'grey'"):  # a rule this version lacks
+        read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image", alpha_background="grey"))

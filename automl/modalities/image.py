@@ -89,7 +89,7 @@ class ImageModality(Modality):
         return self.grouped(keys, [str(g) for g in near_copies(prints)])
 
     def read_for_prediction(self, df, columns, base_dir, preprocessing=None):
-        from automl.data.images import ImageDecodeError, decode_image
+        from automl.data.images import ALPHA_BACKGROUNDS, ImageDecodeError, decode_image
         from automl.data.intake import require_columns
         from automl.errors import DataError
 
@@ -98,6 +98,10 @@ class ImageModality(Modality):
             df = df.rename(columns={"image": missing[0]})
         require_columns(df, columns)
         out, fill = [], getattr(preprocessing, "alpha_background", "contrast")
+        if fill not in ALPHA_BACKGROUNDS:
+            raise DataError(f"This export fills transparent pixels with {fill!r}; this version of automl knows "
+                            f"{list(ALPHA_BACKGROUNDS)}. Fix: load it with the automl version that wrote it "
+                            "(its card's provenance names it).")
         for i, v in enumerate(df[columns[0]].tolist()):
             try:
                 out.append(decode_image(v, base_dir, alpha_background=fill))
