@@ -289,9 +289,9 @@ def _glyph(rgb: int) -> Image.Image:
 
 
 def test_a_light_glyph_on_transparency_keeps_its_shape_and_a_dark_one_stays_over_white(tmp_path):
-    """Transparent pixels were filled with white: a white glyph became a blank white image. A light drawing now goes
-    over black, a dark one over white as before; an export made before this (its manifest says "white", as every
-    manifest without the field does) still reads images as its model was trained on them."""
+    """Transparent pixels were filled with white: a white glyph became a blank white image. A nearly white drawing
+    now goes over black, any other over white as before; an export made before this (its manifest says "white", as
+    every manifest without the field does) still reads images as its model was trained on them."""
     from automl.data.images import decode_image
     from automl.data.intake import read_inputs
     from automl.export.manifest import Preprocessing

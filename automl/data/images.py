@@ -3,7 +3,7 @@
 Accepted: file paths (absolute or relative to a base dir), raw bytes, PIL
 images and numpy arrays (HxW, HxWx1/3/4, float in [0,1] or any numeric
 range). Grayscale, palette and RGBA images are converted to RGB; transparent
-pixels are composited over white, or over black where what is drawn is light, so icons keep their shape. A
+pixels are composited over white, or over black where what is drawn is nearly white, so icons keep their shape. A
 photo's EXIF orientation is applied, so the pixels are the ones a viewer shows (a phone stores most photos
 sideways with a tag saying so).
 """
@@ -47,7 +47,7 @@ def looks_like_image_path(value: object) -> bool:
     return isinstance(value, (str, os.PathLike)) and str(value).lower().endswith(IMAGE_EXTENSIONS)
 
 
-# How transparent pixels are filled: "contrast" (white, or black under a light drawing) or "white" (exports made
+# How transparent pixels are filled: "contrast" (white, or black under a nearly white drawing) or "white" (exports made
 # before "contrast", whose models were trained on that).
 ALPHA_BACKGROUNDS = ("contrast", "white")
 # A drawing whose opaque pixels average at least this luminance (0-1) goes over black: a white glyph over white is
