@@ -301,6 +301,8 @@ def test_a_light_glyph_on_transparency_keeps_its_shape_and_a_dark_one_stays_over
     white, dark = decode_image(str(tmp_path / "white.png")), decode_image(str(tmp_path / "dark.png"))
     assert (white[4:12, 4:12] == 255).all() and (white[:4] == 0).all()  # the glyph over black
     assert (dark[4:12, 4:12] == 20).all() and (dark[:4] == 255).all()    # over white, as before
+    _glyph(200).save(tmp_path / "light.png")  # light but visible over white: half the Oxygen icons are like this, and
+    assert (decode_image(str(tmp_path / "light.png"))[:4] == 255).all()  # over black they cost a fine-tune 10 points
     df = pd.DataFrame({"image": [str(tmp_path / "white.png")]})
     old = read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image"))[0]
     assert Preprocessing("image").alpha_background == "white" and (old == 255).all()
