@@ -72,13 +72,13 @@ def _to_rgb(img: Image.Image, alpha_background: str = "contrast") -> Image.Image
 
 
 def _drawing_luminance(img: Image.Image) -> float:
-    """The mean luminance (0-1) of an RGBA image's pixels weighed by their opacity (0 where nothing is opaque)."""
-    a = np.asarray(img, dtype=np.float32)
-    weight = a[..., 3].sum()
+    """The mean luminance (0-1, Pillow's "L") of an RGBA image's pixels weighed by their opacity (0 where nothing
+    is opaque)."""
+    alpha = np.asarray(img.getchannel("A"), dtype=np.float32)
+    weight = alpha.sum()
     if weight <= 0:
         return 0.0
-    luminance = a[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    return float((luminance * a[..., 3]).sum() / weight / 255.0)
+    return float((np.asarray(img.convert("L"), dtype=np.float32) * alpha).sum() / weight / 255.0)
 
 
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
