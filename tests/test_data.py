@@ -184,6 +184,25 @@ def test_two_text_columns_are_kept_as_pairs():
     assert t.input_columns == ["question", "answer"] and t.texts[0] == ["q0", "a0"]
 
 
+def test_a_row_id_column_beside_the_text_is_left_out_so_copies_of_a_text_are_found():
+    """A string id column is not paired with the text: with it, every row would be unique, so the 10 repeated
+    texts below would not be seen as copies (and could land in train and test). Named in inputs=, it is used."""
+    import uuid
+
+    texts = [f"a short text number {i}" for i in range(40)] + [f"a short text number {i}" for i in range(10)]
+    df = pd.DataFrame({"id": [str(uuid.UUID(int=i)) for i in range(50)], "text": texts,
+                       "label": [i % 2 for i in range(40)] + [i % 2 for i in range(10)]})
+    t = prepare(df)
+    assert t.input_columns == ["text"] and t.report.ignored_columns == ["id"]
+    assert t.report.dropped_duplicates == 10
+    assert any("['id'] left out of the inputs" in n for n in t.report.notes)
+    named = prepare(df, inputs=["id", "text"])
+    assert named.input_columns == ["id", "text"] and named.report.dropped_duplicates == 0
+    # one-word texts with no sentence beside them are the inputs, whatever they look like
+    words = pd.DataFrame({"word": [f"w{i}" for i in range(30)], "label": [0, 1, 2] * 10})
+    assert prepare(words).input_columns == ["word"]
+
+
 def test_texts_to_predict_are_stripped_as_training_texts_are():
     from automl.data.intake import read_inputs
 

@@ -200,10 +200,11 @@ def find_label_column(df: pd.DataFrame, label: str | None) -> str:
         f"{list(map(str, df.columns))}. Fix: pass label='<column with the classes>'.")
 
 
-def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None,
-                 exclude: tuple = ()) -> tuple[str, list[str], list[str]]:
+def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None, exclude: tuple = (),
+                 report: DataReport | None = None) -> tuple[str, list[str], list[str]]:
     """Return (modality, input columns, ignored columns): each column's modality is the adapters' call
-    (modalities.detect); where columns of several modalities are present the first registered wins."""
+    (modalities.detect); where columns of several modalities are present the first registered wins. Columns the
+    adapter reads as row identifiers are ignored unless named in `inputs` (said in `report`'s notes)."""
     candidates = [c for c in df.columns if c != label_col and str(c).lower() != "split" and c not in exclude]
     if inputs is not None:
         missing = [c for c in inputs if c not in df.columns]
@@ -227,8 +228,14 @@ def infer_inputs(df: pd.DataFrame, label_col: str, inputs: list[str] | None,
         raise DataError(f"Inputs mix {mixed}; one modality per model is supported. "
                         "Fix: pass inputs= with the columns of one modality only.")
     modality, chosen = next(iter(found.items()))
-    chosen = chosen[: modalities.get(modality).max_columns]
+    adapter = modalities.get(modality)
+    identifiers = adapter.identifiers(df, chosen) if inputs is None else []
+    chosen = [c for c in chosen if c not in identifiers][: adapter.max_columns]
     ignored = [str(c) for c in candidates if c not in chosen]
+    if report is not None and identifiers:
+        report.notes.append(
+            f"column(s) {[str(c) for c in identifiers]} left out of the inputs: every value is distinct and has no "
+            "space, as row ids and URLs do. Pass inputs=[...] naming them to use them.")
     return modality, list(chosen), ignored
 
 
@@ -398,7 +405,8 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     label_col = find_label_column(df, label)
     _check_groups(df, groups, inputs)
     groups_col = groups
-    modality, in_cols, ignored = infer_inputs(df, label_col, inputs, exclude=(groups_col,) if groups_col else ())
+    modality, in_cols, ignored = infer_inputs(df, label_col, inputs, exclude=(groups_col,) if groups_col else (),
+                                           report=report)
     report.ignored_columns = ignored
     df = _clean_labels(df, label_col, report)
 

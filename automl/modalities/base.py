@@ -25,6 +25,11 @@ class Modality:
         """Whether a column holds this modality's inputs, from a sample of its non-missing values (a Series)."""
         raise NotImplementedError
 
+    def identifiers(self, df, columns: list[str]) -> list[str]:
+        """Columns among `columns` (all claimed by this modality) that name rows rather than describe them, left
+        out of the inputs when the user did not pick them. Default: none."""
+        return []
+
     def present(self, df, columns: list[str]):
         """A boolean Series: rows whose input is present (others are dropped as missing); raises DataError when
         no row has one."""

@@ -8,6 +8,7 @@ from pathlib import Path
 from automl.modalities.base import Modality, register
 
 DEFAULT_LENGTH = 64   # tokens, where nothing pins a length yet (pre-ranking, speed probes)
+MIN_IDENTIFIER_ROWS = 20  # fewer distinct one-word values could be a small vocabulary as well as row ids
 
 
 class TextModality(Modality):
@@ -22,6 +23,22 @@ class TextModality(Modality):
     # ------------------------------------------------------------------ data
     def claims(self, sample):
         return bool(sample.map(lambda v: isinstance(v, str)).any())
+
+    def identifiers(self, df, columns):
+        # A row id or URL paired with the text makes every row unique (duplicates then share no key and leak
+        # across splits) and spends tokens on noise. Distinct values with no space in any, beside a column that
+        # has sentences, is what such a column looks like; a lone column is kept whatever it holds.
+        def spaced(col):
+            return df[col].dropna().map(lambda v: isinstance(v, str) and any(ch.isspace() for ch in v.strip()))
+
+        found = []
+        for col in columns:
+            values = df[col].dropna()
+            if len(values) >= MIN_IDENTIFIER_ROWS and values.is_unique and not spaced(col).any():
+                found.append(col)
+        if not found or not any(spaced(c).any() for c in columns if c not in found):
+            return []
+        return found
 
     def present(self, df, columns):
         from automl.errors import DataError
