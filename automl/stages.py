@@ -345,9 +345,8 @@ def probe(prepared: Prepared, plan: Plan, inputs: Inputs, budget: Budget, *, sea
     # With every validation row scored, train+validation is every row: the folds' probabilities list label errors.
     ladder.cross_validate(rung0, np.concatenate([data.y_train, data.y_val]), task.num_classes, prepared.metric,
                           seed=search.seed, keep_oof=len(data.y_val) == len(inputs.split("validation")))
+    # Said with the rest of the plan when the search starts (tune.SearchProgress), not twice.
     plan.reasons.append(f"{rung0.summary()}; the fine-tuning rungs search {', '.join(keep)}; {why}")
-    if output.progress:
-        say(plan.reasons[-1])
     return rung0
 
 
