@@ -198,9 +198,14 @@ def test_a_row_id_column_beside_the_text_is_left_out_so_copies_of_a_text_are_fou
     assert any("['id'] left out of the inputs" in n for n in t.report.notes)
     named = prepare(df, inputs=["id", "text"])
     assert named.input_columns == ["id", "text"] and named.report.dropped_duplicates == 0
-    # one-word texts with no sentence beside them are the inputs, whatever they look like
-    words = pd.DataFrame({"word": [f"w{i}" for i in range(30)], "label": [0, 1, 2] * 10})
-    assert prepare(words).input_columns == ["word"]
+    # beside one-word texts that repeat, the ids go too; a lone column of distinct words is the input
+    from automl.data.intake import infer_inputs
+
+    words = pd.DataFrame({"id": [f"row{i}" for i in range(30)], "word": ["cat", "dog", "owl"] * 10,
+                          "label": [0, 1, 2] * 10})
+    assert infer_inputs(words, "label", None) == ("text", ["word"], ["id"])
+    distinct = words.assign(word=[f"w{i}" for i in range(30)])
+    assert infer_inputs(distinct, "label", None) == ("text", ["id", "word"], [])
 
 
 def test_texts_to_predict_are_stripped_as_training_texts_are():

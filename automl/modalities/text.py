@@ -26,19 +26,16 @@ class TextModality(Modality):
 
     def identifiers(self, df, columns):
         # A row id or URL paired with the text makes every row unique (duplicates then share no key and leak
-        # across splits) and spends tokens on noise. Distinct values with no space in any, beside a column that
-        # has sentences, is what such a column looks like; a lone column is kept whatever it holds.
-        def spaced(col):
-            return df[col].dropna().map(lambda v: isinstance(v, str) and any(ch.isspace() for ch in v.strip()))
-
-        found = []
-        for col in columns:
+        # across splits) and spends tokens on noise. Distinct values with no space in any is what such a column
+        # looks like; it is left out beside a column that does not (sentences, or words that repeat), and where
+        # every column looks so, all are kept (one-word inputs whose ids and texts cannot be told apart).
+        def identifier(col):
             values = df[col].dropna()
-            if len(values) >= MIN_IDENTIFIER_ROWS and values.is_unique and not spaced(col).any():
-                found.append(col)
-        if not found or not any(spaced(c).any() for c in columns if c not in found):
-            return []
-        return found
+            return (len(values) >= MIN_IDENTIFIER_ROWS and values.is_unique
+                    and not values.map(lambda v: isinstance(v, str) and any(c.isspace() for c in v.strip())).any())
+
+        found = [c for c in columns if identifier(c)]
+        return found if len(found) < len(columns) else []
 
     def present(self, df, columns):
         from automl.errors import DataError
