@@ -99,7 +99,8 @@ def prepare(dataset: Any, *, data: DataOptions, search: SearchOptions, update: U
         base = BaseModel(path, ExportManifest.read(path))
     task = read_task(dataset, d.label, inputs=d.inputs, seed=s.seed, drop_bad_images=d.drop_bad_images,
                      drop_rare_classes=d.drop_rare_classes, task=d.task, groups=d.groups,
-                     known_classes=base.manifest.classes if base and not base.manifest.is_regression else None)
+                     known_classes=base.manifest.classes if base and not base.manifest.is_regression else None,
+                     preprocessing=base.manifest.preprocessing if base else None)
     if base is not None and base.manifest.backbone.library == "ensemble":
         raise AutoMLError(f"base_model {str(base.path)!r} is an ensemble of {len(base.manifest.backbone.kwargs['members'])}"
                           " models; an update fine-tunes one model. Fix: update from an export of a single model "

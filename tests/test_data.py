@@ -1,6 +1,8 @@
 """Data intake: input forms, cleaning report, and clear errors for bad input."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -334,3 +336,34 @@ def test_a_light_glyph_on_transparency_keeps_its_shape_and_a_dark_one_stays_over
     assert np.array_equal(new, white)
     with pytest.raises(DataError, match="fills transparent pixels with 'grey'"):  # a rule this version lacks
         read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image", alpha_background="grey"))
+
+
+
+def test_an_update_of_an_export_made_before_the_fill_reads_its_new_images_as_the_base_was_trained(tmp_path):
+    """A base exported before transparent pixels could go over black (its manifest says "white") is updated on
+    images read over white, in the task, in the decoded store its trials train on and in the run's identity; a
+    fresh run reads the same files over black under a white drawing."""
+    import shutil
+
+    from automl.data.inputs import ImageStore
+    from automl.options import DataOptions, OutputOptions, SearchOptions, UpdateOptions
+    from automl.stages import prepare as prepare_stage
+
+    rows = []
+    for i in range(30):
+        arr = np.zeros((16, 16, 4), dtype=np.uint8)
+        arr[..., :3] = 250 - i  # nearly white drawings: over black now
+        arr[i % 8:i % 8 + 6, i // 8:i // 8 + 8, 3] = 255
+        Image.fromarray(arr, mode="RGBA").save(tmp_path / f"{i}.png")
+        rows.append({"image": str(tmp_path / f"{i}.png"), "label": i % 3})
+    df = pd.DataFrame(rows)
+    base = tmp_path / "base"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "v1_image_export", base)  # classes 0-2, no fill recorded
+    updated = prepare_stage(df, data=DataOptions(), search=SearchOptions(), update=UpdateOptions(base_model=str(base)),
+                            output=OutputOptions(output_dir=str(tmp_path / "run"))).task
+    fresh = prepare(df)
+    assert updated.images.alpha_background == "white" and fresh.images.alpha_background == "contrast"
+    assert (updated.images[0][:, 15] == 255).all() and (fresh.images[0][:, 15] == 0).all()  # a column no glyph covers
+    store, failed = ImageStore.build(updated, 16, tmp_path / "store", parallel=False)
+    assert not failed and (store.array()[:, :, :, 15] == 255).all()
+    assert updated.fingerprint() != fresh.fingerprint()  # no store or cache of the other fill is reused

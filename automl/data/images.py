@@ -265,11 +265,12 @@ class ImageSource(Sequence):
     """A task's images as the user gave them (paths, bytes, PIL images, arrays): pixels are decoded on demand,
     so holding 50,000 images costs their references, not tens of GB. `source[i]` is an HxWx3 uint8 array."""
 
-    def __init__(self, values: list, base_dir: str | None, sizes: np.ndarray):
+    def __init__(self, values: list, base_dir: str | None, sizes: np.ndarray, alpha_background: str = "contrast"):
         # Absolute: relative paths are the caller's (its working directory, or the table's folder), and the Ray
         # tasks that decode them run in a worker's working directory, not the caller's.
         self.values, self.sizes = list(values), np.asarray(sizes, dtype=np.int64)
         self.base_dir = os.path.abspath(base_dir) if base_dir else os.getcwd()
+        self.alpha_background = alpha_background  # how transparent pixels are filled (decode_image)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -277,12 +278,12 @@ class ImageSource(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        return decode_image(self.values[i], self.base_dir)
+        return decode_image(self.values[i], self.base_dir, alpha_background=self.alpha_background)
 
     def subset(self, keep: np.ndarray) -> "ImageSource":
         keep = np.asarray(keep)
         idx = np.flatnonzero(keep) if keep.dtype == bool else keep
-        return ImageSource([self.values[i] for i in idx], self.base_dir, self.sizes[idx])
+        return ImageSource([self.values[i] for i in idx], self.base_dir, self.sizes[idx], self.alpha_background)
 
     def longer_sides(self) -> np.ndarray:
         return self.sizes.max(axis=1) if len(self.sizes) else np.zeros(0, dtype=np.int64)

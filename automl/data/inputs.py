@@ -25,13 +25,15 @@ from automl.data.trial_data import TrialData
 CHUNK = 512  # images per decoding task
 
 
-def _decode_into(path: str, start: int, values: list, base_dir: str | None, size: int) -> list[tuple[int, str]]:
+def _decode_into(path: str, start: int, values: list, base_dir: str | None, size: int,
+                 alpha_background: str = "contrast") -> list[tuple[int, str]]:
     """Decode `values` into rows start.. of the memory-mapped array at `path`; returns (row, reason) failures."""
     arr = np.load(path, mmap_mode="r+")
     failures = []
     for j, value in enumerate(values):
         try:
-            arr[start + j] = resize_rgb(decode_image(value, base_dir), size).transpose(2, 0, 1)
+            arr[start + j] = resize_rgb(decode_image(value, base_dir, alpha_background=alpha_background),
+                                        size).transpose(2, 0, 1)
         except ImageDecodeError as exc:  # it passed the integrity check but its pixels do not decode
             arr[start + j] = 255
             failures.append((start + j, str(exc)))
@@ -82,12 +84,13 @@ class ImageStore:
 
                 here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
                 task_fn = ray.remote(num_cpus=1)(_decode_into).options(scheduling_strategy=here)
-                refs = [task_fn.remote(str(tmp), s, vals, task.images.base_dir, size) for s, vals in chunks]
+                refs = [task_fn.remote(str(tmp), s, vals, task.images.base_dir, size, task.images.alpha_background)
+                        for s, vals in chunks]
                 for part in ray.get(refs):
                     failures += part
             else:
                 for s, vals in chunks:
-                    failures += _decode_into(str(tmp), s, vals, task.images.base_dir, size)
+                    failures += _decode_into(str(tmp), s, vals, task.images.base_dir, size, task.images.alpha_background)
             if failures:
                 failed.write_text(json.dumps(failures))
             else:

@@ -95,6 +95,8 @@ class TaskData:
             h.update(str(self.y[i]).encode())
         for name in ("train", "validation", "test"):
             h.update(self.splits[name].tobytes())
+        if self.images is not None and self.images.alpha_background != "contrast":  # other pixels (an update)
+            h.update(f"alpha_background={self.images.alpha_background}".encode())
         return h.hexdigest()[:16]
 
 
@@ -392,13 +394,14 @@ def _carve(splits: dict, missing: list[str], strata: np.ndarray, u: np.ndarray, 
 def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = None, seed: int = 0,
             val_frac: float | None = None, test_frac: float | None = None, drop_bad_images: bool = True,
             drop_rare_classes: bool = False, task: str | None = None,
-            known_classes: list | None = None, groups: str | None = None) -> TaskData:
+            known_classes: list | None = None, groups: str | None = None, preprocessing: Any = None) -> TaskData:
     """Read, check, clean and split a dataset for classification or regression.
 
     task: None/"auto" infers it (regression for a float label with many distinct values),
     or "classification" / "regression" to override.
     known_classes: label values that keep their positions (a base model's classes);
     new label values are appended after them.
+    preprocessing: a base model's export preprocessing: its inputs are read as it was trained (None: as now).
     """
     df, base_dir = _read_frame(data)
     report = DataReport(rows_received=int(len(df)))
@@ -411,7 +414,8 @@ def prepare(data: Any, label: str | None = None, *, inputs: list[str] | None = N
     df = _clean_labels(df, label_col, report)
 
     adapter = modalities.get(modality)
-    kept = _read_rows(adapter, df, in_cols, label_col, base_dir, report, strict=not drop_bad_images)
+    kept = _read_rows(adapter, df, in_cols, label_col, base_dir, report, strict=not drop_bad_images,
+                      preprocessing=preprocessing)
 
     task = infer_task(kept.df[label_col], task, label_col)
     has_split_col = any(str(c).lower() == "split" for c in kept.df.columns)
@@ -473,12 +477,12 @@ def _check_groups(df: pd.DataFrame, groups: str | None, inputs: list[str] | None
 
 
 def _read_rows(adapter: Any, df: pd.DataFrame, in_cols: list[str], label_col: str, base_dir: str | None,
-               report: DataReport, strict: bool) -> _Kept:
+               report: DataReport, strict: bool, preprocessing: Any = None) -> _Kept:
     """The rows with present, readable inputs, duplicates removed (each drop counted in `report`)."""
     ok = adapter.present(df, in_cols)  # missing / empty inputs
     report.dropped_missing_input = int((~ok).sum())
     df = df[ok.to_numpy()]
-    rows, keys, keep = adapter.read_rows(df, in_cols, base_dir, report, strict=strict)
+    rows, keys, keep = adapter.read_rows(df, in_cols, base_dir, report, strict=strict, preprocessing=preprocessing)
     df = df.iloc[keep]
     return _Kept(df, rows, keys).where(_dedupe(keys, df[label_col], report))
 

@@ -35,7 +35,7 @@ def manifest_for(task: TaskData, final: "FinalModel", result: "SearchResult", pl
 
     pre = Preprocessing(**{k: v for k, v in final.encoder.to_dict().items() if k in Preprocessing.__dataclass_fields__},
                         storage_size=storage_size, pooling=getattr(final.model, "pooling", None),
-                        alpha_background="contrast" if task.modality == "image" else "white")
+                        alpha_background=task.images.alpha_background if task.modality == "image" else "white")
     return ExportManifest(
         task=task.task, modality=task.modality, classes=classes if task.task != "regression" else [],
         label_column=task.label_column, input_columns=task.input_columns, preprocessing=pre,

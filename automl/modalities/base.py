@@ -35,8 +35,9 @@ class Modality:
         no row has one."""
         raise NotImplementedError
 
-    def read_rows(self, df, columns: list[str], base_dir, report, strict: bool):
-        """(rows, content keys, kept row positions) of a cleaned table: the inputs as the task keeps them."""
+    def read_rows(self, df, columns: list[str], base_dir, report, strict: bool, preprocessing=None):
+        """(rows, content keys, kept row positions) of a cleaned table: the inputs as the task keeps them, read as
+        `preprocessing` (an export's, for an update of it) says (None: as training reads them now)."""
         raise NotImplementedError
 
     def task_fields(self, rows, keys: list[str]) -> dict:

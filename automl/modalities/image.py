@@ -47,11 +47,12 @@ class ImageModality(Modality):
     def present(self, df, columns):
         return df[columns[0]].map(lambda v: v is not None and not (isinstance(v, float) and np.isnan(v)))
 
-    def read_rows(self, df, columns, base_dir, report, strict):
+    def read_rows(self, df, columns, base_dir, report, strict, preprocessing=None):
         from automl.data.intake import _inspect_images
         from automl.errors import DataError
 
         images, keys, keep = _inspect_images(df, columns[0], base_dir, report, strict=strict)
+        images.alpha_background = _fill(preprocessing)
         if not len(images):
             raise DataError(f"None of the images in column {columns[0]!r} could be read "
                             f"(e.g. {report.dropped_unreadable_images[0]}). Fix: check the paths/files.")
@@ -89,7 +90,7 @@ class ImageModality(Modality):
         return self.grouped(keys, [str(g) for g in near_copies(prints)])
 
     def read_for_prediction(self, df, columns, base_dir, preprocessing=None):
-        from automl.data.images import ALPHA_BACKGROUNDS, ImageDecodeError, decode_image
+        from automl.data.images import ImageDecodeError, decode_image
         from automl.data.intake import require_columns
         from automl.errors import DataError
 
@@ -97,11 +98,7 @@ class ImageModality(Modality):
         if len(missing) == 1 and "image" in df.columns:  # the column name the array/folder forms give
             df = df.rename(columns={"image": missing[0]})
         require_columns(df, columns)
-        out, fill = [], getattr(preprocessing, "alpha_background", "contrast")
-        if fill not in ALPHA_BACKGROUNDS:
-            raise DataError(f"This export fills transparent pixels with {fill!r}; this version of automl knows "
-                            f"{list(ALPHA_BACKGROUNDS)}. Fix: load it with the automl version that wrote it "
-                            "(its card's provenance names it).")
+        out, fill = [], _fill(preprocessing)
         for i, v in enumerate(df[columns[0]].tolist()):
             try:
                 out.append(decode_image(v, base_dir, alpha_background=fill))
@@ -234,6 +231,19 @@ class ImageModality(Modality):
             return chunk
         return chunk.assign(**{column: [str(Path(base) / p) if isinstance(p, str) and not Path(p).is_absolute()
                                         else p for p in chunk[column]]})
+
+
+def _fill(preprocessing) -> str:
+    """How an export's preprocessing fills transparent pixels (None: as training does now), checked."""
+    from automl.data.images import ALPHA_BACKGROUNDS
+    from automl.errors import DataError
+
+    fill = getattr(preprocessing, "alpha_background", "contrast")
+    if fill not in ALPHA_BACKGROUNDS:
+        raise DataError(f"This export fills transparent pixels with {fill!r}; this version of automl knows "
+                        f"{list(ALPHA_BACKGROUNDS)}. Fix: load it with the automl version that wrote it "
+                        "(its card's provenance names it).")
+    return fill
 
 
 register(ImageModality())

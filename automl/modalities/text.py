@@ -47,7 +47,7 @@ class TextModality(Modality):
                             "Fix: check the column holds the text you want to classify.")
         return ok
 
-    def read_rows(self, df, columns, base_dir, report, strict):
+    def read_rows(self, df, columns, base_dir, report, strict, preprocessing=None):
         texts = [[("" if not isinstance(v, str) else v.strip()) for v in row]
                  for row in df[columns].itertuples(index=False)]
         return texts, ["\x1f".join(t) for t in texts], list(range(len(texts)))
