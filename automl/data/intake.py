@@ -266,9 +266,10 @@ def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.Da
     return df
 
 
-def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool):
+def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool,
+                    alpha_background: str = "contrast"):
     """Check every image (in parallel threads: reading and verifying files releases the GIL), keeping its hash
-    and size but not its pixels."""
+    and size but not its pixels (decoded later with transparent pixels filled as `alpha_background` says)."""
     from concurrent.futures import ThreadPoolExecutor
 
     values = df[col].tolist()
@@ -297,7 +298,8 @@ def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: Da
             f"{len(bad)} of {len(df)} images in column {col!r} cannot be read, e.g. row {bad[0]['row']} "
             f"({bad[0]['file']!r}): {bad[0]['reason']}. Expected readable image files. Fix: correct or remove these "
             "rows, or pass drop_bad_images=True to drop them (they are listed in the data report).")
-    images = ImageSource([values[p] for p in keep], base_dir, np.asarray(sizes, dtype=np.int64).reshape(-1, 2))
+    images = ImageSource([values[p] for p in keep], base_dir, np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+                         alpha_background)
     return images, keys, keep
 
 

@@ -51,8 +51,8 @@ class ImageModality(Modality):
         from automl.data.intake import _inspect_images
         from automl.errors import DataError
 
-        images, keys, keep = _inspect_images(df, columns[0], base_dir, report, strict=strict)
-        images.alpha_background = _fill(preprocessing)
+        images, keys, keep = _inspect_images(df, columns[0], base_dir, report, strict=strict,
+                                             alpha_background=_fill(preprocessing))
         if not len(images):
             raise DataError(f"None of the images in column {columns[0]!r} could be read "
                             f"(e.g. {report.dropped_unreadable_images[0]}). Fix: check the paths/files.")

@@ -31,7 +31,7 @@ class TextModality(Modality):
         # every column looks so, all are kept (one-word inputs whose ids and texts cannot be told apart).
         def identifier(col):
             values = df[col].dropna()
-            return (len(values) >= MIN_IDENTIFIER_ROWS and values.is_unique
+            return (len(values) >= MIN_IDENTIFIER_ROWS and values.astype(str).is_unique
                     and not values.map(lambda v: isinstance(v, str) and any(c.isspace() for c in v.strip())).any())
 
         found = [c for c in columns if identifier(c)]
