@@ -208,6 +208,8 @@ def test_a_row_id_column_beside_the_text_is_left_out_so_copies_of_a_text_are_fou
     assert infer_inputs(words, "label", None) == ("text", ["word"], ["id"])
     distinct = words.assign(word=[f"w{i}" for i in range(30)])
     assert infer_inputs(distinct, "label", None) == ("text", ["id", "word"], [])
+    lists = words.assign(id=[["a"], "b"] * 15)  # unhashable values among the strings: no id, and no crash
+    assert infer_inputs(lists, "label", None) == ("text", ["id", "word"], [])
 
 
 def test_texts_to_predict_are_stripped_as_training_texts_are():
