@@ -447,6 +447,10 @@ def test_an_update_of_a_stripped_base_adds_classes_and_says_forgetting_was_not_c
     stripped = tmp_path / "base"
     shutil.copytree(base_model.export_dir, stripped)
     assert cli_main(["export", "strip", str(stripped)]) == 0
+    # As an export made before transparent pixels could go over black says: its update keeps that fill.
+    config = json.loads((stripped / "config.json").read_text())
+    config["preprocessing"]["alpha_background"] = "white"
+    (stripped / "config.json").write_text(json.dumps(config))
     d = load_digits()
     keep = np.concatenate([np.flatnonzero(d.target == c)[:30] for c in range(2, 6)])
     new = pd.DataFrame({"image": list(d.images[keep]), "label": d.target[keep]})
@@ -457,3 +461,4 @@ def test_an_update_of_a_stripped_base_adds_classes_and_says_forgetting_was_not_c
     u = upd.manifest.update
     assert u["forgetting_checked"] is False and u["forgetting"] is None and "NOT checked" in u["reason"]
     assert "Forgetting was not measured" in open(os.path.join(upd.export_dir, "MODEL_CARD.md")).read()
+    assert upd.manifest.preprocessing.alpha_background == "white"
