@@ -175,27 +175,34 @@ def test_images_are_checked_without_decoding_and_decoded_once_at_the_planned_siz
 def test_images_decoded_by_parallel_ray_tasks_equal_the_serial_store(ray_session, tmp_path, monkeypatch):
     """Paths relative to a table given by a relative path (`automl finetune data/x.csv`): the Ray workers that
     decode them do not share the caller's working directory (the session's Ray was started elsewhere). Before,
-    every image was 'missing' there and trained on as a blank: `examples/cli.sh` exported a model at chance."""
+    every image was 'missing' there and trained on as a blank: `examples/cli.sh` exported a model at chance.
+    The tasks fill transparent pixels as the task says (here an update of an export made before the contrast
+    fill: light drawings over white, which the default would put over black)."""
     from PIL import Image
 
     from automl.data import inputs as inputs_mod
     from automl.data.inputs import ImageStore
     from automl.data.intake import prepare
+    from automl.export.manifest import Preprocessing
 
     rng = np.random.default_rng(0)
     rows = []
     (tmp_path / "data").mkdir()
     for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / f"{i}.png")
+        arr = rng.integers(235, 255, (20 + i, 24, 4), dtype=np.uint8)
+        arr[..., 3] = np.where(rng.random((20 + i, 24)) < 0.5, 255, 0)
+        Image.fromarray(arr, mode="RGBA").save(tmp_path / "data" / f"{i}.png")
         rows.append({"image": f"{i}.png", "label": "ab"[i % 2]})
     pd.DataFrame(rows).to_csv(tmp_path / "data" / "x.csv", index=False)
     monkeypatch.chdir(tmp_path)
-    task = prepare("data/x.csv")
+    task = prepare("data/x.csv", preprocessing=Preprocessing("image"))
+    assert task.images.alpha_background == "white"
     monkeypatch.setattr(inputs_mod, "CHUNK", 3)  # four decoding tasks, the last one short
     serial, _ = ImageStore.build(task, 16, tmp_path / "serial", parallel=False)
     parallel, failures = ImageStore.build(task, 16, tmp_path / "parallel", parallel=True)
     assert not failures and np.array_equal(np.asarray(parallel.array()), np.asarray(serial.array()))
-    assert np.asarray(parallel.array()).std() > 10  # real pixels, not the blank the file starts as
+    # Real pixels over white: not the blank (0) the file starts as, and no transparent pixel over black.
+    assert (np.asarray(parallel.array()) >= 225).all()
 
 
 def test_images_that_vanish_after_intake_stop_the_run_instead_of_training_on_blanks(tmp_path):
