@@ -50,6 +50,7 @@ def looks_like_image_path(value: object) -> bool:
 # How transparent pixels are filled: "contrast" (white, or black under a nearly white drawing) or "white" (exports made
 # before "contrast", whose models were trained on that).
 ALPHA_BACKGROUNDS = ("contrast", "white")
+ALPHA_BACKGROUND = "contrast"  # how training reads images now (and what a task's fingerprint takes as given)
 # A drawing whose opaque pixels average at least this luminance (0-1) goes over black: a white glyph over white is
 # a blank image (its shape is only in the alpha channel). Only a nearly white one: at 0.7, half the Oxygen icons
 # went over black and `fixed` (one config fine-tuned, benchmarks/quality.py) lost 10 points of macro-F1 over 3
@@ -58,7 +59,7 @@ ALPHA_BACKGROUNDS = ("contrast", "white")
 LIGHT_DRAWING = 0.9
 
 
-def _to_rgb(img: Image.Image, alpha_background: str = "contrast") -> Image.Image:
+def _to_rgb(img: Image.Image, alpha_background: str) -> Image.Image:
     if img.mode.startswith("I") or img.mode == "F":
         # 16- and 32-bit greys (scans, microscopy, depth maps) and float images: Pillow's convert() clips them at
         # 255, so a 16-bit PNG decoded nearly white and a float one in [0, 1] black. Scaled as arrays are.
@@ -102,7 +103,7 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
 
 
 def decode_image(value: object, base_dir: str | os.PathLike | None = None, max_side: int = 512,
-                 alpha_background: str = "contrast") -> np.ndarray:
+                 alpha_background: str = ALPHA_BACKGROUND) -> np.ndarray:
     """Return an HxWx3 uint8 array, or raise ImageDecodeError saying why. alpha_background: how transparent pixels
     are filled (ALPHA_BACKGROUNDS)."""
     try:
@@ -265,7 +266,8 @@ class ImageSource(Sequence):
     """A task's images as the user gave them (paths, bytes, PIL images, arrays): pixels are decoded on demand,
     so holding 50,000 images costs their references, not tens of GB. `source[i]` is an HxWx3 uint8 array."""
 
-    def __init__(self, values: list, base_dir: str | None, sizes: np.ndarray, alpha_background: str = "contrast"):
+    def __init__(self, values: list, base_dir: str | None, sizes: np.ndarray,
+                 alpha_background: str = ALPHA_BACKGROUND):
         # Absolute: relative paths are the caller's (its working directory, or the table's folder), and the Ray
         # tasks that decode them run in a worker's working directory, not the caller's.
         self.values, self.sizes = list(values), np.asarray(sizes, dtype=np.int64)

@@ -26,7 +26,7 @@ CHUNK = 512  # images per decoding task
 
 
 def _decode_into(path: str, start: int, values: list, base_dir: str | None, size: int,
-                 alpha_background: str = "contrast") -> list[tuple[int, str]]:
+                 alpha_background: str) -> list[tuple[int, str]]:
     """Decode `values` into rows start.. of the memory-mapped array at `path`; returns (row, reason) failures."""
     arr = np.load(path, mmap_mode="r+")
     failures = []

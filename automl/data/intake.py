@@ -17,7 +17,7 @@ import pandas as pd
 
 from automl import modalities
 from automl.errors import DataError
-from automl.data.images import IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, inspect_image
+from automl.data.images import ALPHA_BACKGROUND, IMAGE_EXTENSIONS, ImageDecodeError, ImageSource, inspect_image
 
 LABEL_NAMES = ("label", "labels", "target", "class", "y", "category", "sentiment", "intent", "topic", "emotion")
 TABLE_EXTENSIONS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl"}
@@ -95,7 +95,7 @@ class TaskData:
             h.update(str(self.y[i]).encode())
         for name in ("train", "validation", "test"):
             h.update(self.splits[name].tobytes())
-        if self.images is not None and self.images.alpha_background != "contrast":  # other pixels (an update)
+        if self.images is not None and self.images.alpha_background != ALPHA_BACKGROUND:  # other pixels (an update)
             h.update(f"alpha_background={self.images.alpha_background}".encode())
         return h.hexdigest()[:16]
 
@@ -267,7 +267,7 @@ def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.Da
 
 
 def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool,
-                    alpha_background: str = "contrast"):
+                    alpha_background: str):
     """Check every image (in parallel threads: reading and verifying files releases the GIL), keeping its hash
     and size but not its pixels (decoded later with transparent pixels filled as `alpha_background` says)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -235,10 +235,10 @@ class ImageModality(Modality):
 
 def _fill(preprocessing) -> str:
     """How an export's preprocessing fills transparent pixels (None: as training does now), checked."""
-    from automl.data.images import ALPHA_BACKGROUNDS
+    from automl.data.images import ALPHA_BACKGROUND, ALPHA_BACKGROUNDS
     from automl.errors import DataError
 
-    fill = getattr(preprocessing, "alpha_background", "contrast")
+    fill = getattr(preprocessing, "alpha_background", ALPHA_BACKGROUND)
     if fill not in ALPHA_BACKGROUNDS:
         raise DataError(f"This export fills transparent pixels with {fill!r}; this version of automl knows "
                         f"{list(ALPHA_BACKGROUNDS)}. Fix: load it with the automl version that wrote it "
