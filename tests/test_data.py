@@ -191,6 +191,8 @@ def test_a_row_id_column_beside_the_text_is_left_out_so_copies_of_a_text_are_fou
     texts below would not be seen as copies (and could land in train and test). Named in inputs=, it is used."""
     import uuid
 
+    from automl.data.intake import infer_inputs
+
     texts = [f"a short text number {i}" for i in range(40)] + [f"a short text number {i}" for i in range(10)]
     df = pd.DataFrame({"id": [str(uuid.UUID(int=i)) for i in range(50)], "text": texts,
                        "label": [i % 2 for i in range(40)] + [i % 2 for i in range(10)]})
@@ -200,9 +202,7 @@ def test_a_row_id_column_beside_the_text_is_left_out_so_copies_of_a_text_are_fou
     assert any("['id'] left out of the inputs" in n for n in t.report.notes)
     named = prepare(df, inputs=["id", "text"])
     assert named.input_columns == ["id", "text"] and named.report.dropped_duplicates == 0
-    # beside one-word texts that repeat, the ids go too; a lone column of distinct words is the input
-    from automl.data.intake import infer_inputs
-
+    # beside one-word texts that repeat, the ids go too; where every column looks like ids, all are kept
     words = pd.DataFrame({"id": [f"row{i}" for i in range(30)], "word": ["cat", "dog", "owl"] * 10,
                           "label": [0, 1, 2] * 10})
     assert infer_inputs(words, "label", None) == ("text", ["word"], ["id"])
@@ -338,7 +338,6 @@ def test_a_light_glyph_on_transparency_keeps_its_shape_and_a_dark_one_stays_over
     assert np.array_equal(new, white)
     with pytest.raises(DataError, match="fills transparent pixels with 'grey'"):  # a rule this version lacks
         read_inputs(df, "image", ["image"], preprocessing=Preprocessing("image", alpha_background="grey"))
-
 
 
 def test_an_update_of_an_export_made_before_the_fill_reads_its_new_images_as_the_base_was_trained(tmp_path):
