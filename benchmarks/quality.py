@@ -113,6 +113,18 @@ class WeighedOptions:
         self.combine._decide, self.stages.evaluate = self._decide, self._evaluate
 
 
+def rungs(m) -> pd.Series:
+    """Each trial's rung of the ladder (0: a head on frozen features); a run before the ladder had fine-tunes only."""
+    return m.trials["rung"] if "rung" in m.trials else pd.Series(2, index=m.trials.index)
+
+
+def ladder(m) -> str:
+    """What the run tried, e.g. "24 heads + 1 fine-tunes on 3 backbones"."""
+    rung = rungs(m)
+    return (f"{(rung == 0).sum()} heads + {(rung != 0).sum()} fine-tunes on "
+            f"{m.trials['config/backbone'].nunique()} backbones")
+
+
 def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
     from automl import auto_finetune
 
@@ -125,10 +137,8 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
     how = m.manifest.training.get("how")
     how = f"{how}, start point kept" if decision.startswith("start point kept") else (
         f"{how}, beat the start point" if " chosen over the " in decision else how)
-    rung = m.trials["rung"] if "rung" in m.trials else pd.Series(2, index=m.trials.index)
-    ladder = (f"{(rung == 0).sum()} heads + {(rung != 0).sum()} fine-tunes on "
-              f"{m.trials['config/backbone'].nunique()} backbones")
-    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": how, "ladder": ladder,
+    rung = rungs(m)
+    return {"f1": macro_f1(m, df), "wall": wall, "trials": len(m.trials), "how": how, "ladder": ladder(m),
             "rung0": next((r for r in p["reasons"] if r.startswith("rung 0:") and "heads on" in r), ""),
             "plan": f"{p['regime']}, {p.get('storage_size') or ''}{'px ' if p.get('storage_size') else ''}"
                     f"{p['reports']}x{p['report_rows']} rows, trial ~{p['trial_s']:.0f}s",

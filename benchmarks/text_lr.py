@@ -29,11 +29,10 @@ def one_seed(base, seed: int) -> str:
     for name, df in base.items():
         data, texts, y = fortunes_split(df, seed)
         data.class_weights = class_weights(data.y_train, data.num_classes)
-        steps = STEPS
-        line = f"{name} seed {seed}, {steps} steps:"
+        line = f"{name} seed {seed}, {STEPS} steps:"
         for lr in RATES:
             r = fit({**start_config(), "seed": seed, "class_weighted": True, "lr": lr,
-                     "report_rows": int(np.ceil(steps * BATCH / REPORTS))}, data, epochs=REPORTS)
+                     "report_rows": int(np.ceil(STEPS * BATCH / REPORTS))}, data, epochs=REPORTS)
             val = f1_score(data.y_val, test_proba(r, data.x_val).argmax(1), average="macro")
             test = f1_score(y, test_proba(r, texts).argmax(1), average="macro")
             line += f" lr {lr:g} test {test:.4f} (validation {val:.4f})"
