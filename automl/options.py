@@ -252,6 +252,10 @@ class FinetuneOptions:
         if s.time_budget_s is None and not s.max_trials:
             raise OptionError("`time_budget_s` is None and `max_trials` is not set: the search would never end. "
                               "Fix: give time_budget_s=600 (seconds) or max_trials=20.")
+        out = self.output.output_dir
+        if out is not None and Path(out).exists() and not Path(out).is_dir():  # found only after the speed probes
+            raise OptionError(f"`output_dir` must be a folder (made if missing); got {str(out)!r}, which is a file. "
+                              "Fix: pass a folder, e.g. output_dir='runs/mine'.")
         if self.update.base_model is not None and not Path(self.update.base_model).exists():
             raise OptionError(f"`base_model` must be an existing export directory; got {self.update.base_model!r}. "
                               "Fix: pass the directory an earlier auto_finetune exported to (…/model).")

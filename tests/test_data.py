@@ -308,6 +308,34 @@ def test_16_bit_and_float_greys_keep_their_contrast(tmp_path, mode):
     assert (out[..., 0] == out[..., 2]).all()
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_an_array_with_a_nan_or_infinite_pixel_keeps_its_other_pixels_and_one_with_no_finite_value_is_unreadable(
+        bad):
+    """One infinite value set the range an array is scaled by, and its whole image went black; an all-NaN array
+    became a black image that kept its label. The range is now the finite values'; an array without any is
+    refused like an unreadable file (dropped and reported, or an error with drop_bad_images=False)."""
+    from automl.data.images import ImageDecodeError, decode_image
+    from automl.data.intake import prepare
+
+    ramp = np.tile(np.linspace(0, 1, 32), (8, 1))
+    for arr in (ramp, 1000 + ramp * 60000):  # values in [0, 1], and a wider range scaled by its minimum and maximum
+        spoiled = arr.copy()
+        spoiled[0, 0] = bad
+        want, got = decode_image(arr), decode_image(spoiled)
+        assert np.array_equal(got[1:], want[1:]) and np.array_equal(got[0, 1:], want[0, 1:])
+        assert (got[0, 0] == (255 if bad == np.inf else 0)).all()
+    with pytest.raises(ImageDecodeError, match=r"array of shape \(8, 32\) holds no finite value"):
+        decode_image(np.full((8, 32), bad))
+    rng = np.random.default_rng(0)
+    images = [rng.random((8, 8)) for _ in range(30)] + [np.full((8, 8), bad)]
+    df = pd.DataFrame({"image": images, "label": [i % 2 for i in range(31)]})
+    t = prepare(df)
+    assert t.report.rows_used == 30 and len(t.report.dropped_unreadable_images) == 1
+    assert "no finite value" in str(t.report.dropped_unreadable_images[0])
+    with pytest.raises(DataError, match="no finite value"):
+        prepare(df, drop_bad_images=False)
+
+
 def _glyph(rgb: int) -> Image.Image:
     """A one-colour glyph whose shape is only in its alpha channel (as symbolic icons are drawn)."""
     arr = np.full((16, 16, 4), rgb, dtype=np.uint8)

@@ -87,6 +87,7 @@ def test_options_round_trip_through_json(tmp_path):
     ({"time_budget": 60}, "Unknown option(s) 'time_budget' (did you mean 'time_budget_s'?)"),
     ({"time_budget_s": None}, "the search would never end. Fix: give time_budget_s=600 (seconds) or max_trials=20"),
     ({"base_model": "/no/such/export"}, "`base_model` must be an existing export directory; got '/no/such/export'"),
+    ({"output_dir": __file__}, f"`output_dir` must be a folder (made if missing); got {__file__!r}, which is a file"),
 ])
 def test_bad_options_say_what_was_received_and_how_to_fix_it(kwargs, message):
     with pytest.raises(OptionError) as info:

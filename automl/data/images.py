@@ -92,12 +92,16 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
         raise ImageDecodeError(f"array of shape {arr.shape} is not an image (expected HxW, HxWx3 or HxWx4)")
     if arr.dtype != np.uint8:
         arr = arr.astype(np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        finite = np.isfinite(arr)
+        if not finite.any():  # a black image would keep its label: refused as unreadable instead
+            raise ImageDecodeError(f"array of shape {arr.shape} holds no finite value (all NaN or infinite)")
+        # The range of the finite values: one infinite pixel scaled the rest of its image to black.
+        lo, hi = float(arr[finite].min()), float(arr[finite].max())
         if lo >= 0.0 and hi <= 1.0:
             arr = arr * 255.0
         elif hi > 255.0 or lo < 0.0:
             arr = (arr - lo) / max(hi - lo, 1e-12) * 255.0
-        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+        arr = np.clip(np.nan_to_num(arr, nan=0.0, posinf=255.0, neginf=0.0), 0, 255).astype(np.uint8)
     mode = "L" if arr.ndim == 2 else ("RGBA" if arr.shape[-1] == 4 else "RGB")
     return Image.fromarray(arr, mode=mode)
 

@@ -147,14 +147,20 @@ def _read_image_folder(root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def existing_path(data: str | os.PathLike) -> Path:
+    """A dataset's path (~ expanded), or a DataError saying it does not exist."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"Dataset path {str(path)!r} does not exist. Fix: pass an existing file or folder.")
+    return path
+
+
 def to_dataframe(data: Any) -> tuple[pd.DataFrame, str | None]:
     """Normalise every accepted input form to (DataFrame, base dir for relative paths)."""
     if isinstance(data, pd.DataFrame):
         return data, None
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data).expanduser()
-        if not path.exists():
-            raise DataError(f"Dataset path {str(path)!r} does not exist. Fix: pass an existing file or folder.")
+        path = existing_path(data)
         if path.is_dir():
             return _read_image_folder(path), None
         return _read_table(path), str(path.parent)

@@ -99,7 +99,9 @@ class ImageModality(Modality):
             df = df.rename(columns={"image": missing[0]})
         require_columns(df, columns)
         out, fill = [], _fill(preprocessing)
-        for i, v in enumerate(df[columns[0]].tolist()):
+        # The row's index label, not its position: a chunk of a large file (automl predict) or a filtered table
+        # named the wrong row.
+        for i, v in zip(df.index, df[columns[0]].tolist()):
             try:
                 out.append(decode_image(v, base_dir, alpha_background=fill))
             except ImageDecodeError as exc:
