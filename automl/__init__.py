@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from automl import runtime as _runtime  # noqa: F401  (offline-hub defaults before any hub library loads)
 from automl.budget import Budget
-from automl.errors import AutoMLError, DataError, ModelLoadError, SearchSpaceError
+from automl.errors import AutoMLError, DataError, ModelLoadError, RunInterrupted, SearchSpaceError
 from automl.options import FinetuneOptions
 
 if TYPE_CHECKING:
@@ -61,4 +61,5 @@ __all__ = [
     "auto_finetune", "load", "FinetunedModel", "prepare", "DataReport", "load_space", "SearchSpace",
     "BackboneSpec", "register_backbone", "register_schedule", "register_image_policy", "register_text_policy",
     "list_backbones", "serve", "ServeOptions", "FinetuneOptions", "ExportManifest", "Budget", "AutoMLError", "DataError", "ModelLoadError", "SearchSpaceError",
+    "RunInterrupted",
 ]

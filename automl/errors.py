@@ -25,6 +25,11 @@ class NoTrialScored(AutoMLError, RuntimeError):
     """The search ended without a single validation score."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the search or the retrain: the run stopped there with what a resume needs saved, and nothing
+    exported. A KeyboardInterrupt, so code that stops on Ctrl-C stops on it."""
+
+
 def problem(what: str, got: object, expected: str, fix: str) -> str:
     """Format an error message in the house style."""
     return f"{what}: got {got!r}; expected {expected}. Fix: {fix}"

@@ -143,4 +143,21 @@ def threads_kept():
             os.environ["OMP_NUM_THREADS"] = omp
 
 
+
+@contextmanager
+def sigint_kept():
+    """Give back, on exit, the Ctrl-C (SIGINT) handler as it was: Tune and Ray Train install their own and leave it
+    in place after a search or a training run, where a later Ctrl-C then did nothing, or exited without a word.
+    Only the main thread has signal handlers; elsewhere this does nothing."""
+    import signal
+    import threading
+
+    before = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
+
+
 configure_offline_hubs()

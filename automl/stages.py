@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 # A forced retrain or cross-fit that starts with its time already spent still gets this long to pace its schedule
 # into (a deadline past when training starts is ignored as stale, and the run would train its whole length).
 MIN_PACED_S = 5.0
+PLAN_FILE = "plan.json"  # in the run's folder: what a resume starts from (written once the run has planned)
 
 
 def say(msg: str) -> None:
@@ -116,6 +117,9 @@ def prepare(dataset: Any, *, data: DataOptions, search: SearchOptions, update: U
     metric = choose_metric(task.report.imbalance_ratio, task.task) if s.metric == "auto" else s.metric
     out = Path(output.output_dir or Path("automl_runs") / f"{task.modality}-{task.fingerprint()[:10]}").resolve()
     _space(task, search, base, metric, gpu=False)  # a bad space fails now, before Ray starts
+    if s.resume and not (out / PLAN_FILE).exists() and output.progress:
+        # Said, not refused (a script may always pass it): a mistyped folder spent the budget afresh in silence.
+        say(f"resume=True, but {out} holds no interrupted run to resume (no {PLAN_FILE}): starting afresh")
     return Prepared(task, metric, out, base)
 
 
@@ -173,7 +177,7 @@ def plan(prepared: Prepared, ray: cluster.ClusterInfo, budget: Budget, *, search
     """Decide how the budget is spent, from the data and the start point's measured speed (search/plan.py)."""
     task = prepared.task
     cluster.check_shared_storage(ray, resources.storage_path, shared_dir(prepared.out, resources.storage_path))
-    saved = prepared.out / "plan.json"
+    saved = prepared.out / PLAN_FILE
     if search.resume and saved.exists():
         old = Plan.load(saved, budget.elapsed(), budget.total_s)
         if old.fingerprint and old.fingerprint != task.fingerprint():

@@ -358,6 +358,15 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
     assert cli_main(["finetune", str(tmp_path / "one.csv")]) == 2
     err = capsys.readouterr().err
     assert "only one class" in err and "Fix:" in err
+    # `automl predict` on a CSV that is not there, and a batch size of 0: pandas' tracebacks before
+    export = str(Path(__file__).parent / "fixtures" / "v1_image_export")
+    assert cli_main(["predict", export, str(tmp_path / "none.csv")]) == 2
+    assert (f"error: Dataset path {str(tmp_path / 'none.csv')!r} does not exist. Fix: pass an existing file or "
+            "folder.") in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        cli_main(["predict", export, str(tmp_path / "one.csv"), "--batch-size", "0"])
+    assert exited.value.code == 2
+    assert "argument --batch-size: must be an integer >= 1; got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -440,6 +440,113 @@ def test_the_leaderboard_cli_reads_its_database_from_the_environment(tmp_path):
     assert db.exists() and not (tmp_path / "automl_leaderboard.db").exists()
 
 
+def _ctrl_c_pressed(*args, **kwargs):
+    """What a function stopped by Ctrl-C does: raise KeyboardInterrupt."""
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_refresh_marks_its_run_interrupted_and_the_next_refresh_runs_it(tmp_path, monkeypatch):
+    """Ctrl-C during a refresh left its run "running" (until a later refresh found it stale) and printed a run's
+    advice (resume=True), which a refresh does not take. The run is marked interrupted at once, the refresh stops
+    with its own advice, and the next refresh runs that dataset. (The pipeline is replaced: this is the refresh's
+    bookkeeping; Ctrl-C inside a real search is test_fault_tolerance's.)"""
+    import yaml
+
+    from automl import api
+    from automl.errors import RunInterrupted
+    from automl.ops import leaderboard
+    from automl.ops.store import Store
+
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({
+        "defaults": {"time_budget": None, "max_trials": 1, "output_root": str(tmp_path / "out")},
+        "datasets": [{"name": "digits", "data": str(tmp_path / "d.csv"), "label": "label"}]}))
+    store = Store(f"sqlite:///{tmp_path}/lb.db")
+
+    monkeypatch.setattr(api, "auto_finetune", _ctrl_c_pressed)
+    with pytest.raises(RunInterrupted, match="Stopped by Ctrl-C while refreshing 'digits'.*Fix: refresh again"):
+        leaderboard.refresh(tmp_path / "suite.yaml", store, progress=False)
+    runs = store.table("runs")
+    assert list(runs["status"]) == ["interrupted"] and runs["finished_at"].notna().all(), runs
+
+    def failed(*args, **kwargs):
+        raise RuntimeError("the next refresh ran it")
+
+    monkeypatch.setattr(api, "auto_finetune", failed)
+    (result,) = leaderboard.refresh(tmp_path / "suite.yaml", store, progress=False)
+    assert result["status"] == "failed" and "the next refresh ran it" in result["reason"], result
+
+
+def test_cli_predict_that_fails_mid_file_leaves_the_previous_output_and_names_the_files_row(tmp_path, capsys):
+    """`automl predict --output` wrote chunk by chunk into the output: an unreadable image in a later chunk left a
+    partial file that looked whole, in place of the one before, and the error named the row's place in its chunk
+    (3) instead of in the file (7). The output is now written beside and renamed over at the end."""
+    import pandas as pd
+    from PIL import Image
+
+    from automl import load
+    from automl.ops.cli import main as cli_main
+
+    export = Path(__file__).parent / "fixtures" / "v1_image_export"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    table = pd.DataFrame({"image": [f"{i}.png" for i in range(10)]})
+    table.assign(image=lambda d: d["image"].where(d.index != 7, "missing.png")).to_csv(tmp_path / "bad.csv", index=False)
+    table.to_csv(tmp_path / "good.csv", index=False)
+    preds = tmp_path / "preds.csv"
+    preds.write_text("yesterday's predictions\n")
+    capsys.readouterr()
+    argv = ["predict", str(export), str(tmp_path / "bad.csv"), "--output", str(preds), "--batch-size", "4"]
+    assert cli_main(argv) == 2
+    assert "Row 7 of column 'image': file does not exist" in capsys.readouterr().err
+    assert preds.read_text() == "yesterday's predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".png")) == \
+        ["bad.csv", "good.csv", "preds.csv"]  # no partial file left beside it
+    argv[2] = str(tmp_path / "good.csv")
+    assert cli_main(argv) == 0
+    got = pd.read_csv(preds, index_col=0)
+    want = load(export).predict_proba(table.assign(image=[str(tmp_path / f) for f in table["image"]]))
+    assert len(got) == 10 and np.allclose(got[[f"proba_{c}" for c in want.columns]].to_numpy(), want.to_numpy(),
+                                          atol=1e-5)
+
+
+def test_ctrl_c_while_submit_waits_says_the_jobs_keep_running_and_how_to_follow_them(monkeypatch, capsys):
+    """`automl submit --wait`, stopped with Ctrl-C, printed a traceback from the polling loop; the jobs run on in the
+    cluster, which the user needs to know, with the commands to follow or stop them. (Submitting and waiting are
+    replaced: the CLI's answer is what is checked; real jobs are test_jobs'.)"""
+    from automl.ops import jobs
+    from automl.ops.cli import main as cli_main
+
+    monkeypatch.setattr(jobs, "submit_batch", lambda manifest, address, ship_package: (
+        "b123", [{"name": "digits", "submission_id": "raysubmit_1", "output": "/runs/digits"}]))
+
+    monkeypatch.setattr(jobs, "wait", _ctrl_c_pressed)
+    monkeypatch.setenv("COLUMNS", "300")  # rich's lines unwrapped
+    assert cli_main(["submit", "batch.yaml", "--address", "http://127.0.0.1:8265", "--wait"]) == 130
+    out = capsys.readouterr().out
+    assert ("stopped waiting; the jobs keep running. Follow with: automl jobs list --batch b123 --address "
+            "http://127.0.0.1:8265; stop one with: automl jobs stop SUBMISSION_ID") in out, out
+
+
+def test_resume_in_a_folder_with_no_run_says_it_starts_afresh(tmp_path, capsys, text_df):
+    """resume=True where no run was interrupted (a mistyped output_dir) started a fresh run without a word, spending
+    the budget the user meant for a resume. It is said before anything runs; a folder with a run says nothing."""
+    from automl import stages
+    from automl.options import FinetuneOptions
+
+    def prepared(out):
+        opts = FinetuneOptions.from_kwargs(output_dir=str(out), resume=True, time_budget_s=60)
+        stages.prepare(text_df, data=opts.data, search=opts.search, update=opts.update, output=opts.output)
+        return capsys.readouterr().err
+
+    said = prepared(tmp_path / "typo")
+    assert f"automl: resume=True, but {tmp_path / 'typo'} holds no interrupted run to resume (no plan.json): " \
+           "starting afresh" in said, said
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.json").write_text("{}")  # what a run writes once it has planned
+    assert "resume=True" not in prepared(tmp_path / "run")
+
+
 def test_sqlite_on_a_shared_filesystem_keeps_the_rollback_journal(tmp_path, monkeypatch):
     from automl.ops.store import Store, sqlite_journal_mode
 

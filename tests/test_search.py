@@ -3,6 +3,7 @@ a trial's worker dies (it resumes from its checkpoint), and finished trials' che
 still runs. One 8-trial search serves them all."""
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -41,12 +42,14 @@ def search(ray_session, digits_trial_data, tmp_path_factory):
     marker, watch = tmp / "crashed", Watch(tmp / "s")
     space = load_space("cpu_small", "image", {"image_size": 16, "max_epochs": 4, "reduction_factor": 2,
                                               "_crash_once_after_epoch": f"3:{marker}"})
+    watch.sigint_before = signal.getsignal(signal.SIGINT)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TUNE_GLOBAL_CHECKPOINT_S", "1")
         mp.setenv("AUTOML_SYNC_PERIOD_S", "1")
         result = run_search(digits_trial_data, space, SearchConfig(
             "accuracy", SearchStorage(str(tmp), "s", checkpoint_every_s=0), SearchLimits(max_trials=8), {"cpu": 1},
             concurrency=2, progress=False), callbacks=[watch])
+    watch.sigint_after = signal.getsignal(signal.SIGINT)
     return result, marker, watch
 
 
@@ -132,6 +135,14 @@ def test_finished_trials_checkpoints_are_pruned_while_the_search_still_runs(sear
     assert result.peak_disk_mb * 2**20 >= _peak_lower_bound(result)
 
 
+@pytest.mark.slow
+def test_after_the_search_ctrl_c_stops_the_run_at_once_again(search):
+    """Tune leaves its own SIGINT handler installed after a search: a Ctrl-C while the run then finalised, evaluated
+    or exported only set a flag nothing read any more. The search gives back the handler it found."""
+    _, _, watch = search
+    assert watch.sigint_after is watch.sigint_before, (watch.sigint_after, watch.sigint_before)
+
+
 def test_the_progress_line_says_which_report_of_which_trial_scored_best(capsys):
     """The live view's "best" is any report's score, mid-schedule included: it names the trial and the report, so a
     user does not read it as a finished trial's (the search judges each trial by its end-of-schedule weights)."""
@@ -148,3 +159,29 @@ def test_the_progress_line_says_which_report_of_which_trial_scored_best(capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "1 trials done (1 stopped early), 1 running" in line, line
     assert "best report's accuracy 0.8000 (a, report 2/4)" in line, line
+
+
+def test_a_log_gets_the_status_line_from_reports_every_30_s_while_no_trial_ends(capsys, monkeypatch):
+    """Where the line cannot be redrawn (a log file, a job's log), it was printed only when a trial ended: a log
+    showed the plan, then nothing for the minutes the start point trained alone. A report prints it now, at most
+    once every PRINT_EVERY_S (the view's clock, here a fake one)."""
+    from types import SimpleNamespace
+
+    from automl.search import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    view = progress.SearchProgress("accuracy", max_epochs=12, time_budget_s=300)
+    assert view.live is None  # capsys: not a terminal
+    start = SimpleNamespace(trial_id="s", status="RUNNING")
+    printed = []
+    for report in range(1, 13):  # a report every 12 s
+        now[0] += 12.0
+        view.on_trial_result(report, [start], start, {"training_iteration": report, "val_accuracy": report / 100})
+        printed += [(report, line) for line in capsys.readouterr().err.splitlines()]
+    assert [r for r, _ in printed] == [3, 6, 9, 12], printed  # each the first report 30 s or more after the last line
+    assert printed[0][1].endswith("best report's accuracy 0.0300 (s, report 3/12) |   264s left"), printed[0][1]
+    start.status = "TERMINATED"
+    view.on_trial_complete(12, [start], start)  # a trial's end is printed at once, as before
+    assert "1 trials done (0 stopped early), 0 running" in capsys.readouterr().err
+

@@ -188,6 +188,35 @@ def test_hub_lookups_are_offline_by_default_and_fail_fast_with_a_fix():
     assert "NETWORK ATTEMPTS 0 []" in out, out
 
 
+READ_ONLY_PROBE = """
+import warnings
+import numpy as np
+from automl.data.trial_data import TrialData
+from automl.training.loop import fit
+def frozen(a):
+    a.setflags(write=False)  # as a Ray worker gets its trial's arrays from the object store
+    return a
+rng = np.random.default_rng(0)
+x = frozen(rng.integers(0, 255, (32, 3, 16, 16), dtype=np.uint8))
+y = frozen(np.arange(32) % 2)
+data = TrialData("image", 2, x, y, x, y, class_weights=frozen(np.ones(2, dtype=np.float32)))
+warnings.simplefilter("error", UserWarning)  # torch says it once a process, and this process has not said it yet
+fit({"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 16, "class_weighted": True}, data, epochs=1)
+print("TRAINED")
+"""
+
+
+def test_a_trial_on_read_only_arrays_trains_without_torchs_warning():
+    """A trial's arrays come read-only from Ray's object store; torch.as_tensor on them warned of undefined behaviour
+    in every trial worker (shown wherever the user started Ray with its worker logs on). In a fresh process: torch
+    gives that warning once a process, so an earlier test here would hide it."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", READ_ONLY_PROBE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "TRAINED", r.stderr[-2000:]
+
+
 def test_unknown_backbone_names_say_which_forms_exist():
     from automl.errors import ModelLoadError
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,17 +28,36 @@ def _finetune(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse says which flag and what it got)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text}")
+    return value
+
+
+def _predictions(model, chunk):
+    """One chunk's rows of `automl predict`: the prediction, and each class's probability for a classifier."""
+    import pandas as pd
+
+    if model.is_regression:
+        return pd.DataFrame({"prediction": model.predict(chunk)}, index=chunk.index)
+    proba = model.predict_proba(chunk)
+    res = pd.DataFrame({"prediction": [model.classes[i] for i in proba.to_numpy().argmax(1)]}, index=chunk.index)
+    return pd.concat([res, proba.add_prefix("proba_").set_index(chunk.index)], axis=1)
+
+
 def _predict(args) -> int:
     import pandas as pd
 
     from automl import modalities
-    from automl.data.intake import to_dataframe
+    from automl.data.intake import existing_path, to_dataframe
     from automl.export.predictor import load
 
     model = load(args.model_dir)
     out = Path(args.output) if args.output else None
     header = True
-    path = Path(args.data)
+    path = existing_path(args.data)  # read_csv's own error is a traceback
     if path.suffix.lower() in (".csv", ".tsv"):
         # Stream the table: memory stays flat however large the input file is.
         base = str(path.parent)
@@ -46,21 +66,26 @@ def _predict(args) -> int:
         df, base = to_dataframe(args.data)
         chunks = (df.iloc[s:s + args.batch_size] for s in range(0, len(df), args.batch_size))
     n = 0
-    for chunk in chunks:
-        n += len(chunk)
-        if base:
-            chunk = modalities.get(model.manifest.modality).resolve_paths(chunk, model.manifest.input_columns[0], base)
-        if model.is_regression:
-            res = pd.DataFrame({"prediction": model.predict(chunk)}, index=chunk.index)
-        else:
-            proba = model.predict_proba(chunk)
-            res = pd.DataFrame({"prediction": [model.classes[i] for i in proba.to_numpy().argmax(1)]}, index=chunk.index)
-            res = pd.concat([res, proba.add_prefix("proba_").set_index(chunk.index)], axis=1)
-        if out is None:
-            sys.stdout.write(res.to_csv(index=True, header=header))
-        else:
-            res.to_csv(out, mode="w" if header else "a", header=header, index=True)
-        header = False
+    # Written beside the output and renamed over it at the end: a failure or a Ctrl-C in a later chunk left a
+    # partial file that looked whole, in place of the one there before.
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp") if out is not None else None
+    try:
+        for chunk in chunks:
+            n += len(chunk)
+            if base:
+                chunk = modalities.get(model.manifest.modality).resolve_paths(chunk, model.manifest.input_columns[0],
+                                                                              base)
+            res = _predictions(model, chunk)
+            if tmp is None:
+                sys.stdout.write(res.to_csv(index=True, header=header))
+            else:
+                res.to_csv(tmp, mode="w" if header else "a", header=header, index=True)
+            header = False
+        if tmp is not None and tmp.exists():
+            os.replace(tmp, out)
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     if out is not None:
         print(f"wrote {n} predictions to {out}")
     return 0
@@ -85,11 +110,17 @@ def _submit(args) -> int:
     console.print(f"batch {batch}: submitted {len(submitted)} job(s)")
     for s in submitted:
         console.print(f"  {s['name']:20s} {s['submission_id']}  -> {s['output']}")
+    follow = f"automl jobs list --batch {batch}" + (f" --address {args.address}" if args.address else "")
     if args.wait:
-        status = jobs.wait([s["submission_id"] for s in submitted], args.address, timeout_s=args.timeout)
+        try:
+            status = jobs.wait([s["submission_id"] for s in submitted], args.address, timeout_s=args.timeout)
+        except KeyboardInterrupt:  # the jobs are the cluster's now: say so, and how to follow or stop them
+            console.print(f"stopped waiting; the jobs keep running. Follow with: {follow}; stop one with: automl "
+                          "jobs stop SUBMISSION_ID")
+            return 130
         console.print(jobs.summary_table(jobs.list_jobs(args.address, batch=batch)))
         return 0 if all(v == "SUCCEEDED" for v in status.values()) else 1
-    console.print(f"follow with: automl jobs list --batch {batch}" + (f" --address {args.address}" if args.address else ""))
+    console.print(f"follow with: {follow}")
     return 0
 
 
@@ -205,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("model_dir")
     pr.add_argument("data")
     pr.add_argument("--output", help="CSV to write (default: stdout)")
-    pr.add_argument("--batch-size", type=int, default=1024)
+    pr.add_argument("--batch-size", type=_positive_int, default=1024, help="rows read and predicted at a time")
     pr.set_defaults(func=_predict)
     ev = sub.add_parser("evaluate", help="metrics of an exported model on labelled data")
     ev.add_argument("model_dir")
@@ -242,12 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--token-file", help="file holding a bearer token every request must send")
-    sv.add_argument("--max-batch-size", type=int, default=16, help="inputs of concurrent requests predicted together")
-    sv.add_argument("--replicas", type=int, default=1, help="server replicas (each holds every model)")
+    sv.add_argument("--max-batch-size", type=_positive_int, default=16,
+                    help="inputs of concurrent requests predicted together")
+    sv.add_argument("--replicas", type=_positive_int, default=1, help="server replicas (each holds every model)")
     sv.add_argument("--cpus-per-replica", type=float, default=1.0)
     sv.add_argument("--gpus-per-replica", type=float, default=0.0)
     sv.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body accepted")
-    sv.add_argument("--max-inputs", type=int, default=256, help="most inputs in one request")
+    sv.add_argument("--max-inputs", type=_positive_int, default=256, help="most inputs in one request")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sv.add_argument("--app", default="automl", help="Serve application name: another name serves beside it under "
                                                     "/<app>/models/... (the same name replaces it)")
@@ -262,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from automl.errors import AutoMLError
+    from automl.errors import AutoMLError, RunInterrupted
 
     args = build_parser().parse_args(argv)
     try:
@@ -270,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutoMLError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as exc:
+        print(f"automl: {exc}", file=sys.stderr)
+        return 130  # as a shell reports a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,7 +18,7 @@ import traceback
 import uuid
 from pathlib import Path
 
-from automl.errors import AutoMLError
+from automl.errors import AutoMLError, RunInterrupted
 from automl.options import FinetuneOptions
 from automl.ops.store import Store, now
 
@@ -114,6 +114,13 @@ def refresh(suite: str | Path, store: Store, *, address: str | None = None, forc
                              trial_epochs=m.search["trial_epochs"])
             results.append({"dataset": e["name"], "status": decision, "reason": reason,
                             "score": model.metrics[m.metric], "export": str(model.export_dir)})
+        except KeyboardInterrupt:
+            # Ctrl-C: the run is marked now (not left "running" until a later refresh finds it stale), and the
+            # advice is the refresh's own: a run's resume=True does not apply to a refresh.
+            store.finish_run(run_id, "interrupted", compute_s=time.monotonic() - t0)
+            raise RunInterrupted(f"Stopped by Ctrl-C while refreshing {e['name']!r}: its run is marked interrupted. "
+                                 "Fix: refresh again; it runs every dataset not refreshed since, this one "
+                                 "included.") from None
         except Exception as exc:  # one bad dataset must not stop the night's refresh
             store.finish_run(run_id, "failed", compute_s=time.monotonic() - t0,
                              error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}")

@@ -8,6 +8,11 @@ from ray.tune import Callback
 from rich.console import Console
 
 
+# Where no live line can be redrawn (a log file, a Ray job's log, a pipe), a trial's report prints the status line
+# at most this often: the start point alone can run for minutes between two trials' ends.
+PRINT_EVERY_S = 30.0
+
+
 class SearchProgress(Callback):
     """Ray Tune callback that prints one status line per event instead of Ray's tables."""
 
@@ -17,7 +22,7 @@ class SearchProgress(Callback):
         self.max_epochs = max_epochs
         self.budget = time_budget_s
         self.enabled = enabled
-        self.start = time.monotonic()
+        self.start = self.printed_at = time.monotonic()
         self.best: float | None = None
         self.best_trial = ""
         self.best_report = 0  # the report that scored best: mid-schedule, a trial may end below it
@@ -51,8 +56,9 @@ class SearchProgress(Callback):
         line = self._line(running)
         if self.live is not None:
             self.live.update(line)
-        elif force_print:
+        elif force_print or time.monotonic() - self.printed_at >= PRINT_EVERY_S:
             self.console.print(line)
+            self.printed_at = time.monotonic()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.epochs[trial.trial_id] = int(result.get("training_iteration", 0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 import tempfile
 import uuid
@@ -19,9 +21,9 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from automl.data.intake import plain
-from automl.errors import NoTrialScored
+from automl.errors import NoTrialScored, RunInterrupted
 from automl.plugins import snapshot
-from automl.runtime import quiet_libraries, set_threads
+from automl.runtime import quiet_libraries, set_threads, sigint_kept
 from automl.search import kept
 from automl.search.clock import Paces, SearchLimits, cheapest_trial_s, fits, fitted_length
 from automl.search.space import SearchSpace
@@ -513,6 +515,10 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
     st, lim, val_metric = config.storage, config.limits, f"val_{config.metric}"
     # Persist Tune's experiment state often: it is what a resume after a killed driver starts from.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
+    # Our progress view replaces Tune's (search/progress.py). Set here, not only where we start Ray: with Ray
+    # started by the user (a notebook, a cluster), Tune's new output printed its configuration table and a
+    # TensorBoard hint even at verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     remote = is_uri(st.path)
     storage = st.path.rstrip("/") if remote else str(Path(st.path).resolve())
     exp_path = f"{storage}/{st.name}"
@@ -534,6 +540,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
                                  plan_lines=list(config.plan_lines))
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
     janitor = CheckpointJanitor(exp_path, keep_best=st.keep_best, start_file=asha_log + ".start") if not remote else None
+    _CTRL_C.clear()
     try:
         if st.resume and tune.Tuner.can_restore(exp_path):
             tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True)
@@ -549,7 +556,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
                     reuse_actors=True, trial_dirname_creator=trial_dirname),
                 run_config=tune.RunConfig(
                     name=st.name, storage_path=storage, verbose=0,
-                    callbacks=[progress_cb] + ([janitor] if janitor else []) + list(callbacks or []),
+                    callbacks=[progress_cb, NoteCtrlC()] + ([janitor] if janitor else []) + list(callbacks or []),
                     # Locally Ray keeps every checkpoint and CheckpointJanitor deletes them once it is safe;
                     # on remote storage Ray keeps the last two (the saved state may lag one behind).
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None if janitor else 2),
@@ -558,15 +565,43 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
                     # a killed driver starts from (Ray's default is every 5 minutes).
                     sync_config=tune.SyncConfig(sync_period=sync_period_s())),
             )
-        grid = tuner.fit()
+        with sigint_kept():  # Tune's handler, left in place, made a Ctrl-C while finalising only set a flag
+            grid = tuner.fit()
     finally:
         progress_cb.close()
+    if _CTRL_C.is_set():
+        scored = sum(1 for r in grid if r.metrics_dataframe is not None and val_metric in r.metrics_dataframe)
+        raise RunInterrupted(
+            f"Stopped by Ctrl-C during the search, with {scored} trial(s) scored; nothing was exported. The "
+            f"search's state is saved in {exp_path}. Fix: run the same call again with resume=True (CLI: "
+            "--resume): it goes on from there.")
     result = summarize(grid, space, config.metric, exp_path, asha_log)
     if janitor:
         janitor._measure()
         janitor.prune_all()
         result.peak_disk_mb = janitor.peak_bytes / 2**20
     return result
+
+
+# Set by NoteCtrlC's handler. Module-level: a resumed Tuner runs the callbacks it pickled, not this run's objects.
+_CTRL_C = threading.Event()
+
+
+class NoteCtrlC(Callback):
+    """Notes a Ctrl-C (SIGINT) during the search. Tune stops a search on it, saves its state and returns as if the
+    search had ended: the run then finalised and exported a model from a search cut short, and said nothing."""
+
+    def setup(self, **info) -> None:
+        # Tune installed its own handler before this (in the main thread only): wrap it.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        tune_handler = signal.getsignal(signal.SIGINT)
+
+        def noted(sig, frame):
+            _CTRL_C.set()
+            (tune_handler if callable(tune_handler) else signal.default_int_handler)(sig, frame)
+
+        signal.signal(signal.SIGINT, noted)
 
 
 # Random proposals before TPE takes over (Optuna's default is 10): CPU budgets often allow only 10-30 trials.

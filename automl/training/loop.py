@@ -167,7 +167,7 @@ def evaluate(model, encoder, x, y, num_classes: int, device, detailed: bool = Fa
     else:
         scores = torch.softmax(logits, 1).numpy()
         out = classification_metrics(np.asarray(y), scores, num_classes, detailed=detailed)
-        out["loss"] = float(nn.functional.cross_entropy(logits, torch.as_tensor(np.asarray(y))).item())
+        out["loss"] = float(nn.functional.cross_entropy(logits, torch.tensor(np.asarray(y))).item())
     if keep_scores:
         out["scores"] = scores
     return out
@@ -336,14 +336,15 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     else:
         weights = None
         if config["class_weighted"] and data.class_weights is not None:
-            weights = torch.as_tensor(data.class_weights, dtype=torch.float32, device=device)
+            weights = torch.tensor(np.asarray(data.class_weights), dtype=torch.float32, device=device)
         loss = nn.CrossEntropyLoss(weight=weights, label_smoothing=float(config["label_smoothing"]))
     head = set(groups[-1])
     anchor = ({n: p.detach().clone() for n, p in model.named_parameters() if n not in head}
               if float(config["l2sp"]) > 0 else {})
     x_train = encode_inputs(encoder, data.x_train)
     x_val = encode_inputs(encoder, data.x_val) if data.x_val is not None else None
-    y_train = torch.as_tensor(data.y_train, dtype=torch.float32 if regression else torch.long)
+    # A copy: a trial's labels come read-only from Ray's object store, where torch warned of undefined behaviour.
+    y_train = torch.tensor(np.asarray(data.y_train), dtype=torch.float32 if regression else torch.long)
     lengths = row_lengths(x_train) if config["length_grouped"] else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype(device) == torch.float16 else None
     cpu_amp = device.type == "cpu" and adapter.cpu_bf16 and bool(config["cpu_bf16"]) and cpu_bf16()

@@ -6,7 +6,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from automl.runtime import quiet_libraries, set_threads
+from automl.runtime import quiet_libraries, set_threads, sigint_kept
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
 
@@ -90,7 +90,7 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
         run_config=RunConfig(name=f"retrain_{uuid.uuid4().hex[:8]}",
                              storage_path=storage_path if "://" in storage_path else str(Path(storage_path).resolve())),
     )
-    result = trainer.fit()
+    result = _fit_stopping_on_ctrl_c(trainer)
     if result.error is not None:
         raise RuntimeError(f"Retraining the winning config failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -100,3 +100,40 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
         load_model(model, os.path.join(d, WEIGHTS))
     model.eval()
     return model, spec, dict(result.metrics or {})
+
+
+def _fit_stopping_on_ctrl_c(trainer):
+    """trainer.fit(), where a Ctrl-C aborts the run as Ray Train's own handler does and then raises RunInterrupted.
+    Ray Train's handler exited the process once the aborted controller was gone (sys.exit: no message, code 1, a
+    notebook's kernel too), and stayed installed after fit, so a Ctrl-C while evaluating or exporting did the same."""
+    import signal
+    import threading
+
+    from automl.errors import RunInterrupted
+
+    stopped = threading.Event()
+
+    def register(controller) -> None:
+        def on_ctrl_c(signum, frame):
+            if stopped.is_set():
+                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting for the abort
+            stopped.set()
+            controller.abort.remote()
+
+        signal.signal(signal.SIGINT, on_ctrl_c)
+
+    # Ray Train installs its handler through this hook, in the main thread only; an instance attribute replaces it
+    # (a Ray without the hook keeps its own, and the handler before fit is still given back).
+    trainer._register_sigint_handler = register
+    try:
+        with sigint_kept():  # whichever handler fit installed goes with it
+            result = trainer.fit()
+    except Exception:
+        if not stopped.is_set():
+            raise
+    if stopped.is_set():  # fit returned, or raised, after the abort
+        raise RunInterrupted("Stopped by Ctrl-C during the retrain on train+validation; nothing was exported. Fix: "
+                             "run the same call again with resume=True (CLI: --resume): the finished search is kept "
+                             "and the retrain runs again.") from None
+    return result
+
