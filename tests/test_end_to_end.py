@@ -367,6 +367,12 @@ def test_cli_bad_input_exits_2_with_a_clear_message(tmp_path, capsys):
         cli_main(["predict", export, str(tmp_path / "one.csv"), "--batch-size", "0"])
     assert exited.value.code == 2
     assert "argument --batch-size: must be an integer >= 1; got 0" in capsys.readouterr().err
+    # A table with no rows: the header a pipeline expects, in place of what was there, and the reason said
+    pd.DataFrame({"image": []}).to_csv(tmp_path / "empty.csv", index=False)
+    (tmp_path / "p.csv").write_text("yesterday's predictions\n")
+    assert cli_main(["predict", export, str(tmp_path / "empty.csv"), "--output", str(tmp_path / "p.csv")]) == 0
+    assert f"wrote 0 predictions to {tmp_path / 'p.csv'} ({tmp_path / 'empty.csv'} has no rows)" in capsys.readouterr().out
+    assert (tmp_path / "p.csv").read_text().split() == [",prediction,proba_0,proba_1,proba_2"]
 
 
 @pytest.mark.slow

@@ -87,7 +87,8 @@ def _predict(args) -> int:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     if out is not None:
-        print(f"wrote {n} predictions to {out}")
+        # A header-only file still gets its header (the columns a pipeline expects); the reason is said.
+        print(f"wrote {n} predictions to {out}" + (f" ({args.data} has no rows)" if n == 0 else ""))
     return 0
 
 
