@@ -41,7 +41,7 @@ def auto_finetune(dataset: Any, label: str | None = None, *, options: FinetuneOp
             final = stages.finalise(prepared, plan, inputs, result, budget, search=opts.search,
                                     resources=opts.resources, diagnostics=opts.diagnostics, output=opts.output)
         with budget.stage("evaluate"):
-            test_metrics = stages.evaluate(prepared, inputs, final)
+            test_metrics = stages.evaluate(prepared, inputs, final, budget, output=opts.output)
         with budget.stage("diagnose"):
             diagnostics = stages.diagnose(prepared, plan, inputs, result, final, budget, search=opts.search,
                                           diagnostics=opts.diagnostics, update=opts.update, output=opts.output)

@@ -27,7 +27,7 @@ from automl.options import (DataOptions, DiagnosticsOptions, OutputOptions, Reso
                             UpdateOptions)
 from automl.runtime import device
 from automl.search.ladder import forward_passes
-from automl.search.plan import Plan, make_plan
+from automl.search.plan import MIN_TEST_ROWS, Plan, make_plan
 from automl.search.probes import nominal_speed, pretrained, scratch_speeds, speed_probe
 from automl.training.loop import full_config
 from automl.search.space import SearchSpace, load_space
@@ -545,18 +545,56 @@ def _best_weights(prepared: Prepared, inputs: Inputs, result: SearchResult, why:
 
 # ---------------------------------------------------------------------------- evaluate
 
-def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel) -> dict:
-    """Score the final model once on the held-out test split (on this process's device, model and inputs alike)."""
+def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel, budget: Budget | None = None, *,
+             output: OutputOptions | None = None) -> dict:
+    """Score the final model once on the held-out test split (on this process's device, model and inputs alike).
+
+    budget: where scoring the whole split would end past the time left before the later stages' reserves (an
+    ensemble scores each member; a large split), a stratified sample of it that fits is scored instead, never
+    fewer than MIN_TEST_ROWS rows; the metrics then say so under "test_rows"."""
     from automl.training.loop import encode_inputs, evaluate as score
 
     te, task = inputs.split("test"), prepared.task
+    if output is not None and budget is not None:
+        budget.reserve("export", _export_reserve(task, output, final.model))  # an ensemble's every member
+    te, sampled = _test_rows_that_fit(final, inputs, te, task, budget)
     metrics = score(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(te)), task.y[te],
                     task.num_classes, device(), detailed=True, target_scale=inputs.target_scale,
                     keep_scores=task.groups is not None)
+    if sampled:
+        metrics["test_rows"] = sampled
     if task.groups is not None:
         metrics["groups"] = group_metrics(task.y[te], metrics.pop("scores"), task.groups[te], prepared.metric,
                                           task.num_classes, task.groups_column, task.task == "regression")
     return metrics
+
+
+# A sample of the split's rows prices a row of the final model (search/plan.py's TEST_SHARE and MIN_TEST_ROWS: a
+# test sample below that says too little, a macro-F1 on a few rows of a rare class, so it is scored past the budget).
+TIMED_TEST_ROWS = 64
+
+
+def _test_rows_that_fit(final: FinalModel, inputs: Inputs, te: np.ndarray, task: TaskData,
+                        budget: Budget | None) -> tuple[np.ndarray, dict | None]:
+    """The test rows to score: all of them, or a stratified sample that ends within the budget (and why)."""
+    from automl.data.encoders import predict_logits
+    from automl.data.inputs import sample_rows
+    from automl.training.loop import encode_inputs
+
+    if budget is None or budget.total_s is None or len(te) <= MIN_TEST_ROWS:
+        return te, None
+    strata = task.y[te] if task.task != "regression" else np.zeros(len(te))
+    timed = sample_rows(te, strata, TIMED_TEST_ROWS, seed=1)
+    t0 = time.monotonic()
+    predict_logits(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(timed)), device())
+    per_row = (time.monotonic() - t0) / max(1, len(timed))
+    fits = int(budget.available() / max(per_row, 1e-9))
+    if fits >= len(te):
+        return te, None
+    rows = sample_rows(te, strata, max(MIN_TEST_ROWS, fits))
+    return rows, {"scored": int(len(rows)), "of": int(len(te)),
+                  "why": f"scoring all {len(te)} would have taken ~{per_row * len(te):.0f} s "
+                         f"({per_row * 1000:.1f} ms a row), past the time budget"}
 
 
 # ---------------------------------------------------------------------------- diagnose

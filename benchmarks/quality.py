@@ -84,7 +84,7 @@ class WeighedOptions:
             self.weighed = (list(options), ref, y_val, metric, num_classes, pool)
             return self._decide(options, ref, y_val, metric, num_classes, alpha, pool)
 
-        def evaluate(prepared, inputs, final):
+        def evaluate(prepared, inputs, final, budget=None, **kw):
             from automl.stages import FinalModel
 
             if getattr(self, "weighed", None) is not None:
@@ -104,7 +104,7 @@ class WeighedOptions:
                                                                         pool=pool), 3)
                     self.rows.append(row)
                 self.weighed = None
-            return self._evaluate(prepared, inputs, final)
+            return self._evaluate(prepared, inputs, final, budget, **kw)
 
         self.combine._decide, self.stages.evaluate = decide, evaluate
         return self

@@ -11,8 +11,8 @@ import pytest
 
 from automl.budget import Costs
 from automl.search.plan import (FIRST_RUNG, FULL_TRIAL_SHARE, NARROW_STRETCH, RUNG0_MAX_STEP_LOSS, RUNG0_SETUP_S,
-                                SINGLE_MIN_LENGTH, SINGLE_STRETCH, SINGLE_STRETCH_SOLE, SOUP_PASSES, DataStats, Speed,
-                                make_plan, rung0_cost, sensible_steps)
+                                SINGLE_MIN_LENGTH, SINGLE_STRETCH, SINGLE_STRETCH_SOLE, SOUP_PASSES, TEST_SHARE,
+                                DataStats, Speed, make_plan, rung0_cost, sensible_steps)
 from automl.search.space import load_space
 
 IMAGES = DataStats("image", n_train=500, n_val=100, n_full=600, n_test=100, image_side=130)
@@ -422,7 +422,9 @@ def test_a_pinned_large_image_size_on_20000_images_plans_a_run_inside_a_four_min
     pinned = load_space("cpu_small", "image", {"image_size": 128})
     p = plan(stats=big, budget=240.0, at=slow, pinned_size=128, space=pinned)
     assert p.storage_size == 128 and p.val_rows is not None and p.val_rows < 2000
-    assert p.search_ends_at_s <= 5.0 + 240.0 - 2000 * 0.03  # the test split's scoring still fits after it
+    # The test's scoring still fits after it: the sample of the split a tenth of the budget buys (all of it took 60 s)
+    assert p.search_ends_at_s <= 5.0 + 240.0 - TEST_SHARE * 240.0
+    assert any("the final model is tested on a stratified ~" in r for r in p.reasons)
     assert p.trial_s <= p.search_ends_at_s - 5.0
     with pytest.warns(UserWarning, match="cannot pay for the shortest run"):
         tiny = plan(stats=big, budget=30.0, at=slow, pinned_size=128, space=pinned)
@@ -749,3 +751,26 @@ def test_a_trial_is_charged_the_validations_it_will_run_not_twelve():
     one_validation = p.val_rows * 0.04 * (2.2 / 3.3)  # with both CPUs, as the trial alone runs it
     # (the reports are a whole number: a share of one validation more is charged than run at most)
     assert p.trial_s == pytest.approx(3.0 + steps * 2.2 + p.reports * one_validation, rel=0.03)
+
+
+def test_a_large_test_split_is_priced_at_a_tenth_of_the_budget_and_its_sample_said():
+    """Measured: 100,000 short texts at 240 s scored all 5,000 test rows in 81 s, where the fine-tune had 111 s. The
+    test now costs at most TEST_SHARE of the budget: the search ends where it would with only the rows that buys,
+    and the plan says the test is a sample. A split that fits in that share is priced, and scored, whole."""
+    from automl.search.plan import MIN_TEST_ROWS
+
+    big = DataStats("text", n_train=80000, n_val=10000, n_full=90000, n_test=5000, token_p95=56)
+    at = lambda size: Speed(3.0, 0.53, 0.016, 32, None)  # noqa: E731  (16 ms a validation row, as measured)
+    alone = {"resources": {"cpu": 2}}  # the trial's CPUs are the node's: a row costs what the probe measured
+    sampled = plan(stats=big, budget=240.0, at=at, **alone)
+    buys = int(TEST_SHARE * 240.0 / 0.016)
+    assert MIN_TEST_ROWS < buys < 5000
+    as_if = plan(stats=replace(big, n_test=buys), budget=240.0, at=at, **alone)
+    assert sampled.search_ends_at_s == pytest.approx(as_if.search_ends_at_s)
+    said = [r for r in sampled.reasons if "tested on" in r]  # (the validation rows' reason no longer says "whole")
+    assert said == [f"the final model is tested on a stratified ~{buys} of the 5000 test rows (scoring all would "
+                    "take ~80 s, more than 10% of the budget); the card says how many"], said
+    assert not any("tested on a stratified" in r for r in as_if.reasons)
+    # Three times the budget buys the whole split: it is priced whole, and nothing is said
+    roomy = plan(stats=big, budget=3 * 3600.0, at=at, **alone)
+    assert not any("tested on a stratified" in r for r in roomy.reasons)

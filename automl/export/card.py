@@ -53,10 +53,18 @@ def _summary(m: ExportManifest) -> list[str]:
     return ["## Summary", "",
             f"This model does {what}. It fine-tunes `{m.backbone.model}` ({m.backbone.library}, "
             f"{'pretrained' if m.backbone.pretrained else 'trained from scratch'}).", "",
-            f"On {rep.get('split_sizes', {}).get('test', '?')} held-out test examples it scores **{metric} "
+            f"On {_tested(t, rep)} held-out test examples it scores **{metric} "
             f"{t.get(metric, float('nan')):.4f}** ({scores}). It was chosen by validation {metric} "
             f"({m.search.get('best_score', float('nan')):.4f}) among {m.search.get('n_trials', '?')} trials, "
             f"{trained}.", ""]
+
+
+def _tested(t: dict, rep: dict) -> str:
+    """How many test rows were scored: the split, or the stratified sample of it that the time budget allowed."""
+    sampled = t.get("test_rows")
+    if sampled:
+        return f"a stratified {sampled['scored']} of the {sampled['of']} ({sampled['why']})"
+    return str(rep.get("split_sizes", {}).get("test", "?"))
 
 
 def _data(m: ExportManifest) -> list[str]:

@@ -55,6 +55,10 @@ VAL_ROWS = 2000              # trials validate on at most this many rows (strati
 # ...and on fewer where validating would take more than EVAL_SHARE of the budget (20,000 images at 128 px on a
 # CPU: 2,000 rows cost 60 s a validation), but never fewer than MIN_VAL_ROWS.
 EVAL_SHARE, MIN_VAL_ROWS = 0.15, 200
+# The final model's test takes at most this share of the budget: beyond it a stratified sample of the test split is
+# scored (stages.evaluate), never fewer than MIN_TEST_ROWS rows. 100,000 short texts at 240 s scored 5,000 test rows
+# in 81 s where the fine-tune had 111 s (2026-12-06): the time buys more from training than from test precision.
+TEST_SHARE, MIN_TEST_ROWS = 0.1, 500
 # Retrain only if the search keeps room for this many full-length trials afterwards.
 MIN_FULL_TRIALS = 3.0
 REPORTS = (4, 12)            # fewest and most reports per full-length trial
@@ -387,8 +391,12 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
     val_rows = f.vrows if stats.n_val > f.vrows else None
     if val_rows:
         reasons.append(f"trials and the final choice score on a stratified {val_rows} of the {stats.n_val} validation "
-                       "rows (enough to rank configs, and validating often stays cheap); the final model is tested "
-                       "on the whole test split")
+                       "rows (enough to rank configs, and validating often stays cheap)"
+                       + ("; the final model is tested on the whole test split" if f.test_rows >= stats.n_test else ""))
+    if f.test_rows < stats.n_test:
+        reasons.append(f"the final model is tested on a stratified ~{f.test_rows} of the {stats.n_test} test rows "
+                       f"(scoring all would take ~{stats.n_test * f.test_row_s:.0f} s, more than "
+                       f"{TEST_SHARE:.0%} of the budget); the card says how many")
     msg = _overrun(budget_left_s, r.total, choice, pinned_size) if budget_left_s is not None else None
     if msg:
         reasons.append(msg)
@@ -423,6 +431,8 @@ class _Frame:
     more_cpus: bool                   # a trial running alone gets more CPUs than one beside others
     rung0_s: float = 0.0              # rung 0's reserve, once made (choose judges sizes on the time before it)
     gpu: bool = False                 # trials train on a GPU
+    test_rows: int = 0                # test rows the final model is scored on (a sample where all cost too much)
+    test_row_s: float = 0.0           # ...and what one costs
 
     def total(self, budget_left_s: float) -> float:
         """The time left for training: the budget less what follows the search and Ray's start."""
@@ -508,9 +518,13 @@ def _frame(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | None]
     # reserved ~27 s where finalising took 11 (three soup passes, 2026-12-04).
     eval_row = sp.eval_row_s / (costs["thread_speedup"] if more_cpus else 1.0)
     load = sp.build_s if sp.build_s is not None else 0.5 * sp.setup_s
-    after += costs["evaluate_s"] + stats.n_test * eval_row + 2.0 + TOP_TRIALS * load + SOUP_PASSES * vrows * eval_row
+    test_rows = stats.n_test
+    if budget_left_s is not None:
+        test_rows = min(test_rows, max(MIN_TEST_ROWS, int(TEST_SHARE * budget_left_s / max(eval_row, 1e-9))))
+    after += costs["evaluate_s"] + test_rows * eval_row + 2.0 + TOP_TRIALS * load + SOUP_PASSES * vrows * eval_row
     return _Frame(stats, speed_at, costs, concurrency, fixed_reports, bs, steps_per_pass, sensible, shortest, sizes,
-                  after, vrows, more_cpus, gpu=bool(resources.get("gpu")))
+                  after, vrows, more_cpus, gpu=bool(resources.get("gpu")), test_rows=test_rows,
+                  test_row_s=eval_row)
 
 
 def _reserve_rung0(f: _Frame, budget_left_s: float | None, rung0_backbones: int, upscale: int | None = None,
