@@ -46,7 +46,8 @@ def run(name: str, budget: float) -> str:
         lines = [f"{name}: {len(df)} rows (made in {made_s:.0f} s), budget {budget:.0f} s: wall {wall:.0f} s "
                  f"({wall / budget:.0%}); {len(m.trials)} configurations; test {m.manifest.metric} "
                  f"{m.metrics[m.manifest.metric]:.4f}",
-                 f"  stages (s): {spent}; splits {(m.manifest.data_report or {}).get('split_sizes')}",
+                 f"  stages (s): {spent}; splits {(m.manifest.data_report or {}).get('split_sizes')}; test rows "
+                 f"scored: {m.metrics.get('test_rows') or 'all'}; final model: {m.manifest.training.get('how')}",
                  f"  plan's speed: {plan.get('speed')}; planned search end {plan.get('search_ends_at_s')} s; "
                  f"torch threads in this process now {torch.get_num_threads()}",
                  f"  plan: {plan.get('regime')}; " + " | ".join(plan.get("reasons", []))[:3000]]
