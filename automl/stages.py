@@ -556,7 +556,8 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel, budget: Budg
 
     te, task = inputs.split("test"), prepared.task
     if output is not None and budget is not None:
-        budget.reserve("export", _export_reserve(task, output, final.model))  # an ensemble's every member
+        # Now known, before the test and the cross-fit take their time: an ensemble's every member is exported.
+        budget.reserve("export", _export_reserve(task, output, final.model))
     te, sampled = _test_rows_that_fit(final, inputs, te, task, budget)
     metrics = score(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(te)), task.y[te],
                     task.num_classes, device(), detailed=True, target_scale=inputs.target_scale,
@@ -607,7 +608,6 @@ def diagnose(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     from automl.diagnostics.update import compare_with_base
 
     task, out = prepared.task, Diagnostics()
-    budget.reserve("export", _export_reserve(task, output, final.model))  # now known: an ensemble's every member
     regression = task.task == "regression"
     full = inputs.split("full")
     oof = _rung0_errors(prepared, result, diagnostics)
