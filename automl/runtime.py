@@ -143,7 +143,6 @@ def threads_kept():
             os.environ["OMP_NUM_THREADS"] = omp
 
 
-
 @contextmanager
 def sigint_kept():
     """Give back, on exit, the Ctrl-C (SIGINT) handler as it was: Tune and Ray Train install their own and leave it
