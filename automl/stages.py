@@ -558,7 +558,7 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel, budget: Budg
     if output is not None and budget is not None:
         # Now known, before the test and the cross-fit take their time: an ensemble's every member is exported.
         budget.reserve("export", _export_reserve(task, output, final.model))
-    te, sampled = _test_rows_that_fit(final, inputs, te, task, budget)
+    te, sampled = _test_rows_that_fit(final, inputs, budget)
     metrics = score(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(te)), task.y[te],
                     task.num_classes, device(), detailed=True, target_scale=inputs.target_scale,
                     keep_scores=task.groups is not None)
@@ -575,24 +575,22 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel, budget: Budg
 TIMED_TEST_ROWS = 64
 
 
-def _test_rows_that_fit(final: FinalModel, inputs: Inputs, te: np.ndarray, task: TaskData,
-                        budget: Budget | None) -> tuple[np.ndarray, dict | None]:
+def _test_rows_that_fit(final: FinalModel, inputs: Inputs, budget: Budget | None) -> tuple[np.ndarray, dict | None]:
     """The test rows to score: all of them, or a stratified sample that ends within the budget (and why)."""
     from automl.data.encoders import predict_logits
-    from automl.data.inputs import sample_rows
     from automl.training.loop import encode_inputs
 
+    te = inputs.split("test")
     if budget is None or budget.total_s is None or len(te) <= MIN_TEST_ROWS:
         return te, None
-    strata = task.y[te] if task.task != "regression" else np.zeros(len(te))
-    timed = sample_rows(te, strata, TIMED_TEST_ROWS, seed=1)
+    timed = inputs.scored("test", TIMED_TEST_ROWS)
     t0 = time.monotonic()
     predict_logits(final.model, final.encoder, encode_inputs(final.encoder, inputs.rows(timed)), device())
     per_row = (time.monotonic() - t0) / max(1, len(timed))
     fits = int(budget.available() / max(per_row, 1e-9))
     if fits >= len(te):
         return te, None
-    rows = sample_rows(te, strata, max(MIN_TEST_ROWS, fits))
+    rows = inputs.scored("test", max(MIN_TEST_ROWS, fits))
     return rows, {"scored": int(len(rows)), "of": int(len(te)),
                   "why": f"scoring all {len(te)} would have taken ~{per_row * len(te):.0f} s "
                          f"({per_row * 1000:.1f} ms a row), past the time budget"}
