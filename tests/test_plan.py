@@ -588,6 +588,65 @@ def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tm
     assert s.suggest("e") == Searcher.FINISHED     # not even its shortest schedule fits
 
 
+def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_its_probe(tmp_path, frozen_clock):
+    """The probes timed every kind in the same few seconds: where the start point then trains at a quarter of its
+    price (the machine was busy while it planned), a scratch net priced from the same probes costs a quarter too,
+    so it starts in the time the start point leaves, fitted to it, where the plan's price had ended the search (the
+    README demo with a CPU-bound job beside its planning ended at 87% of its budget). Where the machine runs twice
+    as slow as probed, a kind whose planned price still fits no longer starts. A config the plan did not time (a
+    partial fine-tune) is priced at its own pace but says nothing about the machine."""
+    from ray.tune.search import Searcher
+
+    from automl.search.clock import FIT_MARGIN, MIN_FIT, write_deadlines
+    from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
+
+    space = load_space("cpu_small", "image", {"max_epochs": 8, "report_rows": 400, "image_size": 48})
+    clock = tmp_path / "clock.json"
+    kinds = {SCRATCH: {"report_rows": 1000, "trial_s": 80.0}}
+    points = [space.sampling_point(space.start_points[0])]
+
+    def ran(full_s: float, planned_s: float) -> DeadlineOptunaSearch:
+        """A searcher whose start point (priced `planned_s`) reported at the pace of a `full_s` full length."""
+        s = DeadlineOptunaSearch(space, metric="val_accuracy", mode="max", sampler=tpe_sampler(0),
+                                 points_to_evaluate=points, deadline_file=str(clock))
+        write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=planned_s, kinds=kinds)
+        start = s.suggest("a")
+        row_s = ((full_s - 0.5) / 8 - 0.5) / 400       # 0.5 s set-up, 8 reports of 400 rows and 0.5 s validating
+        steps = 320 // start["batch_size"]
+        s.on_trial_result("a", {"steps": steps, "epoch_time_s": row_s * steps * start["batch_size"],
+                                "report_time_s": row_s * 320 + 0.5, "time_total_s": row_s * 320 + 1.0,
+                                "val_accuracy": 0.9, "training_iteration": 1})
+        return s
+
+    fast = ran(100.0, planned_s=400.0)
+    assert fast.paces.drift() == pytest.approx(0.25)
+    # 20 s left, past the plan's last start: the start point's kind (100 s as measured) no longer fits; the scratch
+    # net, 80 s as priced (its shortest schedule 28 s), would not either, but at 20 s as the machine runs it does.
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=20.0, trial_s=400.0, kinds=kinds)
+    late = fast.suggest("b")
+    assert late["backbone"] == SCRATCH and late["report_rows"] == int(1000 * FIT_MARGIN * 20 / 20)
+    assert late["_deadline"] == 1.7e9 + 20.0
+    slow = ran(200.0, planned_s=100.0)
+    assert slow.paces.drift() == pytest.approx(2.0)
+    # 12 s left: as priced (20 s) the scratch net's shortest schedule (7 s) fits; at twice that (14 s) it does not.
+    write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=12.0, trial_s=100.0, kinds={
+        SCRATCH: {"report_rows": 1000, "trial_s": 20.0}})
+    assert slow.suggest("b") == Searcher.FINISHED
+    # Nor, with no kind priced, does a config start before the plan's last start (its shortest schedule of 100 s,
+    # 35 s, would fit the 60 s left) where the start point's kind, 200 s as the machine runs, cannot train its 71.
+    write_deadlines(str(clock), last_start_s=60.0 - 100.0 * MIN_FIT / FIT_MARGIN, ends_in_s=60.0, trial_s=100.0)
+    assert slow.suggest("b2") == Searcher.FINISHED
+    # A partial fine-tune a quarter of the plan's full price is a cheaper config, not a faster machine.
+    slow._ot_study.enqueue_trial({"backbone": "efficientnet-lite0", "unfreeze": 1})
+    write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0, kinds=kinds)
+    partial = slow.suggest("c")
+    steps = 320 // partial["batch_size"]
+    slow.on_trial_result("c", {"steps": steps, "epoch_time_s": 0.001 * steps * partial["batch_size"],
+                               "report_time_s": 0.82, "time_total_s": 1.32, "val_accuracy": 0.8,
+                               "training_iteration": 1})
+    assert slow.paces.drift() == pytest.approx(2.0)
+
+
 def test_the_plans_deadlines_reach_the_search_as_one_limits_object_measured_from_the_searchs_start():
     from automl.search.clock import SearchLimits
     from automl.search.plan import Plan

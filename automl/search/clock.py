@@ -14,6 +14,10 @@ from pathlib import Path
 # search's last ~17% went unused on 48 px icons at 300 s and ~15% on stamps at 900 s: no kind could still start.)
 MIN_FIT, FIT_MARGIN = 0.3, 0.85
 MAX_STRETCH = 2.0  # a search's last trial may grow to this many times its rows a report to train the search's end
+# How far the machine's measured speed may re-price what the plan priced (Paces.drift): a probe of a few steps read
+# a busy machine (a CPU-bound job beside it while it planned, then gone) 3.5x slow on the README demo, and the
+# scratch nets priced from it could not start in the last 32 s the start point left (the run ended at 87%).
+MAX_DRIFT = 4.0
 
 
 def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float | None,
@@ -111,17 +115,21 @@ class Paces:
         # "eval_s" and "setup_s", "best": its best validation score}
         self.seen: dict[str, dict] = {}
         self._steps: dict[str, tuple[str, int, int]] = {}  # trial id -> (class, batch size, steps so far)
+        self.planned: dict[str, float] = {}  # class -> the plan's price of its full length (the configs it timed)
 
     @staticmethod
     def key(config: dict) -> str:
         return f"{config.get('backbone')}|{config.get('unfreeze')}"
 
-    def start(self, trial_id: str, config: dict, full_rows: int) -> None:
+    def start(self, trial_id: str, config: dict, full_rows: int, planned_s: float | None = None) -> None:
         """A trial of `config` starts (its reports are measured from now); a full-length trial of its kind trains
-        `full_rows` rows a report."""
+        `full_rows` rows a report. planned_s: the plan's price of that full length, where the plan timed this very
+        config (a start point), so its measured pace says how fast the machine runs against its probes."""
         if not config.get("batch_size") or not full_rows:
             return
         cls = self.key(config)
+        if planned_s:
+            self.planned.setdefault(cls, float(planned_s))
         self._steps[trial_id] = (cls, int(config["batch_size"]), 0)
         s = self.seen.setdefault(cls, {"row_s": [], "eval_s": [], "setup_s": [], "best": -math.inf})
         s["params"] = {k: config[k] for k in ("backbone", "unfreeze") if config.get(k) is not None}
@@ -153,6 +161,27 @@ class Paces:
             return None
         setup = median(s["setup_s"]) if s["setup_s"] else 0.0
         return setup + self.reports * (s["rows"] * median(s["row_s"]) + median(s["eval_s"]))
+
+    def drift(self) -> float:
+        """How much longer trials take than the plan priced them (measured / planned, the median over the start
+        points that have reported; 1.0 before any has), within [1 / MAX_DRIFT, MAX_DRIFT]. The plan's probes
+        timed every kind in the same few seconds, so what misled one misled all: the prices of kinds and configs
+        not yet measured are scaled by it (`repriced`)."""
+        ratios = [t / p for c, p in self.planned.items() if (t := self.trial_s(c)) is not None and p > 0]
+        return min(MAX_DRIFT, max(1.0 / MAX_DRIFT, median(ratios))) if ratios else 1.0
+
+    def repriced(self, clock: dict) -> dict:
+        """The searcher's clock (write_deadlines) with the plan's prices scaled by `drift`: the start point's kind,
+        each priced kind, and the last start (the cheapest kind's shortest schedule before the end)."""
+        d = self.drift()
+        if d == 1.0:
+            return clock
+        out = {**clock, "kinds": {b: {**k, "trial_s": k["trial_s"] * d} for b, k in (clock.get("kinds") or {}).items()}}
+        if clock.get("trial_s"):
+            out["trial_s"] = clock["trial_s"] * d
+        if clock.get("last_start") is not None and clock.get("ends_at") is not None:
+            out["last_start"] = clock["ends_at"] - (clock["ends_at"] - clock["last_start"]) * d
+        return out
 
     def cheapest_s(self) -> float | None:
         """The shortest measured full-length trial (None when none has reported)."""

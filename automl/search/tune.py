@@ -289,12 +289,13 @@ class DeadlineOptunaSearch(OptunaSearch):
     def suggest(self, trial_id):
         from ray.tune.search import Searcher
 
-        clock = self._clock()
-        stop_at = clock.get("last_start") or math.inf
-        kinds = clock.get("kinds") or {}
         # The start points always run (a search without its sensible default would have nothing to stand on).
         first = self.suggested == 0
         start_point = self.suggested < max(1, self.starts)
+        planned = self._clock()
+        clock = self.paces.repriced(planned)  # the plan's prices, as fast as the machine has run since
+        stop_at = clock.get("last_start") or math.inf
+        kinds = clock.get("kinds") or {}
         late = time.time() > stop_at and not start_point
         left = clock["ends_at"] - time.time() if clock.get("ends_at") else math.inf
         searching = not start_point and self._ot_study is not None
@@ -321,7 +322,10 @@ class DeadlineOptunaSearch(OptunaSearch):
             if kind and config.get("report_rows"):
                 config["report_rows"] = kind["report_rows"]  # priced as itself (search/plan.price_kinds)
             if config.get("report_rows"):
-                self.paces.start(trial_id, config, int(config["report_rows"]))
+                # A start point is what the plan timed: its pace against the plan's price is the machine's drift.
+                plan_s = ((planned.get("kinds") or {}).get(str(config.get("backbone")), {}).get("trial_s")
+                          if kind else planned.get("trial_s"))
+                self.paces.start(trial_id, config, int(config["report_rows"]), plan_s if start_point else None)
                 trial_s = self.paces.trial_s(config) or trial_s  # re-priced as measured
             ends = clock.get("first_ends_at") if first and clock.get("first_ends_at") else clock["ends_at"]
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
