@@ -730,3 +730,52 @@ def test_the_test_split_is_sampled_to_the_time_left_and_the_card_says_so(monkeyp
     said = _tested(got, {"split_sizes": {"test": len(te)}})
     assert said.startswith(f"a stratified {len(rows)} of the {len(te)} (scoring all {len(te)} would have taken ~")
     assert said.endswith("past the time budget)") and _tested(everything, {"split_sizes": {"test": len(te)}}) == str(len(te))
+
+
+QUIET_RETRAIN_DRIVER = """
+import sys
+import numpy as np
+import ray
+from automl.data.trial_data import TrialData
+from automl.training.retrain import retrain
+ray.init(address=sys.argv[1], log_to_driver=True)  # as a user's own ray.init: worker logs stream to this process
+rng = np.random.default_rng(0)
+data = TrialData("image", 2, rng.integers(0, 255, (64, 3, 16, 16), dtype=np.uint8), np.arange(64) % 2)
+retrain({"backbone": "timm/resnet10t:scratch", "image_size": 16, "batch_size": 16}, data, epochs=2,
+        schedule_epochs=2, storage_path=sys.argv[2])
+ray.get(ray.remote(lambda: print("WORKER LOGS REACH THIS DRIVER", flush=True)).remote())
+"""
+
+
+@pytest.mark.slow
+def test_a_retrain_where_the_user_started_ray_with_worker_logs_prints_none_of_ray_trains_info(ray_session, tmp_path):
+    """Where the user's own ray.init streams worker logs, a retrain printed Ray Train's INFO lines: the controller's
+    ("Requesting resources", "Started training worker group"), the worker's process group and one line a report
+    ("Reporting training result 1: TrainingReport(...)"). The driver reads its stderr until a task's print after the
+    retrain has arrived, so the lines before it had time to arrive too."""
+    import select
+    import subprocess
+    import sys
+
+    import ray
+
+    proc = subprocess.Popen([sys.executable, "-c", QUIET_RETRAIN_DRIVER, ray.get_runtime_context().gcs_address,
+                             str(tmp_path / "train")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        while proc.poll() is None or select.select([proc.stdout], [], [], 0)[0]:
+            ready, _, _ = select.select([proc.stdout], [], [], 180)  # a safety net: the marker is the event
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                break
+            lines.append(line)
+            if "WORKER LOGS REACH THIS DRIVER" in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait(30)
+    out = "".join(lines)
+    assert "WORKER LOGS REACH THIS DRIVER" in out, out[-3000:]
+    train_info = [ln for ln in lines if re.search(r"\((TrainController|RayTrainWorker) pid=\d+\)", ln)
+                  and "core_worker.cc" not in ln]  # Ray's C++ log of its PreemptionWatcher is not Ray Train's INFO
+    assert train_info == [], "".join(train_info)

@@ -23,6 +23,7 @@ def _train_loop(cfg: dict) -> None:
     from automl.plugins import install
 
     quiet_libraries()
+    _quiet_train_worker()
     set_threads(cfg["threads"])
     install(cfg.get("plugins"))
     ctx = ray.train.get_context()
@@ -60,6 +61,19 @@ def _train_loop(cfg: dict) -> None:
         deadline=cfg.get("deadline"))
 
 
+def _quiet_train_worker() -> None:
+    """Ray Train's worker logs every report at INFO ("Reporting training result 1: TrainingReport(...)") under a
+    logger named after its file's path, outside "ray.train", where quiet_libraries and Ray Train's own
+    LoggingConfig do not reach it: where the user started Ray with worker logs on, each retrain printed it."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: its logs are what they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.ERROR)
+
+
 def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int, storage_path: str,
             num_workers: int = 1, use_gpu: bool = False, cpus_per_worker: int = 1,
             initial_state: dict | None = None, deadline: float | None = None):
@@ -68,7 +82,7 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
     with several workers, `nodes` and `weight_sums` per rank). deadline: a time.time() the training paces its
     schedule to end by (loop.Pace), so a retrain slower than planned still leaves later stages their time."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from safetensors.torch import load_model
 
@@ -86,9 +100,11 @@ def retrain(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int,
                            "plugins": plugins.snapshot(), "deadline": deadline},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
-        # A reused run name silently resumes the old run: always use a fresh one.
+        # A reused run name silently resumes the old run: always use a fresh one. Ray Train's controller logs the
+        # worker group's start at INFO, printed wherever the user's own ray.init streams worker logs.
         run_config=RunConfig(name=f"retrain_{uuid.uuid4().hex[:8]}",
-                             storage_path=storage_path if "://" in storage_path else str(Path(storage_path).resolve())),
+                             storage_path=storage_path if "://" in storage_path else str(Path(storage_path).resolve()),
+                             logging_config=LoggingConfig(log_level="ERROR")),
     )
     result = _fit_stopping_on_ctrl_c(trainer)
     if result.error is not None:
