@@ -554,7 +554,7 @@ def evaluate(prepared: Prepared, inputs: Inputs, final: FinalModel, budget: Budg
     fewer than MIN_TEST_ROWS rows; the metrics then say so under "test_rows"."""
     from automl.training.loop import encode_inputs, evaluate as score
 
-    te, task = inputs.split("test"), prepared.task
+    task = prepared.task
     if output is not None and budget is not None:
         # Now known, before the test and the cross-fit take their time: an ensemble's every member is exported.
         budget.reserve("export", _export_reserve(task, output, final.model))

@@ -541,6 +541,14 @@ def test_when_the_start_points_kind_no_longer_fits_the_searcher_starts_a_cheaper
     assert s.suggest("d") == Searcher.FINISHED
 
 
+def _one_report(searcher, trial_id: str, config: dict, row_s: float, metric: str, score: float) -> None:
+    """A trial's first report to the searcher: 320 rows at `row_s` a row, 0.5 s validating, 0.5 s set-up."""
+    steps = 320 // config["batch_size"]
+    searcher.on_trial_result(trial_id, {"steps": steps, "epoch_time_s": row_s * steps * config["batch_size"],
+                                        "report_time_s": row_s * 320 + 0.5, "time_total_s": row_s * 320 + 1.0,
+                                        metric: score, "training_iteration": 1})
+
+
 def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tmp_path, frozen_clock):
     """The plan prices every config as a full fine-tune; once trials of a class (backbone, layers trained) have
     reported, a config of that class is priced at what they took. A partial fine-tune four times cheaper than the
@@ -557,11 +565,8 @@ def test_the_searcher_prices_a_config_class_it_has_timed_at_its_measured_pace(tm
                              points_to_evaluate=[space.sampling_point(space.start_points[0])],
                              deadline_file=str(clock))
 
-    def report(trial_id, config, row_s, score):  # one report of 320 rows: 0.5 s validating, 0.5 s set-up
-        steps = 320 // config["batch_size"]
-        s.on_trial_result(trial_id, {"steps": steps, "epoch_time_s": row_s * steps * config["batch_size"],
-                                     "report_time_s": row_s * 320 + 0.5, "time_total_s": row_s * 320 + 1.0,
-                                     "val_f1_macro": score, "training_iteration": 1})
+    def report(trial_id, config, row_s, score):
+        _one_report(s, trial_id, config, row_s, "val_f1_macro", score)
 
     write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0)
     start = s.suggest("a")
@@ -612,10 +617,7 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
         write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=planned_s, kinds=kinds)
         start = s.suggest("a")
         row_s = ((full_s - 0.5) / 8 - 0.5) / 400       # 0.5 s set-up, 8 reports of 400 rows and 0.5 s validating
-        steps = 320 // start["batch_size"]
-        s.on_trial_result("a", {"steps": steps, "epoch_time_s": row_s * steps * start["batch_size"],
-                                "report_time_s": row_s * 320 + 0.5, "time_total_s": row_s * 320 + 1.0,
-                                "val_accuracy": 0.9, "training_iteration": 1})
+        _one_report(s, "a", start, row_s, "val_accuracy", 0.9)
         return s
 
     fast = ran(100.0, planned_s=400.0)
@@ -639,11 +641,7 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
     # A partial fine-tune a quarter of the plan's full price is a cheaper config, not a faster machine.
     slow._ot_study.enqueue_trial({"backbone": "efficientnet-lite0", "unfreeze": 1})
     write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0, kinds=kinds)
-    partial = slow.suggest("c")
-    steps = 320 // partial["batch_size"]
-    slow.on_trial_result("c", {"steps": steps, "epoch_time_s": 0.001 * steps * partial["batch_size"],
-                               "report_time_s": 0.82, "time_total_s": 1.32, "val_accuracy": 0.8,
-                               "training_iteration": 1})
+    _one_report(slow, "c", slow.suggest("c"), 0.001, "val_accuracy", 0.8)
     assert slow.paces.drift() == pytest.approx(2.0)
 
 

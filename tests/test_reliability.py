@@ -763,7 +763,7 @@ def test_a_retrain_where_the_user_started_ray_with_worker_logs_prints_none_of_ra
                              str(tmp_path / "train")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
-        while proc.poll() is None or select.select([proc.stdout], [], [], 0)[0]:
+        while True:
             ready, _, _ = select.select([proc.stdout], [], [], 180)  # a safety net: the marker is the event
             line = proc.stdout.readline() if ready else ""
             if not line:

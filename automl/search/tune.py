@@ -263,6 +263,13 @@ class RecordingASHA(ASHAScheduler):
         return decision
 
 
+def _price(clock: dict, config: dict) -> float | None:
+    """A full-length trial of the config's kind as `clock` (write_deadlines) prices it: its backbone's own price
+    where the plan priced it as itself (search/plan.price_kinds), else the start point's."""
+    kind = (clock.get("kinds") or {}).get(str(config.get("backbone")))
+    return kind["trial_s"] if kind else clock.get("trial_s")
+
+
 class DeadlineOptunaSearch(OptunaSearch):
     """Optuna's proposals, but no trial starts after the last start time in `deadline_file` (a trial started then
     could not train a useful schedule before the budget ends), and a trial started when its full length no longer
@@ -318,14 +325,13 @@ class DeadlineOptunaSearch(OptunaSearch):
         config = super().suggest(trial_id)
         if isinstance(config, dict) and clock.get("ends_at"):
             kind = kinds.get(str(config.get("backbone")))
-            trial_s = kind["trial_s"] if kind else clock.get("trial_s")
+            trial_s = _price(clock, config)
             if kind and config.get("report_rows"):
                 config["report_rows"] = kind["report_rows"]  # priced as itself (search/plan.price_kinds)
             if config.get("report_rows"):
                 # A start point is what the plan timed: its pace against the plan's price is the machine's drift.
-                plan_s = ((planned.get("kinds") or {}).get(str(config.get("backbone")), {}).get("trial_s")
-                          if kind else planned.get("trial_s"))
-                self.paces.start(trial_id, config, int(config["report_rows"]), plan_s if start_point else None)
+                self.paces.start(trial_id, config, int(config["report_rows"]),
+                                 _price(planned, config) if start_point else None)
                 trial_s = self.paces.trial_s(config) or trial_s  # re-priced as measured
             ends = clock.get("first_ends_at") if first and clock.get("first_ends_at") else clock["ends_at"]
             config = {**config, "_deadline": ends}  # the trial ends its schedule by then (loop.Pace)
