@@ -602,7 +602,7 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
     partial fine-tune) is priced at its own pace but says nothing about the machine."""
     from ray.tune.search import Searcher
 
-    from automl.search.clock import FIT_MARGIN, MIN_FIT, write_deadlines
+    from automl.search.clock import FIT_MARGIN, MIN_FIT, read_drift, repriced_path, write_deadlines
     from automl.search.tune import DeadlineOptunaSearch, tpe_sampler
 
     space = load_space("cpu_small", "image", {"max_epochs": 8, "report_rows": 400, "image_size": 48})
@@ -622,6 +622,8 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
 
     fast = ran(100.0, planned_s=400.0)
     assert fast.paces.drift() == pytest.approx(0.25)
+    noted = repriced_path(str(clock))  # what the progress view shows and the card states
+    assert read_drift(noted) == pytest.approx(0.25)
     # 20 s left, past the plan's last start: the start point's kind (100 s as measured) no longer fits; the scratch
     # net, 80 s as priced (its shortest schedule 28 s), would not either, but at 20 s as the machine runs it does.
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=20.0, trial_s=400.0, kinds=kinds)
@@ -629,7 +631,7 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
     assert late["backbone"] == SCRATCH and late["report_rows"] == int(1000 * FIT_MARGIN * 20 / 20)
     assert late["_deadline"] == 1.7e9 + 20.0
     slow = ran(200.0, planned_s=100.0)
-    assert slow.paces.drift() == pytest.approx(2.0)
+    assert slow.paces.drift() == pytest.approx(2.0) and read_drift(noted) == pytest.approx(2.0)
     # 12 s left: as priced (20 s) the scratch net's shortest schedule (7 s) fits; at twice that (14 s) it does not.
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=12.0, trial_s=100.0, kinds={
         SCRATCH: {"report_rows": 1000, "trial_s": 20.0}})
@@ -642,7 +644,7 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
     slow._ot_study.enqueue_trial({"backbone": "efficientnet-lite0", "unfreeze": 1})
     write_deadlines(str(clock), last_start_s=500.0, ends_in_s=1000.0, trial_s=100.0, kinds=kinds)
     _one_report(slow, "c", slow.suggest("c"), 0.001, "val_accuracy", 0.8)
-    assert slow.paces.drift() == pytest.approx(2.0)
+    assert slow.paces.drift() == pytest.approx(2.0) and read_drift(noted) == pytest.approx(2.0)
 
 
 def test_the_plans_deadlines_reach_the_search_as_one_limits_object_measured_from_the_searchs_start():

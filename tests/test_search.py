@@ -185,3 +185,35 @@ def test_a_log_gets_the_status_line_from_reports_every_30_s_while_no_trial_ends(
     view.on_trial_complete(12, [start], start)  # a trial's end is printed at once, as before
     assert "1 trials done (0 stopped early), 0 running" in capsys.readouterr().err
 
+
+
+def test_the_progress_view_and_the_card_say_when_the_searcher_re_priced_the_plan(capsys, tmp_path):
+    """The searcher re-prices what it has not timed by how fast the start point ran against its probe (a busy
+    probe, then a quiet machine): the extra trials were the only sign of it. The view prints it once each time the
+    noted drift moves; the card states the last one; a drift within NOTE_DRIFT is not mentioned."""
+    import json
+    from types import SimpleNamespace
+
+    from automl import load
+    from automl.export.card import model_card
+    from automl.search.progress import SearchProgress
+
+    noted = tmp_path / "clock_repriced.json"
+    view = SearchProgress("accuracy", max_epochs=4, time_budget_s=300, repriced_file=str(noted))
+    a = SimpleNamespace(trial_id="a", status="RUNNING")
+    printed = []
+    for it, drift in ((1, None), (2, 0.3), (3, 0.3), (4, 1.05)):
+        if drift is not None:
+            noted.write_text(json.dumps({"drift": drift}))
+        view.on_trial_result(it, [a], a, {"training_iteration": it, "val_accuracy": 0.5})
+        printed.append([line for line in capsys.readouterr().err.splitlines() if "re-priced" in line])
+    assert printed[0] == [] and printed[2] == [] and printed[3] == [], printed
+    assert printed[1] == ["automl: plan: the start point trains in 0.30x the time the speed probes priced it (the "
+                          "machine faster than while it planned): every candidate not yet timed, and the last start, "
+                          "re-priced by the same factor"], printed
+    m = load(Path(__file__).parent / "fixtures" / "v1_text_export").manifest
+    m.search = {**m.search, "drift": 2.5}
+    assert "While it ran, the start point trains in 2.50x the time the speed probes priced it (the machine slower" \
+        in model_card(m, None)
+    m.search["drift"] = 1.05
+    assert "re-priced" not in model_card(m, None)

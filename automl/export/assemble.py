@@ -23,7 +23,7 @@ def search_summary(result: "SearchResult", plan: "Plan") -> dict:
             "stopped_early": int((trials["status"] == "STOPPED_EARLY").sum()),
             "errors": int((trials["status"] == "ERROR").sum()), "space": plan.space.to_dict(),
             "experiment_path": result.experiment_path, "trial_epochs": int(trials["epochs_run"].sum()),
-            "peak_disk_mb": result.peak_disk_mb, "max_reports": plan.reports}
+            "peak_disk_mb": result.peak_disk_mb, "max_reports": plan.reports, "drift": result.drift}
 
 
 def manifest_for(task: TaskData, final: "FinalModel", result: "SearchResult", plan: "Plan", *, classes: list,

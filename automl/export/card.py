@@ -8,6 +8,7 @@ import pandas as pd
 
 from automl.diagnostics.labelnoise import NOISY_SHARE
 from automl.export.manifest import ExportManifest
+from automl.search.clock import drift_line
 
 # Files that hold the user's data (rows, texts, images), as opposed to weights and summaries.
 USER_DATA_FILES = {"test_split.npz": "the test split's images and labels",
@@ -95,6 +96,9 @@ def _search(m: ExportManifest, trials: pd.DataFrame | None) -> list[str]:
     plan = m.plan or {}
     for reason in plan.get("reasons", []):
         out.append(f"- {reason}")
+    repriced = drift_line(float(m.search.get("drift", 1.0)))
+    if repriced:
+        out.append(f"- While it ran, {repriced}.")
     spent = (m.budget or {}).get("spent_s", {})
     if spent:
         out += ["", "Time per stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) + "."]

@@ -18,6 +18,8 @@ MAX_STRETCH = 2.0  # a search's last trial may grow to this many times its rows 
 # a busy machine (a CPU-bound job beside it while it planned, then gone) 3.5x slow on the README demo, and the
 # scratch nets priced from it could not start in the last 32 s the start point left (the run ended at 87%).
 MAX_DRIFT = 4.0
+# The searcher notes the drift for the progress view and the card when it moves by more than this factor.
+NOTE_DRIFT = 1.1
 
 
 def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float | None,
@@ -33,6 +35,28 @@ def write_deadlines(path: str, *, last_start_s: float | None, ends_in_s: float |
                                       "ends_at": None if ends_in_s is None else now + ends_in_s,
                                       "trial_s": trial_s, "stretch_rows": stretch_rows, "kinds": kinds or {},
                                       "first_ends_at": None if first_ends_in_s is None else now + first_ends_in_s}))
+
+
+def repriced_path(deadline_file: str) -> str:
+    """Where the searcher notes the drift it re-prices the plan by (Paces.drift), beside its clock file."""
+    return str(Path(deadline_file).with_suffix("")) + "_repriced.json"
+
+
+def read_drift(path: str | None) -> float:
+    """The drift the searcher last noted at `path` (repriced_path); 1.0 where it noted none."""
+    try:
+        return float(json.loads(Path(path).read_text())["drift"]) if path else 1.0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1.0
+
+
+def drift_line(drift: float) -> str | None:
+    """The drift in words for the progress view and the card; None where it is too small to mention."""
+    if abs(math.log(drift)) <= math.log(NOTE_DRIFT):
+        return None
+    return (f"the start point trains in {drift:.2f}x the time the speed probes priced it (the machine "
+            f"{'slower' if drift > 1 else 'faster'} than while it planned): every candidate not yet timed, and the "
+            "last start, re-priced by the same factor")
 
 
 @dataclass(frozen=True)

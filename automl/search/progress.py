@@ -7,6 +7,8 @@ import time
 from ray.tune import Callback
 from rich.console import Console
 
+from automl.search.clock import drift_line, read_drift
+
 
 # Where no live line can be redrawn (a log file, a Ray job's log, a pipe), a trial's report prints the status line
 # at most this often: the start point alone can run for minutes between two trials' ends.
@@ -17,7 +19,7 @@ class SearchProgress(Callback):
     """Ray Tune callback that prints one status line per event instead of Ray's tables."""
 
     def __init__(self, metric: str, max_epochs: int, time_budget_s: float | None, enabled: bool = True,
-                 plan_lines: list[str] | None = None):
+                 plan_lines: list[str] | None = None, repriced_file: str | None = None):
         self.metric = metric
         self.max_epochs = max_epochs
         self.budget = time_budget_s
@@ -30,6 +32,7 @@ class SearchProgress(Callback):
         self.epochs: dict[str, int] = {}
         self.console = Console(file=sys.stderr, highlight=False, markup=False, soft_wrap=True)
         self.live = None
+        self.repriced_file, self.drift_shown = repriced_file, 1.0
         if enabled:
             for line in plan_lines or []:  # the plan, and why, before the first trial
                 self.console.print(f"automl: plan: {line}")
@@ -49,9 +52,19 @@ class SearchProgress(Callback):
         return (f"automl: {self.done} trials done ({self.stopped} stopped early{failed}), {running} running"
                 f" | best report's {self.metric} {best} | {left}")
 
+    def _show_drift(self) -> None:
+        """The searcher's re-pricing (search/clock.drift_line), once each time it moves."""
+        drift = read_drift(self.repriced_file)
+        if drift != self.drift_shown:
+            self.drift_shown = drift
+            line = drift_line(drift)
+            if line:
+                self.console.print(f"automl: plan: {line}")
+
     def _show(self, trials, force_print: bool = False) -> None:
         if not self.enabled:
             return
+        self._show_drift()
         running = sum(1 for t in trials if t.status == "RUNNING")
         line = self._line(running)
         if self.live is not None:
@@ -92,5 +105,5 @@ class SearchProgress(Callback):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update({"repriced_file": None, "drift_shown": 1.0, **state})  # pickled before these existed
         self.console = Console(file=sys.stderr, highlight=False, markup=False, soft_wrap=True)

@@ -25,7 +25,8 @@ from automl.errors import NoTrialScored, RunInterrupted
 from automl.plugins import snapshot
 from automl.runtime import quiet_libraries, set_threads, sigint_kept
 from automl.search import kept
-from automl.search.clock import Paces, SearchLimits, cheapest_trial_s, fits, fitted_length
+from automl.search.clock import (NOTE_DRIFT, Paces, SearchLimits, cheapest_trial_s, fits, fitted_length, read_drift,
+                                 repriced_path)
 from automl.search.space import SearchSpace
 from automl.data.trial_data import TrialData
 from automl.training.loop import fit
@@ -284,6 +285,7 @@ class DeadlineOptunaSearch(OptunaSearch):
         self.suggested = 0
         # Timed classes are priced at a full-length trial of the planned space (its reports).
         self.paces = Paces(getattr(space, "max_epochs", None))
+        self.noted_drift = 1.0
 
     def _clock(self) -> dict:
         import json
@@ -352,8 +354,18 @@ class DeadlineOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id, result):
         self.paces.observe(trial_id, result, result.get(self._metric))
+        self._note_drift()
         if trial_id in self._ot_trials:  # a trial this (restored) searcher never suggested: nothing to tell Optuna
             super().on_trial_result(trial_id, result)
+
+    def _note_drift(self) -> None:
+        """Notes the drift beside the clock file where it moved (the progress view shows it, the card states it)."""
+        import json
+
+        d, noted = self.paces.drift(), getattr(self, "noted_drift", 1.0)  # a searcher pickled before it had none
+        if self.deadline_file and abs(math.log(d / noted)) > math.log(NOTE_DRIFT):
+            Path(repriced_path(self.deadline_file)).write_text(json.dumps({"drift": d}))
+            self.noted_drift = d
 
     def on_trial_complete(self, trial_id, result=None, error=False):
         if trial_id in self._ot_trials:
@@ -424,6 +436,7 @@ class SearchResult:
     best_trial_id: str = ""
     best_dir: str | None = None  # the top trials' best weights: <trial_id>.safetensors (+ .json: score, report)
     rung0: Any = None            # the ladder's rung 0 (search/ladder.py: Rung0), when it ran
+    drift: float = 1.0           # trials' measured time over the plan's price, as the searcher re-priced by it
 
     @property
     def best_weights(self) -> str | None:
@@ -547,7 +560,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
                              search_end=None if lim.time_budget_s is None else time.time() + lim.time_budget_s),
         config.resources)
     progress_cb = SearchProgress(config.metric, space.max_epochs, lim.time_budget_s, enabled=config.progress,
-                                 plan_lines=list(config.plan_lines))
+                                 plan_lines=list(config.plan_lines), repriced_file=repriced_path(deadline_file))
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
     janitor = CheckpointJanitor(exp_path, keep_best=st.keep_best, start_file=asha_log + ".start") if not remote else None
     _CTRL_C.clear()
@@ -586,6 +599,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
             f"search's state is saved in {exp_path}. Fix: run the same call again with resume=True (CLI: "
             "--resume): it goes on from there.")
     result = summarize(grid, space, config.metric, exp_path, asha_log)
+    result.drift = read_drift(repriced_path(deadline_file))
     if janitor:
         janitor._measure()
         janitor.prune_all()
