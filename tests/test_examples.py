@@ -40,7 +40,8 @@ def test_the_readme_demo_runs_with_a_30_s_budget(ray_session, tmp_path, monkeypa
     tried = re.search(r"configurations tried: (\d+) on (\d+) backbones \((\d+) linear heads on frozen features, "
                       r"(\d+) fine-tunes", out)
     n, backbones, heads, tunes = map(int, tried.groups())
-    assert n == heads + tunes == len(model.trials) and tunes >= 1, out  # rung 0 may not fit a busy 30 s
+    # Either rung may not fit a busy 30 s (under load a fine-tune has ended with no report: rung 0's head is the model).
+    assert n == heads + tunes == len(model.trials) >= 1, out
     assert heads == int((model.trials["rung"] == 0).sum()), out
     assert backbones == model.trials["config/backbone"].nunique()
     pred, true = (list(map(int, s.split(", "))) for s in

@@ -622,20 +622,21 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
 
     fast = ran(100.0, planned_s=400.0)
     assert fast.paces.drift() == pytest.approx(0.25)
-    noted = repriced_path(str(clock))  # what the progress view shows and the card states
-    assert read_drift(noted) == pytest.approx(0.25)
+    noted = repriced_path(str(clock))  # what the progress view shows and the card states, once it re-priced by it
+    assert read_drift(noted) == 1.0
     # 20 s left, past the plan's last start: the start point's kind (100 s as measured) no longer fits; the scratch
     # net, 80 s as priced (its shortest schedule 28 s), would not either, but at 20 s as the machine runs it does.
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=20.0, trial_s=400.0, kinds=kinds)
     late = fast.suggest("b")
     assert late["backbone"] == SCRATCH and late["report_rows"] == int(1000 * FIT_MARGIN * 20 / 20)
+    assert read_drift(noted) == pytest.approx(0.25)
     assert late["_deadline"] == 1.7e9 + 20.0
     slow = ran(200.0, planned_s=100.0)
-    assert slow.paces.drift() == pytest.approx(2.0) and read_drift(noted) == pytest.approx(2.0)
+    assert slow.paces.drift() == pytest.approx(2.0)
     # 12 s left: as priced (20 s) the scratch net's shortest schedule (7 s) fits; at twice that (14 s) it does not.
     write_deadlines(str(clock), last_start_s=-1.0, ends_in_s=12.0, trial_s=100.0, kinds={
         SCRATCH: {"report_rows": 1000, "trial_s": 20.0}})
-    assert slow.suggest("b") == Searcher.FINISHED
+    assert slow.suggest("b") == Searcher.FINISHED and read_drift(noted) == pytest.approx(2.0)
     # Nor, with no kind priced, does a config start before the plan's last start (its shortest schedule of 100 s,
     # 35 s, would fit the 60 s left) where the start point's kind, 200 s as the machine runs, cannot train its 71.
     write_deadlines(str(clock), last_start_s=60.0 - 100.0 * MIN_FIT / FIT_MARGIN, ends_in_s=60.0, trial_s=100.0)

@@ -81,6 +81,10 @@ class SearchProgress(Callback):
             self.best_report = self.epochs[trial.trial_id]
         self._show(trials)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if self.enabled:
+            self._show_drift()  # the searcher re-priced the plan as it suggested this trial
+
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1
         if self.epochs.get(trial.trial_id, 0) < self.max_epochs:

@@ -303,6 +303,7 @@ class DeadlineOptunaSearch(OptunaSearch):
         start_point = self.suggested < max(1, self.starts)
         planned = self._clock()
         clock = self.paces.repriced(planned)  # the plan's prices, as fast as the machine has run since
+        self._note_drift()
         stop_at = clock.get("last_start") or math.inf
         kinds = clock.get("kinds") or {}
         late = time.time() > stop_at and not start_point
@@ -354,12 +355,13 @@ class DeadlineOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id, result):
         self.paces.observe(trial_id, result, result.get(self._metric))
-        self._note_drift()
         if trial_id in self._ot_trials:  # a trial this (restored) searcher never suggested: nothing to tell Optuna
             super().on_trial_result(trial_id, result)
 
     def _note_drift(self) -> None:
-        """Notes the drift beside the clock file where it moved (the progress view shows it, the card states it)."""
+        """Notes the drift the plan is re-priced by, beside the clock file, where it moved (the progress view shows
+        it as the trial it priced starts, the card states it). At a suggestion, not a report: a start point's first
+        reports move it by tens of percent."""
         import json
 
         d, noted = self.paces.drift(), getattr(self, "noted_drift", 1.0)  # a searcher pickled before it had none
@@ -436,7 +438,7 @@ class SearchResult:
     best_trial_id: str = ""
     best_dir: str | None = None  # the top trials' best weights: <trial_id>.safetensors (+ .json: score, report)
     rung0: Any = None            # the ladder's rung 0 (search/ladder.py: Rung0), when it ran
-    drift: float = 1.0           # trials' measured time over the plan's price, as the searcher re-priced by it
+    drift: float = 1.0           # the last re-pricing the searcher noted (clock.NOTE_DRIFT; 1.0: none worth a line)
 
     @property
     def best_weights(self) -> str | None:
