@@ -648,6 +648,22 @@ def test_the_searcher_reprices_the_plan_by_how_fast_the_start_point_ran_against_
     assert slow.paces.drift() == pytest.approx(2.0) and read_drift(noted) == pytest.approx(2.0)
 
 
+def test_a_search_saved_before_the_plans_prices_were_kept_resumes_its_paces_without_drift():
+    """The searcher (and its Paces) is pickled in the experiment's state; one saved by the version before the
+    re-pricing has no plan prices, and a resume after an upgrade must not fail on them."""
+    import pickle
+
+    from automl.search.clock import Paces
+
+    old = Paces(4)
+    old.start("t", {"backbone": "b", "unfreeze": "all", "batch_size": 8}, 80)
+    old.observe("t", {"steps": 10, "epoch_time_s": 8.0, "report_time_s": 9.0, "time_total_s": 10.0})
+    del old.planned  # as that version pickled it
+    resumed = pickle.loads(pickle.dumps(old))
+    assert resumed.drift() == 1.0 and resumed.repriced({"trial_s": 50.0}) == {"trial_s": 50.0}
+    assert resumed.trial_s({"backbone": "b", "unfreeze": "all"}) == pytest.approx(1.0 + 4 * (80 * 0.1 + 1.0))
+
+
 def test_the_plans_deadlines_reach_the_search_as_one_limits_object_measured_from_the_searchs_start():
     from automl.search.clock import SearchLimits
     from automl.search.plan import Plan

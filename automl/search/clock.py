@@ -142,6 +142,10 @@ class Paces:
         self._steps: dict[str, tuple[str, int, int]] = {}  # trial id -> (class, batch size, steps so far)
         self.planned: dict[str, float] = {}  # class -> the plan's price of its full length (the configs it timed)
 
+    def __setstate__(self, state: dict) -> None:
+        # A search saved by a version that kept no plan prices resumes with none (no drift) instead of failing.
+        self.__dict__.update({"planned": {}, **state})
+
     @staticmethod
     def key(config: dict) -> str:
         return f"{config.get('backbone')}|{config.get('unfreeze')}"
