@@ -209,12 +209,12 @@ def test_the_progress_view_and_the_card_say_when_the_searcher_re_priced_the_plan
         view.on_trial_result(it, [a], a, {"training_iteration": it, "val_accuracy": 0.5})
         printed.append([line for line in capsys.readouterr().err.splitlines() if "re-priced" in line])
     assert printed[0] == [] and printed[2] == [] and printed[3] == [], printed
-    assert printed[1] == ["automl: plan: the start point trains in 0.30x the time the speed probes priced it (the "
-                          "machine faster than while it planned): every candidate not yet timed, and the last start, "
+    assert printed[1] == ["automl: plan: the start point took 0.30x the time the speed probes priced (the machine "
+                          "ran faster than while it planned): every candidate not yet timed, and the last start, were "
                           "re-priced by the same factor"], printed
     m = load(Path(__file__).parent / "fixtures" / "v1_text_export").manifest
     m.search = {**m.search, "drift": 2.5}
-    assert "While it ran, the start point trains in 2.50x the time the speed probes priced it (the machine slower" \
-        in model_card(m, None)
+    assert "While the search ran, the start point took 2.50x the time the speed probes priced (the machine ran " \
+        "slower" in model_card(m, None)
     m.search["drift"] = 1.2
     assert "re-priced" not in model_card(m, None)

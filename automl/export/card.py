@@ -98,7 +98,7 @@ def _search(m: ExportManifest, trials: pd.DataFrame | None) -> list[str]:
         out.append(f"- {reason}")
     repriced = drift_line(float(m.search.get("drift", 1.0)))
     if repriced:
-        out.append(f"- While it ran, {repriced}.")
+        out.append(f"- While the search ran, {repriced}.")
     spent = (m.budget or {}).get("spent_s", {})
     if spent:
         out += ["", "Time per stage (seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in spent.items()) + "."]

@@ -55,9 +55,9 @@ def drift_line(drift: float) -> str | None:
     """The drift in words for the progress view and the card; None where it is too small to mention."""
     if abs(math.log(drift)) <= math.log(NOTE_DRIFT):
         return None
-    return (f"the start point trains in {drift:.2f}x the time the speed probes priced it (the machine "
+    return (f"the start point took {drift:.2f}x the time the speed probes priced (the machine ran "
             f"{'slower' if drift > 1 else 'faster'} than while it planned): every candidate not yet timed, and the "
-            "last start, re-priced by the same factor")
+            "last start, were re-priced by the same factor")
 
 
 @dataclass(frozen=True)
