@@ -186,7 +186,6 @@ def test_a_log_gets_the_status_line_from_reports_every_30_s_while_no_trial_ends(
     assert "1 trials done (0 stopped early), 0 running" in capsys.readouterr().err
 
 
-
 def test_the_progress_view_and_the_card_say_when_the_searcher_re_priced_the_plan(capsys, tmp_path):
     """The searcher re-prices what it has not timed by how fast the start point ran against its probe (a busy
     probe, then a quiet machine): the extra trials were the only sign of it. The view prints it once each time the

@@ -64,7 +64,6 @@ class SearchProgress(Callback):
     def _show(self, trials, force_print: bool = False) -> None:
         if not self.enabled:
             return
-        self._show_drift()
         running = sum(1 for t in trials if t.status == "RUNNING")
         line = self._line(running)
         if self.live is not None:
@@ -83,7 +82,7 @@ class SearchProgress(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         if self.enabled:
-            self._show_drift()  # the searcher re-priced the plan as it suggested this trial
+            self._show_drift()  # the searcher notes a re-pricing only as it suggests a trial: read then, not a report
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.done += 1

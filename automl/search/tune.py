@@ -552,6 +552,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
     local.mkdir(parents=True, exist_ok=True)
     asha_log = str(local / (ASHA_LOG if not st.local_dir else f"{st.name}_{ASHA_LOG}"))
     deadline_file = str(local / f"{st.name}_deadlines.json")
+    repriced_file = repriced_path(deadline_file)  # the searcher's notes of how it re-priced the plan
     lim.write(deadline_file)
     best_dir = None if remote else f"{exp_path}/best"
     trainable = tune.with_resources(
@@ -562,7 +563,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
                              search_end=None if lim.time_budget_s is None else time.time() + lim.time_budget_s),
         config.resources)
     progress_cb = SearchProgress(config.metric, space.max_epochs, lim.time_budget_s, enabled=config.progress,
-                                 plan_lines=list(config.plan_lines), repriced_file=repriced_path(deadline_file))
+                                 plan_lines=list(config.plan_lines), repriced_file=repriced_file)
     # Pruning walks the experiment dir, so it runs only for local/shared-filesystem storage.
     janitor = CheckpointJanitor(exp_path, keep_best=st.keep_best, start_file=asha_log + ".start") if not remote else None
     _CTRL_C.clear()
@@ -601,7 +602,7 @@ def run_search(data: TrialData, space: SearchSpace, config: SearchConfig, *, sta
             f"search's state is saved in {exp_path}. Fix: run the same call again with resume=True (CLI: "
             "--resume): it goes on from there.")
     result = summarize(grid, space, config.metric, exp_path, asha_log)
-    result.drift = read_drift(repriced_path(deadline_file))
+    result.drift = read_drift(repriced_file)
     if janitor:
         janitor._measure()
         janitor.prune_all()
