@@ -139,6 +139,37 @@ def bare_floor(payloads: list, n: int, port: int) -> dict:
         rs.shutdown()  # and its proxy: the next server starts Serve again on its own port
 
 
+class DirectServer:
+    """`automl serve DIR --direct` in its own process (Serve's direct ingress is set before its Ray starts): the
+    replica answers on `port` itself, without the proxy's hop."""
+
+    def __init__(self, export_dir: Path, name: str, port: int, batch: int):
+        import os
+        import subprocess
+
+        self.log = Path(tempfile.mkstemp(prefix="serve-direct-", suffix=".log")[1])
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        with open(self.log, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "automl", "serve", str(export_dir), "--name", name,
+                                          "--port", str(port), "--direct", "--max-batch-size", str(batch)],
+                                         env=env, stdout=f, stderr=subprocess.STDOUT)
+        self.url = f"http://127.0.0.1:{port}"
+        ready = f"serving {name}: POST {self.url}/models/{name}/predict"
+        deadline = time.time() + 300
+        while ready not in self.log.read_text():
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"automl serve --direct did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(120)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=400)
@@ -184,18 +215,37 @@ def main() -> None:
             r = res[batch]
             lines.append(f"| {kind} | served, {'batched (16)' if batch > 1 else 'unbatched'} | {r['rps']:.1f} | "
                          f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        # The same server with Serve's direct ingress (`automl serve --direct`): the replica answers on its own port.
+        for batch in (1, 16):
+            direct = DirectServer(d, kind, 23200 + 2 * batch, batch)
+            try:
+                url = f"{direct.url}/models/{kind}/predict"
+                load_test(url, payloads, 16)  # warm up
+                res["direct", batch] = load_test(url, payloads, args.requests)
+                a = res["direct alone", batch] = load_test(url, payloads, 100, clients=1)
+            finally:
+                direct.stop()
+            r = res["direct", batch]
+            label = "batched" if batch > 1 else "unbatched"
+            lines.append(f"| {kind} | served direct ({label}), one client at a time | {a['rps']:.1f} | "
+                         f"{a['p50_ms']:.1f} | {a['p99_ms']:.1f} |")
+            lines.append(f"| {kind} | served direct, {'batched (16)' if batch > 1 else 'unbatched'} | {r['rps']:.1f} | "
+                         f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
         floor = bare_floor(payloads, 100, 23100)
         lines.append(f"| {kind} | Ray Serve alone (an ingress reading the same body, no model), one client at a time "
                      f"| {floor['rps']:.1f} | {floor['p50_ms']:.1f} | {floor['p99_ms']:.1f} |")
         ratios.append((kind, res[16]["rps"] / res[1]["rps"], res["alone", 1]["p50_ms"] - base["p50_ms"],
-                       res["alone", 16]["p50_ms"] - base["p50_ms"], floor["p50_ms"]))
-        print("\n".join(lines[-7:]), flush=True)
+                       res["alone", 16]["p50_ms"] - base["p50_ms"], floor["p50_ms"],
+                       res["direct alone", 16]["p50_ms"] - base["p50_ms"],
+                       res["direct", 16]["rps"] / res["direct", 1]["rps"]))
+        print("\n".join(lines[-11:]), flush=True)
     lines.append("")
-    for kind, ratio, overhead, batched_overhead, floor in ratios:
+    for kind, ratio, overhead, batched_overhead, floor, direct_overhead, direct_ratio in ratios:
         lines.append(f"- {kind}: batching gives {ratio:.2f}× the unbatched throughput (target ≥ 3×); serving adds "
                      f"{overhead:.1f} ms p50 over the replica's own work on one row, one client at a time "
                      f"({batched_overhead:.1f} ms on the batched server; target ≤ 5 ms), where Ray Serve alone "
-                     f"takes {floor:.1f} ms.")
+                     f"takes {floor:.1f} ms. Served direct (`--direct`, the default batched server): "
+                     f"{direct_overhead:.1f} ms added, batching {direct_ratio:.2f}×.")
     print("\n".join(lines))
     if not args.no_write:
         write_section("serving", "Serving (automl serve on Ray Serve)", lines)

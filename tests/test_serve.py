@@ -225,3 +225,92 @@ def test_a_batch_holds_max_batch_size_inputs_not_that_many_requests(server):
         assert sorted(handle.seen.remote().result(timeout_s=60)) == [4, 8]  # two requests batched, then the third
     finally:
         rs.delete("batching-check")
+
+
+def _listening(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at `port` (Linux: /proc/net/tcp, state 0A = LISTEN)."""
+    import socket
+    import struct
+
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        ip, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:
+            found.add(socket.inet_ntoa(struct.pack("<I", int(ip, 16))))
+    return found
+
+
+def _two_free_ports(free_port_factory) -> int:
+    """A free port whose next one is free too (a direct server's replica and its proxy)."""
+    import socket
+
+    while True:
+        port = free_port_factory()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+
+
+def test_direct_serving_answers_on_the_replicas_own_port_as_the_proxy_does(tmp_path, free_port_factory):
+    """`automl serve --direct` (its own process: Serve's direct ingress is set before its Ray starts): the replica
+    itself answers on --port, the same as load().predict_proba and as Serve's proxy on --port + 1, both on
+    127.0.0.1 only; SIGTERM stops it and frees both ports."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
+    port = _two_free_ports(free_port_factory)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "automl", "serve", str(tmp_path / "topics"), "--name", "topics",
+                                 "--port", str(port), "--direct", "--cpus-per-replica", "0"], env=env, stdout=f,
+                                stderr=subprocess.STDOUT)
+    try:
+        ready = f"serving topics: POST http://127.0.0.1:{port}/models/topics/predict"
+        deadline = time.time() + 300  # a safety net: the wait is for the server's own line
+        while ready not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert ready in log.read_text(), log.read_text()[-3000:]
+        assert f"one hop more: http://127.0.0.1:{port + 1}" in log.read_text()
+        assert _listening(port) == {"127.0.0.1"} and _listening(port + 1) == {"127.0.0.1"}
+        texts = ["the team scored a goal", "pizza for dinner", "my laptop runs new code"]
+        want = load(tmp_path / "topics").predict_proba(texts)
+        for url in (f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port + 1}"):
+            status, out = _post(f"{url}/models/topics/predict", {"inputs": texts}, token=None)
+            assert status == 200, (url, out)
+            got = pd.DataFrame(out["probabilities"])[[str(c) for c in want.columns]].to_numpy()
+            np.testing.assert_allclose(got, want.to_numpy(), atol=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()[-3000:]
+        assert not _listening(port) and not _listening(port + 1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.mark.parametrize("kwargs, address, refused", [
+    ({"replicas": 2}, None, "answers on one replica's own port; 2 replicas were asked for. Fix: --replicas 1"),
+    ({}, "ray://10.0.0.9:10001", "starts a Ray of its own on this machine; a cluster address was given"),
+    ({}, None, "needs a Ray started for it, and this process already runs one. Fix: serve from a fresh process"),
+])
+def test_direct_serving_that_cannot_be_had_is_refused_before_anything_starts(ray_session, tmp_path, free_port,
+                                                                              kwargs, address, refused):
+    import os
+
+    from automl import AutoMLError
+
+    shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
+    with pytest.raises(AutoMLError, match=refused):
+        serve([tmp_path / "topics"], address=address, options=ServeOptions(port=free_port, direct=True, **kwargs))
+    # Nothing was started or changed: no listener on either port, no direct-ingress setting left in this process.
+    assert not _listening(free_port) and not _listening(free_port + 1)
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ

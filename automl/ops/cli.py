@@ -191,11 +191,14 @@ def _serve(args) -> int:
 
     opts = ServeOptions(host=args.host, port=args.port, max_batch_size=args.max_batch_size, replicas=args.replicas,
                         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                        max_request_bytes=args.max_request_mb * 2**20, max_inputs=args.max_inputs)
+                        max_request_bytes=args.max_request_mb * 2**20, max_inputs=args.max_inputs,
+                        direct=args.direct)
     server = serve(args.model_dirs, names=args.name, address=args.address, options=opts, token_file=args.token_file,
                    app_name=args.app)
     for name in server.names:
         print(f"serving {name}: POST {server.url}/models/{name}/predict  {{\"inputs\": [...]}}", flush=True)
+    if server.proxy_url != server.url:
+        print(f"(the same routes through Ray Serve's proxy, one hop more: {server.proxy_url})", flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.token_file:
         print(f"warning: listening on {args.host} without --token-file: anyone who can reach it can use it",
               file=sys.stderr)
@@ -282,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-request-mb", type=float, default=10.0, help="largest request body accepted")
     sv.add_argument("--max-inputs", type=_positive_int, default=256, help="most inputs in one request")
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sv.add_argument("--direct", action="store_true",
+                    help="clients reach the replica itself on --port (Ray Serve's direct ingress: one hop fewer, "
+                         "~1 ms a request instead of ~7 here); one replica, a local Ray of its own; Serve's proxy "
+                         "answers too, on --port + 1")
     sv.add_argument("--app", default="automl", help="Serve application name: another name serves beside it under "
                                                     "/<app>/models/... (the same name replaces it)")
     sv.set_defaults(func=_serve)

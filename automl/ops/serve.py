@@ -18,6 +18,7 @@ import binascii
 import hmac
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,12 @@ class ServeOptions:
     gpus_per_replica: float = 0.0
     max_request_bytes: int = MAX_REQUEST_BYTES
     max_inputs: int = MAX_INPUTS
+    direct: bool = False              # clients reach the replica itself on `port` (Serve's proxy: on port + 1)
+
+    @property
+    def proxy_port(self) -> int:
+        """Where Ray Serve's HTTP proxy listens: `port`, or the next one when the replica takes `port` (direct)."""
+        return self.port + 1 if self.direct else self.port
 
 
 def _app(models: dict[str, dict], opts: ServeOptions):
@@ -270,15 +277,65 @@ class Server:
     names: list[str]
     app: str = "automl"
     local: bool = True                 # Serve was started in an embedded local Ray, not on a cluster
+    proxy_url: str = ""                # Ray Serve's proxy: the same routes, one hop more (the url, unless direct)
+    own_ray: bool = False              # a direct server's own Ray, started for it: stopped with it
 
     def shutdown(self) -> None:
         """Stop this server's app; other apps keep serving. On the embedded local Ray, once no app is left, also
-        Serve's proxy (so a later server may take another port); on a cluster Serve itself stays up."""
+        Serve's proxy (so a later server may take another port); on a cluster Serve itself stays up. A direct
+        server's own Ray is stopped too (its processes hold the direct settings)."""
+        import ray
         from ray import serve
 
         serve.delete(self.app)
         if self.local and not serve.status().applications:
             serve.shutdown()
+        if self.own_ray:
+            ray.shutdown()
+            for k in DIRECT_ENV:
+                os.environ.pop(k, None)
+
+
+# Ray Serve's direct ingress (Ray 2.60, experimental there): the ingress replica runs an HTTP server of its own, so
+# a request skips the proxy actor's hop. Serve reads these at import, in every process of the Ray instance: they are
+# set before a local Ray starts. On this 2-core machine a request to an ingress that answers without a model took
+# 0.7 ms p50 on the replica's own port against 7.2 ms through the proxy (benchmarks/RESULTS.md, "Serving").
+DIRECT_ENV = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
+              "RAY_SERVE_PORT_QUARANTINE_S")
+
+
+def _direct_ingress(opts: ServeOptions, local: bool) -> None:
+    """Set up Serve's direct ingress on opts.port for a server about to start its own local Ray, or refuse with why
+    it cannot be had."""
+    import ray
+
+    if not local:
+        raise AutoMLError("Direct serving (--direct) starts a Ray of its own on this machine; a cluster address was "
+                          "given (--address or RAY_ADDRESS). Fix: serve through the cluster's proxy (without "
+                          "--direct), or serve directly from a machine of its own without --address.")
+    with socket.socket() as probe:  # the replica would fail to bind it only after Ray and Serve had started
+        try:
+            probe.bind((opts.host, opts.port))
+        except OSError:
+            raise AutoMLError(f"Could not listen on {opts.host}:{opts.port}: another process holds that port. Fix: "
+                              f"serve on another port (--port {opts.port + 2}), or stop what listens there.") from None
+    if opts.replicas != 1:
+        raise AutoMLError(f"Direct serving (--direct) answers on one replica's own port; {opts.replicas} replicas "
+                          "were asked for. Fix: --replicas 1, or serve several replicas through the proxy (without "
+                          "--direct).")
+    want = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(opts.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(opts.port + 1),  # exclusive: the one port
+            # No load balancer in front to drain for or to forget the port: a replica that stops or restarts
+            # lets go of it at once and takes it again (Serve's defaults hold it 30 s and quarantine it longer).
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+    if ray.is_initialized():
+        if any(os.environ.get(k) != v for k, v in want.items()):
+            raise AutoMLError(f"Direct serving (--direct) on port {opts.port} needs a Ray started for it, and this "
+                              "process already runs one. Fix: serve from a fresh process (`automl serve --direct "
+                              "...`), or without direct serving.")
+        return
+    os.environ.update(want)
 
 
 def _check_proxy(opts: ServeOptions) -> None:
@@ -287,10 +344,10 @@ def _check_proxy(opts: ServeOptions) -> None:
     from ray.serve.context import _get_global_client  # the running controller's HTTP options, as Serve reads them
 
     running = _get_global_client().http_config
-    if (running.host, running.port) != (opts.host, opts.port):
+    if (running.host, running.port) != (opts.host, opts.proxy_port):
         raise AutoMLError(f"Ray Serve already runs on this Ray with its HTTP proxy on {running.host}:{running.port}; "
-                          f"asked for {opts.host}:{opts.port}, which it cannot open beside it. Fix: serve on that "
-                          f"address (--host {running.host} --port {running.port}; an app of another name serves "
+                          f"asked for {opts.host}:{opts.proxy_port}, which it cannot open beside it. Fix: serve on "
+                          f"that address (--host {running.host} --port {running.port}; an app of another name serves "
                           "beside the running ones), or stop Serve first (`serve shutdown`).")
 
 
@@ -326,17 +383,20 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
             "name": name, "modality": m.modality, "task": m.task, "classes": [str(c) for c in m.classes],
             "input_columns": m.input_columns, "metric": m.metric, "test_score": m.test_metrics.get(m.metric),
             "regression": m.is_regression, "card": card.as_uri() if card.exists() else None}}
-    ensure_ray(address)
     local = address is None and not os.environ.get("RAY_ADDRESS")
+    if opts.direct:
+        _direct_ingress(opts, local)
+    own_ray = ensure_ray(address) and opts.direct
     try:
-        rs.start(http_options={"host": opts.host, "port": opts.port})
+        rs.start(http_options={"host": opts.host, "port": opts.proxy_port})
     except Exception as exc:
         if "Failed to bind" not in str(exc):
             raise
         if local:  # a Serve whose proxy could not start would hold this port's options for the next try
             rs.shutdown()
-        raise AutoMLError(f"Could not listen on {opts.host}:{opts.port}: another process holds that port. Fix: "
-                          f"serve on another port (--port {opts.port + 1}), or stop what listens there.") from None
+        raise AutoMLError(f"Could not listen on {opts.host}:{opts.proxy_port}: another process holds that port. Fix: "
+                          f"serve on another port (--port {opts.port + (2 if opts.direct else 1)}), or stop what listens there."
+                          ) from None
     _check_proxy(opts)
     t0 = time.monotonic()
     prefix = "/" if app_name == "automl" else f"/{app_name}"
@@ -349,4 +409,7 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
             raise AutoMLError(f"The models did not start within {timeout_s:.0f} s (status {status}). Fix: ask for "
                               "fewer CPUs/GPUs per replica than the cluster has free.")
         time.sleep(0.5)
-    return Server(f"http://{opts.host}:{opts.port}{prefix.rstrip('/')}", names, app_name, local=local)
+    path = prefix.rstrip("/")
+    proxy = f"http://{opts.host}:{opts.proxy_port}{path}"
+    return Server(f"http://{opts.host}:{opts.port}{path}" if opts.direct else proxy, names, app_name, local=local,
+                  proxy_url=proxy, own_ray=own_ray)
