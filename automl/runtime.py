@@ -33,7 +33,7 @@ def quiet_libraries(search: bool = True) -> None:
 
     search=False: for a process that never searches (a serving replica), which then does not import Optuna
     (Optuna resets its log level when it is first imported, so a searching process must import it here)."""
-    for name in ("ray", "ray.tune", "ray.train", "ray.data", "transformers", "timm", "optuna"):
+    for name in ("ray", "ray.tune", "ray.train", "ray.data", "ray.serve", "transformers", "timm", "optuna"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if search:
         try:

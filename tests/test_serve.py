@@ -258,7 +258,7 @@ def _two_free_ports(free_port_factory) -> int:
 def test_direct_serving_answers_on_the_replicas_own_port_as_the_proxy_does(tmp_path, free_port_factory):
     """`automl serve --direct` (its own process: Serve's direct ingress is set before its Ray starts): the replica
     itself answers on --port, the same as load().predict_proba and as Serve's proxy on --port + 1, both on
-    127.0.0.1 only; SIGTERM stops it and frees both ports."""
+    127.0.0.1 only; it prints its URLs and not Serve's log lines; SIGTERM stops it and frees both ports."""
     import os
     import signal
     import subprocess
@@ -280,6 +280,7 @@ def test_direct_serving_answers_on_the_replicas_own_port_as_the_proxy_does(tmp_p
             time.sleep(0.2)
         assert ready in log.read_text(), log.read_text()[-3000:]
         assert f"one hop more: http://127.0.0.1:{port + 1}" in log.read_text()
+        assert "Started Serve" not in log.read_text()  # quiet: Serve's own start-up lines are not the user's
         assert _listening(port) == {"127.0.0.1"} and _listening(port + 1) == {"127.0.0.1"}
         texts = ["the team scored a goal", "pizza for dinner", "my laptop runs new code"]
         want = load(tmp_path / "topics").predict_proba(texts)

@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sv.add_argument("--direct", action="store_true",
                     help="clients reach the replica itself on --port (Ray Serve's direct ingress: one hop fewer, "
-                         "~1 ms a request instead of ~7 here); one replica, a local Ray of its own; Serve's proxy "
-                         "answers too, on --port + 1")
+                         "~1-2 ms a request of Serve's own instead of ~9-13 on 2 cores); one replica, a local Ray "
+                         "of its own; Serve's proxy answers too, on --port + 1")
     sv.add_argument("--app", default="automl", help="Serve application name: another name serves beside it under "
                                                     "/<app>/models/... (the same name replaces it)")
     sv.set_defaults(func=_serve)

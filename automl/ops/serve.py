@@ -298,8 +298,8 @@ class Server:
 
 # Ray Serve's direct ingress (Ray 2.60, experimental there): the ingress replica runs an HTTP server of its own, so
 # a request skips the proxy actor's hop. Serve reads these at import, in every process of the Ray instance: they are
-# set before a local Ray starts. On this 2-core machine a request to an ingress that answers without a model took
-# 0.7 ms p50 on the replica's own port against 7.2 ms through the proxy (benchmarks/RESULTS.md, "Serving").
+# set before a local Ray starts. On a 2-core machine a request to an ingress that answers without a model took
+# 1.2-1.7 ms p50 on the replica's own port against 8.8-13.5 ms through the proxy (benchmarks/RESULTS.md, "Serving").
 DIRECT_ENV = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
               "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
               "RAY_SERVE_PORT_QUARANTINE_S")
@@ -364,6 +364,7 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
 
     from automl.cluster import ensure_ray
     from automl.export.manifest import ExportManifest
+    from automl.runtime import quiet_libraries
 
     opts = options or ServeOptions()
     if token_file is not None:
@@ -386,6 +387,7 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
     local = address is None and not os.environ.get("RAY_ADDRESS")
     if opts.direct:
         _direct_ingress(opts, local)
+    quiet_libraries(search=False)  # Serve's own start-up lines: the server prints its URLs itself
     own_ray = ensure_ray(address) and opts.direct
     try:
         rs.start(http_options={"host": opts.host, "port": opts.proxy_port})
