@@ -119,9 +119,10 @@ def replica_work(export_dir: Path, payloads: list, n: int, threads: int, kind: s
         return _one_at_a_time(call, payloads, n)
 
 
-def bare_floor(payloads: list, n: int, port: int) -> dict:
+def bare_floor(payloads: list, n: int, port: int, url_port: int | None = None) -> dict:
     """Ray Serve's own cost on this machine: one client, one request at a time, against an ingress that reads the
-    same JSON body and answers without a model (what no change in automl's replica can go below)."""
+    same JSON body and answers without a model (what no change in automl's replica can go below). port: the
+    proxy's; url_port: where the requests go (the replica's own port, under direct ingress)."""
     from ray import serve as rs
 
     @rs.deployment(ray_actor_options={"num_cpus": 1})
@@ -131,12 +132,37 @@ def bare_floor(payloads: list, n: int, port: int) -> dict:
 
     rs.start(http_options={"host": "127.0.0.1", "port": port})
     rs.run(Bare.bind(), name="bare", route_prefix="/bare")
-    url = f"http://127.0.0.1:{port}/bare/predict"
+    url = f"http://127.0.0.1:{url_port or port}/bare/predict"
     try:
         load_test(url, payloads, 16, clients=1)  # warm up
         return load_test(url, payloads, n, clients=1)
     finally:
         rs.shutdown()  # and its proxy: the next server starts Serve again on its own port
+
+
+def direct_floor(payloads: list, n: int, port: int) -> dict:
+    """bare_floor under Serve's direct ingress on the same bodies, in a fresh process (the setting is read as its
+    Ray starts)."""
+    import subprocess
+
+    bodies = Path(tempfile.mkstemp(prefix="bodies-", suffix=".json")[1])
+    bodies.write_text(json.dumps([p[0] for p in payloads]))
+    code = ("import json, sys; sys.path.insert(0, %r); import serving; "
+            "print(json.dumps(serving._direct_floor_here(%r, %d, %d)))" % (str(HERE), str(bodies), n, port))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    bodies.unlink()
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _direct_floor_here(bodies: str, n: int, port: int) -> dict:
+    from automl.cluster import ensure_ray
+    from automl.ops.serve import ServeOptions, _direct_ingress
+
+    _direct_ingress(ServeOptions(port=port, direct=True), local=True)
+    ensure_ray()
+    return bare_floor([(b, None) for b in json.loads(Path(bodies).read_text())], n, port + 1, url_port=port)
 
 
 class DirectServer:
@@ -234,11 +260,14 @@ def main() -> None:
         floor = bare_floor(payloads, 100, 23100)
         lines.append(f"| {kind} | Ray Serve alone (an ingress reading the same body, no model), one client at a time "
                      f"| {floor['rps']:.1f} | {floor['p50_ms']:.1f} | {floor['p99_ms']:.1f} |")
+        bare = direct_floor(payloads, 100, 23300)
+        lines.append(f"| {kind} | Ray Serve alone, direct (the same ingress on its own port), one client at a time "
+                     f"| {bare['rps']:.1f} | {bare['p50_ms']:.1f} | {bare['p99_ms']:.1f} |")
         ratios.append((kind, res[16]["rps"] / res[1]["rps"], res["alone", 1]["p50_ms"] - base["p50_ms"],
                        res["alone", 16]["p50_ms"] - base["p50_ms"], floor["p50_ms"],
                        res["direct alone", 16]["p50_ms"] - base["p50_ms"],
                        res["direct", 16]["rps"] / res["direct", 1]["rps"]))
-        print("\n".join(lines[-11:]), flush=True)
+        print("\n".join(lines[-12:]), flush=True)
     lines.append("")
     for kind, ratio, overhead, batched_overhead, floor, direct_overhead, direct_ratio in ratios:
         lines.append(f"- {kind}: batching gives {ratio:.2f}× the unbatched throughput (target ≥ 3×); serving adds "
