@@ -315,3 +315,38 @@ def test_direct_serving_that_cannot_be_had_is_refused_before_anything_starts(ray
     # Nothing was started or changed: no listener on either port, no direct-ingress setting left in this process.
     assert not _listening(free_port) and not _listening(free_port + 1)
     assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in os.environ
+
+
+def test_a_direct_server_that_fails_to_start_leaves_no_ray_nor_setting_behind(tmp_path, free_port_factory):
+    """A direct server's own Ray carries its direct-ingress settings: when the server fails to start after that Ray
+    started (here: another process holds the port Serve's proxy needs, --port + 1), the user gets the port and the
+    fix, that Ray is stopped and the settings are taken out of the process, so the next server starts clean. In a
+    fresh process (direct serving needs a Ray started for it)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from automl.ops.serve import DIRECT_ENV
+
+    shutil.copytree(FIXTURES / "v1_text_export", tmp_path / "topics")
+    port = _two_free_ports(free_port_factory)
+    code = f"""
+import json, os, ray
+from automl.ops.serve import DIRECT_ENV, ServeOptions, serve
+try:
+    serve([{str(tmp_path / "topics")!r}], options=ServeOptions(port={port}, direct=True, cpus_per_replica=0))
+except Exception as exc:
+    print(json.dumps({{"error": str(exc), "ray": ray.is_initialized(), "env": [k for k in DIRECT_ENV if k in os.environ]}}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and k not in DIRECT_ENV}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port + 1))
+        held.listen(1)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["error"].startswith(f"Could not listen on 127.0.0.1:{port + 1}: another process holds that port. "
+                                   f"Fix: serve on another port (--port {port + 2})"), got
+    assert got["ray"] is False and got["env"] == []
+    assert not _listening(port)

@@ -32,6 +32,7 @@ MAX_REQUEST_BYTES = 10 * 2**20
 MAX_INPUTS = 256
 # Decoded pixels one request may ask for: a PNG of a few KB can decode to 40 MP (~120 MB); 256 such would be 30 GB.
 MAX_REQUEST_PIXELS = 64_000_000
+CONSTRUCTOR_TRIES = 3
 
 
 class RequestError(ValueError):
@@ -128,7 +129,10 @@ def _app(models: dict[str, dict], opts: ServeOptions):
 
     app = FastAPI(title="automl", docs_url=None, redoc_url=None, openapi_url=None)
 
+    # A replica that cannot start (an export whose weights do not load) fails the same way every time: a few tries,
+    # not Serve's 20, before the server says so.
     @serve.deployment(num_replicas=opts.replicas, max_ongoing_requests=max(8, 4 * opts.max_batch_size),
+                      max_constructor_retry_count=CONSTRUCTOR_TRIES,
                       ray_actor_options={"num_cpus": opts.cpus_per_replica, "num_gpus": opts.gpus_per_replica})
     @serve.ingress(app)
     class ModelServer:
@@ -284,16 +288,21 @@ class Server:
         """Stop this server's app; other apps keep serving. On the embedded local Ray, once no app is left, also
         Serve's proxy (so a later server may take another port); on a cluster Serve itself stays up. A direct
         server's own Ray is stopped too (its processes hold the direct settings)."""
-        import ray
         from ray import serve
 
         serve.delete(self.app)
         if self.local and not serve.status().applications:
             serve.shutdown()
         if self.own_ray:
-            ray.shutdown()
-            for k in DIRECT_ENV:
-                os.environ.pop(k, None)
+            self.stop_ray()
+
+    def stop_ray(self) -> None:
+        """Stop a direct server's own Ray and take its direct-ingress settings out of this process."""
+        import ray
+
+        ray.shutdown()
+        for k in DIRECT_ENV:
+            os.environ.pop(k, None)
 
 
 # Ray Serve's direct ingress (Ray 2.60, experimental there): the ingress replica runs an HTTP server of its own, so
@@ -360,8 +369,6 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
     every request must send. Binds 127.0.0.1 unless options.host says otherwise. app_name: the Serve application
     (serving again under the same name replaces it; another name serves beside it, on the same HTTP port).
     """
-    from ray import serve as rs
-
     from automl.cluster import ensure_ray
     from automl.export.manifest import ExportManifest
     from automl.runtime import quiet_libraries
@@ -387,8 +394,23 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
     local = address is None and not os.environ.get("RAY_ADDRESS")
     if opts.direct:
         _direct_ingress(opts, local)
+    import ray.serve  # noqa: F401  (its import sets its logger's level: quieted after it)
+
     quiet_libraries(search=False)  # Serve's own start-up lines: the server prints its URLs itself
     own_ray = ensure_ray(address) and opts.direct
+    try:
+        return _start(models, names, opts, app_name, local, own_ray, timeout_s)
+    except BaseException:
+        if own_ray:  # a direct server's own Ray, with its settings, is not left behind by a server that failed
+            Server("", names, app_name, local, own_ray=True).stop_ray()
+        raise
+
+
+def _start(models: dict, names: list[str], opts: ServeOptions, app_name: str, local: bool, own_ray: bool,
+           timeout_s: float) -> Server:
+    """Serve's proxy, then the app, on the running Ray; the running server once its replicas are healthy."""
+    from ray import serve as rs
+
     try:
         rs.start(http_options={"host": opts.host, "port": opts.proxy_port})
     except Exception as exc:
@@ -397,12 +419,16 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
         if local:  # a Serve whose proxy could not start would hold this port's options for the next try
             rs.shutdown()
         raise AutoMLError(f"Could not listen on {opts.host}:{opts.proxy_port}: another process holds that port. Fix: "
-                          f"serve on another port (--port {opts.port + (2 if opts.direct else 1)}), or stop what listens there."
-                          ) from None
+                          f"serve on another port (--port {opts.proxy_port + 1}), or stop what listens there.") from None
     _check_proxy(opts)
     t0 = time.monotonic()
     prefix = "/" if app_name == "automl" else f"/{app_name}"
-    rs.run(_app(models, opts), name=app_name, route_prefix=prefix, blocking=False)
+    try:
+        rs.run(_app(models, opts), name=app_name, route_prefix=prefix, blocking=False)
+    except RuntimeError as exc:  # Serve's own words name no export and no fix
+        raise AutoMLError(f"The server's replica could not start ({str(exc)[:300]}; its traceback is in Ray's "
+                          "serve logs, e.g. /tmp/ray/session_latest/logs/serve/). Fix: check that each export "
+                          "loads, e.g. python -c 'import automl; automl.load(\"DIR\")'.") from None
     while True:  # serve.run returns once deployed; wait for the replicas to be healthy, within a limit
         status = rs.status().applications[app_name].status
         if str(status).endswith("RUNNING"):
