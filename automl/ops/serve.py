@@ -294,15 +294,7 @@ class Server:
         if self.local and not serve.status().applications:
             serve.shutdown()
         if self.own_ray:
-            self.stop_ray()
-
-    def stop_ray(self) -> None:
-        """Stop a direct server's own Ray and take its direct-ingress settings out of this process."""
-        import ray
-
-        ray.shutdown()
-        for k in DIRECT_ENV:
-            os.environ.pop(k, None)
+            _stop_own_ray()
 
 
 # Ray Serve's direct ingress (Ray 2.60, experimental there): the ingress replica runs an HTTP server of its own, so
@@ -312,6 +304,15 @@ class Server:
 DIRECT_ENV = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
               "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
               "RAY_SERVE_PORT_QUARANTINE_S")
+
+
+def _stop_own_ray() -> None:
+    """Stop a direct server's own Ray and take its direct-ingress settings out of this process."""
+    import ray
+
+    ray.shutdown()
+    for k in DIRECT_ENV:
+        os.environ.pop(k, None)
 
 
 def _direct_ingress(opts: ServeOptions, local: bool) -> None:
@@ -327,8 +328,7 @@ def _direct_ingress(opts: ServeOptions, local: bool) -> None:
         try:
             probe.bind((opts.host, opts.port))
         except OSError:
-            raise AutoMLError(f"Could not listen on {opts.host}:{opts.port}: another process holds that port. Fix: "
-                              f"serve on another port (--port {opts.port + 2}), or stop what listens there.") from None
+            raise _port_held(opts.host, opts.port, opts.port + 2) from None
     if opts.replicas != 1:
         raise AutoMLError(f"Direct serving (--direct) answers on one replica's own port; {opts.replicas} replicas "
                           "were asked for. Fix: --replicas 1, or serve several replicas through the proxy (without "
@@ -345,6 +345,12 @@ def _direct_ingress(opts: ServeOptions, local: bool) -> None:
                               "...`), or without direct serving.")
         return
     os.environ.update(want)
+
+
+def _port_held(host: str, port: int, instead: int) -> AutoMLError:
+    """The error for a port another process holds, with the --port to try instead."""
+    return AutoMLError(f"Could not listen on {host}:{port}: another process holds that port. Fix: serve on another "
+                       f"port (--port {instead}), or stop what listens there.")
 
 
 def _check_proxy(opts: ServeOptions) -> None:
@@ -402,7 +408,7 @@ def serve(export_dirs: list[str | Path], *, names: list[str] | None = None, addr
         return _start(models, names, opts, app_name, local, own_ray, timeout_s)
     except BaseException:
         if own_ray:  # a direct server's own Ray, with its settings, is not left behind by a server that failed
-            Server("", names, app_name, local, own_ray=True).stop_ray()
+            _stop_own_ray()
         raise
 
 
@@ -418,8 +424,7 @@ def _start(models: dict, names: list[str], opts: ServeOptions, app_name: str, lo
             raise
         if local:  # a Serve whose proxy could not start would hold this port's options for the next try
             rs.shutdown()
-        raise AutoMLError(f"Could not listen on {opts.host}:{opts.proxy_port}: another process holds that port. Fix: "
-                          f"serve on another port (--port {opts.proxy_port + 1}), or stop what listens there.") from None
+        raise _port_held(opts.host, opts.proxy_port, opts.proxy_port + 1) from None
     _check_proxy(opts)
     t0 = time.monotonic()
     prefix = "/" if app_name == "automl" else f"/{app_name}"
