@@ -1,13 +1,18 @@
 """Shared fixtures: one Ray instance per test session, tiny real data."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Forced, not defaulted: a user's HF_HUB_OFFLINE=0 must not send the tests to the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 # Runs learn this machine's fixed costs; the suite keeps its own file so one test's run does not re-plan another's
 # and the user's ~/.cache is left alone.
-os.environ["AUTOML_COSTS_FILE"] = os.path.join(__import__("tempfile").mkdtemp(prefix="automl-costs-"), "costs.json")
+_COSTS_DIR = tempfile.mkdtemp(prefix="automl-costs-")
+atexit.register(shutil.rmtree, _COSTS_DIR, ignore_errors=True)  # one per session: none may be left in /tmp
+os.environ["AUTOML_COSTS_FILE"] = os.path.join(_COSTS_DIR, "costs.json")
 
 import numpy as np
 import pandas as pd
