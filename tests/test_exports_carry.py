@@ -101,3 +101,9 @@ def test_the_card_says_when_the_suspected_label_errors_are_mostly_model_confusio
     assert "Expected precision: 0.90" in model_card(m, None) and "model confuses" not in model_card(m, None)
     m.suspected_label_errors = {"count": 300, "share": 0.3, "expected_precision": 0.95}
     assert "That is 30% of the rows, more than label noise usually explains" in model_card(m, None)
+    assert "which rows" not in model_card(m, None)
+    m.suspected_label_errors = {"count": 30, "share": 0.03, "expected_precision": 0.9,
+                                "ranked_with": "trial 6c2e4e3a's margins (over its training on the train rows, on "
+                                               "its last validation pass for the others)"}
+    assert ("How many is confident learning's; which rows, and their order, also weigh trial 6c2e4e3a's margins "
+            "(over its training on the train rows") in model_card(m, None)

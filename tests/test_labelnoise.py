@@ -66,6 +66,28 @@ def test_a_confidently_predicted_other_class_is_flagged_only_by_a_wide_margin():
     assert suspects(proba, y, ["a", "b"])["row"].tolist() == [2]         # row 3: margin 0.3 < 0.5
 
 
+def test_a_fine_tunes_view_picks_which_rows_and_confident_learning_how_many():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    proba = np.array([[0.9, 0.1], [0.1, 0.9], [0.8, 0.2], [0.7, 0.3],   # row 1 flagged by confident learning
+                      [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.25, 0.75]])
+    assert suspects(proba, y, ["a", "b"])["row"].tolist() == [1]
+    # A fine-tune strongly against row 3's label and for row 1's: one row flagged still, now row 3 (out-of-fold
+    # shares against the label: row 1 15/16, row 6 13/16, row 3 10/16; with the fine-tune's: 0.52, 0.51, 0.81).
+    fine = np.full(8, np.nan)
+    fine[[1, 3, 6]] = [0.1, 0.99, 0.2]
+    found = suspects(proba, y, ["a", "b"], fine=fine)
+    assert found["row"].tolist() == [3] and found["suspected_label"].tolist() == ["b"]
+    assert found["p_given_label"].tolist() == [0.7] and found["margin"].iloc[0] == pytest.approx(0.3 - 0.7)
+    # No view (all NaN): confident learning's own rows.
+    assert suspects(proba, y, ["a", "b"], fine=np.full(8, np.nan))["row"].tolist() == [1]
+
+
+def test_views_on_different_scales_become_shares_of_the_rows_against_each_label():
+    from automl.diagnostics.labelnoise import against_label
+
+    np.testing.assert_allclose(against_label(np.array([3.0, -1.0, np.nan, 0.5])), [1 / 6, 5 / 6, np.nan, 0.5])
+
+
 def test_expected_calibration_error_against_a_hand_computed_value():
     from automl.metrics import expected_calibration_error
 
@@ -103,3 +125,37 @@ def test_a_cross_fit_given_a_deadline_paces_every_fold_to_end_by_it(digits_df):
     ends = fold_deadlines(now + 90, 5, 2)  # rounds of 2, 2 and 1 fold(s): 30 s each
     assert np.allclose(np.array(ends) - now, [30, 30, 60, 60, 90], atol=0.5)
     assert fold_deadlines(None, 3, 2) == [None, None, None]
+
+
+def test_the_fine_tunes_view_comes_from_a_kept_trial_that_validated_above_every_head(digits_df, tmp_path):
+    """After the search: the kept margins of the best fine-tune over its training rows and its validation
+    probabilities become its view of each row; a fine-tune no better than rung 0's best head gives none."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from automl.data.inputs import Inputs
+    from automl.diagnostics.labelnoise import against_label
+    from automl.search import kept
+    from automl.stages import _fine_tune_view
+    from automl.training.margins import Margins
+
+    t = prepare(digits_df)
+    inputs = Inputs.materialise(t, 16, tmp_path / "inputs")
+    tr, va = inputs.split("train"), inputs.split("validation")
+    margins = Margins(len(tr))
+    margins.sum[:], margins.count[:] = np.arange(len(tr)), 2
+    proba = np.random.default_rng(0).dirichlet(np.ones(t.num_classes), len(va))
+    best = str(tmp_path / "best")
+    kept.keep_final(best, "tune_1", {"w": torch.zeros(1)}, 0.8, 4, val=(proba, t.y[va]))
+    kept.keep_margins(best, "tune_1", margins)
+    plan, result = SimpleNamespace(val_rows=None), SimpleNamespace(best_dir=best)
+    view, tid = _fine_tune_view(inputs, plan, result, SimpleNamespace(models=[SimpleNamespace(val_score=0.75)]))
+    assert tid == "tune_1" and view.shape == (len(tr) + len(va),)
+    np.testing.assert_allclose(view[:len(tr)], against_label(np.arange(len(tr)) / 2))
+    rest = proba.copy()
+    rest[np.arange(len(va)), t.y[va]] = -1
+    np.testing.assert_allclose(view[len(tr):], against_label(proba[np.arange(len(va)), t.y[va]] - rest.max(1)))
+    heads_as_good = SimpleNamespace(models=[SimpleNamespace(val_score=0.8)])
+    view, tid = _fine_tune_view(inputs, plan, result, heads_as_good)
+    assert view is None and tid == ""

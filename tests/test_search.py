@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 from ray.tune import Callback
 
@@ -112,7 +113,7 @@ def test_search_runs_trials_and_asha_stops_some_early(search, digits_trial_data)
 
 
 @pytest.mark.slow
-def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(search):
+def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(search, digits_trial_data):
     result, marker, _ = search
     tid = marker.read_text()  # the worker process really died once, in this trial
     row = result.trials.set_index("trial_id").loc[tid]
@@ -125,6 +126,13 @@ def test_a_trial_whose_worker_dies_resumes_from_its_last_checkpoint(search):
                    if r["timestamp"] > marker.stat().st_mtime]
     assert after_crash == [(4, 4)]
     assert "_crash_once_after_epoch" not in result.best_config
+    # Its rows' margins over its training (label errors rank by them) came through the crash: counted once for each
+    # row of each of its steps, the three reports before it as well as the one after.
+    bs = int(row["config/batch_size"])
+    steps = 4 * -(-len(digits_trial_data.y_train) // bs)  # a report is a pass here (no deadline, no report_rows)
+    assert row["config/mix"] == "none"  # mixed batches have no one label per row: not counted
+    with np.load(Path(result.best_dir) / f"{tid}.margins.npz") as z:
+        assert int(z["count"].sum()) == steps * bs and z["count"].min() >= 1, (steps, bs, z["count"].sum())
 
 
 @pytest.mark.slow

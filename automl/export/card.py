@@ -163,6 +163,8 @@ def _evaluation(m: ExportManifest) -> list[str]:
         out += ["## Suspected label errors", "",
                 f"{le['count']} training rows have labels the model finds unlikely (out-of-fold probabilities, "
                 "confident learning); see `suspected_label_errors.csv`."
+                + (f" How many is confident learning's; which rows, and their order, also weigh {le['ranked_with']}."
+                   if le.get("ranked_with") else "")
                 + (f" Expected precision: {le['expected_precision']:.2f} (if the model's probabilities are "
                    "calibrated)." if le.get("expected_precision") else "")
                 + (f" That is {le['share']:.0%} of the rows, more than label noise usually explains: many are "

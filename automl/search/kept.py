@@ -3,7 +3,8 @@ trained its whole schedule: the trial's model.
 
 <dir>/<trial_id>.json lists them ({"score", "report", "snapshots": [{"report", "score", "file", "val"}], "final":
 {"report", "score", "file", "val"}}, snapshots best first); each snapshot is <trial_id>.r<report>.safetensors, the
-final weights <trial_id>.final.safetensors, and beside each, where the trial gave them, its validation
+final weights <trial_id>.final.safetensors (with <trial_id>.margins.npz: each training row's margin over the
+run, `training/margins.py`), and beside each, where the trial gave them, its validation
 probabilities and the labels they were scored against (<name>.val.npz): the final choice reads them instead of
 running the model over the validation rows again (a pass each: ~3 s a MiniLM member on 174 rows, 2 cores). The
 JSON is written last, atomically: it only ever names files that are complete.
@@ -97,6 +98,35 @@ def keep(directory: str, trial_id: str, weights: dict, score: float, report: int
     snaps = snaps[:k]
     _write(directory, trial_id, {**entry, "score": snaps[0]["score"], "report": snaps[0]["report"], "snapshots": snaps})
     return True
+
+
+def keep_margins(directory: str, trial_id: str, margins) -> None:
+    """Keep a trial's per-row training margins (`training.margins.Margins`) as <trial_id>.margins.npz: suspected
+    label errors are ranked by them after the search."""
+    if margins is None:
+        return
+    os.makedirs(directory, exist_ok=True)
+    tmp = Path(directory) / f"{trial_id}.margins.tmp.npz"
+    np.savez(tmp, sum=margins.sum, count=margins.count)
+    os.replace(tmp, Path(directory) / f"{trial_id}.margins.npz")
+
+
+def margins(directory: str | None, trial_id: str, n_rows: int) -> np.ndarray | None:
+    """A trial's area under the margin for each of its `n_rows` training rows (NaN where no step trained on one),
+    or None where it kept none for that many rows."""
+    if not directory:
+        return None
+    try:
+        with np.load(Path(directory) / f"{trial_id}.margins.npz", allow_pickle=False) as z:
+            total, count = z["sum"], z["count"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if total.shape != (n_rows,) or count.shape != (n_rows,):
+        return None
+    out = np.full(n_rows, np.nan)
+    seen = count > 0
+    out[seen] = total[seen] / count[seen]
+    return out
 
 
 def best_file(directory: str | None, trial_id: str) -> str | None:

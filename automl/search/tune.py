@@ -101,6 +101,7 @@ def tune_trainable(config: dict, data: TrialData = None, max_epochs: int = 1, th
                 kept.keep(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
             if last:
                 kept.keep_final(best_dir, trial_id, st["model"], score, int(metrics["epoch"]), val=st.get("val"))
+            kept.keep_margins(best_dir, trial_id, st.get("margins"))  # its training so far (label errors rank by it)
         now = time.monotonic()
         due = checkpoint_due(now - clock["last"], clock["cost"], checkpoint_every_s)
         # The last epoch needs none: a finished trial is not resumed.

@@ -23,6 +23,7 @@ from automl.metrics import classification_metrics
 from automl.runtime import amp_dtype, autocast, cpu_bf16, first_pass_is_slow
 from automl.runtime import device as default_device
 from automl.training import featcache, schedules
+from automl.training.margins import Margins
 from automl.training.params import DEFAULTS
 
 @dataclass
@@ -31,6 +32,7 @@ class FitResult:
     encoder: Any
     history: list[dict] = field(default_factory=list)
     spec: models.BackboneSpec | None = None
+    margins: Margins | None = None   # each training row's margin over the run (classification)
 
 
 def full_config(config: dict) -> dict:
@@ -261,6 +263,7 @@ class _Setup:
     scaler: Any = None       # fp16 on a GPU without bf16: scales the loss so small gradients survive
     build_s: float = 0.0     # seconds to build the model and its encoder (what loading a kept trial costs)
     cpu_amp: bool = False    # bf16 autocast in training steps on a CPU (the modality gains and the CPU has AMX)
+    margins: Margins | None = None  # classification: each row's margin at the steps that train on it
 
     def step(self, fwd_model: nn.Module, run_encoder, step: int, advance: int = 1) -> float:
         """One optimizer step on batch number `step` (mixed precision on a GPU), moving the LR schedule on by
@@ -276,6 +279,8 @@ class _Setup:
         else:
             logits = forward(fwd_model, run_encoder, self.x_train, idx, self.device, self.augment, self.cpu_amp)
             loss = self.loss(logits.float(), target)
+            if self.margins is not None:  # mixed batches have no one label per row: not counted
+                self.margins.add(idx, logits, target)
         if self.anchor:
             l2sp = float(self.config["l2sp"])
             loss = loss + l2sp * sum(((p - self.anchor[nme]) ** 2).sum() for nme, p in self.model.named_parameters()
@@ -350,7 +355,7 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
     cpu_amp = device.type == "cpu" and adapter.cpu_bf16 and bool(config["cpu_bf16"]) and cpu_bf16()
     return _Setup(config, model, spec, encoder, groups, optimizer, scheduler, loss, augment_fn, mixup, anchor,
                   x_train, x_val, y_train, Batches(shard, local_bs, seed, lengths), per_report, device, scaler,
-                  build_s, cpu_amp)
+                  build_s, cpu_amp, None if regression else Margins(len(data.y_train)))
 
 
 class Pace:
@@ -424,6 +429,8 @@ def _resumed(s, resume: dict) -> tuple[int, list]:
     s.model.load_state_dict(resume["model"], strict=False)
     s.optimizer.load_state_dict(resume["optimizer"])
     s.scheduler.load_state_dict(resume["scheduler"])
+    if s.margins is not None:
+        s.margins.load(resume.get("margins"))
     return int(resume["epoch"]), list(resume.get("history", []))
 
 
@@ -525,14 +532,16 @@ def fit(config: dict, data: TrialData, *, epochs: int, schedule_epochs: int | No
             def state_fn(weights_only: bool = False, epoch_now=epoch + 1, k=k, val_proba=val_proba):
                 if weights_only:  # with the validation pass that scored them (kept for the final choice)
                     return {"model": trainable_state(model),
-                            "val": None if val_proba is None else (val_proba, np.asarray(data.y_val))}
+                            "val": None if val_proba is None else (val_proba, np.asarray(data.y_val)),
+                            "margins": s.margins}
                 return {"model": trainable_state(model), "optimizer": copy.deepcopy(s.optimizer.state_dict()),
                         "scheduler": s.scheduler.state_dict(), "epoch": epoch_now, "trainable_k": k,
-                        "history": list(history), "pace": pace.state()}
+                        "history": list(history), "pace": pace.state(),
+                        "margins": s.margins.state() if s.margins is not None else None}
 
             report(metrics, state_fn)
     model.eval()
-    return FitResult(model=model, encoder=s.encoder, history=history, spec=s.spec)
+    return FitResult(model=model, encoder=s.encoder, history=history, spec=s.spec, margins=s.margins)
 
 
 def load_best(config: dict, num_classes: int, weights: str | None):
