@@ -3,11 +3,11 @@ trained its whole schedule: the trial's model.
 
 <dir>/<trial_id>.json lists them ({"score", "report", "snapshots": [{"report", "score", "file", "val"}], "final":
 {"report", "score", "file", "val"}}, snapshots best first); each snapshot is <trial_id>.r<report>.safetensors, the
-final weights <trial_id>.final.safetensors (with <trial_id>.margins.npz: each training row's margin over the
-run, `training/margins.py`), and beside each, where the trial gave them, its validation
-probabilities and the labels they were scored against (<name>.val.npz): the final choice reads them instead of
-running the model over the validation rows again (a pass each: ~3 s a MiniLM member on 174 rows, 2 cores). The
-JSON is written last, atomically: it only ever names files that are complete.
+final weights <trial_id>.final.safetensors (and <trial_id>.margins.npz: each training row's margins over the run
+so far, `training/margins.py`, rewritten with each kept report), and beside each, where the trial gave them, its
+validation probabilities and the labels they were scored against (<name>.val.npz): the final choice reads them
+instead of running the model over the validation rows again (a pass each: ~3 s a MiniLM member on 174 rows, 2
+cores). The JSON is written last, atomically: it only ever names files that are complete.
 
 Why the last report and not the best: at the end of its schedule (the learning rate annealed) a run is at its
 best in expectation; the report that scores best on a small validation set is often a mid-schedule one picked by
