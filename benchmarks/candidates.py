@@ -131,11 +131,7 @@ def labels(seed: int) -> list[str]:
     out = []
     for name in ("digits", "stamps", "fortunes"):
         clean = getattr(realsets, name)()
-        rng = np.random.default_rng(seed)
-        flipped = rng.choice(len(clean), int(0.05 * len(clean)), replace=False)
-        noisy = clean.copy()
-        classes = sorted(clean["label"].unique(), key=str)
-        noisy.loc[flipped, "label"] = [rng.choice([c for c in classes if c != v]) for v in noisy.loc[flipped, "label"]]
+        noisy, flipped = realsets.with_flipped_labels(clean, seed)
         row = []
         for which, df in (("flipped", noisy), ("clean", clean)):
             task = prepare(df, "label", seed=seed, drop_rare_classes=True)
@@ -199,14 +195,10 @@ def labels_rung0(seed: int) -> list[str]:
     out = []
     for name in ("stamps", "fortunes"):
         clean = getattr(realsets, name)()
-        rng = np.random.default_rng(seed)
-        flipped = rng.choice(len(clean), int(0.05 * len(clean)), replace=False)
-        classes = sorted(clean["label"].unique(), key=str)
+        noisy, flipped = realsets.with_flipped_labels(clean, seed)
         row = []
         for which in ("flipped", "clean"):
-            df = clean.copy()
-            if which == "flipped":
-                df.loc[flipped, "label"] = [rng.choice([c for c in classes if c != v]) for v in df.loc[flipped, "label"]]
+            df = noisy if which == "flipped" else clean
             task = prepare(df, "label", seed=seed, drop_rare_classes=True)
             size = min(96, max(MIN_IMAGE_PRETRAINED, image_side(task.images))) if task.modality == "image" else None
             inputs = Inputs.materialise(task, size, Path(tempfile.mkdtemp()))
@@ -248,12 +240,7 @@ def labels_product(budget: float, seed: int) -> list[str]:
 
     out = []
     for name in ("stamps", "fortunes"):
-        clean = getattr(realsets, name)()
-        rng = np.random.default_rng(seed)
-        flipped = rng.choice(len(clean), int(0.05 * len(clean)), replace=False)
-        classes = sorted(clean["label"].unique(), key=str)
-        df = clean.copy()
-        df.loc[flipped, "label"] = [rng.choice([c for c in classes if c != v]) for v in df.loc[flipped, "label"]]
+        df, flipped = realsets.with_flipped_labels(getattr(realsets, name)(), seed)
         d = DataOptions()
         task = prepare(df, "label", seed=seed, drop_rare_classes=d.drop_rare_classes, drop_bad_images=d.drop_bad_images)
         searched = set(task.row_index[np.concatenate([task.splits["train"], task.splits["validation"]])])

@@ -47,12 +47,7 @@ def run(name: str, seed: int, out_dir: Path, reports: int = 12) -> Path:
     from automl.training.loop import encode_inputs, fit, full_config
 
     torch.set_num_threads(2)
-    clean = getattr(realsets, name)()
-    rng = np.random.default_rng(seed)
-    flipped = rng.choice(len(clean), int(0.05 * len(clean)), replace=False)
-    classes = sorted(clean["label"].unique(), key=str)
-    df = clean.copy()
-    df.loc[flipped, "label"] = [rng.choice([c for c in classes if c != v]) for v in df.loc[flipped, "label"]]
+    df, flipped = realsets.with_flipped_labels(getattr(realsets, name)(), seed)
     task = prepare(df, "label", seed=seed, drop_rare_classes=True)
     size = min(128, max(MIN_IMAGE_PRETRAINED, image_side(task.images))) if task.modality == "image" else None
     inputs = Inputs.materialise(task, size, Path(tempfile.mkdtemp()))

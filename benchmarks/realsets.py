@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 # Where the Debian packages put them; the variables point elsewhere (a copy on a machine without the packages).
@@ -243,6 +244,17 @@ def oxygen(side: int = 32, max_per_class: int = 300, min_per_class: int = 20, se
     if df["label"].nunique() < 4:
         raise _missing(folder, "oxygen-icon-theme")
     return _cap(df, max_per_class, seed)
+
+
+def with_flipped_labels(clean: pd.DataFrame, seed: int, share: float = 0.05) -> tuple[pd.DataFrame, np.ndarray]:
+    """A copy of `clean` with `share` of its rows' labels changed to another of its classes (seeded: the same rows
+    and labels for a seed in every benchmark of suspected label errors); (that copy, the rows flipped)."""
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice(len(clean), int(share * len(clean)), replace=False)
+    classes = sorted(clean["label"].unique(), key=str)
+    noisy = clean.copy()
+    noisy.loc[flipped, "label"] = [rng.choice([c for c in classes if c != v]) for v in noisy.loc[flipped, "label"]]
+    return noisy, flipped
 
 
 def digits() -> pd.DataFrame:
