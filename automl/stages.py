@@ -415,28 +415,25 @@ def _fine_tune_view(inputs: Inputs, plan: Plan, result: SearchResult, rung0: Run
     validation rows, NaN elsewhere; and its trial id. (None, "") where no trial kept its margins, or where the best
     that did validated no better than rung 0's best head: a weaker model's view would dilute the heads' (a 4-report
     fine-tune of 8 px digits halved the planted flips found)."""
-    from automl.diagnostics.labelnoise import against_label
+    from automl.diagnostics.labelnoise import against_label, label_margin
     from automl.search import kept
 
     best_dir, task = result.best_dir, inputs.task
     tr, va_all = inputs.split("train"), inputs.split("validation")
     heads = max((p.val_score for p in rung0.models), default=-np.inf)
-    ranked = sorted(kept.scores(best_dir) if best_dir else {}, key=lambda t: -(kept.model_score(best_dir, t) or 0))
-    for tid in ranked:
+    scores = {t: kept.model_score(best_dir, t) for t in (kept.scores(best_dir) if best_dir else {})}
+    for tid in sorted(scores, key=lambda t: -(scores[t] or 0)):
         train = kept.margins(best_dir, tid, len(tr))
         if train is None:
             continue
-        if (kept.model_score(best_dir, tid) or -np.inf) <= heads:
+        if (scores[tid] or -np.inf) <= heads:
             break
         val = np.full(len(va_all), np.nan)
         va = inputs.scored("validation", plan.val_rows)
         proba = kept.model_val_proba(best_dir, tid, task.y[va])
         if proba is not None:
-            y = task.y[va]
-            rest = proba.copy()
-            rest[np.arange(len(y)), y] = -1.0
             at = {r: i for i, r in enumerate(va_all)}
-            val[[at[r] for r in va]] = proba[np.arange(len(y)), y] - rest.max(1)
+            val[[at[r] for r in va]] = label_margin(proba, task.y[va])
         return np.concatenate([against_label(train), against_label(val)]), tid
     return None, ""
 

@@ -77,7 +77,7 @@ def run(name: str, seed: int, out_dir: Path, reports: int = 12) -> Path:
 
 
 def table(paths: list[Path]) -> list[str]:
-    from automl.diagnostics.labelnoise import against_label, suspects
+    from automl.diagnostics.labelnoise import against_label, label_margin, suspects
 
     views = ("oof", "equal", "fine", "acc-w")
     lines = ["| set | seed | planted | k | accuracy: fine-tune (validation) / heads (out of fold) | "
@@ -85,18 +85,13 @@ def table(paths: list[Path]) -> list[str]:
     for path in paths:
         d = np.load(path)
         y, ntr = d["y"], len(d["tr"])
-        n, planted = len(y), np.isin(d["rows"], d["flipped"])
+        planted = np.isin(d["rows"], d["flipped"])
         oof = d["oof"]
-        rest = oof.copy()
-        rest[np.arange(n), y] = -1
-        oof_view = against_label(oof[np.arange(n), y] - rest.max(1))
+        oof_view = against_label(label_margin(oof, y))
         lv, yv = d["lv"], y[ntr:]
         pv = np.exp(lv - lv.max(1, keepdims=True))
         pv /= pv.sum(1, keepdims=True)
-        rv = pv.copy()
-        rv[np.arange(len(yv)), yv] = -1
-        fine = np.concatenate([against_label(d["sums"] / np.maximum(d["cnt"], 1)),
-                               against_label(pv[np.arange(len(yv)), yv] - rv.max(1))])
+        fine = np.concatenate([against_label(d["sums"] / np.maximum(d["cnt"], 1)), against_label(label_margin(pv, yv))])
         acc_f, acc_o = (lv.argmax(1) == yv).mean(), (oof.argmax(1) == y).mean()
         k = len(suspects(oof, y, list(range(oof.shape[1]))))
         cells = []

@@ -116,6 +116,15 @@ def cv_summary(proba: np.ndarray, y: np.ndarray, fold_of: np.ndarray, num_classe
                             "std": float(np.std([m[k] for m in per_fold]))} for k in keys}}
 
 
+def label_margin(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Each row's score (probability or logit) of its given label minus the largest other."""
+    rows = np.arange(len(y))
+    rest = np.array(scores, dtype=float)
+    given = rest[rows, y].copy()
+    rest[rows, y] = -np.inf
+    return given - rest.max(1)
+
+
 def against_label(margin: np.ndarray) -> np.ndarray:
     """How strongly a model is against each row's label, as the share in (0, 1) of the rows of `margin` whose
     margin (given label over the best other, any scale) is at least that row's: near 1 for the lowest. NaN stays
@@ -153,7 +162,7 @@ def suspects(proba: np.ndarray, y: np.ndarray, classes: list, row_index: np.ndar
         best_other = rest.argmax(1)
         other = np.where(flag, other, best_other)      # rows only the fine-tune points at: the likeliest other
         margin = proba[np.arange(n), other] - p_given
-        oof_view = against_label(p_given - rest.max(1))
+        oof_view = against_label(p_given - proba[np.arange(n), best_other])
         both = np.where(np.isfinite(fine), (oof_view + np.nan_to_num(fine)) / 2, oof_view)
         order = np.argsort(-both, kind="stable")[:len(order)]
     rows = row_index if row_index is not None else np.arange(n)

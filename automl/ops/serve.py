@@ -301,9 +301,16 @@ class Server:
 # a request skips the proxy actor's hop. Serve reads these at import, in every process of the Ray instance: they are
 # set before a local Ray starts. On a 2-core machine a request to an ingress that answers without a model took
 # 1.2-1.7 ms p50 on the replica's own port against 8.8-13.5 ms through the proxy (benchmarks/RESULTS.md, "Serving").
-DIRECT_ENV = ("RAY_SERVE_ENABLE_DIRECT_INGRESS", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
-              "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S",
-              "RAY_SERVE_PORT_QUARANTINE_S")
+def _direct_settings(port: int) -> dict[str, str]:
+    """Serve's direct ingress on `port` alone."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive: the one port
+            # No load balancer in front to drain for or to forget the port: a replica that stops or restarts
+            # lets go of it at once and takes it again (Serve's defaults hold it 30 s and quarantine it longer).
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+DIRECT_ENV = tuple(_direct_settings(0))  # the settings' names
 
 
 def _stop_own_ray() -> None:
@@ -333,11 +340,7 @@ def _direct_ingress(opts: ServeOptions, local: bool) -> None:
         raise AutoMLError(f"Direct serving (--direct) answers on one replica's own port; {opts.replicas} replicas "
                           "were asked for. Fix: --replicas 1, or serve several replicas through the proxy (without "
                           "--direct).")
-    want = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(opts.port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(opts.port + 1),  # exclusive: the one port
-            # No load balancer in front to drain for or to forget the port: a replica that stops or restarts
-            # lets go of it at once and takes it again (Serve's defaults hold it 30 s and quarantine it longer).
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0", "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+    want = _direct_settings(opts.port)
     if ray.is_initialized():
         if any(os.environ.get(k) != v for k, v in want.items()):
             raise AutoMLError(f"Direct serving (--direct) on port {opts.port} needs a Ray started for it, and this "

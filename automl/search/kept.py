@@ -123,10 +123,9 @@ def margins(directory: str | None, trial_id: str, n_rows: int) -> np.ndarray | N
         return None
     if total.shape != (n_rows,) or count.shape != (n_rows,):
         return None
-    out = np.full(n_rows, np.nan)
-    seen = count > 0
-    out[seen] = total[seen] / count[seen]
-    return out
+    from automl.training.margins import area
+
+    return area(total, count)
 
 
 def best_file(directory: str | None, trial_id: str) -> str | None:

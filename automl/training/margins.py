@@ -11,7 +11,14 @@ errors: which rows, also from the fine-tune's margins"). ~22 us a step: the logi
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+
+def area(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Each row's area under the margin from its sum and count; NaN for rows no step trained on."""
+    out = np.full(len(total), np.nan)
+    seen = count > 0
+    out[seen] = total[seen] / count[seen]
+    return out
 
 
 class Margins:
@@ -21,8 +28,10 @@ class Margins:
         self.sum = np.zeros(n_rows, dtype=np.float64)
         self.count = np.zeros(n_rows, dtype=np.int64)
 
-    def add(self, idx: np.ndarray, logits: torch.Tensor, target: torch.Tensor) -> None:
+    def add(self, idx: np.ndarray, logits, target) -> None:
         """Record one step's batch: rows `idx` (of the run's training rows), their logits and given labels."""
+        import torch
+
         with torch.no_grad():
             lg = logits.detach().float()
             given = lg.gather(1, target.view(-1, 1)).squeeze(1)
@@ -33,12 +42,11 @@ class Margins:
 
     def mean(self) -> np.ndarray:
         """Each row's area under the margin; NaN for rows no step trained on."""
-        out = np.full(len(self.sum), np.nan)
-        seen = self.count > 0
-        out[seen] = self.sum[seen] / self.count[seen]
-        return out
+        return area(self.sum, self.count)
 
-    def state(self) -> dict[str, torch.Tensor]:
+    def state(self) -> dict:
+        import torch
+
         return {"sum": torch.from_numpy(self.sum.copy()), "count": torch.from_numpy(self.count.copy())}
 
     def load(self, state: dict | None) -> None:
