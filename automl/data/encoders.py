@@ -37,9 +37,9 @@ class ImageEncoder:
         mean = torch.tensor(self.mean, device=out.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
         out = (out - mean) / std
-        if out.device.type == "cuda":
-            out = out.contiguous(memory_format=torch.channels_last)  # what CNN kernels on a GPU run fastest on
-        return out
+        # What CNN kernels run fastest on, on a GPU and with oneDNN on a CPU (EfficientNet-Lite0 on 2 cores: a
+        # training step 1.5x, a prediction 1.4-1.8x; RESULTS "Channels-last batches on a CPU").
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 @dataclass

@@ -14,7 +14,7 @@ class Modality:
     name = ""
     sized = False               # the plan chooses the inputs' size (image side in px); else a length in tokens
     library = ""                # the backbone family that builds example inputs for tracing its models
-    channels_last = False       # its batches are channels-last on a GPU (and the model is converted to match)
+    channels_last = False       # its batches are channels-last (and a model it trains is converted to match)
     cpu_bf16 = False            # its training steps run under bf16 autocast on a CPU with bf16 matrix units
     test_file = ""              # the export's stored test split
     max_columns: int | None = None  # input columns one model takes (None: every column of this kind)

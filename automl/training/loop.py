@@ -316,8 +316,8 @@ def _setup(config: dict, data: TrialData, *, reports: int, device, rank: int = 0
         model.load_state_dict(initial_state, strict=False)
     model.to(device)
     adapter = modalities.get(data.modality)
-    if device.type == "cuda" and adapter.channels_last:
-        model.to(memory_format=torch.channels_last)  # matches the batches (ImageEncoder.batch)
+    if adapter.channels_last:
+        model.to(memory_format=torch.channels_last)  # matches the batches (ImageEncoder.batch), on any device
     encoder = build_encoder(config, model, spec)
     build_s = time.perf_counter() - t_build
     groups = models.family(model).layer_groups(model)
