@@ -38,7 +38,7 @@ class ImageEncoder:
         std = torch.tensor(self.std, device=out.device).view(1, 3, 1, 1)
         out = (out - mean) / std
         # What CNN kernels run fastest on, on a GPU and with oneDNN on a CPU (EfficientNet-Lite0 on 2 cores: a
-        # training step 1.5x, a prediction 1.4-1.8x; RESULTS "Channels-last batches on a CPU").
+        # training step 1.5-2.0x, a prediction 1.4-1.8x; RESULTS "Channels-last batches on a CPU").
         return out.contiguous(memory_format=torch.channels_last)
 
 
