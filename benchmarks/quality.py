@@ -420,13 +420,14 @@ def autogluon(df: pd.DataFrame, budget: float, seed: int, tmp: Path) -> dict | N
     images such as digits' arrays)."""
     from automl.models import minilm_dir
 
-    if not AG_PYTHON.exists() or ("image" in df and not isinstance(df["image"].iloc[0], str)):
+    images = "image" in df
+    if not AG_PYTHON.exists() or (images and not isinstance(df["image"].iloc[0], str)):
         return None
     train = df[df["split"] != "test"].drop(columns=["split"])
     test = df[df["split"] == "test"].drop(columns=["split"])
     train.to_csv(tmp / "ag_train.csv", index=False)
     test.to_csv(tmp / "ag_test.csv", index=False)
-    backbone = (["--image-checkpoint", str(timm_checkpoint(tmp / "ag_lite0"))] if "image" in df
+    backbone = (["--image-checkpoint", str(timm_checkpoint(tmp / "ag_lite0"))] if images
                 else ["--checkpoint", minilm_dir()])
     t0 = time.monotonic()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
@@ -505,7 +506,8 @@ def report(rows: list[dict], methods: list[str], budget: float) -> list[str]:
            "space's start point trained once for a sensible length that fits the budget; `random` is the same plan "
            "with random sampling and no early stopping; `hf_search` is transformers' `Trainer.hyperparameter_search` "
            "(Optuna, its default space) on the same MiniLM (text); `autogluon` is AutoGluon MultiModal 1.6.3 on the "
-           "same MiniLM (texts) or EfficientNet-Lite0 ImageNet weights (image files). Same train/validation/test rows for every method of a seed.", "",
+           "same MiniLM (texts) or EfficientNet-Lite0 ImageNet weights (image files). Same train/validation/test "
+           "rows for every method of a seed.", "",
            "| set | seed | " + " | ".join(methods) + " | ours − fixed | plan (ours) |",
            "|---|---|" + "---|" * len(methods) + "---|---|"]
     for r in rows:
