@@ -76,6 +76,10 @@ def test_conflicting_duplicates_are_dropped_and_counted():
     (lambda: pd.DataFrame({"text": list("abcdef"), "label": [1, "x", 1, "x", 1, "x"]}), "mixes value types"),
     (lambda: pd.DataFrame({"text": list("abcd"), "label": [1, 2, 1, 2]}), "fewer than 3 examples"),
     (lambda: pd.DataFrame({"text": list("abcdefgh"), "label": [1, 1, 1, 2, 2, 2, 2, 3]}), "'3': 1"),
+    # Five rows of class 1, one text: kept once (copies in two splits would leak), and the message says so.
+    (lambda: pd.DataFrame({"text": ["same"] * 5 + list("abc"), "label": [1] * 5 + [2] * 3}),
+     "{'1': 1} in column 'label' have fewer than 3 examples, too few to put one in each of train/validation/test "
+     "(counted after 4 repeated input(s) were kept once"),
     (lambda: pd.DataFrame([["a", "b", 1]], columns=["text", "text", "label"]), "duplicated column names ['text']"),
 ])
 def test_bad_input_raises_clear_data_error(make, needle):

@@ -495,6 +495,15 @@ def _read_rows(adapter: Any, df: pd.DataFrame, in_cols: list[str], label_col: st
     return _Kept(df, rows, keys).where(_dedupe(keys, df[label_col], report))
 
 
+def _after_dedupe(report: DataReport) -> str:
+    """Why a class can count fewer examples than the user gave: repeated inputs are kept once."""
+    dup, clash = report.dropped_duplicates, report.dropped_conflicting_duplicates
+    if not dup and not clash:
+        return ""
+    return (f" (counted after {dup} repeated input(s) were kept once and {clash} with conflicting labels dropped: "
+            "copies of one input in two splits would score a model on rows it trained on)")
+
+
 def _drop_rare(kept: _Kept, label_col: str, task: str, has_split_col: bool, drop_rare_classes: bool,
                report: DataReport) -> tuple[_Kept, pd.Series]:
     """Refuse, or drop and report, classes too small to split; returns the rows kept and each label's count."""
@@ -505,7 +514,7 @@ def _drop_rare(kept: _Kept, label_col: str, task: str, has_split_col: bool, drop
         if not drop_rare_classes:
             raise DataError(
                 f"Class(es) {dict((str(k), int(v)) for k, v in rare.items())} in column {label_col!r} have fewer than "
-                f"{MIN_PER_CLASS} examples, too few to put one in each of train/validation/test. "
+                f"{MIN_PER_CLASS} examples, too few to put one in each of train/validation/test{_after_dedupe(report)}. "
                 "Fix: add examples of these classes, remove them, or pass drop_rare_classes=True to drop them "
                 "(they are listed in the data report).")
         report.dropped_rare_classes = {str(k): int(v) for k, v in rare.items()}
