@@ -514,7 +514,8 @@ def _drop_rare(kept: _Kept, label_col: str, task: str, has_split_col: bool, drop
         if not drop_rare_classes:
             raise DataError(
                 f"Class(es) {dict((str(k), int(v)) for k, v in rare.items())} in column {label_col!r} have fewer than "
-                f"{MIN_PER_CLASS} examples, too few to put one in each of train/validation/test{_after_dedupe(report)}. "
+                f"{MIN_PER_CLASS} examples, too few to put one in each of train/validation/test"
+                f"{_after_dedupe(report)}. "
                 "Fix: add examples of these classes, remove them, or pass drop_rare_classes=True to drop them "
                 "(they are listed in the data report).")
         report.dropped_rare_classes = {str(k): int(v) for k, v in rare.items()}
