@@ -400,3 +400,19 @@ def test_an_update_of_an_export_made_before_the_fill_reads_its_new_images_as_the
     store, failed = ImageStore.build(updated, 16, tmp_path / "store", parallel=False)
     assert not failed and (store.array()[:, :, :, 15] == 255).all()
     assert updated.fingerprint() != fresh.fingerprint()  # no store or cache of the other fill is reused
+
+
+def test_labels_that_differ_only_in_case_or_spacing_are_kept_apart_and_noted():
+    """A stray space from a CSV makes "cat " a class of its own: trained as given (it may be meant), and the data
+    report, which the card shows, says which labels and how to join them."""
+    texts = [f"a short text about thing {i}" for i in range(40)]
+    df = pd.DataFrame({"text": texts, "label": ["cat", "cat ", "dog", "Dog"] * 10})
+    t = prepare(df)
+    assert sorted(t.classes) == ["Dog", "cat", "cat ", "dog"]
+    notes = [n for n in t.report.notes if "differ only in case or spacing" in n]
+    assert notes == ["labels 'cat', 'cat ' differ only in case or spacing and are trained as 2 classes, as given; if "
+                     "they are one, fix the labels (e.g. df['label'] = df['label'].str.strip()).",
+                     "labels 'Dog', 'dog' differ only in case or spacing and are trained as 2 classes, as given; if "
+                     "they are one, fix the labels (e.g. df['label'] = df['label'].str.strip().str.lower())."], \
+        t.report.notes
+    assert not any("differ only" in n for n in prepare(df.assign(label=["cat", "dog"] * 20)).report.notes)

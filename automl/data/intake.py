@@ -269,7 +269,22 @@ def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.Da
         raise DataError(
             f"Label column {label_col!r} mixes value types {sorted(types)} (e.g. {examples}); expected one type. "
             f"Fix: convert the labels to one type, e.g. df[{label_col!r}] = df[{label_col!r}].astype(str).")
+    for variants in _spelling_variants(df[label_col])[:5]:
+        # Said, not merged: "Cat" and "cat" may be two classes on purpose; a stray space from a CSV rarely is.
+        join = ".str.strip()" if len({" ".join(v.split()) for v in variants}) == 1 else ".str.strip().str.lower()"
+        report.notes.append(f"labels {', '.join(map(repr, variants))} differ only in case or spacing and are trained "
+                            f"as {len(variants)} classes, as given; if they are one, fix the labels (e.g. "
+                            f"df[{label_col!r}] = df[{label_col!r}]{join}).")
     return df
+
+
+def _spelling_variants(labels: pd.Series) -> list[list[str]]:
+    """Groups of distinct string labels that are equal once case and spacing are ignored ("Cat", "cat ")."""
+    groups: dict[str, list[str]] = {}
+    for v in labels.unique():
+        if isinstance(v, str):
+            groups.setdefault(" ".join(v.split()).casefold(), []).append(v)
+    return [sorted(g) for g in groups.values() if len(g) > 1]
 
 
 def _inspect_images(df: pd.DataFrame, col: str, base_dir: str | None, report: DataReport, strict: bool,
