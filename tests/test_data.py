@@ -79,7 +79,7 @@ def test_conflicting_duplicates_are_dropped_and_counted():
     # Five rows of class 1, one text: kept once (copies in two splits would leak), and the message says so.
     (lambda: pd.DataFrame({"text": ["same"] * 5 + list("abc"), "label": [1] * 5 + [2] * 3}),
      "{'1': 1} in column 'label' have fewer than 3 examples, too few to put one in each of train/validation/test "
-     "(counted after 4 repeated input(s) were kept once"),
+     "(counted after 4 exact copies of other rows were dropped"),
     (lambda: pd.DataFrame([["a", "b", 1]], columns=["text", "text", "label"]), "duplicated column names ['text']"),
 ])
 def test_bad_input_raises_clear_data_error(make, needle):

@@ -513,10 +513,13 @@ def _read_rows(adapter: Any, df: pd.DataFrame, in_cols: list[str], label_col: st
 def _after_dedupe(report: DataReport) -> str:
     """Why a class can count fewer examples than the user gave: repeated inputs are kept once."""
     dup, clash = report.dropped_duplicates, report.dropped_conflicting_duplicates
-    if not dup and not clash:
-        return ""
-    return (f" (counted after {dup} repeated input(s) were kept once and {clash} with conflicting labels dropped: "
-            "copies of one input in two splits would score a model on rows it trained on)")
+    said = []
+    if dup:
+        said.append(f"{dup} exact copies of other rows were dropped, as copies of one input in two splits would score "
+                    "a model on rows it trained on")
+    if clash:
+        said.append(f"{clash} rows whose identical inputs carry different labels were dropped")
+    return f" (counted after {'; and after '.join(said)})" if said else ""
 
 
 def _drop_rare(kept: _Kept, label_col: str, task: str, has_split_col: bool, drop_rare_classes: bool,
