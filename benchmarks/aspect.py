@@ -35,7 +35,9 @@ from quality import split  # noqa: E402
 
 def _padded(img: Image.Image) -> Image.Image:
     """An image with transparency centred on a transparent square canvas (others unchanged)."""
-    if not (img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)):
+    from automl.data.images import has_transparency
+
+    if not has_transparency(img):
         return img
     img = img.convert("RGBA")
     w, h = img.size
@@ -97,6 +99,7 @@ def main() -> None:
 
     import torch
 
+    from automl.data.intake import class_weights
     from automl.data.trial_data import TrialData
     from automl.search.space import load_space
     from automl.training.loop import default_device, evaluate, fit
@@ -111,8 +114,7 @@ def main() -> None:
     for seed in range(args.seeds):
         parts = split(df, seed)["split"].to_numpy()
         idx = {p: np.flatnonzero(parts == p) for p in ("train", "validation", "test")}
-        counts = np.bincount(y_all[idx["train"]], minlength=len(classes))
-        weights = (counts.sum() / (len(classes) * np.maximum(counts, 1))).astype(np.float32)
+        weights = class_weights(y_all[idx["train"]], len(classes))
         for pad in (False, True):
             canvas = "padded" if pad else "stretched"
             if canvas not in arrays:
@@ -120,19 +122,15 @@ def main() -> None:
             x = arrays[canvas]
             if args.probe:
                 rows.append((seed, canvas, *_probe(start, x, y_all, idx, len(classes), canvas)))
-                print(f"seed {seed} {rows[-1][1]:>9}: test macro-F1 {rows[-1][2]:.4f}, validation {rows[-1][3]:.4f} "
-                      f"({rows[-1][4]:.0f} s)", flush=True)
-                continue
-            data = TrialData("image", len(classes), x[idx["train"]], y_all[idx["train"]], x[idx["validation"]],
-                             y_all[idx["validation"]], class_weights=weights)
-            torch.manual_seed(seed)
-            t0 = time.time()
-            res = fit({**start, "seed": seed}, data, epochs=args.epochs)
-            test = evaluate(res.model, res.encoder, x[idx["test"]], y_all[idx["test"]], len(classes),
-                            default_device())
-            rows.append((seed, "padded" if pad else "stretched", test["f1_macro"], res.history[-1]["val_f1_macro"],
-                         time.time() - t0))
-            print(f"seed {seed} {rows[-1][1]:>9}: test macro-F1 {rows[-1][2]:.4f}, validation {rows[-1][3]:.4f} "
+            else:
+                data = TrialData("image", len(classes), x[idx["train"]], y_all[idx["train"]], x[idx["validation"]],
+                                 y_all[idx["validation"]], class_weights=weights)
+                t0 = time.time()
+                res = fit({**start, "seed": seed}, data, epochs=args.epochs)  # fit seeds torch from the config
+                test = evaluate(res.model, res.encoder, x[idx["test"]], y_all[idx["test"]], len(classes),
+                                default_device())
+                rows.append((seed, canvas, test["f1_macro"], res.history[-1]["val_f1_macro"], time.time() - t0))
+            print(f"seed {seed} {canvas:>9}: test macro-F1 {rows[-1][2]:.4f}, validation {rows[-1][3]:.4f} "
                   f"({rows[-1][4]:.0f} s)", flush=True)
     print("\n| seed | stretched | padded | padded − stretched |\n|---|---|---|---|")
     for seed in range(args.seeds):

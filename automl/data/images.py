@@ -64,12 +64,17 @@ def _to_rgb(img: Image.Image, alpha_background: str) -> Image.Image:
         # 16- and 32-bit greys (scans, microscopy, depth maps) and float images: Pillow's convert() clips them at
         # 255, so a 16-bit PNG decoded nearly white and a float one in [0, 1] black. Scaled as arrays are.
         return _array_to_pil(np.asarray(img)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if has_transparency(img):
         img = img.convert("RGBA")
         fill = 0 if alpha_background == "contrast" and _drawing_luminance(img) >= LIGHT_DRAWING else 255
         background = Image.new("RGBA", img.size, (fill, fill, fill, 255))
         return Image.alpha_composite(background, img).convert("RGB")
     return img.convert("RGB")
+
+
+def has_transparency(img: Image.Image) -> bool:
+    """Whether an image has an alpha channel or a transparent palette entry."""
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
 
 
 def _drawing_luminance(img: Image.Image) -> float:

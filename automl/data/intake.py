@@ -271,11 +271,18 @@ def _clean_labels(df: pd.DataFrame, label_col: str, report: DataReport) -> pd.Da
             f"Fix: convert the labels to one type, e.g. df[{label_col!r}] = df[{label_col!r}].astype(str).")
     for variants in _spelling_variants(df[label_col])[:5]:
         # Said, not merged: "Cat" and "cat" may be two classes on purpose; a stray space from a CSV rarely is.
-        join = ".str.strip()" if len({" ".join(v.split()) for v in variants}) == 1 else ".str.strip().str.lower()"
+        spaced_only = len({spelling_key(v, case=True) for v in variants}) == 1
+        join = ".str.strip()" if spaced_only else ".str.strip().str.lower()"
         report.notes.append(f"labels {', '.join(map(repr, variants))} differ only in case or spacing and are trained "
                             f"as {len(variants)} classes, as given; if they are one, fix the labels (e.g. "
                             f"df[{label_col!r}] = df[{label_col!r}]{join}).")
     return df
+
+
+def spelling_key(text: str, case: bool = False) -> str:
+    """A text as a reader sees it: spacing ignored, and case unless `case` ("Cat  dog " and "cat dog" are one)."""
+    text = " ".join(text.split())
+    return text if case else text.casefold()
 
 
 def _spelling_variants(labels: pd.Series) -> list[list[str]]:
@@ -283,7 +290,7 @@ def _spelling_variants(labels: pd.Series) -> list[list[str]]:
     groups: dict[str, list[str]] = {}
     for v in labels.unique():
         if isinstance(v, str):
-            groups.setdefault(" ".join(v.split()).casefold(), []).append(v)
+            groups.setdefault(spelling_key(v), []).append(v)
     return [sorted(g) for g in groups.values() if len(g) > 1]
 
 

@@ -56,9 +56,10 @@ class TextModality(Modality):
         return {"texts": rows}
 
     def split_keys(self, keys, rows, report):
+        from automl.data.intake import spelling_key
+
         # Texts that differ only in case or spacing are one text to a reader: one split for all of them.
-        return self.grouped(keys, ["\x1f".join(" ".join(part.casefold().split()) for part in k.split("\x1f"))
-                                   for k in keys])
+        return self.grouped(keys, ["\x1f".join(spelling_key(part) for part in k.split("\x1f")) for k in keys])
 
     def read_for_prediction(self, df, columns, base_dir, preprocessing=None):
         from automl.data.intake import require_columns
