@@ -4,29 +4,23 @@ interpreter, since this test process has imported everything already."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _fresh import FreshPythons
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 SEARCH_ENGINE = ("ray.tune", "optuna", "ray.train", "ray.serve")
 
 
-_STARTED: dict[str, subprocess.Popen] = {}
+FRESH: FreshPythons | None = None  # this module's interpreters, started when its first test runs
 
 
 def _output(name: str) -> str:
-    """What `name`'s interpreter printed (it must have exited 0). Every check of this module is started when its
-    first test runs (`started`): each is mostly one core's imports, so two run at once on two cores instead of one
-    after the other."""
-    out, err = _STARTED[name].communicate(timeout=300)
-    assert _STARTED[name].returncode == 0, err[-3000:]
-    return out
+    """What `name`'s interpreter printed (it must have exited 0)."""
+    return FRESH.output(name)
 
 
 def _result(name: str) -> dict:
@@ -124,14 +118,10 @@ COMMANDS = {**{name: ["-c", textwrap.dedent(code)] for name, code in SCRIPTS.ite
 
 @pytest.fixture(scope="module", autouse=True)
 def started():
-    for name, args in COMMANDS.items():
-        _STARTED[name] = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE)
+    global FRESH
+    FRESH = FreshPythons(COMMANDS)
     yield
-    for proc in _STARTED.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+    FRESH.stop()
 
 
 def test_every_public_name_still_resolves():

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _fresh import FreshPythons
 
 from automl import models
 
@@ -217,15 +218,10 @@ print("NETWORK ATTEMPTS", len(attempts), attempts[:3])
 """
 
 
-def test_hub_lookups_are_offline_by_default_and_fail_fast_with_a_fix():
+def test_hub_lookups_are_offline_by_default_and_fail_fast_with_a_fix(fresh):
     """In a fresh process with no hub settings at all (the test session's own conftest sets HF_HUB_OFFLINE)."""
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "AUTOML_"))}
-    r = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], capture_output=True, text=True, env=env, timeout=120)
-    out = r.stdout.splitlines()
-    assert "HF_HUB_OFFLINE=1" in out, r.stderr[-2000:]
+    out = fresh.output("offline").splitlines()
+    assert "HF_HUB_OFFLINE=1" in out, out
     assert "REFUSED timm/resnet18.a1_in1k True" in out and "REFUSED hf/some-org/not-downloaded-model True" in out
     # Fails fast: the refusal comes without trying the hub (online retries would take about a minute per model).
     assert "NETWORK ATTEMPTS 0 []" in out, out
@@ -249,15 +245,20 @@ print("TRAINED")
 """
 
 
-def test_a_trial_on_read_only_arrays_trains_without_torchs_warning():
+def test_a_trial_on_read_only_arrays_trains_without_torchs_warning(fresh):
     """A trial's arrays come read-only from Ray's object store; torch.as_tensor on them warned of undefined behaviour
     in every trial worker (shown wherever the user started Ray with its worker logs on). In a fresh process: torch
     gives that warning once a process, so an earlier test here would hide it."""
-    import subprocess
-    import sys
+    assert fresh.output("read-only").strip() == "TRAINED"
 
-    r = subprocess.run([sys.executable, "-c", READ_ONLY_PROBE], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "TRAINED", r.stderr[-2000:]
+
+@pytest.fixture(scope="module")
+def fresh():
+    """This module's fresh-interpreter checks, started together when the first of them runs."""
+    hub_unset = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "AUTOML_"))}
+    pythons = FreshPythons({"offline": (["-c", OFFLINE_PROBE], hub_unset), "read-only": ["-c", READ_ONLY_PROBE]})
+    yield pythons
+    pythons.stop()
 
 
 def test_unknown_backbone_names_say_which_forms_exist():
