@@ -149,6 +149,10 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
             # Where the search was planned to end and where it did (seconds after the run started): the budget's
             # unused share is mostly the gap between the two.
             "search_end": {"planned": round(p.get("search_ends_at_s") or 0, 1), "actual": round(_search_end(m), 1)},
+            # Why the final model was not retrained where the plan held time for it (the hold then goes unused).
+            "retrain": {"planned": bool(p.get("retrain")), "held_s": round(p.get("retrain_s") or 0, 1),
+                        "ran": m.manifest.training.get("how") == "retrain",
+                        "reason": m.manifest.training.get("reason")},
             "final": {"trials": m.manifest.training.get("trials"), "val": m.manifest.training.get("val_scores"),
                       "rungs": {str(t): int(r) for t, r in zip(m.trials["trial_id"], rung)
                                 if str(t) in (m.manifest.training.get("trials") or [])}}}
