@@ -54,11 +54,11 @@ def main() -> None:
         layouts = ("channels-last", "NCHW") if seed % 2 == 0 else ("NCHW", "channels-last")
         for layout in layouts:
             _layout(layout == "channels-last")
-            got[seed, layout] = fixed(split(df, seed), args.budget, seed)
-            print(f"{args.set} seed {seed} {layout:>13}: test macro-F1 {got[seed, layout]['f1']:.4f} "
-                  f"({got[seed, layout]['wall']:.0f} s; {got[seed, layout]['plan']})", flush=True)
+            r = got[seed, layout] = fixed(split(df, seed), args.budget, seed)
+            print(f"{args.set} seed {seed} {layout:>13}: test macro-F1 {r['f1']:.4f} ({r['wall']:.0f} s; {r['plan']})",
+                  flush=True)
     seeds = sorted({s for s, _ in got})
-    print(f"\n| seed | channels-last (wall; plan) | NCHW (wall; plan) | channels-last − NCHW |\n|---|---|---|---|")
+    print("\n| seed | channels-last (wall; plan) | NCHW (wall; plan) | channels-last − NCHW |\n|---|---|---|---|")
     for s in seeds:
         c, n = got[s, "channels-last"], got[s, "NCHW"]
         print(f"| {s} | {c['f1']:.4f} ({c['wall']:.0f} s; {c['plan']}) | {n['f1']:.4f} ({n['wall']:.0f} s; "
