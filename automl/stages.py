@@ -39,6 +39,12 @@ if TYPE_CHECKING:
 # A forced retrain or cross-fit that starts with its time already spent still gets this long to pace its schedule
 # into (a deadline past when training starts is ignored as stale, and the run would train its whole length).
 MIN_PACED_S = 5.0
+# A winner priced above the time the search left is still retrained, paced into that time (training.loop.Pace
+# compresses its schedule), when that time holds at least this share of its training: at 600 s on Oxygen the plan
+# held ~100 s for a retrain, a costlier winner's price exceeded it, and the run exported best weights at 82% of its
+# budget with the hold unused. (Search trials may train down to 0.3 of their length, search/clock.MIN_FIT; a
+# final model is held to more.)
+MIN_RETRAIN_SHARE = 0.6
 PLAN_FILE = "plan.json"  # in the run's folder: what a resume starts from (written once the run has planned)
 
 
@@ -475,20 +481,21 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                    if _cross_fits(prepared, plan, result, diagnostics) else 0.0)
     budget.reserve("export", _export_reserve(prepared.task, output))
     # The winner's own measured speed, where it was slower than the start point the plan priced the retrain at.
-    retrain_s = max(plan.retrain_s, plan.retrain_fixed_s + plan.winner_price(
-        result.trials, result.best_trial_id, len(inputs.split("full")) / max(1, n_train)))
-    if not plan.retrain or (search.retrain == "auto" and not budget.can_afford(retrain_s)):
-        why = ("retrain=False" if search.retrain is False else "the plan had no time for a retrain"
-               if not plan.retrain else "the search left no time for a retrain")
+    retrain_s = plan.retrain_price(result.trials, result.best_trial_id, len(inputs.split("full")) / max(1, n_train))
+    share = plan.retrain_share(retrain_s, budget.available())
+    why = no_retrain_reason(plan.retrain, search.retrain, share)
+    if why:
         return _best_weights(prepared, inputs, result, why, plan.val_rows, progress=output.progress,
                              deadline=budget.deadline())
     config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
+    paced = (f" paced into the {budget.available():.0f} s the search left (~{share:.0%} of its ~{retrain_s:.0f} s "
+             "price: its schedule compressed)" if share < 1 else "")
     if output.progress:
         say(f"best trial: val {prepared.metric} {result.best_score:.4f}" + (f"; {decision}" if decision else "")
             + f"; retraining the chosen config for its full {plan.reports} reports on {len(full.y_train)} rows with "
-              f"Ray Train ({resources.retrain_workers} worker(s))")
+              f"Ray Train ({resources.retrain_workers} worker(s)){paced}")
     t0 = time.monotonic()
     storage = resources.storage_path or str(prepared.out / "ray_results")
     # Paced to end where the later stages' reserves begin (a retrain slower than its price shortens its schedule
@@ -505,7 +512,22 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": resources.retrain_workers, "time_s": time.monotonic() - t0,
                        "rows": int(len(full.y_train)), "nodes": metrics.get("nodes"),
-                       "weight_sums": metrics.get("weight_sums"), "decision": decision, "trials": [trial]})
+                       "weight_sums": metrics.get("weight_sums"), "decision": decision, "trials": [trial],
+                       "price_s": round(retrain_s, 1), "paced": bool(paced)})
+
+
+def no_retrain_reason(planned: bool, option: bool | str, share: float) -> str | None:
+    """Why the winner is not retrained on train+validation (None: it is). planned: the plan held time for a
+    retrain; option: SearchOptions.retrain (True forces it, paced into what is left); share: the share of its
+    training the time left holds (Plan.retrain_share)."""
+    if option is False:
+        return "retrain=False"
+    if not planned:
+        return "the plan had no time for a retrain"
+    if option == "auto" and share < MIN_RETRAIN_SHARE:
+        return (f"the search left no time for a retrain (room for {share:.0%} of its training; a retrain is paced "
+                f"down to {MIN_RETRAIN_SHARE:.0%} at most)")
+    return None
 
 
 def _config_to_retrain(prepared: Prepared, inputs: Inputs, result: SearchResult,

@@ -631,6 +631,33 @@ def test_the_retrain_and_the_cross_fit_are_priced_at_the_winners_own_speed_not_t
     assert plan.cross_fit_price(trials, "head", 100, 120, folds=2) == pytest.approx(9.0)
 
 
+def test_a_winner_priced_a_little_above_the_time_left_is_still_retrained_paced_into_it():
+    """Oxygen at 600 s: the plan held ~100 s for a retrain, a costlier winner was priced above it, and the run
+    exported best weights at 82% of its budget with the hold unused. Now the retrain is paced into the hold when it
+    holds at least MIN_RETRAIN_SHARE of the winner's training; far less than that still exports best weights."""
+    from automl.search.plan import Plan
+    from automl.search.space import load_space
+    from automl.stages import MIN_RETRAIN_SHARE, no_retrain_reason
+
+    plan = Plan(space=load_space("image_classification", "image"), storage_size=48, resources={"cpu": 1},
+                concurrency=2, retrain_cpus=2, search_ends_at_s=485, last_start_at_s=400, max_trials=None,
+                reports=8, trial_s=80.0, retrain_s=100.0, retrain_fixed_s=15.0)
+    # The winner: 15 s a report x 8 reports x 1.25 (train+validation) = 150 s of training, 165 s in all.
+    trials = pd.DataFrame({"trial_id": ["start", "lite2"], "time_s": [64.0, 120.0], "epochs_run": [8, 8]})
+    price = plan.retrain_price(trials, "lite2", rows_ratio=1.25)
+    assert price == pytest.approx(165.0)
+    assert plan.retrain_price(trials, "start", rows_ratio=1.25) == pytest.approx(100.0)  # the plan's own price
+    share = plan.retrain_share(price, 100.0)
+    assert share == pytest.approx(85 / 150) and share < MIN_RETRAIN_SHARE
+    assert plan.retrain_share(price, 120.0) == pytest.approx(105 / 150) and 105 / 150 >= MIN_RETRAIN_SHARE
+    assert no_retrain_reason(True, "auto", plan.retrain_share(price, 120.0)) is None
+    why = no_retrain_reason(True, "auto", share)
+    assert why.startswith("the search left no time for a retrain") and "57%" in why
+    assert no_retrain_reason(True, True, share) is None  # forced: paced into what is left
+    assert no_retrain_reason(True, False, 2.0) == "retrain=False"
+    assert no_retrain_reason(False, "auto", 2.0) == "the plan had no time for a retrain"
+
+
 def test_a_request_whose_images_decode_to_too_many_pixels_is_refused_before_decoding():
     """A PNG of a few KB can decode to 36 MP; a request of such images is refused (413) from the headers alone, and
     decode_image refuses an image over MAX_PIXELS before decoding it."""

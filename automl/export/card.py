@@ -46,7 +46,9 @@ def _summary(m: ExportManifest) -> list[str]:
         scores = (f"accuracy {t.get('accuracy', float('nan')):.4f}, macro-F1 {t.get('f1_macro', float('nan')):.4f}, "
                   f"calibration error {t.get('ece', float('nan')):.4f}")
     how = m.training.get("how", "retrain")
-    trained = {"retrain": f"then retrained on train+validation for {m.training.get('epochs', '?')} epochs",
+    paced = (f" (paced into the time the search left: its price was ~{m.training.get('price_s', '?')} s, its "
+             f"retrain took {m.training.get('time_s', float('nan')):.0f} s)" if m.training.get("paced") else "")
+    trained = {"retrain": f"then retrained on train+validation for {m.training.get('epochs', '?')} epochs{paced}",
                "checkpoint": "the winning trial's own weights are exported (no retrain: " +
                              str(m.training.get("reason", "")) + ")"}.get(how, m.training.get("description", how))
     if m.training.get("decision"):  # the start point kept, or what beat it and how surely

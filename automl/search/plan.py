@@ -207,6 +207,17 @@ class Plan:
         per_report = float(row["time_s"].iloc[0]) / max(1, int(row["epochs_run"].iloc[0]))
         return per_report * self.reports * rows_ratio * math.ceil(runs / max(1, self.concurrency))
 
+    def retrain_price(self, trials, best_trial_id: str, rows_ratio: float) -> float:
+        """Seconds to retrain the winner on `rows_ratio` times its training rows: the plan's price (the start
+        point's) or the winner's own measured one, whichever is more."""
+        return max(self.retrain_s, self.retrain_fixed_s + self.winner_price(trials, best_trial_id, rows_ratio))
+
+    def retrain_share(self, price_s: float, available_s: float) -> float:
+        """The share of a retrain priced `price_s` whose training fits in `available_s` seconds (Ray Train's
+        start-up, `retrain_fixed_s`, is not shortened by pacing: it is paid first)."""
+        training = price_s - self.retrain_fixed_s
+        return math.inf if training <= 0 else max(0.0, available_s - self.retrain_fixed_s) / training
+
     def cross_fit_price(self, trials, best_trial_id: str, n_train: int, n_full: int, folds: int = 2) -> float:
         """The cross-fit's price (`folds` folds of train+validation, `n_full` rows; trials trained on `n_train`):
         the plan's own (from the start point's speed) or the winner's, whichever is more."""
