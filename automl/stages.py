@@ -4,6 +4,7 @@ reads the data, search, update and output options; each later stage takes only t
 keyword arguments (no stage gets the whole FinetuneOptions)."""
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import threading
@@ -480,14 +481,17 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     budget.reserve("diagnose", _cross_fit_price(prepared, plan, result, diagnostics.cv_folds or 2)
                    if _cross_fits(prepared, plan, result, diagnostics) else 0.0)
     budget.reserve("export", _export_reserve(prepared.task, output))
-    # The winner's own measured speed, where it was slower than the start point the plan priced the retrain at.
-    retrain_s = plan.retrain_price(result.trials, result.best_trial_id, len(inputs.split("full")) / max(1, n_train))
-    share = plan.retrain_share(retrain_s, budget.available())
-    why = no_retrain_reason(plan.retrain, search.retrain, share)
+    why = no_retrain_reason(plan.retrain, search.retrain, math.inf)
+    if not why:
+        config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
+        # Priced at the speed of the config it retrains (a costlier winner that does not beat the start point
+        # beyond noise is not the one retrained), where that was slower than the start point the plan priced.
+        retrain_s = plan.retrain_price(result.trials, trial, len(inputs.split("full")) / max(1, n_train))
+        share = plan.retrain_share(retrain_s, budget.available())
+        why = no_retrain_reason(plan.retrain, search.retrain, share)
     if why:
         return _best_weights(prepared, inputs, result, why, plan.val_rows, progress=output.progress,
                              deadline=budget.deadline())
-    config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
     full = inputs.trial_data("full", None)
     config = _scaled(config, len(full.y_train), n_train)
     paced = (f" paced into the {budget.available():.0f} s the search left (~{share:.0%} of its ~{retrain_s:.0f} s "
