@@ -508,10 +508,11 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
                                    storage_path=storage, num_workers=resources.retrain_workers,
                                    use_gpu=bool(plan.resources.get("gpu")), cpus_per_worker=plan.retrain_cpus,
                                    deadline=budget.deadline(floor_s=MIN_PACED_S))
-    # What the retrain took beyond its planned training is Ray Train's fixed cost on this machine: learn it.
-    if (plan.speed or {}).get("measured", True):  # a nominal speed's planned training is no measure of it
+    # What the retrain took beyond its priced training is Ray Train's fixed cost on this machine: learn it (not from
+    # a nominal speed's price, nor from a retrain paced into less than its price: neither measures it).
+    if (plan.speed or {}).get("measured", True) and not paced:
         costs = Costs.load()
-        costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (plan.retrain_s - plan.retrain_fixed_s)))
+        costs.observe("ray_train_startup_s", max(1.0, time.monotonic() - t0 - (retrain_s - plan.retrain_fixed_s)))
     return FinalModel(model, build_encoder(config, model, spec), spec, config,
                       {"how": "retrain", "epochs": plan.reports, "schedule_epochs": plan.reports,
                        "workers": resources.retrain_workers, "time_s": time.monotonic() - t0,

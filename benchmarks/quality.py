@@ -152,7 +152,9 @@ def ours(df: pd.DataFrame, budget: float, seed: int, out: Path) -> dict:
             # Why the final model was not retrained where the plan held time for it (the hold then goes unused).
             "retrain": {"planned": bool(p.get("retrain")), "held_s": round(p.get("retrain_s") or 0, 1),
                         "ran": m.manifest.training.get("how") == "retrain",
-                        "reason": m.manifest.training.get("reason")},
+                        "reason": m.manifest.training.get("reason"), "price_s": m.manifest.training.get("price_s"),
+                        "paced": m.manifest.training.get("paced"),
+                        "took_s": round(m.manifest.training.get("time_s") or 0, 1)},
             "final": {"trials": m.manifest.training.get("trials"), "val": m.manifest.training.get("val_scores"),
                       "rungs": {str(t): int(r) for t, r in zip(m.trials["trial_id"], rung)
                                 if str(t) in (m.manifest.training.get("trials") or [])}}}

@@ -385,7 +385,25 @@ def test_without_a_time_limit_the_retrain_still_has_its_planned_training_time():
     p = plan(budget=None)
     assert p.retrain and p.trial_s > 0
     assert p.retrain_fixed_s == Costs()["ray_train_startup_s"]
-    assert p.retrain_s - p.retrain_fixed_s == pytest.approx(p.trial_s * IMAGES.n_full / IMAGES.n_train)
+    assert p.retrain_s - p.retrain_fixed_s == pytest.approx(p.trial_s / p.retrain_speedup * IMAGES.n_full
+                                                            / IMAGES.n_train)
+
+
+def test_the_retrain_is_priced_as_it_runs_alone_with_the_nodes_cpus_not_at_the_searchs_pace():
+    """Oxygen at 600 s: the retrain was priced at a search trial's pace (two side by side, one CPU each), held
+    141 s and took 77 (its training about half its price), and the run ended at 89% of its budget. With no set-up
+    or validation to dilute it, a step alone with both CPUs is Costs' concurrency_slowdown x thread_speedup
+    cheaper than beside another trial on one."""
+    costs = Costs()
+    steps_only = lambda size: Speed(0.0, 0.5, 1e-12, 32, size or 32)  # noqa: E731
+    for budget in (None, 3 * 3600):
+        p = plan(budget=budget, at=steps_only)
+        assert p.retrain and p.concurrency == 2 and p.regime == "search"
+        assert p.retrain_speedup == pytest.approx(costs["concurrency_slowdown"] * costs["thread_speedup"])
+        assert p.retrain_s - p.retrain_fixed_s == pytest.approx(p.trial_s / p.retrain_speedup * 1.2)
+    # A run alone already trains with every CPU: nothing to re-price.
+    alone = plan(at=steps_only, concurrency=1)
+    assert alone.concurrency == 1 and alone.retrain_speedup == pytest.approx(1.0)
 
 
 def test_a_start_point_shortened_to_fit_may_grow_back_to_its_sensible_length():

@@ -3,6 +3,7 @@ must load where they are promised to (fast: tiny data, no search)."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -655,6 +656,9 @@ def test_a_winner_priced_a_little_above_the_time_left_is_still_retrained_paced_i
     assert why.startswith("the search left no time for a retrain") and "57%" in why
     assert no_retrain_reason(True, True, share) is None  # forced: paced into what is left
     assert no_retrain_reason(True, False, 2.0) == "retrain=False"
+    # The winner's search-time speed was measured beside another trial on one CPU: the retrain runs alone with the
+    # node's CPUs, and the plan says how much faster (Plan.retrain_speedup).
+    assert replace(plan, retrain_speedup=1.5).retrain_price(trials, "lite2", rows_ratio=1.25) == pytest.approx(115.0)
     assert no_retrain_reason(False, "auto", 2.0) == "the plan had no time for a retrain"
 
 

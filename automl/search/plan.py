@@ -169,6 +169,8 @@ class Plan:
     planned_at_s: float = 0.0          # seconds after the run started when the plan was made
     transferability: dict | None = None  # LogME pre-ranking of the space's backbones, when it ran
     retrain_fixed_s: float = 0.0       # the part of retrain_s that is Ray Train's start-up (Costs)
+    retrain_speedup: float = 1.0       # a search trial's price over the same training alone with the node's CPUs,
+                                       # as the retrain runs (a winner's search-time speed is re-priced by it)
     rung0_s: float = 0.0               # reserved for the ladder's rung 0 (frozen features + linear heads)
     rung0_upscale: int | None = None   # ...which also judges frozen features at this larger image side
     fingerprint: str = ""              # the data it was made for (a resume with other data is refused)
@@ -209,8 +211,10 @@ class Plan:
 
     def retrain_price(self, trials, best_trial_id: str, rows_ratio: float) -> float:
         """Seconds to retrain the winner on `rows_ratio` times its training rows: the plan's price (the start
-        point's) or the winner's own measured one, whichever is more."""
-        return max(self.retrain_s, self.retrain_fixed_s + self.winner_price(trials, best_trial_id, rows_ratio))
+        point's) or the winner's own measured one (as the search ran it, re-priced to the retrain's CPUs), whichever
+        is more."""
+        return max(self.retrain_s, self.retrain_fixed_s + self.winner_price(trials, best_trial_id, rows_ratio)
+                   / max(1.0, self.retrain_speedup))
 
     def retrain_share(self, price_s: float, available_s: float) -> float:
         """The share of a retrain priced `price_s` whose training fits in `available_s` seconds (Ray Train's
@@ -418,7 +422,7 @@ def make_plan(space: SearchSpace, stats: DataStats, speed_at: Callable[[int | No
                 val_rows, speed=asdict(speed_at(choice.size if stats.sized else None)),
                 planned_at_s=elapsed_s, retrain_fixed_s=costs["ray_train_startup_s"] if r.retrain_s else 0.0,
                 rung0_s=rung0_s, stretch_rows=p.stretch_rows, kinds=kinds, first_ends_at_s=first_ends,
-                rung0_upscale=rung0_upscale)
+                rung0_upscale=rung0_upscale, retrain_speedup=_retrain_speedup(f, choice))
 
 
 # ---------------------------------------------------------------------------- the plan's steps
@@ -649,6 +653,17 @@ def _reserve_scratch(f: _Frame, space: SearchSpace, others: dict[str, Speed] | N
     return scratch_s
 
 
+def _alone_s(f: _Frame, choice: Choice) -> float:
+    """The chosen trial's training alone with the node's CPUs, as the retrain runs it after the search: priced at
+    the search's side-by-side pace (one CPU each, Costs' concurrency_slowdown), a retrain on 48 px icons at 600 s
+    was held 141 s and took 77 (its training half its price), and the run ended at 89% of its budget."""
+    return f.seconds(choice.size, choice.steps, 1)[0]
+
+
+def _retrain_speedup(f: _Frame, choice: Choice) -> float:
+    return max(1.0, choice.trial_s / max(1e-9, _alone_s(f, choice)))
+
+
 @dataclass
 class _Reserves:
     """The full-length trial chosen, the search's time and what is reserved after it."""
@@ -667,7 +682,7 @@ def _reserves_unlimited(f: _Frame, wanted: bool | str, label_errors: bool | str,
     choice, search_s, retrain, cross_fit_s = f.choose(math.inf), 0.0, wanted is not False, 0.0
     # Not a reserve (nothing to fit into) but the retrain's planned training: what a retrain takes beyond it
     # is learned as Ray Train's start-up (stages.finalise), which budgeted runs then reserve.
-    retrain_s = f.costs["ray_train_startup_s"] + choice.trial_s * ratio if retrain else 0.0
+    retrain_s = f.costs["ray_train_startup_s"] + _alone_s(f, choice) * ratio if retrain else 0.0
     want_errors = label_errors is True or (label_errors == "auto" and f.stats.n_full <= 20000)
     return _Reserves(choice, search_s, None, retrain, retrain_s, cross_fit_s, want_errors)
 
@@ -679,7 +694,7 @@ def _reserves_budgeted(f: _Frame, budget_left_s: float, wanted: bool | str, labe
     total = f.total(budget_left_s)
     choice = f.choose(total)
     for _ in range(2):  # reserves depend on the trial length, and the length on what the reserves leave
-        retrain_s = f.costs["ray_train_startup_s"] + choice.trial_s * ratio
+        retrain_s = f.costs["ray_train_startup_s"] + _alone_s(f, choice) * ratio
         retrain = wanted is True or (wanted == "auto" and choice.regime == "search"
                                      and total - retrain_s >= MIN_FULL_TRIALS * choice.trial_s)
         # The cross-fit trains its folds side by side, each on part of train+validation.
