@@ -41,10 +41,10 @@ if TYPE_CHECKING:
 # into (a deadline past when training starts is ignored as stale, and the run would train its whole length).
 MIN_PACED_S = 5.0
 # A winner priced above the time the search left is still retrained, paced into that time (training.loop.Pace
-# compresses its schedule), when that time holds at least this share of its training: at 600 s on Oxygen the plan
-# held ~100 s for a retrain, a costlier winner's price exceeded it, and the run exported best weights at 82% of its
-# budget with the hold unused. (Search trials may train down to 0.3 of their length, search/clock.MIN_FIT; a
-# final model is held to more.)
+# compresses its schedule), when that time holds at least this share of its training: at 600 s on Oxygen a run
+# exported best weights at 82% of its budget with the ~100 s held for a retrain unused (a winner priced above the
+# hold is the branch that does that; its reason was not recorded). (Search trials may train down to 0.3 of their
+# length, search/clock.MIN_FIT; a final model is held to more.)
 MIN_RETRAIN_SHARE = 0.6
 PLAN_FILE = "plan.json"  # in the run's folder: what a resume starts from (written once the run has planned)
 
