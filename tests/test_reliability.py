@@ -633,9 +633,9 @@ def test_the_retrain_and_the_cross_fit_are_priced_at_the_winners_own_speed_not_t
 
 
 def test_a_winner_priced_a_little_above_the_time_left_is_still_retrained_paced_into_it():
-    """Oxygen at 600 s: the plan held ~100 s for a retrain, a costlier winner was priced above it, and the run
-    exported best weights at 82% of its budget with the hold unused. Now the retrain is paced into the hold when it
-    holds at least MIN_RETRAIN_SHARE of the winner's training; far less than that still exports best weights."""
+    """Oxygen at 600 s: a run exported best weights at 82% of its budget with the ~100 s held for a retrain unused
+    (a winner priced above the hold is what takes that branch). Now the retrain is paced into the hold when it holds
+    at least MIN_RETRAIN_SHARE of the winner's training; far less than that still exports best weights."""
     from automl.search.plan import Plan
     from automl.search.space import load_space
     from automl.stages import MIN_RETRAIN_SHARE, no_retrain_reason
@@ -656,10 +656,10 @@ def test_a_winner_priced_a_little_above_the_time_left_is_still_retrained_paced_i
     assert why.startswith("the search left no time for a retrain") and "57%" in why
     assert no_retrain_reason(True, True, share) is None  # forced: paced into what is left
     assert no_retrain_reason(True, False, 2.0) == "retrain=False"
+    assert no_retrain_reason(False, "auto", 2.0) == "the plan had no time for a retrain"
     # The winner's search-time speed was measured beside another trial on one CPU: the retrain runs alone with the
     # node's CPUs, and the plan says how much faster (Plan.retrain_speedup).
     assert replace(plan, retrain_speedup=1.5).retrain_price(trials, "lite2", rows_ratio=1.25) == pytest.approx(115.0)
-    assert no_retrain_reason(False, "auto", 2.0) == "the plan had no time for a retrain"
 
 
 def test_a_request_whose_images_decode_to_too_many_pixels_is_refused_before_decoding():
