@@ -107,3 +107,17 @@ def test_the_card_says_when_the_suspected_label_errors_are_mostly_model_confusio
                                                "its last validation pass for the others)"}
     assert ("How many is confident learning's; which rows, and their order, also weigh trial 6c2e4e3a's margins "
             "(over its training on the train rows") in model_card(m, None)
+
+
+def test_the_card_says_when_the_retrain_was_paced_into_less_than_its_price():
+    """A winner priced above the time the search left is retrained paced into it (stages.MIN_RETRAIN_SHARE): the
+    card says so, with its price and what it took; an unpaced retrain's sentence is unchanged."""
+    from automl.export.card import model_card
+
+    m = load(FIXTURES / "v1_text_export").manifest
+    m.training = {"how": "retrain", "epochs": 12, "time_s": 74.5, "price_s": 91.4, "paced": True}
+    assert ("then retrained on train+validation for 12 epochs (paced into the time the search left: its price was "
+            "~91.4 s, its retrain took 74 s)") in model_card(m, None)
+    m.training = {"how": "retrain", "epochs": 12, "time_s": 74.5, "price_s": 60.0, "paced": False}
+    card = model_card(m, None)
+    assert "then retrained on train+validation for 12 epochs." in card and "paced" not in card
