@@ -4,7 +4,6 @@ reads the data, search, update and output options; each later stage takes only t
 keyword arguments (no stage gets the whole FinetuneOptions)."""
 from __future__ import annotations
 
-import math
 import shutil
 import sys
 import threading
@@ -481,7 +480,9 @@ def finalise(prepared: Prepared, plan: Plan, inputs: Inputs, result: SearchResul
     budget.reserve("diagnose", _cross_fit_price(prepared, plan, result, diagnostics.cv_folds or 2)
                    if _cross_fits(prepared, plan, result, diagnostics) else 0.0)
     budget.reserve("export", _export_reserve(prepared.task, output))
-    why = no_retrain_reason(plan.retrain, search.retrain, math.inf)
+    # The plan's own price is the least a retrain can cost (Plan.retrain_price): where even that does not fit, no
+    # kept trial is loaded to choose which config to retrain.
+    why = no_retrain_reason(plan.retrain, search.retrain, plan.retrain_share(plan.retrain_s, budget.available()))
     if not why:
         config, decision, trial = _config_to_retrain(prepared, inputs, result, plan.val_rows)
         # Priced at the speed of the config it retrains (a costlier winner that does not beat the start point
